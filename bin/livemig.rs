@@ -1,0 +1,247 @@
+//! The `livemig` command line: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use livemig::dirty::TrackerKind;
+use livemig::report::{self, Report, Status};
+use livemig::sender::{self, SenderConfig, Source};
+use livemig::{guest, migrate, policy, ratelimit, receiver, units};
+
+/// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
+#[derive(Parser)]
+#[command(name = "livemig", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Migrate a guest between two ends on this machine over loopback (the demo).
+    Migrate(SendOpts),
+    /// Source side: start a guest and migrate it to a receiver on another host.
+    Send {
+        /// Address of the receiver (host:port).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        opts: SendOpts,
+    },
+    /// Destination side: accept one migration, resume the guest, verify it.
+    Receive {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:4444")]
+        listen: String,
+        /// Write the receiver's report as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// The guest emulator process (started by send/receive, not by hand).
+    #[command(hide = true)]
+    Guest(GuestOpts),
+}
+
+#[derive(Args)]
+struct SendOpts {
+    /// Guest memory size (binary units: 256M = 256 MiB).
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    /// Write pattern: idle | uniform:rate=R | hotset:wws=SIZE,rate=R[,hot=F] |
+    /// sweep[:from=SIZE,to=SIZE][,rate=R]; R in pages/s (20k, 1.5M) or max.
+    #[arg(long, default_value = "hotset:wws=32M,rate=50k")]
+    workload: String,
+    /// Guest vCPU threads sharing the workload.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Dirty tracker.
+    #[arg(long, default_value = "bitmap")]
+    tracker: String,
+    /// unlimited | RATE (500mbit, 1gbit, 120MiB/s) | dynamic:min=RATE,max=RATE,inc=RATE
+    #[arg(long, default_value = "unlimited")]
+    bandwidth: String,
+    /// Convergence policy: xen | qemu | fixed:N.
+    #[arg(long, default_value = "xen")]
+    policy: String,
+    /// Downtime the qemu policy aims for.
+    #[arg(long, default_value = "300ms")]
+    downtime_limit: String,
+    /// Stop iterating after this long, whatever the policy says.
+    #[arg(long, default_value = "120s")]
+    max_time: String,
+    /// How long the guest runs before migration starts.
+    #[arg(long, default_value = "1s")]
+    warmup: String,
+    /// Seed of the guest's random write stream.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Print only the summary (no round table, no progress bar).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct GuestOpts {
+    #[arg(long)]
+    mem_fd: i32,
+    #[arg(long)]
+    mem_bytes: u64,
+    #[arg(long)]
+    control_fd: i32,
+    #[arg(long)]
+    dirty_fd: Option<i32>,
+    #[arg(long)]
+    workload: String,
+    #[arg(long)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+}
+
+impl SendOpts {
+    fn config(&self) -> Result<SenderConfig> {
+        let memory_bytes = units::parse_bytes("--mem", &self.mem)?;
+        let page = livemig::memory::page_size();
+        if memory_bytes == 0 || memory_bytes % page != 0 {
+            anyhow::bail!(
+                "invalid --mem \"{}\": must be a non-zero multiple of the {page}-byte page size",
+                self.mem
+            );
+        }
+        Ok(SenderConfig {
+            memory_bytes,
+            workload: self.workload.clone(),
+            vcpus: self.vcpus,
+            tracker: TrackerKind::parse(&self.tracker)?,
+            bandwidth: ratelimit::Bandwidth::parse(&self.bandwidth)?,
+            bandwidth_spec: self.bandwidth.clone(),
+            policy: policy::parse(&self.policy)?,
+            policy_spec: self.policy.clone(),
+            downtime_limit: units::parse_duration("--downtime-limit", &self.downtime_limit)?,
+            max_time: units::parse_duration("--max-time", &self.max_time)?,
+            warmup: units::parse_duration("--warmup", &self.warmup)?,
+            seed: self.seed,
+            progress: !self.quiet,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Migrate(opts) => {
+            let cfg = opts.config()?;
+            let mut print = row_printer(opts.quiet);
+            let (report, _, result) = migrate::run(&cfg, &mut print);
+            finish(&report, opts.json.as_deref(), result.map_err(Into::into))
+        }
+        Cmd::Send { to, opts } => {
+            let cfg = opts.config()?;
+            // Refuse bad input before a guest exists.
+            livemig::workload::Workload::parse(
+                &cfg.workload,
+                cfg.memory_bytes,
+                livemig::memory::page_size(),
+            )?;
+            livemig::memory::check_fits(
+                &format!("--mem {}", units::fmt_bytes(cfg.memory_bytes)),
+                cfg.memory_bytes,
+            )?;
+            let mut src = Source::start(&cfg)?;
+            let mut print = row_printer(opts.quiet);
+            let (report, result) = sender::migrate(&cfg, &mut src, &to, &mut print);
+            finish(&report, opts.json.as_deref(), result.map_err(Into::into))
+        }
+        Cmd::Receive { listen, json } => {
+            let listener = receiver::bind(&listen)?;
+            eprintln!(
+                "livemig: waiting for a migration on {}",
+                listener.local_addr()?
+            );
+            let r = receiver::receive(&listener)?;
+            println!(
+                "received          {} pages from {} in {} rounds ({})",
+                r.pages_received,
+                r.peer,
+                r.round_pages.len(),
+                units::fmt_bytes(r.memory_bytes)
+            );
+            println!("resume            {:.2} ms", r.resume_ms);
+            println!(
+                "verified          {} pages, {} mismatched",
+                r.verified_pages, r.mismatched_pages
+            );
+            println!(
+                "guest rate        {:.0} pages/s after resume",
+                r.destination_guest_rate_pps
+            );
+            if let Some(path) = json {
+                let f = std::fs::File::create(&path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                serde_json::to_writer_pretty(f, &r)?;
+            }
+            anyhow::ensure!(
+                r.mismatched_pages == 0,
+                "{} mismatched pages",
+                r.mismatched_pages
+            );
+            Ok(())
+        }
+        Cmd::Guest(g) => Ok(guest::run(guest::GuestArgs {
+            mem_fd: g.mem_fd,
+            memory_bytes: g.mem_bytes,
+            control_fd: g.control_fd,
+            dirty_fd: g.dirty_fd,
+            workload: g.workload,
+            vcpus: g.vcpus,
+            seed: g.seed,
+            resume: g.resume,
+        })?),
+    }
+}
+
+fn row_printer(quiet: bool) -> impl FnMut(&report::RoundReport) {
+    let mut first = true;
+    move |r| {
+        if quiet {
+            return;
+        }
+        if std::mem::take(&mut first) {
+            println!("{}", report::round_header());
+        }
+        println!("{}", report::round_row(r));
+    }
+}
+
+/// Print the summary, write the JSON report (failed runs too), pass the error on.
+fn finish(report: &Report, json: Option<&std::path::Path>, result: Result<()>) -> Result<()> {
+    if report.status == Status::Completed || !report.rounds.is_empty() {
+        print!("{}", report::summary(report));
+    }
+    if let Some(path) = json {
+        report
+            .write_json(path)
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    result.map_err(|e| match report.source_guest_resumed {
+        true => e.context("migration failed (the source guest was resumed and kept running)"),
+        false => e,
+    })
+}

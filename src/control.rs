@@ -1,0 +1,172 @@
+//! The control block: a small shared memfd through which a guest process and
+//! its owner (the sender, or the receiver after migration) talk without
+//! sockets. It holds futex words for pausing the vCPUs at safe points and one
+//! slot per vCPU with its write counter and its device state.
+//!
+//! Pausing is two-step and real: the owner asks the vCPUs to park at a safe
+//! point (between two complete "write then mark" operations, so no write can
+//! be caught half-recorded), waits until all have parked, then SIGSTOPs the
+//! whole process so nothing in it runs while its memory is copied.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use linux_futex::{AsFutex, Shared};
+
+use crate::memory::{MemoryError, SharedRegion};
+
+/// Most vCPUs a guest may have (slots are fixed in the block).
+pub const MAX_VCPUS: u32 = 64;
+
+/// Values of [`ControlBlock::pause`].
+pub const RUN: u32 = 0;
+pub const PAUSE: u32 = 1;
+
+/// One vCPU's shared slot, a cache line of its own so vCPUs do not contend.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct VcpuSlot {
+    /// Write operations done since the guest first booted (resumes carry it on).
+    pub ops: AtomicU64,
+    /// Seed of the vCPU's counter-based random stream.
+    pub seed: AtomicU64,
+    /// Workload cursor (the next page of a sweep).
+    pub cursor: AtomicU64,
+}
+
+/// The shared layout. A zero-filled mapping is a valid block (all atomics).
+#[repr(C)]
+pub struct ControlBlock {
+    /// Futex: [`RUN`] or [`PAUSE`], written by the owner.
+    pub pause: AtomicU32,
+    /// Futex: vCPUs parked at a safe point, written by the guest.
+    pub parked: AtomicU32,
+    /// Futex: vCPUs that have started running their workload.
+    pub running: AtomicU32,
+    pub slots: [VcpuSlot; MAX_VCPUS as usize],
+}
+
+/// A mapped control block.
+pub struct Control {
+    region: SharedRegion,
+}
+
+fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let futex = AsFutex::<Shared>::as_futex(word);
+    let _ = futex.wait_for(expected, timeout);
+}
+
+fn wake(word: &AtomicU32) {
+    AsFutex::<Shared>::as_futex(word).wake(i32::MAX);
+}
+
+/// Bytes of the memfd holding a control block.
+pub fn block_len() -> u64 {
+    std::mem::size_of::<ControlBlock>().next_multiple_of(4096) as u64
+}
+
+impl Control {
+    pub fn create() -> Result<Self, MemoryError> {
+        Ok(Self {
+            region: SharedRegion::create("livemig-control", block_len())?,
+        })
+    }
+
+    pub fn from_region(region: SharedRegion) -> Self {
+        assert!(region.len() >= std::mem::size_of::<ControlBlock>());
+        Self { region }
+    }
+
+    pub fn region(&self) -> &SharedRegion {
+        &self.region
+    }
+
+    pub fn block(&self) -> &ControlBlock {
+        // SAFETY: the mapping is page aligned, at least size_of::<ControlBlock>()
+        // long (checked at construction), lives as long as `self`, and any bit
+        // pattern (zero-filled at creation) is valid for a block of atomics.
+        unsafe { &*(self.region.as_ptr() as *const ControlBlock) }
+    }
+
+    /// Total writes by the first `vcpus` vCPUs.
+    pub fn ops(&self, vcpus: u32) -> u64 {
+        self.block().slots[..vcpus as usize]
+            .iter()
+            .map(|s| s.ops.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Owner side: ask every vCPU to park and wait until `vcpus` have.
+    /// Returns false on timeout (the caller checks whether the guest died).
+    pub fn request_pause(&self, vcpus: u32, timeout: Duration) -> bool {
+        let b = self.block();
+        b.pause.store(PAUSE, Ordering::SeqCst);
+        wake(&b.pause);
+        wait_count(&b.parked, vcpus, timeout)
+    }
+
+    /// Owner side: let parked vCPUs run again.
+    pub fn release(&self) {
+        let b = self.block();
+        b.pause.store(RUN, Ordering::SeqCst);
+        wake(&b.pause);
+    }
+
+    /// Owner side: wait until `vcpus` vCPUs run their workload.
+    pub fn wait_running(&self, vcpus: u32, timeout: Duration) -> bool {
+        wait_count(&self.block().running, vcpus, timeout)
+    }
+
+    // ---- guest side ----
+
+    /// Guest side: a vCPU starts running.
+    pub fn mark_running(&self) {
+        let b = self.block();
+        b.running.fetch_add(1, Ordering::SeqCst);
+        wake(&b.running);
+    }
+
+    pub fn pause_requested(&self) -> bool {
+        self.block().pause.load(Ordering::Acquire) != RUN
+    }
+
+    /// Guest side: sleep until `timeout` passes or a pause is requested.
+    pub fn sleep_unless_paused(&self, timeout: Duration) {
+        wait(&self.block().pause, RUN, timeout);
+    }
+
+    /// Guest side, at a safe point: publish this vCPU's state, count it as
+    /// parked and block until released.
+    pub fn park(&self, vcpu: usize, ops: u64, cursor: u64) {
+        let b = self.block();
+        let slot = &b.slots[vcpu];
+        slot.ops.store(ops, Ordering::Relaxed);
+        slot.cursor.store(cursor, Ordering::Relaxed);
+        b.parked.fetch_add(1, Ordering::SeqCst);
+        wake(&b.parked);
+        while b.pause.load(Ordering::Acquire) != RUN {
+            wait(&b.pause, PAUSE, Duration::from_millis(100));
+        }
+        b.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Wait until `word` reaches at least `target`.
+fn wait_count(word: &AtomicU32, target: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now_val = word.load(Ordering::SeqCst);
+        if now_val >= target {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        wait(
+            word,
+            now_val,
+            (deadline - now).min(Duration::from_millis(50)),
+        );
+    }
+}

@@ -1,0 +1,508 @@
+//! The guest emulator: a separate OS process (`livemig guest`) whose vCPU
+//! threads write into guest memory, and the [`Guest`] handle its owner uses to
+//! start, pause, resume and stop it.
+//!
+//! The guest inherits three memfds from its owner: its RAM, the control block
+//! ([`crate::control`]) and, for the `bitmap` tracker, the dirty bitmap. A
+//! fresh guest stamps every page (so a page lost in transit cannot pass
+//! verification by being zero) and starts its workload; a resumed guest
+//! (`--resume`) takes its vCPU states from the control block and continues.
+
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::control::{Control, MAX_VCPUS};
+use crate::dirty::SharedBitmap;
+use crate::memory::{GuestMemory, MemoryError, SharedRegion};
+use crate::workload::{Stream, Workload, WorkloadError, Write};
+
+/// How long a guest may take to start or to park its vCPUs.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A vCPU that falls further behind its schedule than this stops trying to
+/// catch up (it cannot reach the rate; the achieved rate is reported).
+const MAX_BACKLOG: Duration = Duration::from_millis(200);
+
+/// Errors of the guest and its handle.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("cannot start the guest process: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the guest process (pid {pid}) exited: {status}")]
+    Exited { pid: i32, status: String },
+    #[error("the guest process (pid {pid}) did not {what} within {secs} s")]
+    Timeout {
+        pid: i32,
+        what: &'static str,
+        secs: u64,
+    },
+    #[error("cannot signal the guest process (pid {pid}): {source}")]
+    Signal {
+        pid: i32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u32),
+    #[error("device state: {0}")]
+    DeviceState(String),
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// One vCPU's state: all it needs to continue exactly where it stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub seed: u64,
+    pub ops: u64,
+    pub cursor: u64,
+}
+
+/// The guest's "CPU state", sent during stop-and-copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub workload: String,
+    pub memory_bytes: u64,
+    pub page_size: u64,
+    pub vcpus: Vec<VcpuState>,
+}
+
+impl DeviceState {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("device state serialises")
+    }
+
+    /// Decode and check a received blob against the negotiated memory.
+    pub fn from_bytes(b: &[u8], memory_bytes: u64, page_size: u64) -> Result<Self, GuestError> {
+        let s: Self =
+            serde_json::from_slice(b).map_err(|e| GuestError::DeviceState(e.to_string()))?;
+        if s.memory_bytes != memory_bytes || s.page_size != page_size {
+            return Err(GuestError::DeviceState(format!(
+                "it describes {} bytes of {}-byte pages, the migration {memory_bytes} of {page_size}",
+                s.memory_bytes, s.page_size
+            )));
+        }
+        check_vcpus(s.vcpus.len() as u32)?;
+        Workload::parse(&s.workload, memory_bytes, page_size)?;
+        Ok(s)
+    }
+}
+
+pub fn check_vcpus(vcpus: u32) -> Result<(), GuestError> {
+    if (1..=MAX_VCPUS).contains(&vcpus) {
+        Ok(())
+    } else {
+        Err(GuestError::Vcpus(vcpus))
+    }
+}
+
+/// Arguments of the `livemig guest` process.
+#[derive(Clone, Debug)]
+pub struct GuestArgs {
+    pub mem_fd: RawFd,
+    pub memory_bytes: u64,
+    pub control_fd: RawFd,
+    pub dirty_fd: Option<RawFd>,
+    pub workload: String,
+    pub vcpus: u32,
+    pub seed: u64,
+    pub resume: bool,
+}
+
+/// Body of the `livemig guest` process. Runs until killed.
+pub fn run(args: GuestArgs) -> Result<(), GuestError> {
+    // Never outlive the owner: a crashed sender must not orphan its guest.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() == Pid::from_raw(1) {
+        return Ok(());
+    }
+    // Fine-grained sleeps pace the workload accurately.
+    // SAFETY: PR_SET_TIMERSLACK takes an integer argument and touches no memory.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64) };
+    check_vcpus(args.vcpus)?;
+    let page_size = crate::memory::page_size();
+    let workload = Workload::parse(&args.workload, args.memory_bytes, page_size)?;
+    // SAFETY: these fds were handed to this process by its owner for this use.
+    let (mem, control, bitmap) = unsafe {
+        let mem = SharedRegion::from_raw_fd("guest RAM", args.mem_fd, args.memory_bytes)?;
+        let control = Control::from_region(SharedRegion::from_raw_fd(
+            "control",
+            args.control_fd,
+            crate::control::block_len(),
+        )?);
+        let pages = args.memory_bytes / page_size;
+        let bitmap = match args.dirty_fd {
+            Some(fd) => Some(SharedBitmap::from_region(
+                SharedRegion::from_raw_fd("dirty bitmap", fd, SharedBitmap::bytes_for(pages))?,
+                pages,
+            )),
+            None => None,
+        };
+        (GuestMemory::from_region(mem, page_size), control, bitmap)
+    };
+    if !args.resume {
+        stamp(&mem, args.seed);
+        for (i, slot) in control.block().slots[..args.vcpus as usize]
+            .iter()
+            .enumerate()
+        {
+            slot.seed.store(
+                args.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                Ordering::Relaxed,
+            );
+            slot.ops.store(0, Ordering::Relaxed);
+        }
+    }
+    let vcpu = Vcpu {
+        mem: &mem,
+        control: &control,
+        bitmap: bitmap.as_ref(),
+        workload: &workload,
+        vcpus: args.vcpus,
+        resume: args.resume,
+    };
+    std::thread::scope(|s| {
+        for id in 0..args.vcpus {
+            let vcpu = &vcpu;
+            s.spawn(move || vcpu.run(id));
+        }
+    });
+    Ok(())
+}
+
+/// Give every page distinct, non-zero content.
+fn stamp(mem: &GuestMemory, seed: u64) {
+    for page in 0..mem.page_count() {
+        let (ptr, _) = mem.pages_ptr(page, 1);
+        // SAFETY: ptr is the page's first byte inside the mapping; offset 8 is
+        // aligned and within the page; nobody reads the page yet.
+        unsafe { ptr.add(8).cast::<u64>().write_volatile(page ^ seed | 1) };
+    }
+}
+
+struct Vcpu<'a> {
+    mem: &'a GuestMemory,
+    control: &'a Control,
+    bitmap: Option<&'a SharedBitmap>,
+    workload: &'a Workload,
+    vcpus: u32,
+    resume: bool,
+}
+
+impl Vcpu<'_> {
+    fn run(&self, id: u32) {
+        let slot = &self.control.block().slots[id as usize];
+        let cursor = self.resume.then(|| slot.cursor.load(Ordering::Relaxed));
+        let (seed, ops) = (
+            slot.seed.load(Ordering::Relaxed),
+            slot.ops.load(Ordering::Relaxed),
+        );
+        let mut stream = Stream::new(self.workload, id, self.vcpus, seed, ops, cursor);
+        let rate = self.workload.rate_per_vcpu(self.vcpus);
+        self.control.mark_running();
+        let (mut t0, mut base) = (Instant::now(), stream.ops);
+        loop {
+            // The safe point: no write is between its store and its mark here.
+            if self.control.pause_requested() {
+                self.control.park(id as usize, stream.ops, stream.cursor);
+                (t0, base) = (Instant::now(), stream.ops);
+                continue;
+            }
+            if self.workload.is_idle() {
+                self.control.sleep_unless_paused(Duration::from_millis(100));
+                continue;
+            }
+            let batch = match rate {
+                None => 64,
+                Some(r) => {
+                    let elapsed = t0.elapsed().as_secs_f64();
+                    // Float to int: a count of operations, far below 2^53.
+                    let due = base + (elapsed * r) as u64;
+                    if due <= stream.ops {
+                        let next_at = (stream.ops + 1 - base) as f64 / r;
+                        self.control
+                            .sleep_unless_paused(Duration::from_secs_f64(next_at - elapsed));
+                        continue;
+                    }
+                    if (due - stream.ops) as f64 > r * MAX_BACKLOG.as_secs_f64() {
+                        (t0, base) = (Instant::now(), stream.ops);
+                        continue;
+                    }
+                    (due - stream.ops).min(64)
+                }
+            };
+            for _ in 0..batch {
+                self.apply(stream.next(self.workload));
+            }
+            slot.ops.store(stream.ops, Ordering::Relaxed);
+        }
+    }
+
+    /// Write, then mark (see [`crate::dirty`] for why this order).
+    #[inline]
+    fn apply(&self, w: Write) {
+        let page = match w {
+            Write::Store {
+                page,
+                offset,
+                value,
+            } => {
+                let (ptr, _) = self.mem.pages_ptr(page, 1);
+                // SAFETY: offset < page_size - 7 and 8-aligned (Stream), so the
+                // store is inside this page of the mapping.
+                unsafe { ptr.add(offset as usize).cast::<u64>().write_volatile(value) };
+                page
+            }
+            Write::Increment { page } => {
+                let (ptr, _) = self.mem.pages_ptr(page, 1);
+                // SAFETY: byte 0 of a page inside the mapping.
+                unsafe { ptr.write_volatile(ptr.read_volatile().wrapping_add(1)) };
+                page
+            }
+        };
+        if let Some(b) = self.bitmap {
+            b.mark(page);
+        }
+    }
+}
+
+/// The owner's handle on a guest process. Dropping it kills and reaps the
+/// process, stopped or not: a guest is never orphaned.
+pub struct Guest {
+    child: Child,
+    control: Control,
+    vcpus: u32,
+    stopped: bool,
+    reaped: Option<String>,
+}
+
+impl Guest {
+    /// Start `livemig guest` over `mem`; with `resume`, its vCPU states must
+    /// already be in `control`.
+    pub fn spawn(
+        mem: &GuestMemory,
+        control: Control,
+        bitmap: Option<&SharedBitmap>,
+        workload: &str,
+        vcpus: u32,
+        seed: u64,
+        resume: bool,
+    ) -> Result<Self, GuestError> {
+        check_vcpus(vcpus)?;
+        let exe = std::env::current_exe().map_err(GuestError::Spawn)?;
+        let fds: Vec<RawFd> = [Some(mem.region().raw_fd()), Some(control.region().raw_fd())]
+            .into_iter()
+            .chain([bitmap.map(|b| b.region().raw_fd())])
+            .flatten()
+            .collect();
+        let mut cmd = Command::new(exe);
+        cmd.arg("guest")
+            .args([
+                "--mem-fd",
+                &fds[0].to_string(),
+                "--mem-bytes",
+                &mem.len().to_string(),
+            ])
+            .args(["--control-fd", &fds[1].to_string()])
+            .args([
+                "--workload",
+                workload,
+                "--vcpus",
+                &vcpus.to_string(),
+                "--seed",
+                &seed.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some(fd) = fds.get(2) {
+            cmd.args(["--dirty-fd", &fd.to_string()]);
+        }
+        if resume {
+            cmd.arg("--resume");
+        }
+        // SAFETY: the closure runs between fork and exec and only calls
+        // fcntl, which is async-signal-safe, on fds this process owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().map_err(GuestError::Spawn)?;
+        Ok(Self {
+            child,
+            control,
+            vcpus,
+            stopped: false,
+            reaped: None,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+
+    /// Total write operations of all vCPUs.
+    pub fn ops(&self) -> u64 {
+        self.control.ops(self.vcpus)
+    }
+
+    /// An error if the process has exited.
+    pub fn check_alive(&mut self) -> Result<(), GuestError> {
+        if self.reaped.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.reaped = Some(status.to_string());
+            }
+        }
+        match &self.reaped {
+            Some(status) => Err(GuestError::Exited {
+                pid: self.pid(),
+                status: status.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait until every vCPU runs its workload; returns how long it took.
+    pub fn wait_running(&mut self) -> Result<Duration, GuestError> {
+        let start = Instant::now();
+        while !self
+            .control
+            .wait_running(self.vcpus, Duration::from_millis(20))
+        {
+            self.check_alive()?;
+            if start.elapsed() > START_TIMEOUT {
+                return Err(self.timeout("start running", START_TIMEOUT));
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    /// A real pause: park every vCPU at a safe point, then SIGSTOP the whole
+    /// process and wait until the kernel reports it stopped.
+    pub fn pause(&mut self) -> Result<(), GuestError> {
+        let start = Instant::now();
+        while !self
+            .control
+            .request_pause(self.vcpus, Duration::from_millis(50))
+        {
+            self.check_alive()?;
+            if start.elapsed() > PAUSE_TIMEOUT {
+                self.control.release();
+                return Err(self.timeout("pause", PAUSE_TIMEOUT));
+            }
+        }
+        let pid = Pid::from_raw(self.pid());
+        kill(pid, Signal::SIGSTOP).map_err(|source| GuestError::Signal {
+            pid: self.pid(),
+            source,
+        })?;
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::WUNTRACED)) {
+                Ok(WaitStatus::Stopped(..)) => break,
+                Err(nix::Error::EINTR) => continue,
+                Ok(status) => {
+                    self.reaped = Some(format!("{status:?}"));
+                    return self.check_alive();
+                }
+                Err(source) => {
+                    return Err(GuestError::Signal {
+                        pid: self.pid(),
+                        source,
+                    })
+                }
+            }
+        }
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// Undo [`Guest::pause`]: SIGCONT, then release the parked vCPUs.
+    pub fn resume(&mut self) -> Result<(), GuestError> {
+        self.check_alive()?;
+        if self.stopped {
+            kill(Pid::from_raw(self.pid()), Signal::SIGCONT).map_err(|source| {
+                GuestError::Signal {
+                    pid: self.pid(),
+                    source,
+                }
+            })?;
+            self.stopped = false;
+        }
+        self.control.release();
+        Ok(())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.stopped
+    }
+
+    /// The vCPU states published when they parked (call while paused).
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        self.control.block().slots[..self.vcpus as usize]
+            .iter()
+            .map(|s| VcpuState {
+                seed: s.seed.load(Ordering::Acquire),
+                ops: s.ops.load(Ordering::Acquire),
+                cursor: s.cursor.load(Ordering::Acquire),
+            })
+            .collect()
+    }
+
+    /// Write rate over `window`, in pages per second (measured, not the target).
+    pub fn measure_rate(&mut self, window: Duration) -> Result<f64, GuestError> {
+        let (t0, ops0) = (Instant::now(), self.ops());
+        std::thread::sleep(window);
+        self.check_alive()?;
+        Ok((self.ops() - ops0) as f64 / t0.elapsed().as_secs_f64())
+    }
+
+    fn timeout(&self, what: &'static str, t: Duration) -> GuestError {
+        GuestError::Timeout {
+            pid: self.pid(),
+            what,
+            secs: t.as_secs(),
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.reaped.is_none() {
+            // SIGKILL ends a stopped process too.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Put saved vCPU states into a fresh control block for a resumed guest.
+pub fn load_states(control: &Control, states: &[VcpuState]) {
+    for (slot, s) in control.block().slots.iter().zip(states) {
+        slot.seed.store(s.seed, Ordering::Relaxed);
+        slot.ops.store(s.ops, Ordering::Relaxed);
+        slot.cursor.store(s.cursor, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,231 @@
+//! Guest memory: a memfd mapped `MAP_SHARED`, so the guest process, the
+//! sender and (on the other end) the receiver see the very same pages.
+//!
+//! The mapping is shared with another process that writes it concurrently,
+//! so it is exposed as raw pointers, never as a long-lived `&[u8]`.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use memmap2::{MmapOptions, MmapRaw};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+
+/// Errors creating or mapping shared memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create memfd {name}: {source}")]
+    Create {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map {len} bytes of {name}: {source}")]
+    Map {
+        name: String,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{what}: needs {needed}, but this machine has only {available} available (MemAvailable)"
+    )]
+    TooLarge {
+        what: String,
+        needed: String,
+        available: String,
+    },
+    #[error("{0} must be a non-zero multiple of the page size ({1} bytes)")]
+    BadSize(String, u64),
+}
+
+/// The host page size; guest pages are host pages (they are real mappings).
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or(4096)
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+pub fn available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuse a size the machine cannot hold, before anything is mapped.
+pub fn check_fits(what: &str, needed: u64) -> Result<(), MemoryError> {
+    if let Some(avail) = available_bytes() {
+        if needed > avail {
+            return Err(MemoryError::TooLarge {
+                what: what.to_string(),
+                needed: crate::units::fmt_bytes(needed),
+                available: crate::units::fmt_bytes(avail),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A memfd of a fixed size, mapped shared and writable in this process.
+pub struct SharedRegion {
+    file: File,
+    map: MmapRaw,
+}
+
+impl SharedRegion {
+    /// A new zero-filled memfd of `len` bytes. The fd is close-on-exec;
+    /// [`crate::guest`] hands it to the guest process explicitly.
+    pub fn create(name: &str, len: u64) -> Result<Self, MemoryError> {
+        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).map_err(|e| MemoryError::Create {
+            name: name.into(),
+            source: e.into(),
+        })?;
+        let file = File::from(fd);
+        file.set_len(len).map_err(|e| MemoryError::Map {
+            name: name.into(),
+            len,
+            source: e,
+        })?;
+        Self::map(name, file, len)
+    }
+
+    /// Map an inherited memfd (in the guest process).
+    ///
+    /// # Safety
+    /// `fd` must be an open file descriptor owned by nobody else in this process.
+    pub unsafe fn from_raw_fd(name: &str, fd: RawFd, len: u64) -> Result<Self, MemoryError> {
+        // SAFETY: the caller guarantees `fd` is open and ours to own.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Self::map(name, file, len)
+    }
+
+    fn map(name: &str, file: File, len: u64) -> Result<Self, MemoryError> {
+        let map_err = |source| MemoryError::Map {
+            name: name.into(),
+            len,
+            source,
+        };
+        let size =
+            usize::try_from(len).map_err(|_| map_err(std::io::ErrorKind::InvalidInput.into()))?;
+        let map = MmapOptions::new()
+            .len(size)
+            .map_raw(&file)
+            .map_err(map_err)?;
+        Ok(Self { file, map })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for SharedRegion {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// Guest RAM: a shared region seen as `page_count` pages of `page_size` bytes.
+pub struct GuestMemory {
+    region: SharedRegion,
+    page_size: u64,
+}
+
+impl GuestMemory {
+    pub fn create(memory_bytes: u64, page_size: u64) -> Result<Self, MemoryError> {
+        if memory_bytes == 0 || memory_bytes % page_size != 0 {
+            return Err(MemoryError::BadSize("--mem".into(), page_size));
+        }
+        Ok(Self {
+            region: SharedRegion::create("livemig-guest-ram", memory_bytes)?,
+            page_size,
+        })
+    }
+
+    pub fn from_region(region: SharedRegion, page_size: u64) -> Self {
+        Self { region, page_size }
+    }
+
+    pub fn region(&self) -> &SharedRegion {
+        &self.region
+    }
+
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    pub fn len(&self) -> u64 {
+        self.region.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty()
+    }
+
+    pub fn page_count(&self) -> u64 {
+        self.len() / self.page_size
+    }
+
+    /// Pointer to the first byte of `first`.. and the byte length of `count`
+    /// pages, checked against the mapping.
+    pub fn pages_ptr(&self, first: u64, count: u64) -> (*mut u8, usize) {
+        let end = first.checked_add(count).expect("page run overflows");
+        assert!(
+            end <= self.page_count(),
+            "page run {first}+{count} outside guest memory"
+        );
+        let ps = self.page_size as usize;
+        // SAFETY: first*page_size + count*page_size <= mapping length (checked above).
+        let ptr = unsafe { self.region.as_ptr().add(first as usize * ps) };
+        (ptr, count as usize * ps)
+    }
+
+    /// The bytes of a page run, for the kernel (send) or a hash.
+    ///
+    /// # Safety
+    /// Another process may write these pages concurrently. Callers only hand
+    /// the slice to the kernel (whose copy tolerates that: a torn page is
+    /// re-sent because the writer marks it dirty after writing), or read it
+    /// while every writer is paused (verification).
+    pub unsafe fn pages(&self, first: u64, count: u64) -> &[u8] {
+        let (ptr, len) = self.pages_ptr(first, count);
+        // SAFETY: in bounds (pages_ptr); concurrency as documented above.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+
+    /// Writable bytes of a page run, for the receiver, which is their only
+    /// writer until the destination guest starts.
+    ///
+    /// # Safety
+    /// No other writer or reader of these pages may run meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn pages_mut(&self, first: u64, count: u64) -> &mut [u8] {
+        let (ptr, len) = self.pages_ptr(first, count);
+        // SAFETY: in bounds (pages_ptr); exclusivity per the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    /// xxh3 of one page: what verification compares across the two ends.
+    ///
+    /// # Safety
+    /// As for [`GuestMemory::pages`]: the page must not be written meanwhile.
+    pub unsafe fn page_hash(&self, page: u64) -> u64 {
+        // SAFETY: forwarded contract.
+        xxhash_rust::xxh3::xxh3_64(unsafe { self.pages(page, 1) })
+    }
+}

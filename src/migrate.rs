@@ -1,0 +1,75 @@
+//! `livemig migrate`: both ends on this machine over loopback, the receiver
+//! on a thread of this process, each guest in its own process.
+
+use crate::receiver::{self, ReceiveError, ReceiveReport};
+use crate::report::{Report, RoundReport};
+use crate::sender::{self, SendError, SenderConfig, Source};
+
+/// Errors of a local migration: whichever end saw the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error("receiver: {0}")]
+    Receive(#[from] ReceiveError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+}
+
+/// Run a local migration. The report is filled in as far as it got.
+pub fn run(
+    cfg: &SenderConfig,
+    on_round: &mut dyn FnMut(&RoundReport),
+) -> (Report, Option<ReceiveReport>, Result<(), MigrateError>) {
+    let failed = |e: MigrateError| {
+        let report = Report {
+            error: Some(e.to_string()),
+            ..Report::default()
+        };
+        (report, None, Err(e))
+    };
+    // Both ends' guest memory lives on this machine.
+    if let Err(e) = crate::memory::check_fits(
+        &format!(
+            "--mem {} (a local migration holds it twice)",
+            crate::units::fmt_bytes(cfg.memory_bytes)
+        ),
+        cfg.memory_bytes.saturating_mul(2),
+    ) {
+        return failed(e.into());
+    }
+    let listener = match receiver::bind("127.0.0.1:0") {
+        Ok(l) => l,
+        Err(e) => return failed(e.into()),
+    };
+    let addr = listener.local_addr().expect("bound").to_string();
+    let mut src = match Source::start(cfg) {
+        Ok(s) => s,
+        Err(e) => return failed(e.into()),
+    };
+    let rx = std::thread::spawn(move || receiver::receive(&listener));
+    let (mut report, sent) = sender::migrate(cfg, &mut src, &addr, on_round);
+    drop(src);
+    if sent.is_err() {
+        // If the sender failed before connecting, the receiver still waits in
+        // accept: a connection that closes at once ends it.
+        let _ = std::net::TcpStream::connect(&addr);
+    }
+    let received = rx.join().expect("receiver thread panicked");
+    let result = match (sent, received) {
+        (Ok(()), Ok(rr)) => {
+            report.destination_guest_rate_pps = Some(rr.destination_guest_rate_pps);
+            return (report, Some(rr), Ok(()));
+        }
+        // The receiver's own error names the cause better than the sender's view of it.
+        (Err(SendError::Refused(_) | SendError::Protocol { .. }), Err(re)) => {
+            Err(MigrateError::Receive(re))
+        }
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), Err(re)) => Err(re.into()),
+    };
+    if let Err(e) = &result {
+        report.error = Some(e.to_string());
+    }
+    (report, None, result)
+}

@@ -1,0 +1,457 @@
+//! When to stop pre-copy iterating. Pure functions of the completed rounds,
+//! so the real sender, the simulator and the analytical model decide alike.
+
+use crate::ratelimit::Bandwidth;
+use crate::units::UnitError;
+use std::time::Duration;
+
+/// Xen stops after this many rounds...
+pub const XEN_MAX_ROUNDS: usize = 30;
+/// ...or when fewer pages than this are dirty...
+pub const XEN_MIN_DIRTY_PAGES: u64 = 50;
+/// ...or when it has sent this many times the guest's memory.
+pub const XEN_MAX_SENT_FACTOR: u64 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Xen's heuristics: few dirty pages, round cap, sent cap, rate at max.
+    Xen,
+    /// QEMU's: stop once the expected downtime fits the downtime limit.
+    Qemu,
+    /// Exactly N pre-copy rounds (round 0 included); for experiments.
+    Fixed(u32),
+}
+
+/// Same as [`Policy::parse`].
+pub fn parse(s: &str) -> Result<Policy, UnitError> {
+    Policy::parse(s)
+}
+
+impl Policy {
+    /// `xen` | `qemu` | `fixed:N` with N >= 1.
+    pub fn parse(s: &str) -> Result<Policy, UnitError> {
+        let bad = |why: &str| UnitError::new("--policy", s, why);
+        match s.trim() {
+            "xen" => Ok(Policy::Xen),
+            "qemu" => Ok(Policy::Qemu),
+            t => match t.strip_prefix("fixed:").map(|n| n.trim().parse::<u32>()) {
+                Some(Ok(0)) => Err(bad("use at least 1 round (round 0 sends every page)")),
+                Some(Ok(n)) => Ok(Policy::Fixed(n)),
+                Some(Err(_)) => Err(bad("fixed:N needs a whole number of rounds, like fixed:5")),
+                None => Err(bad("expected xen, qemu or fixed:N")),
+            },
+        }
+    }
+}
+
+/// Prints the form [`Policy::parse`] reads back.
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Policy::Xen => f.write_str("xen"),
+            Policy::Qemu => f.write_str("qemu"),
+            Policy::Fixed(n) => write!(f, "fixed:{n}"),
+        }
+    }
+}
+
+/// Figures of one completed pre-copy round (round 0 = every page).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RoundFigures {
+    /// 0-based round number.
+    pub round: u32,
+    /// Pages sent in this round.
+    pub pages: u64,
+    /// Bytes put on the wire in this round (payload and framing).
+    pub bytes: u64,
+    /// Wall time the round took.
+    pub duration: Duration,
+    /// Pages found dirty when the round ended (written while it ran): the next round's work.
+    pub dirty_pages: u64,
+    /// Rate limit in force during the round, bytes/s (None = unlimited).
+    pub rate_limit: Option<u64>,
+}
+
+impl RoundFigures {
+    /// Bytes/s achieved; 0.0 for a zero duration. (u64 -> f64 of a measured figure.)
+    pub fn throughput_bytes_per_s(&self) -> f64 {
+        per_sec(self.bytes, self.duration)
+    }
+
+    /// Pages dirtied per second while the round ran; 0.0 for a zero duration.
+    pub fn dirty_rate_pps(&self) -> f64 {
+        per_sec(self.dirty_pages, self.duration)
+    }
+}
+
+fn per_sec(n: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        n as f64 / s
+    } else {
+        0.0
+    }
+}
+
+/// Everything the decision depends on besides the rounds.
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    pub policy: Policy,
+    pub bandwidth: Bandwidth,
+    /// Bytes per page.
+    pub page_size: u64,
+    /// Guest memory size, bytes.
+    pub memory_bytes: u64,
+    /// Longest acceptable stop-and-copy pause (QEMU policy).
+    pub downtime_limit: Duration,
+    /// Stop iterating once the migration has run this long (all policies).
+    pub max_time: Duration,
+}
+
+/// Why pre-copy stopped iterating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    FewDirtyPages,
+    DowntimeLimit,
+    RoundLimit,
+    SentLimit,
+    RateAtMax,
+    DirtyRateAboveMax,
+    MaxTime,
+    FixedRounds,
+}
+
+impl StopReason {
+    /// The same snake_case name serde uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StopReason::FewDirtyPages => "few_dirty_pages",
+            StopReason::DowntimeLimit => "downtime_limit",
+            StopReason::RoundLimit => "round_limit",
+            StopReason::SentLimit => "sent_limit",
+            StopReason::RateAtMax => "rate_at_max",
+            StopReason::DirtyRateAboveMax => "dirty_rate_above_max",
+            StopReason::MaxTime => "max_time",
+            StopReason::FixedRounds => "fixed_rounds",
+        }
+    }
+
+    /// One human sentence for reports.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            StopReason::FewDirtyPages => "Fewer than 50 pages were dirty, so the rest fits a short pause.",
+            StopReason::DowntimeLimit => {
+                "The remaining dirty memory can be sent within the downtime limit at the measured bandwidth."
+            }
+            StopReason::RoundLimit => "The limit of 30 pre-copy rounds was reached.",
+            StopReason::SentLimit => "Pre-copy had already sent more than 3 times the guest's memory.",
+            StopReason::RateAtMax => {
+                "The rate limit reached its maximum and the last round sent more than the one before."
+            }
+            StopReason::DirtyRateAboveMax => {
+                "The guest dirties memory faster than the maximum bandwidth, so pre-copy cannot converge."
+            }
+            StopReason::MaxTime => "The migration reached its maximum time.",
+            StopReason::FixedRounds => "The fixed number of pre-copy rounds was done.",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Continue,
+    Stop(StopReason),
+}
+
+/// Expected downtime if we stopped now: dirty bytes / bandwidth measured in
+/// the last round (None if it measured no bandwidth).
+pub fn expected_downtime(cfg: &PolicyConfig, last: &RoundFigures) -> Option<Duration> {
+    let bw = last.throughput_bytes_per_s();
+    if bw <= 0.0 {
+        return None;
+    }
+    // u64 -> f64: byte counts of a guest, exact far beyond any real memory size.
+    let dirty = last.dirty_pages.saturating_mul(cfg.page_size) as f64;
+    Some(Duration::try_from_secs_f64(dirty / bw).unwrap_or(Duration::MAX))
+}
+
+/// Decide after each completed round. `rounds` is every completed round so
+/// far (non-empty), `elapsed` the time since migration start.
+pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) -> Decision {
+    use StopReason::*;
+    if elapsed >= cfg.max_time {
+        return Decision::Stop(MaxTime);
+    }
+    if let Policy::Fixed(n) = cfg.policy {
+        // u32 -> usize is lossless on every target std supports with threads.
+        let done = rounds.len() >= usize::try_from(n).unwrap_or(usize::MAX);
+        return if done {
+            Decision::Stop(FixedRounds)
+        } else {
+            Decision::Continue
+        };
+    }
+    let Some(last) = rounds.last() else {
+        return Decision::Continue;
+    };
+    // u64 -> f64 of the page size: exact.
+    if cfg
+        .bandwidth
+        .dirty_rate_above_max(last.dirty_rate_pps() * cfg.page_size as f64)
+    {
+        return Decision::Stop(DirtyRateAboveMax);
+    }
+    let stop = match cfg.policy {
+        Policy::Xen => {
+            let sent = rounds
+                .iter()
+                .fold(0u64, |acc, r| acc.saturating_add(r.bytes));
+            let prev = rounds.len().checked_sub(2).map(|i| &rounds[i]);
+            let dynamic = matches!(cfg.bandwidth, Bandwidth::Dynamic { .. });
+            if last.dirty_pages < XEN_MIN_DIRTY_PAGES {
+                Some(FewDirtyPages)
+            } else if rounds.len() >= XEN_MAX_ROUNDS {
+                Some(RoundLimit)
+            } else if sent > cfg.memory_bytes.saturating_mul(XEN_MAX_SENT_FACTOR) {
+                Some(SentLimit)
+            } else if dynamic
+                && last.rate_limit == cfg.bandwidth.max()
+                && prev.is_some_and(|p| last.bytes > p.bytes)
+            {
+                Some(RateAtMax)
+            } else {
+                None
+            }
+        }
+        Policy::Qemu => {
+            let fits = last.dirty_pages == 0
+                || expected_downtime(cfg, last).is_some_and(|d| d <= cfg.downtime_limit);
+            fits.then_some(DowntimeLimit)
+        }
+        Policy::Fixed(_) => unreachable!("handled above"),
+    };
+    stop.map_or(Decision::Continue, Decision::Stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const PAGE: u64 = 4096;
+
+    fn cfg(policy: Policy, bandwidth: Bandwidth) -> PolicyConfig {
+        PolicyConfig {
+            policy,
+            bandwidth,
+            page_size: PAGE,
+            memory_bytes: 256 * MIB,
+            downtime_limit: Duration::from_millis(300),
+            max_time: Duration::from_secs(60),
+        }
+    }
+
+    /// A one-second round sending `bytes` that left `dirty` pages dirty.
+    fn round(i: u32, bytes: u64, dirty: u64) -> RoundFigures {
+        RoundFigures {
+            round: i,
+            pages: bytes / PAGE,
+            bytes,
+            duration: Duration::from_secs(1),
+            dirty_pages: dirty,
+            rate_limit: None,
+        }
+    }
+
+    fn run(c: &PolicyConfig, rounds: &[RoundFigures]) -> Decision {
+        decide(c, rounds, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn parses() {
+        assert_eq!(parse("xen"), Ok(Policy::Xen));
+        assert_eq!(parse("qemu"), Ok(Policy::Qemu));
+        assert_eq!(parse("fixed:5"), Ok(Policy::Fixed(5)));
+        assert_eq!(Policy::Fixed(5).to_string(), "fixed:5");
+        let e = parse("fixed:0").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid --policy \"fixed:0\": use at least 1 round (round 0 sends every page)"
+        );
+        assert!(parse("fixed:x")
+            .unwrap_err()
+            .to_string()
+            .contains("\"fixed:x\""));
+        assert!(parse("vmware")
+            .unwrap_err()
+            .to_string()
+            .contains("expected xen, qemu or fixed:N"));
+    }
+
+    #[test]
+    fn figures() {
+        let r = round(0, 100 * MIB, 256);
+        assert_eq!(
+            (r.throughput_bytes_per_s(), r.dirty_rate_pps()),
+            ((100 * MIB) as f64, 256.0)
+        );
+        let z = RoundFigures {
+            duration: Duration::ZERO,
+            ..r
+        };
+        assert_eq!((z.throughput_bytes_per_s(), z.dirty_rate_pps()), (0.0, 0.0));
+        assert_eq!(
+            StopReason::DirtyRateAboveMax.as_str(),
+            "dirty_rate_above_max"
+        );
+    }
+
+    #[test]
+    fn max_time_beats_everything() {
+        let c = cfg(Policy::Fixed(1), Bandwidth::Unlimited);
+        assert_eq!(
+            decide(&c, &[round(0, MIB, 0)], c.max_time),
+            Decision::Stop(StopReason::MaxTime)
+        );
+        assert_eq!(
+            run(&c, &[round(0, MIB, 0)]),
+            Decision::Stop(StopReason::FixedRounds)
+        );
+    }
+
+    #[test]
+    fn fixed_counts_rounds_only() {
+        let c = cfg(
+            Policy::Fixed(3),
+            Bandwidth::Dynamic {
+                min: 1,
+                max: 2,
+                inc: 1,
+            },
+        );
+        let rs: Vec<_> = (0..3).map(|i| round(i, MIB, 10)).collect();
+        assert_eq!(run(&c, &rs[..2]), Decision::Continue); // few dirty, dirty rate > max: ignored
+        assert_eq!(run(&c, &rs), Decision::Stop(StopReason::FixedRounds));
+    }
+
+    #[test]
+    fn xen_rules() {
+        let c = cfg(Policy::Xen, Bandwidth::Unlimited);
+        assert_eq!(
+            run(&c, &[round(0, MIB, 49)]),
+            Decision::Stop(StopReason::FewDirtyPages)
+        );
+        assert_eq!(run(&c, &[round(0, MIB, 50)]), Decision::Continue);
+        let rs: Vec<_> = (0..30).map(|i| round(i, MIB, 1000)).collect();
+        assert_eq!(run(&c, &rs[..29]), Decision::Continue);
+        assert_eq!(run(&c, &rs), Decision::Stop(StopReason::RoundLimit));
+        let big = [
+            round(0, 256 * MIB, 1000),
+            round(1, 256 * MIB, 1000),
+            round(2, 256 * MIB, 1000),
+        ];
+        assert_eq!(run(&c, &big), Decision::Continue); // exactly 3x is not more
+        let more = [
+            big[0].clone(),
+            big[1].clone(),
+            round(2, 256 * MIB + 1, 1000),
+        ];
+        assert_eq!(run(&c, &more), Decision::Stop(StopReason::SentLimit));
+    }
+
+    #[test]
+    fn xen_rate_at_max() {
+        let bw = Bandwidth::Dynamic {
+            min: MIB,
+            max: 100 * MIB,
+            inc: MIB,
+        };
+        let c = cfg(Policy::Xen, bw);
+        let at = |i, bytes, limit| RoundFigures {
+            rate_limit: Some(limit),
+            ..round(i, bytes, 1000)
+        };
+        let stop = Decision::Stop(StopReason::RateAtMax);
+        assert_eq!(run(&c, &[at(0, 10 * MIB, 100 * MIB)]), Decision::Continue); // needs 2 rounds
+        assert_eq!(
+            run(&c, &[at(0, 10 * MIB, MIB), at(1, 20 * MIB, 100 * MIB)]),
+            stop
+        );
+        assert_eq!(
+            run(&c, &[at(0, 20 * MIB, MIB), at(1, 10 * MIB, 100 * MIB)]),
+            Decision::Continue
+        );
+        assert_eq!(
+            run(&c, &[at(0, 10 * MIB, MIB), at(1, 20 * MIB, 50 * MIB)]),
+            Decision::Continue
+        );
+        // Same figures with a static limit: not a dynamic rule.
+        let s = cfg(
+            Policy::Xen,
+            Bandwidth::Static {
+                bytes_per_s: 100 * MIB,
+            },
+        );
+        assert_eq!(
+            run(&s, &[at(0, 10 * MIB, MIB), at(1, 20 * MIB, 100 * MIB)]),
+            Decision::Continue
+        );
+    }
+
+    #[test]
+    fn qemu_downtime() {
+        let c = cfg(Policy::Qemu, Bandwidth::Unlimited);
+        let ten = round(0, 100 * MIB, 10 * MIB / PAGE);
+        assert_eq!(
+            expected_downtime(&c, &ten),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(run(&c, &[ten]), Decision::Stop(StopReason::DowntimeLimit));
+        assert_eq!(
+            run(&c, &[round(0, 100 * MIB, 60 * MIB / PAGE)]),
+            Decision::Continue
+        );
+        // No bandwidth measured: no estimate, but zero dirty pages converge anyway.
+        let idle = RoundFigures {
+            duration: Duration::ZERO,
+            ..round(0, 0, 0)
+        };
+        assert_eq!(expected_downtime(&c, &idle), None);
+        assert_eq!(run(&c, &[idle]), Decision::Stop(StopReason::DowntimeLimit));
+        let rs: Vec<_> = (0..100)
+            .map(|i| round(i, 100 * MIB, 60 * MIB / PAGE))
+            .collect();
+        assert_eq!(run(&c, &rs), Decision::Continue); // no round cap
+    }
+
+    #[test]
+    fn dynamic_dirty_rate_above_max_stops() {
+        let bw = Bandwidth::Dynamic {
+            min: MIB,
+            max: 50 * MIB,
+            inc: MIB,
+        };
+        // 60 MiB/s dirtied: above max. 10 MiB/s: fine (and would satisfy qemu).
+        let fast = round(1, 100 * MIB, 60 * MIB / PAGE);
+        let slow = round(1, 100 * MIB, 10 * MIB / PAGE);
+        for p in [Policy::Xen, Policy::Qemu] {
+            assert_eq!(
+                run(&cfg(p, bw), std::slice::from_ref(&fast)),
+                Decision::Stop(StopReason::DirtyRateAboveMax)
+            );
+        }
+        assert_eq!(
+            run(&cfg(Policy::Xen, bw), std::slice::from_ref(&slow)),
+            Decision::Continue
+        );
+        assert_eq!(
+            run(&cfg(Policy::Qemu, bw), &[slow]),
+            Decision::Stop(StopReason::DowntimeLimit)
+        );
+        // Static bandwidth never triggers it.
+        let s = Bandwidth::Static { bytes_per_s: MIB };
+        assert_eq!(run(&cfg(Policy::Xen, s), &[fast]), Decision::Continue);
+    }
+}

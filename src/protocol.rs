@@ -1,0 +1,1051 @@
+//! The livemig wire protocol: framing, encoding, decoding and validation.
+//!
+//! The sender streams guest memory to the receiver over one TCP connection as
+//! a sequence of frames. Every frame starts with a fixed 8-byte [`Header`]:
+//! `kind: u16, flags: u16, payload_len: u32`, all little-endian, followed by
+//! exactly `payload_len` payload bytes. Control frames are decoded whole into a
+//! [`Message`]; the two bulk frames (`Pages`, `Digests`) are returned by
+//! [`read_frame`] as a [`Frame`] carrying only their 16-byte run header, so the
+//! caller reads the page bytes (or digests) straight into their destination.
+//!
+//! Nothing from the wire is trusted: kind 0 and unknown kinds are rejected,
+//! unknown flag bits and nonzero reserved fields are rejected, fixed-size
+//! frames must have exactly their size, and every length, page index and
+//! count is checked against caps and the negotiated [`Limits`] before any
+//! allocation or use.
+//!
+//! ```text
+//! sender                                  receiver
+//!   | Hello{magic,version,page_size,mem} ->|  validates magic, version, sizes
+//!   |<- HelloAck{magic,version}  (or Abort)|
+//!   | RoundStart{0} Pages* RoundEnd{0}   ->|  round 0: every page
+//!   | RoundStart{k} Pages* RoundEnd{k}   ->|  round k: pages dirtied in round k-1
+//!   |   ... guest paused ...               |
+//!   | RoundStart{n,STOP_AND_COPY} Pages* RoundEnd{n} ->|
+//!   | DeviceState{blob}                  ->|  starts the guest on the received memory
+//!   |<- Resumed{resume_ns}                 |  downtime ends here
+//!   | Digests* Complete                  ->|  per-page xxh3 of the paused source
+//!   |<- Verdict{verified, mismatched}      |
+//! ```
+//!
+//! Either side may send `Abort{reason}` at any point and close the connection.
+//! [`read_frame`] takes the negotiated [`Limits`] once the receiver has
+//! accepted the `Hello`; without them (`None`) it still decodes control
+//! frames but refuses `Pages`/`Digests`, whose ranges it could not check.
+//!
+//! # Protocol versioning
+//!
+//! The first message each way (`Hello`, `HelloAck`) begins with [`MAGIC`] and
+//! [`VERSION`], and these two fields keep their position in every future
+//! version. A reader checks the magic first (garbage or a foreign service
+//! gives "not a livemig peer"), then the version (any other version gives a
+//! clear "peer speaks protocol version N" error), and only then the rest of
+//! the payload, so an old build facing a new peer reports the version, not a
+//! confusing length error. There is no negotiation: both sides must speak
+//! exactly the same version. Any change to the framing, to a payload layout
+//! or to the meaning of a field bumps [`VERSION`]. Adding a message kind or
+//! flag bit also needs a bump, because unknown kinds and flags are rejected.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+/// First 8 bytes of every `Hello` and `HelloAck` payload.
+pub const MAGIC: [u8; 8] = *b"LIVEMIG\0";
+/// Protocol version spoken by this build.
+pub const VERSION: u32 = 1;
+/// Size of the frame header.
+pub const HEADER_LEN: usize = 8;
+/// Cap on the payload of any frame other than `Pages` and `Digests`.
+pub const MAX_CONTROL_PAYLOAD: usize = 1 << 20;
+/// Maximum pages in one `Pages` frame.
+pub const MAX_RUN_PAGES: u32 = 1024;
+/// Maximum digests in one `Digests` frame.
+pub const MAX_DIGESTS: u32 = 65536;
+/// Run header of `Pages`/`Digests`: first_page u64, count u32, reserved u32.
+pub const RUN_HEADER_LEN: usize = 16;
+/// Maximum length of an `Abort` reason in bytes.
+pub const MAX_ABORT_REASON: usize = 4096;
+/// `RoundStart` flag: this round runs with the guest paused.
+pub const FLAG_STOP_AND_COPY: u16 = 1;
+/// Smallest accepted page size (page sizes are powers of two).
+pub const MIN_PAGE_SIZE: u32 = 4096;
+/// Largest accepted page size.
+pub const MAX_PAGE_SIZE: u32 = 65536;
+
+/// Everything that can go wrong on the wire; each message is one clear line.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("peer is not a livemig peer (bad magic {})", show_magic(.got))]
+    NotLivemig { got: [u8; 8] },
+    #[error("peer speaks protocol version {peer}, this build speaks {VERSION}")]
+    Version { peer: u32 },
+    #[error("truncated stream: connection closed inside {inside} (needed {needed} more bytes)")]
+    Truncated { inside: String, needed: u64 },
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("frame kind 0 is reserved and invalid")]
+    InvalidKind,
+    #[error("unknown frame kind {0} (this build speaks protocol version {VERSION})")]
+    UnknownKind(u16),
+    #[error("frame {kind}: unknown flag bits 0x{flags:04x}")]
+    BadFlags { kind: Kind, flags: u16 },
+    #[error("frame {kind}: payload of {len} bytes, expected {expected}")]
+    BadLength {
+        kind: Kind,
+        len: u64,
+        expected: String,
+    },
+    #[error("frame {kind}: payload of {len} bytes exceeds the cap of {cap}")]
+    TooLarge { kind: Kind, len: u64, cap: u64 },
+    #[error("frame {kind}: reserved field is 0x{value:x}, must be 0")]
+    Reserved { kind: Kind, value: u64 },
+    #[error("frame {kind}: count {count} outside 1..={max}")]
+    BadCount { kind: Kind, count: u32, max: u32 },
+    #[error("frame {kind}: page run {first}+{count} out of range (memory has {page_count} pages)")]
+    OutOfRange {
+        kind: Kind,
+        first: u64,
+        count: u32,
+        page_count: u64,
+    },
+    #[error("frame {kind}: {detail}")]
+    BadField { kind: Kind, detail: String },
+    #[error("peer's Hello is unacceptable: {0}")]
+    BadHello(String),
+    #[error("unexpected frame {got} (expected {expected})")]
+    Unexpected { got: Kind, expected: String },
+    #[error("peer aborted: {0}")]
+    Aborted(String),
+    #[error("i/o error on the migration connection: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// `0x4854545020..  "HTTP/1.1"`: hex plus the bytes as (lossy, escaped) text.
+fn show_magic(b: &[u8; 8]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("0x{hex} {:?}", String::from_utf8_lossy(b))
+}
+
+/// Frame kinds. Kind 0 is reserved as invalid.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Invalid = 0,
+    Hello = 1,
+    HelloAck = 2,
+    RoundStart = 3,
+    Pages = 4,
+    RoundEnd = 5,
+    DeviceState = 6,
+    Resumed = 7,
+    Digests = 8,
+    Complete = 9,
+    Verdict = 10,
+    Abort = 11,
+}
+
+impl TryFrom<u16> for Kind {
+    type Error = ProtocolError;
+    fn try_from(v: u16) -> Result<Kind, ProtocolError> {
+        use Kind::*;
+        Ok(match v {
+            0 => return Err(ProtocolError::InvalidKind),
+            1 => Hello,
+            2 => HelloAck,
+            3 => RoundStart,
+            4 => Pages,
+            5 => RoundEnd,
+            6 => DeviceState,
+            7 => Resumed,
+            8 => Digests,
+            9 => Complete,
+            10 => Verdict,
+            11 => Abort,
+            _ => return Err(ProtocolError::UnknownKind(v)),
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl Kind {
+    /// Exact payload size of fixed-size kinds.
+    fn fixed_len(self) -> Option<usize> {
+        match self {
+            Kind::Hello | Kind::Verdict => Some(24),
+            Kind::HelloAck | Kind::RoundEnd | Kind::Resumed => Some(16),
+            Kind::RoundStart => Some(8),
+            Kind::Complete => Some(0),
+            _ => None,
+        }
+    }
+    fn allowed_flags(self) -> u16 {
+        if self == Kind::RoundStart {
+            FLAG_STOP_AND_COPY
+        } else {
+            0
+        }
+    }
+}
+
+/// The fixed 8-byte frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub flags: u16,
+    pub len: u32,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[0..2].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        b[2..4].copy_from_slice(&self.flags.to_le_bytes());
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks kind and flags (lengths are checked by [`read_frame`]).
+    pub fn decode(b: [u8; 8]) -> Result<Header, ProtocolError> {
+        let kind = Kind::try_from(u16::from_le_bytes([b[0], b[1]]))?;
+        let flags = u16::from_le_bytes([b[2], b[3]]);
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        if flags & !kind.allowed_flags() != 0 {
+            return Err(ProtocolError::BadFlags { kind, flags });
+        }
+        Ok(Header { kind, flags, len })
+    }
+}
+
+/// Negotiated limits every page index / count is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub page_size: u32,
+    pub page_count: u64,
+}
+
+impl Limits {
+    /// Checks that `first..first+count` lies inside guest memory.
+    pub fn check_run(&self, kind: Kind, first: u64, count: u32) -> Result<(), ProtocolError> {
+        match first.checked_add(u64::from(count)) {
+            Some(end) if end <= self.page_count => Ok(()),
+            _ => Err(ProtocolError::OutOfRange {
+                kind,
+                first,
+                count,
+                page_count: self.page_count,
+            }),
+        }
+    }
+}
+
+/// The sender's opening message (magic is checked on decode, not stored).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u32,
+    pub page_size: u32,
+    pub memory_bytes: u64,
+}
+
+impl Hello {
+    /// Validate against what this side accepts and derive the [`Limits`].
+    pub fn limits(&self) -> Result<Limits, ProtocolError> {
+        if self.version != VERSION {
+            return Err(ProtocolError::Version { peer: self.version });
+        }
+        let ps = self.page_size;
+        if !ps.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&ps) {
+            return Err(ProtocolError::BadHello(format!(
+                "page size {ps} is not a power of two in {MIN_PAGE_SIZE}..={MAX_PAGE_SIZE}"
+            )));
+        }
+        let mem = self.memory_bytes;
+        if mem == 0 || !mem.is_multiple_of(u64::from(ps)) {
+            return Err(ProtocolError::BadHello(format!(
+                "memory size {mem} bytes is not a positive multiple of the page size {ps}"
+            )));
+        }
+        Ok(Limits {
+            page_size: ps,
+            page_count: mem / u64::from(ps),
+        })
+    }
+}
+
+/// Control messages (fully decoded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck {
+        version: u32,
+    },
+    RoundStart {
+        round: u32,
+        stop_and_copy: bool,
+    },
+    RoundEnd {
+        round: u32,
+        pages: u64,
+    },
+    DeviceState(Vec<u8>),
+    Resumed {
+        resume_ns: u64,
+        pages_received: u64,
+    },
+    Complete,
+    Verdict {
+        verified_pages: u64,
+        mismatched_pages: u64,
+        first_mismatch: Option<u64>,
+    },
+    Abort(String),
+}
+
+impl Message {
+    pub fn hello(page_size: u32, memory_bytes: u64) -> Message {
+        Message::Hello(Hello {
+            version: VERSION,
+            page_size,
+            memory_bytes,
+        })
+    }
+    pub fn hello_ack() -> Message {
+        Message::HelloAck { version: VERSION }
+    }
+    pub fn round_start(round: u32, stop_and_copy: bool) -> Message {
+        Message::RoundStart {
+            round,
+            stop_and_copy,
+        }
+    }
+    pub fn round_end(round: u32, pages: u64) -> Message {
+        Message::RoundEnd { round, pages }
+    }
+    pub fn device_state(blob: Vec<u8>) -> Message {
+        Message::DeviceState(blob)
+    }
+    pub fn resumed(resume_ns: u64, pages_received: u64) -> Message {
+        Message::Resumed {
+            resume_ns,
+            pages_received,
+        }
+    }
+    pub fn complete() -> Message {
+        Message::Complete
+    }
+    pub fn verdict(
+        verified_pages: u64,
+        mismatched_pages: u64,
+        first_mismatch: Option<u64>,
+    ) -> Message {
+        Message::Verdict {
+            verified_pages,
+            mismatched_pages,
+            first_mismatch,
+        }
+    }
+    /// Abort with a reason; reasons over [`MAX_ABORT_REASON`] bytes are cut on encode.
+    pub fn abort(reason: impl Into<String>) -> Message {
+        Message::Abort(reason.into())
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::HelloAck { .. } => Kind::HelloAck,
+            Message::RoundStart { .. } => Kind::RoundStart,
+            Message::RoundEnd { .. } => Kind::RoundEnd,
+            Message::DeviceState(_) => Kind::DeviceState,
+            Message::Resumed { .. } => Kind::Resumed,
+            Message::Complete => Kind::Complete,
+            Message::Verdict { .. } => Kind::Verdict,
+            Message::Abort(_) => Kind::Abort,
+        }
+    }
+
+    /// Header + payload. A `DeviceState` outside 1..=[`MAX_CONTROL_PAYLOAD`]
+    /// bytes encodes a frame the peer rejects; [`write_message`] refuses it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        let mut flags = 0;
+        match self {
+            Message::Hello(h) => {
+                p.extend(MAGIC);
+                p.extend(h.version.to_le_bytes());
+                p.extend(h.page_size.to_le_bytes());
+                p.extend(h.memory_bytes.to_le_bytes());
+            }
+            Message::HelloAck { version } => {
+                p.extend(MAGIC);
+                p.extend(version.to_le_bytes());
+                p.extend([0; 4]);
+            }
+            &Message::RoundStart {
+                round,
+                stop_and_copy: s,
+            } => {
+                flags = if s { FLAG_STOP_AND_COPY } else { 0 };
+                p.extend(round.to_le_bytes());
+                p.extend([0; 4]);
+            }
+            Message::RoundEnd { round, pages } => {
+                p.extend(round.to_le_bytes());
+                p.extend([0; 4]);
+                p.extend(pages.to_le_bytes());
+            }
+            Message::DeviceState(blob) => p.extend_from_slice(blob),
+            &Message::Resumed {
+                resume_ns: a,
+                pages_received: b,
+            } => {
+                p.extend(a.to_le_bytes());
+                p.extend(b.to_le_bytes());
+            }
+            Message::Complete => {}
+            &Message::Verdict {
+                verified_pages: a,
+                mismatched_pages: b,
+                first_mismatch: c,
+            } => {
+                p.extend(a.to_le_bytes());
+                p.extend(b.to_le_bytes());
+                p.extend(c.unwrap_or(u64::MAX).to_le_bytes());
+            }
+            Message::Abort(reason) => {
+                let mut end = reason.len().min(MAX_ABORT_REASON);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                p.extend_from_slice(&reason.as_bytes()[..end]);
+            }
+        }
+        // Payloads are capped far below u32::MAX except an oversized
+        // DeviceState, which write_message rejects; saturate rather than wrap.
+        let len = u32::try_from(p.len()).unwrap_or(u32::MAX);
+        let kind = self.kind();
+        let mut out = Header { kind, flags, len }.encode().to_vec();
+        out.append(&mut p);
+        out
+    }
+}
+
+/// What [`read_frame`] returns: a control message, or the run header of a
+/// data frame whose bulk (page bytes / digests) the caller reads next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Message(Message),
+    Pages { first_page: u64, count: u32 },
+    Digests { first_page: u64, count: u32 },
+}
+
+/// Reads until `buf` is full or EOF; returns the number of bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, ProtocolError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            // Some readers report a closed stream this way; treat it as EOF.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtocolError::Io(e)),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads the bulk of a `Pages`/`Digests` frame (exactly `buf.len()` bytes);
+/// EOF gives `Truncated` naming the frame and the missing byte count.
+pub fn read_bulk(r: &mut impl Read, buf: &mut [u8], kind: Kind) -> Result<(), ProtocolError> {
+    read_in(r, buf, kind, 0)
+}
+
+/// Like [`read_bulk`]; `more` bytes of the frame follow `buf`.
+fn read_in(r: &mut impl Read, buf: &mut [u8], kind: Kind, more: u64) -> Result<(), ProtocolError> {
+    let got = read_full(r, buf)?;
+    if got < buf.len() {
+        let missing = u64::try_from(buf.len() - got).unwrap_or(u64::MAX);
+        let (inside, needed) = (format!("a {kind} frame"), missing.saturating_add(more));
+        return Err(ProtocolError::Truncated { inside, needed });
+    }
+    Ok(())
+}
+
+/// Reads the `count` digests following a [`Frame::Digests`] (pass its validated count).
+pub fn read_digests(r: &mut impl Read, count: u32) -> Result<Vec<u64>, ProtocolError> {
+    let count = count.min(MAX_DIGESTS);
+    let mut buf = vec![0u8; usize::try_from(count).unwrap_or(0) * 8];
+    read_bulk(r, &mut buf, Kind::Digests)?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect())
+}
+
+fn read_header(r: &mut impl Read) -> Result<[u8; 8], ProtocolError> {
+    let mut b = [0u8; HEADER_LEN];
+    match read_full(r, &mut b)? {
+        0 => Err(ProtocolError::Closed),
+        HEADER_LEN => Ok(b),
+        n => Err(ProtocolError::Truncated {
+            inside: "a frame header".into(),
+            needed: u64::try_from(HEADER_LEN - n).unwrap_or(0),
+        }),
+    }
+}
+
+/// Little-endian cursor over a payload whose length was already validated.
+struct Cur<'a>(&'a [u8]);
+
+impl Cur<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        match self.0.split_first_chunk::<N>() {
+            Some((a, rest)) => {
+                self.0 = rest;
+                *a
+            }
+            None => [0; N], // unreachable: lengths are checked before decoding
+        }
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+}
+
+fn reserved(kind: Kind, value: u64) -> Result<(), ProtocolError> {
+    if value != 0 {
+        return Err(ProtocolError::Reserved { kind, value });
+    }
+    Ok(())
+}
+
+fn bad_len(kind: Kind, len: u32, expected: impl fmt::Display) -> ProtocolError {
+    ProtocolError::BadLength {
+        kind,
+        len: u64::from(len),
+        expected: expected.to_string(),
+    }
+}
+
+fn too_large(kind: Kind, len: u64, cap: usize) -> ProtocolError {
+    let cap = u64::try_from(cap).unwrap_or(u64::MAX);
+    ProtocolError::TooLarge { kind, len, cap }
+}
+
+fn unexpected(got: Kind, expected: impl fmt::Display) -> ProtocolError {
+    let expected = expected.to_string();
+    ProtocolError::Unexpected { got, expected }
+}
+
+/// Checks a control frame's length before its payload is read.
+fn check_control_len(h: &Header) -> Result<(), ProtocolError> {
+    let len = usize::try_from(h.len).unwrap_or(usize::MAX);
+    let cap = match h.kind {
+        Kind::Abort => MAX_ABORT_REASON,
+        _ => MAX_CONTROL_PAYLOAD,
+    };
+    if len > cap {
+        return Err(too_large(h.kind, u64::from(h.len), cap));
+    }
+    match h.kind {
+        // Magic and version come first in every version: read them even if
+        // the rest of the layout differs, so a mismatch reports the version.
+        Kind::Hello | Kind::HelloAck if len < 12 => Err(bad_len(h.kind, h.len, "at least 12")),
+        Kind::Hello | Kind::HelloAck => Ok(()),
+        Kind::DeviceState if len == 0 => Err(bad_len(h.kind, h.len, "at least 1")),
+        k => match k.fixed_len() {
+            Some(n) if n != len => Err(bad_len(k, h.len, n)),
+            _ => Ok(()),
+        },
+    }
+}
+
+fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Message, ProtocolError> {
+    let kind = h.kind;
+    let mut c = Cur(&p);
+    if matches!(kind, Kind::Hello | Kind::HelloAck) {
+        let got: [u8; 8] = c.take();
+        if got != MAGIC {
+            return Err(ProtocolError::NotLivemig { got });
+        }
+        let peer = c.u32();
+        if peer != VERSION {
+            return Err(ProtocolError::Version { peer });
+        }
+        if Some(p.len()) != kind.fixed_len() {
+            return Err(bad_len(kind, h.len, kind.fixed_len().unwrap_or(0)));
+        }
+    }
+    Ok(match kind {
+        Kind::Hello => Message::hello(c.u32(), c.u64()),
+        Kind::HelloAck => {
+            reserved(kind, u64::from(c.u32()))?;
+            Message::hello_ack()
+        }
+        Kind::RoundStart => {
+            let round = c.u32();
+            reserved(kind, u64::from(c.u32()))?;
+            Message::round_start(round, h.flags & FLAG_STOP_AND_COPY != 0)
+        }
+        Kind::RoundEnd => {
+            let round = c.u32();
+            reserved(kind, u64::from(c.u32()))?;
+            Message::round_end(round, c.u64())
+        }
+        Kind::DeviceState => Message::DeviceState(p),
+        Kind::Resumed => Message::resumed(c.u64(), c.u64()),
+        Kind::Complete => Message::Complete,
+        Kind::Verdict => {
+            let (ok, bad, first) = (c.u64(), c.u64(), c.u64());
+            let first_mismatch = (first != u64::MAX).then_some(first);
+            if let Some(l) = lim {
+                let n = l.page_count;
+                let too_many = ok.checked_add(bad).is_none_or(|t| t > n);
+                if too_many || first_mismatch.is_some_and(|f| f >= n) {
+                    let detail = format!(
+                        "{ok} verified + {bad} mismatched pages (first mismatch {first}) \
+                         do not fit in memory of {n} pages"
+                    );
+                    return Err(ProtocolError::BadField { kind, detail });
+                }
+            }
+            Message::verdict(ok, bad, first_mismatch)
+        }
+        Kind::Abort => Message::Abort(String::from_utf8_lossy(&p).into_owned()),
+        Kind::Invalid | Kind::Pages | Kind::Digests => {
+            return Err(unexpected(kind, "a control frame"));
+        }
+    })
+}
+
+/// Reads the run header of a `Pages`/`Digests` frame and validates it.
+fn read_run(r: &mut impl Read, h: &Header, l: &Limits) -> Result<Frame, ProtocolError> {
+    let (kind, len) = (h.kind, u64::from(h.len));
+    let (max, unit) = match kind {
+        Kind::Pages => (MAX_RUN_PAGES, u64::from(l.page_size)),
+        _ => (MAX_DIGESTS, 8),
+    };
+    const RUN: u64 = RUN_HEADER_LEN as u64;
+    if len < RUN {
+        return Err(bad_len(kind, h.len, format!("at least {RUN}")));
+    }
+    let mut b = [0u8; RUN_HEADER_LEN];
+    read_in(r, &mut b, kind, len - RUN)?;
+    let mut c = Cur(&b);
+    let (first_page, count) = (c.u64(), c.u32());
+    reserved(kind, u64::from(c.u32()))?;
+    if count == 0 || count > max {
+        return Err(ProtocolError::BadCount { kind, count, max });
+    }
+    l.check_run(kind, first_page, count)?;
+    let want = u64::from(count) * unit + RUN;
+    if len != want {
+        return Err(bad_len(
+            kind,
+            h.len,
+            format!("{RUN} + {count}*{unit} = {want}"),
+        ));
+    }
+    Ok(match kind {
+        Kind::Pages => Frame::Pages { first_page, count },
+        _ => Frame::Digests { first_page, count },
+    })
+}
+
+fn read_body(r: &mut impl Read, h: Header, lim: Option<&Limits>) -> Result<Frame, ProtocolError> {
+    match (h.kind, lim) {
+        (Kind::Pages | Kind::Digests, Some(l)) => return read_run(r, &h, l),
+        (k @ (Kind::Pages | Kind::Digests), None) => {
+            return Err(unexpected(k, "a control frame (no page limits negotiated)"));
+        }
+        _ => {}
+    }
+    check_control_len(&h)?;
+    // Capped by check_control_len at MAX_CONTROL_PAYLOAD.
+    let mut p = vec![0u8; usize::try_from(h.len).unwrap_or(0)];
+    read_in(r, &mut p, h.kind, 0)?;
+    decode_control(&h, p, lim).map(Frame::Message)
+}
+
+/// Reads one frame, validating everything. With `limits` None (before the
+/// handshake, or a side that only reads replies) control frames are decoded
+/// and Pages/Digests rejected. For Pages/Digests only the 16-byte run header
+/// is consumed; the caller must then read exactly `count*page_size` (or
+/// `count*8`) bytes, e.g. with [`read_bulk`] / [`read_digests`].
+pub fn read_frame(r: &mut impl Read, limits: Option<&Limits>) -> Result<Frame, ProtocolError> {
+    let h = Header::decode(read_header(r)?)?;
+    read_body(r, h, limits)
+}
+
+impl Frame {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Frame::Message(m) => m.kind(),
+            Frame::Pages { .. } => Kind::Pages,
+            Frame::Digests { .. } => Kind::Digests,
+        }
+    }
+}
+
+/// Reads a control message of kind `expected`; an `Abort` becomes
+/// [`ProtocolError::Aborted`], anything else [`ProtocolError::Unexpected`].
+pub fn expect_message(
+    r: &mut impl Read,
+    limits: Option<&Limits>,
+    expected: Kind,
+) -> Result<Message, ProtocolError> {
+    match read_frame(r, limits)? {
+        Frame::Message(Message::Abort(why)) if expected != Kind::Abort => {
+            Err(ProtocolError::Aborted(why))
+        }
+        Frame::Message(m) if m.kind() == expected => Ok(m),
+        f => Err(unexpected(f.kind(), expected)),
+    }
+}
+
+/// Reads the first frame on a fresh connection and insists it is `expected`
+/// (Hello or HelloAck) with the right magic and version. A header that does
+/// not decode (garbage, another service) gives `NotLivemig`; an `Abort`
+/// gives `Aborted`.
+pub fn read_handshake(r: &mut impl Read, expected: Kind) -> Result<Message, ProtocolError> {
+    let got = read_header(r)?;
+    let h = Header::decode(got).map_err(|_| ProtocolError::NotLivemig { got })?;
+    if h.kind != expected && h.kind != Kind::Abort {
+        return Err(unexpected(h.kind, expected));
+    }
+    match read_body(r, h, None)? {
+        Frame::Message(Message::Abort(why)) => Err(ProtocolError::Aborted(why)),
+        Frame::Message(m) => Ok(m),
+        f => Err(unexpected(f.kind(), expected)),
+    }
+}
+
+fn run_frame_header(kind: Kind, first_page: u64, count: u32, len: u64) -> [u8; 24] {
+    let len = u32::try_from(len).expect("run frame length fits in u32");
+    let flags = 0;
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(&Header { kind, flags, len }.encode());
+    b[8..16].copy_from_slice(&first_page.to_le_bytes());
+    b[16..20].copy_from_slice(&count.to_le_bytes());
+    b
+}
+
+/// Header + run header for a Pages frame; `count*page_size` page bytes follow.
+/// Panics if the frame length overflows u32 (impossible within the limits).
+pub fn pages_frame_header(first_page: u64, count: u32, page_size: u32) -> [u8; 24] {
+    let len = u64::from(count) * u64::from(page_size) + RUN_HEADER_LEN as u64;
+    run_frame_header(Kind::Pages, first_page, count, len)
+}
+
+/// Header + run header for a Digests frame; `count` u64 LE digests follow.
+pub fn digests_frame_header(first_page: u64, count: u32) -> [u8; 24] {
+    let len = u64::from(count) * 8 + RUN_HEADER_LEN as u64;
+    run_frame_header(Kind::Digests, first_page, count, len)
+}
+
+/// Encodes and writes one control message, refusing an invalid `DeviceState` size.
+pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
+    if let Message::DeviceState(blob) = m {
+        let (kind, len) = (
+            Kind::DeviceState,
+            u64::try_from(blob.len()).unwrap_or(u64::MAX),
+        );
+        if blob.len() > MAX_CONTROL_PAYLOAD {
+            return Err(too_large(kind, len, MAX_CONTROL_PAYLOAD));
+        }
+        if blob.is_empty() {
+            return Err(bad_len(kind, 0, "at least 1"));
+        }
+    }
+    w.write_all(&m.encode()).map_err(ProtocolError::Io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ProtocolError as E;
+
+    const L: Limits = Limits {
+        page_size: 4096,
+        page_count: 65536,
+    };
+    const LIM: Option<&Limits> = Some(&L);
+
+    fn read(bytes: &[u8], limits: Option<&Limits>) -> Result<Frame, ProtocolError> {
+        read_frame(&mut &bytes[..], limits)
+    }
+
+    fn frame(kind: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap();
+        [
+            &kind.to_le_bytes()[..],
+            &flags.to_le_bytes(),
+            &len.to_le_bytes(),
+            payload,
+        ]
+        .concat()
+    }
+
+    /// A Pages (kind 4) or Digests (kind 8) frame: run header + `extra` zero bytes.
+    fn run(kind: u16, first: u64, count: u32, reserved: u32, extra: usize) -> Vec<u8> {
+        let head = [
+            &first.to_le_bytes()[..],
+            &count.to_le_bytes(),
+            &reserved.to_le_bytes(),
+        ];
+        let mut v = head.concat();
+        v.resize(16 + extra, 0);
+        frame(kind, 0, &v)
+    }
+
+    /// `result => Variant pattern, "text the message must contain";` per line.
+    macro_rules! rejects {
+        ($($result:expr => $pat:pat, $text:expr;)+) => {$({
+            let e = $result.expect_err("should be rejected");
+            assert!(matches!(e, $pat), "wrong variant: {e:?}");
+            assert!(e.to_string().contains($text), "{e} does not contain {:?}", $text);
+        })+};
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let all = [
+            Message::hello(4096, 1 << 30),
+            Message::hello_ack(),
+            Message::round_start(0, false),
+            Message::round_start(7, true),
+            Message::round_end(3, 12345),
+            Message::device_state(vec![1, 2, 3]),
+            Message::resumed(1_500_000, 262_144),
+            Message::complete(),
+            Message::verdict(65536, 0, None),
+            Message::verdict(65530, 6, Some(17)),
+            Message::abort("guest died: ünïcode"),
+            Message::abort(""),
+        ];
+        for m in all {
+            let mut buf = Vec::new();
+            write_message(&mut buf, &m).unwrap();
+            assert_eq!(read(&buf, None).unwrap(), Frame::Message(m.clone()));
+            assert_eq!(read(&buf, LIM).unwrap(), Frame::Message(m));
+        }
+        let long = Message::abort("é".repeat(3000)).encode();
+        let Frame::Message(Message::Abort(r)) = read(&long, None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.len(), MAX_ABORT_REASON);
+    }
+
+    #[test]
+    fn run_headers_round_trip() {
+        let v = [&pages_frame_header(100, 2, 4096)[..], &[7u8; 8192]].concat();
+        let mut r = &v[..];
+        let f = read_frame(&mut r, LIM).unwrap();
+        assert_eq!(
+            f,
+            Frame::Pages {
+                first_page: 100,
+                count: 2
+            }
+        );
+        let mut pages = vec![0u8; 8192];
+        read_bulk(&mut r, &mut pages, Kind::Pages).unwrap();
+        assert!(pages.iter().all(|&b| b == 7) && r.is_empty());
+
+        let d = [1u64.to_le_bytes(), u64::MAX.to_le_bytes()].concat();
+        let v = [&digests_frame_header(65534, 2)[..], &d].concat();
+        let mut r = &v[..];
+        let f = read_frame(&mut r, LIM).unwrap();
+        assert_eq!(
+            f,
+            Frame::Digests {
+                first_page: 65534,
+                count: 2
+            }
+        );
+        assert_eq!(read_digests(&mut r, 2).unwrap(), vec![1, u64::MAX]);
+    }
+
+    #[test]
+    fn kinds_and_headers_round_trip() {
+        for v in 1..=11u16 {
+            let kind = Kind::try_from(v).unwrap();
+            assert_eq!(kind as u16, v);
+            let flags = if kind == Kind::RoundStart {
+                FLAG_STOP_AND_COPY
+            } else {
+                0
+            };
+            let h = Header {
+                kind,
+                flags,
+                len: 0x0102_0304,
+            };
+            let b = h.encode();
+            assert_eq!(&b[4..], &[4, 3, 2, 1], "little-endian length");
+            assert_eq!(Header::decode(b).unwrap(), h);
+        }
+    }
+
+    #[test]
+    fn header_rejections() {
+        rejects! {
+            read(&frame(0, 0, &[]), LIM) => E::InvalidKind, "frame kind 0 is reserved";
+            read(&frame(99, 0, &[]), LIM) => E::UnknownKind(99), "unknown frame kind 99";
+            read(&frame(9, 2, &[]), LIM) => E::BadFlags { .. },
+                "Complete: unknown flag bits 0x0002";
+            read(&frame(3, 2, &[0; 8]), LIM) => E::BadFlags { .. }, "RoundStart: unknown flag bits";
+        }
+        let mut flagged = run(4, 0, 1, 0, 4096);
+        flagged[2] = 1;
+        rejects! { read(&flagged, LIM) => E::BadFlags { .. }, "Pages: unknown flag bits 0x0001"; }
+    }
+
+    #[test]
+    fn handshake_rejections() {
+        let mut bad = Message::hello(4096, 1 << 20).encode();
+        bad[8] = b'X';
+        let v7 = Message::Hello(Hello {
+            version: 7,
+            page_size: 4096,
+            memory_bytes: 4096,
+        })
+        .encode();
+        // A longer (future) Hello still reports the version, not the length.
+        let mut v2 = [&MAGIC[..], &2u32.to_le_bytes(), &[0; 40]].concat();
+        let v2_frame = frame(1, 0, &v2);
+        v2[8] = 1;
+        let mut ack = Message::hello_ack().encode();
+        ack[20] = 1;
+        let garbage = b"HTTP/1.1 400 Bad Request\r\n";
+        let hello = Message::hello(4096, 8192).encode();
+        let abort = Message::abort("no room").encode();
+        let end = Message::round_end(0, 0).encode();
+        rejects! {
+            read(&bad, None) => E::NotLivemig { .. }, "not a livemig peer (bad magic 0x58";
+            read(&v7, None) => E::Version { peer: 7 },
+                "peer speaks protocol version 7, this build speaks 1";
+            read(&v2_frame, None) => E::Version { peer: 2 }, "version 2";
+            read(&frame(1, 0, &v2), None) => E::BadLength { .. },
+                "Hello: payload of 52 bytes, expected 24";
+            read(&frame(2, 0, &MAGIC), None) => E::BadLength { .. }, "HelloAck: payload of 8 bytes";
+            read(&ack, None) => E::Reserved { value: 1, .. }, "HelloAck: reserved field is 0x1";
+            read_handshake(&mut &garbage[..], Kind::HelloAck) => E::NotLivemig { .. },
+                "not a livemig peer (bad magic 0x485454502f312e31 \"HTTP/1.1\")";
+            read_handshake(&mut &hello[..], Kind::HelloAck) => E::Unexpected { .. },
+                "unexpected frame Hello (expected HelloAck)";
+            read_handshake(&mut &abort[..], Kind::HelloAck) => E::Aborted(_),
+                "peer aborted: no room";
+            read_handshake(&mut &end[..], Kind::Hello) => E::Unexpected { .. },
+                "unexpected frame RoundEnd (expected Hello)";
+            read_handshake(&mut &[][..], Kind::Hello) => E::Closed, "connection closed by peer";
+        }
+        let Ok(Message::Hello(h)) = read_handshake(&mut &hello[..], Kind::Hello) else {
+            panic!()
+        };
+        let l = h.limits().unwrap();
+        assert_eq!((l.page_size, l.page_count), (4096, 2));
+    }
+
+    #[test]
+    fn hello_limits() {
+        let h = |page_size, memory_bytes| Hello {
+            version: VERSION,
+            page_size,
+            memory_bytes,
+        };
+        rejects! {
+            h(1000, 4000).limits() => E::BadHello(_), "page size 1000 is not a power of two";
+            h(2048, 4096).limits() => E::BadHello(_), "page size 2048";
+            h(1 << 17, 1 << 17).limits() => E::BadHello(_), "page size 131072";
+            h(4096, 0).limits() => E::BadHello(_), "memory size 0 bytes";
+            h(4096, 5000).limits() => E::BadHello(_), "memory size 5000 bytes";
+            Hello { version: 7, ..h(4096, 4096) }.limits() => E::Version { peer: 7 }, "version 7";
+        }
+    }
+
+    #[test]
+    fn control_rejections() {
+        let mut big = frame(6, 0, &[]);
+        big[4..8].copy_from_slice(&5_000_000u32.to_le_bytes());
+        let mut rs = Message::round_start(1, false).encode();
+        rs[12] = 1;
+        let huge = Message::device_state(vec![0; MAX_CONTROL_PAYLOAD + 1]);
+        rejects! {
+            read(&frame(3, 0, &[0; 9]), LIM) => E::BadLength { .. },
+                "RoundStart: payload of 9 bytes, expected 8";
+            read(&frame(9, 0, &[0]), LIM) => E::BadLength { .. },
+                "Complete: payload of 1 bytes, expected 0";
+            read(&big, LIM) => E::TooLarge { .. },
+                "frame DeviceState: payload of 5000000 bytes exceeds the cap of 1048576";
+            read(&frame(6, 0, &[]), LIM) => E::BadLength { .. }, "DeviceState: payload of 0 bytes";
+            read(&frame(11, 0, &[b'a'; 4097]), LIM) => E::TooLarge { .. }, "Abort: payload of 4097";
+            read(&rs, LIM) => E::Reserved { value: 1, .. }, "RoundStart: reserved field is 0x1";
+            read(&Message::verdict(1, 0, Some(70000)).encode(), LIM) => E::BadField { .. },
+                "first mismatch 70000";
+            read(&Message::verdict(u64::MAX - 1, 5, None).encode(), LIM) => E::BadField { .. },
+                "5 mismatched";
+            write_message(&mut Vec::new(), &huge) => E::TooLarge { .. }, "1048577 bytes";
+        }
+    }
+
+    #[test]
+    fn run_rejections() {
+        rejects! {
+            read(&run(4, 0, 0, 0, 0), LIM) => E::BadCount { count: 0, .. },
+                "Pages: count 0 outside 1..=1024";
+            read(&run(4, 0, 1025, 0, 0), LIM) => E::BadCount { count: 1025, .. }, "count 1025";
+            read(&run(4, 65530, 10, 0, 0), LIM) => E::OutOfRange { .. },
+                "frame Pages: page run 65530+10 out of range (memory has 65536 pages)";
+            read(&run(4, u64::MAX - 1, 4, 0, 0), LIM) => E::OutOfRange { .. },
+                "page run 18446744073709551614+4 out of range";
+            read(&run(4, 0, 1, 0, 4095), LIM) => E::BadLength { .. },
+                "Pages: payload of 4111 bytes, expected 16 + 1*4096 = 4112";
+            read(&run(4, 0, 1, 5, 4096), LIM) => E::Reserved { value: 5, .. },
+                "reserved field is 0x5";
+            read(&frame(4, 0, &[0; 8]), LIM) => E::BadLength { .. }, "Pages: payload of 8 bytes";
+            read(&run(8, 0, 2, 0, 24), LIM) => E::BadLength { .. }, "Digests: payload of 40 bytes";
+            read(&run(8, 0, MAX_DIGESTS + 1, 0, 0), LIM) => E::BadCount { .. },
+                "count 65537 outside";
+            read(&run(8, 65535, 2, 0, 16), LIM) => E::OutOfRange { .. },
+                "Digests: page run 65535+2";
+            read(&run(4, 0, 1, 0, 4096), None) => E::Unexpected { .. }, "unexpected frame Pages";
+            read(&run(8, 0, 1, 0, 8), None) => E::Unexpected { .. }, "unexpected frame Digests";
+        }
+    }
+
+    #[test]
+    fn truncation_and_close() {
+        let hdr = pages_frame_header(0, 1, 4096);
+        let end = Message::round_end(1, 2).encode();
+        rejects! {
+            read(&[], LIM) => E::Closed, "connection closed by peer";
+            read(&[4, 0, 0], LIM) => E::Truncated { .. },
+                "inside a frame header (needed 5 more bytes)";
+            read(&hdr[..8], LIM) => E::Truncated { .. },
+                "truncated stream: connection closed inside a Pages frame (needed 4112 more bytes)";
+            read(&end[..12], LIM) => E::Truncated { .. }, "a RoundEnd frame (needed 12 more bytes)";
+        }
+        let mut r = &hdr[..];
+        read_frame(&mut r, LIM).unwrap();
+        let mut buf = vec![0u8; 4096];
+        rejects! {
+            read_bulk(&mut r, &mut buf, Kind::Pages) => E::Truncated { .. }, "needed 4096 more";
+        }
+        let two = [Message::complete().encode(), Message::complete().encode()].concat();
+        let mut r = &two[..];
+        expect_message(&mut r, LIM, Kind::Complete).unwrap();
+        rejects! {
+            expect_message(&mut r, None, Kind::Verdict) => E::Unexpected { .. },
+                "unexpected frame Complete (expected Verdict)";
+            read_frame(&mut r, LIM) => E::Closed, "closed";
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Bandwidth policy (what `--bandwidth` asks for) and the token bucket that
+//! enforces it on the wire. Rates are bytes per second throughout.
+
+use crate::units::{parse_rate, UnitError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const FLAG: &str = "--bandwidth";
+const EXPECTED: &str =
+    "expected unlimited, a rate like 500mbit, 1gbit, 120MiB/s, or dynamic:min=RATE,max=RATE,inc=RATE";
+
+/// What --bandwidth asks for (bytes/s).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Bandwidth {
+    Unlimited,
+    Static {
+        bytes_per_s: u64,
+    },
+    /// Clark et al. (NSDI'05) adaptive limit: each round's limit follows the
+    /// previous round's dirty rate plus `inc`, within `[min, max]`.
+    Dynamic {
+        min: u64,
+        max: u64,
+        inc: u64,
+    },
+}
+
+/// Same as [`Bandwidth::parse`].
+pub fn parse(s: &str) -> Result<Bandwidth, UnitError> {
+    Bandwidth::parse(s)
+}
+
+impl Bandwidth {
+    /// `unlimited` | RATE | `dynamic:min=RATE,max=RATE,inc=RATE` (keys in any order, all required).
+    pub fn parse(s: &str) -> Result<Bandwidth, UnitError> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("unlimited") {
+            return Ok(Bandwidth::Unlimited);
+        }
+        let Some(spec) = t.strip_prefix("dynamic:") else {
+            return parse_rate(FLAG, t)
+                .map(|bytes_per_s| Bandwidth::Static { bytes_per_s })
+                .map_err(|_| UnitError::new(FLAG, s, EXPECTED));
+        };
+        let bad = |why: String| UnitError::new(FLAG, s, format!("{why} ({EXPECTED})"));
+        let mut vals: [Option<u64>; 3] = [None; 3];
+        for kv in spec.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(format!("\"{kv}\" is not KEY=RATE")))?;
+            let slot = match k.trim() {
+                "min" => &mut vals[0],
+                "max" => &mut vals[1],
+                "inc" => &mut vals[2],
+                other => return Err(bad(format!("unknown key \"{other}\""))),
+            };
+            if slot.is_some() {
+                return Err(bad(format!("{k} given twice")));
+            }
+            let rate =
+                parse_rate(FLAG, v).map_err(|_| bad(format!("{k}=\"{v}\" is not a rate")))?;
+            *slot = Some(rate);
+        }
+        let [min, max, inc] = vals;
+        let need = |v: Option<u64>, k: &str| v.ok_or_else(|| bad(format!("{k}=RATE is missing")));
+        let (min, max, inc) = (need(min, "min")?, need(max, "max")?, need(inc, "inc")?);
+        if min > max {
+            return Err(bad(format!("min ({min} B/s) is above max ({max} B/s)")));
+        }
+        Ok(Bandwidth::Dynamic { min, max, inc })
+    }
+
+    /// Limit for round 0 (None = unlimited). Dynamic starts at min.
+    pub fn initial_limit(&self) -> Option<u64> {
+        match *self {
+            Bandwidth::Unlimited => None,
+            Bandwidth::Static { bytes_per_s } => Some(bytes_per_s),
+            Bandwidth::Dynamic { min, .. } => Some(min),
+        }
+    }
+
+    /// Clark et al. NSDI'05: next round's limit = last round's dirty rate + inc,
+    /// clamped to [min, max]. Static/unlimited: unchanged. Pure, so the
+    /// simulator and model reuse it.
+    pub fn next_limit(&self, last_dirty_rate_bytes_per_s: f64) -> Option<u64> {
+        let Bandwidth::Dynamic { min, max, inc } = *self else {
+            return self.initial_limit();
+        };
+        // f64::max drops NaN; u64 -> f64 of a rate is exact enough.
+        let want = last_dirty_rate_bytes_per_s.max(0.0) + inc as f64;
+        if want >= max as f64 {
+            Some(max)
+        } else {
+            // f64 -> u64: in range (below max) and a measured figure, truncation is harmless.
+            Some((want as u64).max(min))
+        }
+    }
+
+    /// Dynamic only: the dirty rate exceeds max, so iterating cannot converge.
+    pub fn dirty_rate_above_max(&self, dirty_rate_bytes_per_s: f64) -> bool {
+        matches!(*self, Bandwidth::Dynamic { max, .. } if dirty_rate_bytes_per_s > max as f64)
+    }
+
+    /// The highest limit this bandwidth ever imposes (None = unlimited).
+    pub fn max(&self) -> Option<u64> {
+        match *self {
+            Bandwidth::Unlimited => None,
+            Bandwidth::Static { bytes_per_s } => Some(bytes_per_s),
+            Bandwidth::Dynamic { max, .. } => Some(max),
+        }
+    }
+}
+
+/// A token bucket on bytes, shared by every stream of a migration (a clone
+/// is the same bucket), so the limit applies to the migration as a whole.
+#[derive(Clone, Debug)]
+pub struct RateLimiter {
+    inner: Arc<Mutex<Bucket>>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    limit: Option<u64>,
+    /// Bytes that may be sent now; negative = debt from a large send.
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// Bytes/s as f64; at least 1 so a zero limit crawls instead of dividing by zero.
+    fn rate(&self) -> Option<f64> {
+        self.limit.map(|l| l.max(1) as f64)
+    }
+
+    /// Bucket depth: max(64 KiB, 10 ms worth), enough to absorb scheduling jitter.
+    fn burst(rate: f64) -> f64 {
+        (rate / 100.0).max(64.0 * 1024.0)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(rate) = self.rate() {
+            let add = now.duration_since(self.last).as_secs_f64() * rate;
+            self.tokens = (self.tokens + add).min(Self::burst(rate));
+        }
+        self.last = now;
+    }
+}
+
+impl RateLimiter {
+    /// `limit` in bytes/s; None = unlimited (acquire returns at once). Starts with a full bucket.
+    pub fn new(limit: Option<u64>) -> Self {
+        let mut b = Bucket {
+            limit,
+            tokens: 0.0,
+            last: Instant::now(),
+        };
+        b.tokens = b.rate().map_or(0.0, Bucket::burst);
+        RateLimiter {
+            inner: Arc::new(Mutex::new(b)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Bucket> {
+        // The bucket stays consistent even if a holder panicked: every update is one assignment.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Change the limit (per round, for dynamic bandwidth). Time so far is
+    /// credited at the old rate and any debt is kept, so the long-run rate stays exact.
+    pub fn set_limit(&self, limit: Option<u64>) {
+        let mut b = self.lock();
+        let was_unlimited = b.limit.is_none();
+        b.refill(Instant::now());
+        b.limit = limit;
+        if let Some(rate) = b.rate() {
+            let burst = Bucket::burst(rate);
+            b.tokens = if was_unlimited {
+                burst
+            } else {
+                b.tokens.min(burst)
+            };
+        }
+    }
+
+    pub fn limit(&self) -> Option<u64> {
+        self.lock().limit
+    }
+
+    /// Blocks until `bytes` may be sent. Sends larger than the bucket are
+    /// allowed and paid for as debt (the caller sleeps until tokens are back
+    /// to 0), so the long-run rate is exact for any chunk size. The debt is
+    /// booked before sleeping, so concurrent callers queue behind it without
+    /// anyone sleeping under the lock.
+    pub fn acquire(&self, bytes: u64) {
+        let wait = {
+            let mut b = self.lock();
+            let Some(rate) = b.rate() else { return };
+            b.refill(Instant::now());
+            // u64 -> f64: byte counts far below 2^53 in practice; tiny rounding is harmless.
+            b.tokens -= bytes as f64;
+            if b.tokens >= 0.0 {
+                return;
+            }
+            -b.tokens / rate
+        };
+        std::thread::sleep(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn parses_forms() {
+        assert_eq!(parse("unlimited"), Ok(Bandwidth::Unlimited));
+        assert_eq!(
+            parse("500mbit"),
+            Ok(Bandwidth::Static {
+                bytes_per_s: 62_500_000
+            })
+        );
+        assert_eq!(
+            parse("120MiB/s"),
+            Ok(Bandwidth::Static {
+                bytes_per_s: 120 * MIB
+            })
+        );
+        assert_eq!(
+            parse("dynamic:inc=50mbit,max=1gbit,min=100mbit"),
+            Ok(Bandwidth::Dynamic {
+                min: 12_500_000,
+                max: 125_000_000,
+                inc: 6_250_000
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_naming_the_problem() {
+        let e = parse("fast").unwrap_err().to_string();
+        assert_eq!(e, format!("invalid --bandwidth \"fast\": {EXPECTED}"));
+        for (s, needle) in [
+            (
+                "dynamic:min=1gbit,max=100mbit,inc=1mbit",
+                "min (125000000 B/s) is above max",
+            ),
+            ("dynamic:min=1mbit,max=2mbit", "inc=RATE is missing"),
+            (
+                "dynamic:min=1mbit,max=2mbit,inc=x",
+                "inc=\"x\" is not a rate",
+            ),
+            (
+                "dynamic:min=1mbit,min=1mbit,max=2mbit,inc=1mbit",
+                "min given twice",
+            ),
+            (
+                "dynamic:min=1mbit,max=2mbit,inc=1mbit,step=1",
+                "unknown key \"step\"",
+            ),
+            ("dynamic:fast", "\"fast\" is not KEY=RATE"),
+        ] {
+            let e = parse(s).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("invalid --bandwidth \"{s}\"")) && e.contains(needle),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn next_limit_clamps() {
+        let d = Bandwidth::Dynamic {
+            min: 1000,
+            max: 10_000,
+            inc: 500,
+        };
+        assert_eq!(d.initial_limit(), Some(1000));
+        assert_eq!(d.next_limit(100.0), Some(1000));
+        assert_eq!(d.next_limit(4000.0), Some(4500));
+        assert_eq!(d.next_limit(50_000.0), Some(10_000));
+        assert_eq!(d.next_limit(f64::NAN), Some(1000));
+        assert!(d.dirty_rate_above_max(10_001.0) && !d.dirty_rate_above_max(10_000.0));
+        assert_eq!(d.max(), Some(10_000));
+        let s = Bandwidth::Static { bytes_per_s: 7 };
+        assert_eq!(
+            (s.next_limit(1e9), s.max(), s.dirty_rate_above_max(1e9)),
+            (Some(7), Some(7), false)
+        );
+        assert_eq!(Bandwidth::Unlimited.next_limit(1e9), None);
+    }
+
+    #[test]
+    fn bucket_paces_to_the_limit() {
+        let rl = RateLimiter::new(Some(2 * MIB));
+        let start = Instant::now();
+        for _ in 0..10 {
+            rl.clone().acquire(100 * 1024);
+        }
+        let t = start.elapsed().as_secs_f64();
+        assert!((0.4..0.7).contains(&t), "took {t} s");
+    }
+
+    #[test]
+    fn unlimited_returns_at_once() {
+        let rl = RateLimiter::new(None);
+        let start = Instant::now();
+        for _ in 0..1000 {
+            rl.acquire(1 << 30);
+        }
+        assert!(start.elapsed() < Duration::from_millis(50));
+        rl.set_limit(Some(MIB));
+        assert_eq!(rl.limit(), Some(MIB));
+        rl.acquire(64 * 1024); // a fresh limit starts with a full bucket
+        assert!(start.elapsed() < Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,186 @@
+//! The migration report: one struct, serialised to JSON (`--json FILE`) and
+//! printed as a human table. Field names carry their unit and keep QEMU's
+//! vocabulary (total time, setup time, downtime, dirty sync count,
+//! transferred) so QEMU users read it at once. Every figure is measured.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::units::fmt_bytes;
+
+/// Whether the migration completed: memory verified and the destination running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Completed,
+    #[default]
+    Failed,
+}
+
+/// One round as sent: round 0 carries every page, the last row is stop-and-copy.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    /// Pages sent in this round.
+    pub pages: u64,
+    /// Bytes put on the socket in this round, frame headers included.
+    pub bytes: u64,
+    pub duration_ms: f64,
+    /// Goodput of the round in Mbit/s (10^6 bits).
+    pub throughput_mbps: f64,
+    /// Pages found dirty at the end of the round per second of the round
+    /// (0 for stop-and-copy: the guest is paused).
+    pub dirty_rate_pps: f64,
+    /// The rate limit in force, bits per second; null when unlimited.
+    pub rate_limit_bps: Option<u64>,
+    /// Time spent harvesting the dirty set at the end of this round.
+    pub harvest_ms: f64,
+    pub stop_and_copy: bool,
+}
+
+/// Downtime split into its phases, in milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Parking the vCPUs at a safe point and SIGSTOP.
+    pub pause: f64,
+    pub final_harvest: f64,
+    /// Sending the pages dirtied since the last round.
+    pub last_pages: f64,
+    /// Sending the device state until the destination confirmed it running,
+    /// less the destination's own resume time (so it includes the network).
+    pub device_state: f64,
+    /// Destination: device state received -> guest running.
+    pub resume: f64,
+}
+
+/// The report of one migration, from the source's point of view.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub status: Status,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// Why pre-copy stopped iterating (policy's reason), when it got that far.
+    pub stop_reason: Option<String>,
+    pub mode: &'static str,
+    pub tracker: String,
+    pub policy: String,
+    pub bandwidth: String,
+    pub workload: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub page_size: u64,
+    /// Migration start (after warm-up) -> verified completion.
+    pub total_time_ms: f64,
+    /// Connect and handshake, before round 0.
+    pub setup_time_ms: f64,
+    /// Source paused -> destination guest running.
+    pub downtime_ms: Option<f64>,
+    pub downtime_breakdown_ms: DowntimeBreakdown,
+    /// Bytes of the migration stream (pages, headers, device state); the
+    /// verification digests are not counted.
+    pub transferred_bytes: u64,
+    pub transferred_pages: u64,
+    /// Dirty-set harvests done.
+    pub dirty_sync_count: u64,
+    pub verified_pages: u64,
+    pub mismatched_pages: u64,
+    /// Guest write rate achieved during warm-up, before migration.
+    pub guest_dirty_rate_pps: f64,
+    /// The workload's target rate (null for `max` and `idle`).
+    pub guest_target_rate_pps: Option<f64>,
+    /// Write rate of the destination guest right after it resumed (local runs).
+    pub destination_guest_rate_pps: Option<f64>,
+    pub source_guest_pid: Option<i32>,
+    /// After a failure: the source guest was resumed and ran on.
+    pub source_guest_resumed: bool,
+    pub rounds: Vec<RoundReport>,
+}
+
+impl Report {
+    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+        let mut f = std::fs::File::create(path)?;
+        serde_json::to_writer_pretty(&mut f, self)?;
+        f.write_all(b"\n")
+    }
+}
+
+/// Header of the per-round table.
+pub fn round_header() -> String {
+    format!(
+        "{:>5} {:>9} {:>9} {:>9} {:>10} {:>14} {:>12}",
+        "round", "pages", "MiB", "ms", "Mbit/s", "dirty pages/s", "rate limit"
+    )
+}
+
+/// One row of the per-round table.
+pub fn round_row(r: &RoundReport) -> String {
+    let round = if r.stop_and_copy {
+        "stop".to_string()
+    } else {
+        r.round.to_string()
+    };
+    let limit = r.rate_limit_bps.map_or("unlimited".to_string(), |b| {
+        format!("{:.0} Mbit/s", b as f64 / 1e6)
+    });
+    format!(
+        "{:>5} {:>9} {:>9.1} {:>9.1} {:>10.1} {:>14.0} {:>12}",
+        round,
+        r.pages,
+        r.bytes as f64 / (1u64 << 20) as f64,
+        r.duration_ms,
+        r.throughput_mbps,
+        r.dirty_rate_pps,
+        limit
+    )
+}
+
+/// The closing summary, several lines.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    let status = match r.status {
+        Status::Completed => "completed".to_string(),
+        Status::Failed => format!("FAILED: {}", r.error.as_deref().unwrap_or("unknown error")),
+    };
+    s += &format!("status            {status}\n");
+    if let Some(reason) = &r.stop_reason {
+        s += &format!("stop reason       {reason}\n");
+    }
+    s += &format!(
+        "total time        {:.1} ms (setup {:.1} ms)\n",
+        r.total_time_ms, r.setup_time_ms
+    );
+    if let Some(d) = r.downtime_ms {
+        let b = &r.downtime_breakdown_ms;
+        s += &format!(
+            "downtime          {d:.2} ms = pause {:.2} + final harvest {:.2} + last pages {:.2} + device state {:.2} + resume {:.2}\n",
+            b.pause, b.final_harvest, b.last_pages, b.device_state, b.resume
+        );
+    }
+    s += &format!(
+        "transferred       {} ({} pages) in {} rounds, {} dirty syncs\n",
+        fmt_bytes(r.transferred_bytes),
+        r.transferred_pages,
+        r.rounds.len(),
+        r.dirty_sync_count
+    );
+    if r.status == Status::Completed || r.verified_pages + r.mismatched_pages > 0 {
+        s += &format!(
+            "verified          {} pages, {} mismatched\n",
+            r.verified_pages, r.mismatched_pages
+        );
+    }
+    let target = r
+        .guest_target_rate_pps
+        .map_or(String::new(), |t| format!(" (target {t:.0})"));
+    s += &format!(
+        "guest dirty rate  {:.0} pages/s before migration{target}",
+        r.guest_dirty_rate_pps
+    );
+    if let Some(d) = r.destination_guest_rate_pps {
+        s += &format!(", {d:.0} pages/s on the destination");
+    }
+    s.push('\n');
+    s
+}

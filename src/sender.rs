@@ -1,0 +1,495 @@
+//! The source side of a pre-copy migration.
+//!
+//! Start the guest, let it warm up, connect, then iterate: round 0 sends every
+//! page, round k the pages dirtied during round k-1, paced by the rate
+//! limiter. After each round the policy decides whether to go on. Then pause
+//! the guest, harvest the last dirty set, send it and the device state, and
+//! wait until the destination runs (downtime ends). Verification follows, off
+//! the downtime path: the paused source's page digests go to the receiver,
+//! which compares them with what it received.
+//!
+//! Pre-copy never loses the source: on any failure before the destination has
+//! confirmed it runs, the source guest is resumed.
+
+use std::io::{IoSlice, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::control::Control;
+use crate::dirty::{BitmapTracker, DirtyError, DirtySet, SharedBitmap, Tracker, TrackerKind};
+use crate::guest::{DeviceState, Guest, GuestError};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::policy::{decide, Decision, Policy, PolicyConfig, RoundFigures};
+use crate::protocol::{self, Frame, Kind, Message, ProtocolError, MAX_DIGESTS, MAX_RUN_PAGES};
+use crate::ratelimit::{Bandwidth, RateLimiter};
+use crate::report::{Report, RoundReport, Status};
+use crate::units::PageRate;
+use crate::workload::Workload;
+
+/// How long socket reads and writes may block before the peer counts as gone.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest Pages frame the sender builds (1 MiB of 4 KiB pages).
+const CHUNK_PAGES: u64 = 256;
+
+/// Errors of the sending side.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Protocol {
+        context: String,
+        #[source]
+        source: ProtocolError,
+    },
+    #[error("receiver refused the migration: {0}")]
+    Refused(String),
+    #[error("{0} mismatched pages after migration")]
+    Mismatch(u64),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+}
+
+/// Everything `livemig send` / `migrate` needs to know.
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    pub memory_bytes: u64,
+    pub workload: String,
+    pub vcpus: u32,
+    pub tracker: TrackerKind,
+    pub bandwidth: Bandwidth,
+    /// `--bandwidth` as the user wrote it, for the report.
+    pub bandwidth_spec: String,
+    pub policy: Policy,
+    /// `--policy` as the user wrote it, for the report.
+    pub policy_spec: String,
+    pub downtime_limit: Duration,
+    pub max_time: Duration,
+    pub warmup: Duration,
+    pub seed: u64,
+    /// Draw a progress bar (only drawn when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// The source: guest memory, the guest process and its dirty tracker.
+pub struct Source {
+    pub mem: GuestMemory,
+    pub guest: Guest,
+    tracker: Box<dyn Tracker>,
+    workload: Workload,
+}
+
+impl Source {
+    /// Validate the configuration, create guest memory and start the guest.
+    pub fn start(cfg: &SenderConfig) -> Result<Self, SendError> {
+        let page_size = crate::memory::page_size();
+        let workload = Workload::parse(&cfg.workload, cfg.memory_bytes, page_size)
+            .map_err(GuestError::from)?;
+        crate::guest::check_vcpus(cfg.vcpus)?;
+        let mem = GuestMemory::create(cfg.memory_bytes, page_size)?;
+        let bitmap = SharedBitmap::create(mem.page_count())?;
+        let guest = Guest::spawn(
+            &mem,
+            Control::create()?,
+            Some(&bitmap),
+            &cfg.workload,
+            cfg.vcpus,
+            cfg.seed,
+            false,
+        )?;
+        let tracker: Box<dyn Tracker> = match cfg.tracker {
+            TrackerKind::Bitmap => Box::new(BitmapTracker::new(bitmap)),
+        };
+        Ok(Self {
+            mem,
+            guest,
+            tracker,
+            workload,
+        })
+    }
+}
+
+/// Migrate `src` to the receiver at `addr`. The report is filled in as far as
+/// the migration got; a failure is also returned as the error.
+pub fn migrate(
+    cfg: &SenderConfig,
+    src: &mut Source,
+    addr: &str,
+    on_round: &mut dyn FnMut(&RoundReport),
+) -> (Report, Result<(), SendError>) {
+    let mut report = Report {
+        mode: "precopy",
+        tracker: cfg.tracker.as_str().into(),
+        policy: cfg.policy_spec.clone(),
+        bandwidth: cfg.bandwidth_spec.clone(),
+        workload: cfg.workload.clone(),
+        vcpus: cfg.vcpus,
+        memory_bytes: src.mem.len(),
+        page_size: src.mem.page_size(),
+        source_guest_pid: Some(src.guest.pid()),
+        guest_target_rate_pps: match (src.workload.is_idle(), src.workload.rate) {
+            (false, PageRate::PerSec(r)) => Some(r),
+            _ => None,
+        },
+        ..Report::default()
+    };
+    let mut run = Run {
+        cfg,
+        src,
+        report: &mut report,
+        on_round,
+        resumed_at_destination: false,
+        progress: progress_bar(cfg.progress),
+    };
+    let result = run.run(addr);
+    run.progress.finish_and_clear();
+    if let Err(e) = &result {
+        if !run.resumed_at_destination {
+            // Pre-copy never loses the source.
+            run.report.source_guest_resumed = src_resume(run.src).is_ok();
+        }
+        report.error = Some(e.to_string());
+    }
+    (report, result)
+}
+
+fn src_resume(src: &mut Source) -> Result<(), GuestError> {
+    src.guest.resume()?;
+    src.guest.check_alive()
+}
+
+fn progress_bar(enabled: bool) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>14} [{bar:30}] {pos}/{len} pages {per_sec}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+struct Run<'a> {
+    cfg: &'a SenderConfig,
+    src: &'a mut Source,
+    report: &'a mut Report,
+    on_round: &'a mut dyn FnMut(&RoundReport),
+    resumed_at_destination: bool,
+    progress: ProgressBar,
+}
+
+fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) -> SendError {
+    let context = context.into();
+    move |source| match source {
+        ProtocolError::Aborted(reason) => SendError::Refused(reason),
+        source => SendError::Protocol { context, source },
+    }
+}
+
+impl Run<'_> {
+    fn run(&mut self, addr: &str) -> Result<(), SendError> {
+        let (cfg, page_size) = (self.cfg, self.src.mem.page_size());
+        self.src.guest.wait_running()?;
+        self.report.guest_dirty_rate_pps = self.src.guest.measure_rate(cfg.warmup)?;
+
+        let start = Instant::now();
+        let mut sock = connect(addr)?;
+        protocol::write_message(
+            &mut sock,
+            &Message::hello(page_size as u32, self.src.mem.len()),
+        )
+        .map_err(proto(format!("sending the handshake to {addr}")))?;
+        protocol::read_handshake(&mut sock, Kind::HelloAck)
+            .map_err(proto(format!("handshake with {addr}")))?;
+        self.report.setup_time_ms = ms(start.elapsed());
+
+        let policy = PolicyConfig {
+            policy: cfg.policy,
+            bandwidth: cfg.bandwidth,
+            page_size,
+            memory_bytes: self.src.mem.len(),
+            downtime_limit: cfg.downtime_limit,
+            max_time: cfg.max_time,
+        };
+        let limiter = RateLimiter::new(cfg.bandwidth.initial_limit());
+        let pages = self.src.mem.page_count();
+        // Start tracking afresh: round 0 sends everything anyway.
+        let mut dirty = DirtySet::new(pages);
+        self.harvest(&mut dirty)?;
+        let mut todo = DirtySet::all(pages);
+        let mut figures: Vec<RoundFigures> = Vec::new();
+        let stop = loop {
+            let round = figures.len() as u32;
+            let t0 = Instant::now();
+            let (sent, bytes) = self.send_round(&mut sock, round, false, &todo, &limiter)?;
+            dirty.clear();
+            let harvest = self.harvest(&mut dirty)?;
+            let f = RoundFigures {
+                round,
+                pages: sent,
+                bytes,
+                duration: t0.elapsed(),
+                dirty_pages: dirty.count(),
+                rate_limit: limiter.limit(),
+            };
+            self.push_round(&f, harvest, false);
+            limiter.set_limit(
+                cfg.bandwidth
+                    .next_limit(f.dirty_rate_pps() * page_size as f64),
+            );
+            figures.push(f);
+            std::mem::swap(&mut todo, &mut dirty);
+            if let Decision::Stop(reason) = decide(&policy, &figures, start.elapsed()) {
+                break reason;
+            }
+        };
+        self.report.stop_reason = Some(stop.as_str().into());
+
+        // Stop-and-copy: the downtime starts now.
+        let t_pause = Instant::now();
+        self.src.guest.pause()?;
+        let t_paused = Instant::now();
+        let harvest = self.harvest(&mut todo)?;
+        let t_harvested = Instant::now();
+        let round = figures.len() as u32;
+        let (sent, bytes) = self.send_round(&mut sock, round, true, &todo, &limiter)?;
+        let t_sent = Instant::now();
+        let state = DeviceState {
+            workload: cfg.workload.clone(),
+            memory_bytes: self.src.mem.len(),
+            page_size,
+            vcpus: self.src.guest.vcpu_states(),
+        };
+        let msg = Message::DeviceState(state.to_bytes());
+        self.report.transferred_bytes += msg.encode().len() as u64;
+        protocol::write_message(&mut sock, &msg).map_err(proto("sending the device state"))?;
+        let resume_ns = match protocol::expect_message(&mut sock, None, Kind::Resumed)
+            .map_err(proto("waiting for the destination to resume"))?
+        {
+            Message::Resumed { resume_ns, .. } => resume_ns,
+            _ => unreachable!("expect_message returns the kind asked for"),
+        };
+        let t_resumed = Instant::now();
+        self.resumed_at_destination = true;
+        let resume = Duration::from_nanos(resume_ns);
+        self.report.downtime_ms = Some(ms(t_resumed - t_pause));
+        let b = &mut self.report.downtime_breakdown_ms;
+        b.pause = ms(t_paused - t_pause);
+        b.final_harvest = ms(t_harvested - t_paused);
+        b.last_pages = ms(t_sent - t_harvested);
+        b.resume = ms(resume);
+        b.device_state = ms((t_resumed - t_sent).saturating_sub(resume));
+        self.push_round(
+            &RoundFigures {
+                round,
+                pages: sent,
+                bytes,
+                duration: t_sent - t_harvested,
+                dirty_pages: 0,
+                rate_limit: limiter.limit(),
+            },
+            harvest,
+            true,
+        );
+
+        self.verify(&mut sock)?;
+        self.report.total_time_ms = ms(start.elapsed());
+        self.report.status = Status::Completed;
+        Ok(())
+    }
+
+    fn harvest(&mut self, into: &mut DirtySet) -> Result<Duration, SendError> {
+        let t = Instant::now();
+        self.src.tracker.harvest(into)?;
+        self.report.dirty_sync_count += 1;
+        Ok(t.elapsed())
+    }
+
+    fn push_round(&mut self, f: &RoundFigures, harvest: Duration, stop_and_copy: bool) {
+        let r = RoundReport {
+            round: f.round,
+            pages: f.pages,
+            bytes: f.bytes,
+            duration_ms: ms(f.duration),
+            throughput_mbps: f.throughput_bytes_per_s() * 8.0 / 1e6,
+            dirty_rate_pps: f.dirty_rate_pps(),
+            rate_limit_bps: f.rate_limit.map(|b| b.saturating_mul(8)),
+            harvest_ms: ms(harvest),
+            stop_and_copy,
+        };
+        self.report.transferred_bytes += f.bytes;
+        self.report.transferred_pages += f.pages;
+        self.progress.suspend(|| (self.on_round)(&r));
+        self.report.rounds.push(r);
+    }
+
+    /// Send one round: RoundStart, the set as Pages frames straight from the
+    /// mapping, RoundEnd. Returns (pages, bytes on the socket).
+    fn send_round(
+        &mut self,
+        sock: &mut TcpStream,
+        round: u32,
+        stop_and_copy: bool,
+        set: &DirtySet,
+        limiter: &RateLimiter,
+    ) -> Result<(u64, u64), SendError> {
+        let ctx = || format!("sending round {round}");
+        let page_size = self.src.mem.page_size();
+        let start = Message::RoundStart {
+            round,
+            stop_and_copy,
+        };
+        protocol::write_message(sock, &start).map_err(proto(ctx()))?;
+        let mut bytes = start.encode().len() as u64;
+        // Pace in slices of about 5 ms of the limit, so rounds are paced smoothly.
+        let chunk = match limiter.limit() {
+            Some(l) => (l / 200 / page_size).clamp(1, CHUNK_PAGES),
+            None => CHUNK_PAGES,
+        }
+        .min(u64::from(MAX_RUN_PAGES));
+        let label = if stop_and_copy {
+            "stop-and-copy".into()
+        } else {
+            format!("round {round}")
+        };
+        self.progress.set_message(label);
+        self.progress.set_length(set.count());
+        self.progress.set_position(0);
+        let mut pages = 0;
+        for (first, count) in set.runs(chunk) {
+            let header = protocol::pages_frame_header(first, count as u32, page_size as u32);
+            // SAFETY: only handed to the kernel; a page torn by a concurrent
+            // guest write is marked dirty and sent again (see crate::dirty).
+            let data = unsafe { self.src.mem.pages(first, count) };
+            let len = (header.len() + data.len()) as u64;
+            limiter.acquire(len);
+            if let Err(e) =
+                write_all_vectored(sock, &mut [IoSlice::new(&header), IoSlice::new(data)])
+            {
+                return Err(peer_error(sock).unwrap_or_else(|| proto(ctx())(ProtocolError::Io(e))));
+            }
+            if let Some(e) = peer_error(sock) {
+                return Err(e);
+            }
+            bytes += len;
+            pages += count;
+            self.progress.inc(count);
+        }
+        let end = Message::RoundEnd { round, pages };
+        protocol::write_message(sock, &end).map_err(proto(ctx()))?;
+        Ok((pages, bytes + end.encode().len() as u64))
+    }
+
+    /// Send the paused source's page digests; read the receiver's verdict.
+    fn verify(&mut self, sock: &mut TcpStream) -> Result<(), SendError> {
+        self.progress.set_message("verifying");
+        let pages = self.src.mem.page_count();
+        let mut hashes = Vec::with_capacity(MAX_DIGESTS as usize * 8);
+        let mut first = 0;
+        while first < pages {
+            let count = (pages - first).min(u64::from(MAX_DIGESTS));
+            hashes.clear();
+            for p in first..first + count {
+                // SAFETY: the source guest is paused (SIGSTOP): nothing writes.
+                hashes.extend_from_slice(&unsafe { self.src.mem.page_hash(p) }.to_le_bytes());
+            }
+            let header = protocol::digests_frame_header(first, count as u32);
+            write_all_vectored(sock, &mut [IoSlice::new(&header), IoSlice::new(&hashes)])
+                .map_err(|e| proto("sending page digests")(ProtocolError::Io(e)))?;
+            first += count;
+        }
+        protocol::write_message(sock, &Message::Complete).map_err(proto("sending page digests"))?;
+        match protocol::expect_message(sock, None, Kind::Verdict)
+            .map_err(proto("waiting for the verdict"))?
+        {
+            Message::Verdict {
+                verified_pages,
+                mismatched_pages,
+                ..
+            } => {
+                self.report.verified_pages = verified_pages;
+                self.report.mismatched_pages = mismatched_pages;
+                if mismatched_pages > 0 {
+                    return Err(SendError::Mismatch(mismatched_pages));
+                }
+                Ok(())
+            }
+            _ => unreachable!("expect_message returns the kind asked for"),
+        }
+    }
+}
+
+fn connect(addr: &str) -> Result<TcpStream, SendError> {
+    let err = |source| SendError::Connect {
+        addr: addr.into(),
+        source,
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing");
+    for a in addr.to_socket_addrs().map_err(err)? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                s.set_nodelay(true).map_err(err)?;
+                s.set_read_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+                s.set_write_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(err(last))
+}
+
+/// `write_all` for vectored writes (std's is unstable).
+pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The receiver speaks during rounds only to give up (Abort) or by closing.
+/// One non-blocking peek per chunk notices either without waiting.
+fn peer_error(sock: &mut TcpStream) -> Option<SendError> {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    match recv(
+        sock.as_raw_fd(),
+        &mut b,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Err(nix::Error::EAGAIN) => None,
+        Ok(0) => Some(proto("sending pages")(ProtocolError::Closed)),
+        _ => Some(match protocol::read_frame(sock, None) {
+            Ok(Frame::Message(Message::Abort(reason))) => SendError::Refused(reason),
+            Ok(other) => proto("sending pages")(ProtocolError::Unexpected {
+                got: other.kind(),
+                expected: "nothing from the receiver during a round".into(),
+            }),
+            Err(e) => proto("sending pages")(e),
+        }),
+    }
+}

@@ -1,0 +1,341 @@
+//! Workloads: which pages a guest writes and how fast.
+//!
+//! A spec is `KIND[:key=value,...]`:
+//! - `idle`: writes nothing;
+//! - `uniform:rate=R`: random pages over all of memory;
+//! - `hotset:wws=SIZE,rate=R[,hot=F]`: a writable working set of SIZE (the
+//!   first SIZE bytes of memory) takes fraction F (default 0.95) of the
+//!   writes, the rest go anywhere;
+//! - `sweep[:from=SIZE,to=SIZE][,rate=R]`: walks [from, to) page by page and
+//!   increments byte 0 of each page (QEMU's migration-test pattern; default
+//!   1 MiB..100 MiB clipped to memory, rate `max`).
+//!
+//! `R` is pages per second (`20k`, `1.5M`) or `max`. The random stream is
+//! counter-based (xxh3 of the operation number under a per-vCPU seed), so a
+//! vCPU's whole state is its seed, its operation count and its cursor: the
+//! device state that lets a migrated guest continue exactly where it stopped.
+
+use crate::units::{parse_bytes, parse_page_rate, PageRate};
+
+/// Errors in a `--workload` spec.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("invalid --workload \"{spec}\": {why}")]
+    Invalid { spec: String, why: String },
+}
+
+/// The shape of a workload's writes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pattern {
+    Idle,
+    Uniform,
+    HotSet { wws_pages: u64, hot: f64 },
+    Sweep { from_page: u64, to_page: u64 },
+}
+
+/// A parsed workload over a given memory size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    pub spec: String,
+    pub pattern: Pattern,
+    pub rate: PageRate,
+    pub page_count: u64,
+    pub page_size: u64,
+}
+
+impl Workload {
+    pub fn parse(spec: &str, memory_bytes: u64, page_size: u64) -> Result<Self, WorkloadError> {
+        let bad = |why: String| WorkloadError::Invalid {
+            spec: spec.into(),
+            why,
+        };
+        let page_count = memory_bytes / page_size;
+        let (kind, args) = spec.split_once(':').unwrap_or((spec, ""));
+        let mut kv = std::collections::BTreeMap::new();
+        for part in args.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("\"{part}\" is not key=value")))?;
+            if kv.insert(k, v).is_some() {
+                return Err(bad(format!("{k} given twice")));
+            }
+        }
+        let allowed: &[&str] = match kind {
+            "idle" => &[],
+            "uniform" => &["rate"],
+            "hotset" => &["wws", "rate", "hot"],
+            "sweep" => &["from", "to", "rate"],
+            _ => {
+                return Err(bad(format!(
+                    "unknown kind \"{kind}\" (idle, uniform, hotset, sweep)"
+                )))
+            }
+        };
+        if let Some(k) = kv.keys().find(|k| !allowed.contains(k)) {
+            return Err(bad(format!(
+                "{kind} takes no \"{k}\" (it takes: {})",
+                allowed.join(", ")
+            )));
+        }
+        let size = |k: &str| -> Result<Option<u64>, WorkloadError> {
+            kv.get(k)
+                .map(|v| parse_bytes(k, v).map_err(|e| bad(e.to_string())))
+                .transpose()
+        };
+        let rate = match kv.get("rate") {
+            Some(v) => parse_page_rate("rate", v).map_err(|e| bad(e.to_string()))?,
+            None if kind == "uniform" || kind == "hotset" => {
+                return Err(bad(format!(
+                    "{kind} needs rate=R (pages/s like 50k, or max)"
+                )))
+            }
+            None => PageRate::Max,
+        };
+        let pattern = match kind {
+            "idle" => Pattern::Idle,
+            "uniform" => Pattern::Uniform,
+            "hotset" => {
+                let wws = size("wws")?.ok_or_else(|| bad("hotset needs wws=SIZE".into()))?;
+                let wws_pages = wws.div_ceil(page_size);
+                if wws_pages == 0 || wws_pages > page_count {
+                    return Err(bad(format!(
+                        "wws must be between one page and the memory size ({memory_bytes} bytes)"
+                    )));
+                }
+                let hot = match kv.get("hot") {
+                    Some(v) => v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|h| (0.0..=1.0).contains(h))
+                        .ok_or_else(|| bad(format!("hot=\"{v}\" is not a fraction in [0, 1]")))?,
+                    None => 0.95,
+                };
+                Pattern::HotSet { wws_pages, hot }
+            }
+            _ => {
+                let from = size("from")?.unwrap_or(1 << 20) / page_size;
+                let to = (size("to")?.unwrap_or(100 << 20) / page_size).min(page_count);
+                if from >= to {
+                    return Err(bad(format!(
+                        "sweep range is empty: from page {from} to page {to} (memory has {page_count} pages)"
+                    )));
+                }
+                Pattern::Sweep {
+                    from_page: from,
+                    to_page: to,
+                }
+            }
+        };
+        Ok(Self {
+            spec: spec.into(),
+            pattern,
+            rate,
+            page_count,
+            page_size,
+        })
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.pattern == Pattern::Idle
+    }
+
+    /// The per-vCPU share of the rate (None = as fast as possible).
+    pub fn rate_per_vcpu(&self, vcpus: u32) -> Option<f64> {
+        match self.rate {
+            PageRate::Max => None,
+            PageRate::PerSec(r) => Some(r / f64::from(vcpus)),
+        }
+    }
+
+    /// The part of a sweep that vCPU `vcpu` of `vcpus` walks: sweeps split
+    /// the range so vCPUs never write the same page.
+    pub fn sweep_slice(&self, vcpu: u32, vcpus: u32) -> (u64, u64) {
+        let Pattern::Sweep { from_page, to_page } = self.pattern else {
+            return (0, self.page_count);
+        };
+        let len = to_page - from_page;
+        let lo = from_page + len * u64::from(vcpu) / u64::from(vcpus);
+        let hi = from_page + len * u64::from(vcpu + 1) / u64::from(vcpus);
+        (lo, hi.max(lo + 1).min(to_page))
+    }
+}
+
+/// What one write operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Store `value` as a u64 at byte `offset` of `page`.
+    Store { page: u64, offset: u64, value: u64 },
+    /// Increment byte 0 of `page` (sweep).
+    Increment { page: u64 },
+}
+
+/// One vCPU's deterministic stream of writes.
+#[derive(Clone, Debug)]
+pub struct Stream {
+    pub seed: u64,
+    /// Operations done so far.
+    pub ops: u64,
+    /// Next page of a sweep.
+    pub cursor: u64,
+    slice: (u64, u64),
+}
+
+fn rand(seed: u64, n: u64, lane: u64) -> u64 {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&n.to_le_bytes());
+    b[8..].copy_from_slice(&lane.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64_with_seed(&b, seed)
+}
+
+impl Stream {
+    /// A stream for vCPU `vcpu`, starting fresh or from a saved state.
+    pub fn new(
+        w: &Workload,
+        vcpu: u32,
+        vcpus: u32,
+        seed: u64,
+        ops: u64,
+        cursor: Option<u64>,
+    ) -> Self {
+        let slice = w.sweep_slice(vcpu, vcpus);
+        Self {
+            seed,
+            ops,
+            cursor: cursor.unwrap_or(slice.0).clamp(slice.0, slice.1 - 1),
+            slice,
+        }
+    }
+
+    /// The next write; advances the state.
+    #[inline]
+    pub fn next(&mut self, w: &Workload) -> Write {
+        let n = self.ops;
+        self.ops += 1;
+        let r = rand(self.seed, n, 0);
+        let page = match w.pattern {
+            Pattern::Idle => unreachable!("idle workloads do not write"),
+            Pattern::Uniform => r % w.page_count,
+            Pattern::HotSet { wws_pages, hot } => {
+                // The top 53 bits as a uniform fraction in [0, 1).
+                let u = (rand(self.seed, n, 1) >> 11) as f64 / (1u64 << 53) as f64;
+                if u < hot {
+                    r % wws_pages
+                } else {
+                    r % w.page_count
+                }
+            }
+            Pattern::Sweep { .. } => {
+                let page = self.cursor;
+                self.cursor = if page + 1 >= self.slice.1 {
+                    self.slice.0
+                } else {
+                    page + 1
+                };
+                return Write::Increment { page };
+            }
+        };
+        let slots = w.page_size / 8;
+        Write::Store {
+            page,
+            offset: (r >> 32) % slots * 8,
+            value: n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn parse(s: &str) -> Result<Workload, WorkloadError> {
+        Workload::parse(s, 64 * MIB, 4096)
+    }
+
+    #[test]
+    fn parses_each_kind() {
+        assert_eq!(parse("idle").unwrap().pattern, Pattern::Idle);
+        let u = parse("uniform:rate=20k").unwrap();
+        assert_eq!(
+            (u.pattern, u.rate),
+            (Pattern::Uniform, PageRate::PerSec(20_000.0))
+        );
+        let h = parse("hotset:wws=32M,rate=1.5M").unwrap();
+        assert_eq!(
+            h.pattern,
+            Pattern::HotSet {
+                wws_pages: 8192,
+                hot: 0.95
+            }
+        );
+        assert_eq!(h.rate, PageRate::PerSec(1_500_000.0));
+        let s = parse("sweep").unwrap();
+        // Default 1 MiB..100 MiB, clipped to 64 MiB of memory.
+        assert_eq!(
+            s.pattern,
+            Pattern::Sweep {
+                from_page: 256,
+                to_page: 16384
+            }
+        );
+        assert_eq!(s.rate, PageRate::Max);
+        assert_eq!(
+            parse("hotset:wws=1M,rate=max,hot=0.5").unwrap().rate,
+            PageRate::Max
+        );
+    }
+
+    #[test]
+    fn rejects_bad_specs_naming_the_problem() {
+        for (spec, needle) in [
+            ("busy", "unknown kind \"busy\""),
+            ("uniform", "needs rate"),
+            ("uniform:rate=fast", "fast"),
+            ("hotset:rate=1k", "needs wws"),
+            ("hotset:wws=1G,rate=1k", "wws must be"),
+            ("hotset:wws=1M,rate=1k,hot=2", "hot=\"2\""),
+            ("idle:rate=1k", "idle takes no \"rate\""),
+            ("sweep:from=100M", "range is empty"),
+            ("uniform:rate", "not key=value"),
+        ] {
+            let e = parse(spec).unwrap_err().to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+            assert!(e.contains(spec), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn hotset_keeps_writes_in_the_set() {
+        let w = parse("hotset:wws=1M,rate=max,hot=1").unwrap();
+        let mut s = Stream::new(&w, 0, 1, 7, 0, None);
+        for _ in 0..10_000 {
+            let Write::Store { page, offset, .. } = s.next(&w) else {
+                panic!()
+            };
+            assert!(page < 256 && offset % 8 == 0 && offset < 4096);
+        }
+    }
+
+    #[test]
+    fn a_resumed_stream_continues_the_same_sequence() {
+        let w = parse("uniform:rate=1k").unwrap();
+        let mut a = Stream::new(&w, 0, 1, 42, 0, None);
+        let first: Vec<_> = (0..100).map(|_| a.next(&w)).collect();
+        let mut b = Stream::new(&w, 0, 1, 42, 50, None);
+        assert_eq!(b.next(&w), first[50]);
+        let sw = parse("sweep:from=0,to=16K").unwrap();
+        let mut c = Stream::new(&sw, 0, 1, 1, 0, None);
+        let seq: Vec<_> = (0..9).map(|_| c.next(&sw)).collect();
+        assert_eq!(seq[4], Write::Increment { page: 0 }, "wraps after 4 pages");
+        let mut d = Stream::new(&sw, 0, 1, 1, 5, Some(c.cursor));
+        assert_eq!(d.next(&sw), Write::Increment { page: 1 });
+    }
+
+    #[test]
+    fn sweep_slices_partition_the_range() {
+        let w = parse("sweep:from=0,to=1M").unwrap();
+        let parts: Vec<_> = (0..3).map(|v| w.sweep_slice(v, 3)).collect();
+        assert_eq!(parts, vec![(0, 85), (85, 170), (170, 256)]);
+    }
+}

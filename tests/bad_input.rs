@@ -1,0 +1,234 @@
+//! Bad input never crashes, hangs or corrupts: one clear error line, exit
+//! code 1, and the source guest is never left stopped or orphaned.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Stdio};
+
+use livemig::protocol::{self, Kind, Message};
+
+#[test]
+fn unparsable_flags_name_the_value() {
+    for (flag, value, needle) in [
+        ("--workload", "busy", "\"busy\""),
+        ("--workload", "hotset:wws=64M,rate=1k", "wws"),
+        ("--bandwidth", "fast", "\"fast\""),
+        ("--mem", "lots", "\"lots\""),
+        ("--policy", "fixed:0", "fixed:0"),
+        ("--tracker", "pml", "\"pml\""),
+        ("--max-time", "soon", "soon"),
+    ] {
+        let r = migrate(&[flag, value]);
+        r.assert_fails_with(&[flag, needle]);
+    }
+}
+
+#[test]
+fn memory_larger_than_the_machine() {
+    migrate(&["--mem", "64T"]).assert_fails_with(&["--mem", "available"]);
+    run(&["send", "--to", "127.0.0.1:9", "--mem", "64T"])
+        .assert_fails_with(&["--mem", "available"]);
+}
+
+#[test]
+fn port_in_use() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = livemig()
+        .args(["receive", "--listen", &addr])
+        .output()
+        .unwrap();
+    let r = Run {
+        output: out,
+        report: None,
+    };
+    r.assert_fails_with(&["cannot listen on", &addr, "in use"]);
+}
+
+fn free_port() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn send_to(addr: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "send", "--to", addr, "--quiet", "--mem", "8M", "--warmup", "50ms",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// After a failed send: the source guest was resumed and is gone now.
+fn assert_source_resumed_and_reaped(r: &Run) {
+    let rep = r.report();
+    assert_eq!(rep["status"], "failed");
+    assert_eq!(rep["source_guest_resumed"], true, "{rep:#}");
+    assert_gone(&rep["source_guest_pid"]);
+}
+
+#[test]
+fn connection_refused() {
+    let r = send_to(&free_port(), &["--workload", "uniform:rate=10k"]);
+    r.assert_fails_with(&["cannot connect to", "refused", "source guest was resumed"]);
+    assert_source_resumed_and_reaped(&r);
+}
+
+/// A one-connection server running `f` on the accepted socket.
+fn fake_receiver(f: impl FnOnce(TcpStream) + Send + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        if let Ok((s, _)) = l.accept() {
+            f(s)
+        }
+    });
+    addr
+}
+
+#[test]
+fn peer_speaking_another_protocol() {
+    let addr = fake_receiver(|mut s| {
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    });
+    let r = send_to(&addr, &[]);
+    r.assert_fails_with(&["not a livemig peer"]);
+    assert_source_resumed_and_reaped(&r);
+}
+
+#[test]
+fn peer_speaking_another_version() {
+    let addr = fake_receiver(|mut s| {
+        let mut hello = [0u8; 32];
+        let _ = s.read_exact(&mut hello);
+        // A HelloAck of version 2, framed by hand.
+        let mut payload = protocol::MAGIC.to_vec();
+        payload.extend_from_slice(&2u32.to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        let header = protocol::Header {
+            kind: Kind::HelloAck,
+            flags: 0,
+            len: payload.len() as u32,
+        };
+        let _ = s.write_all(&header.encode());
+        let _ = s.write_all(&payload);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    });
+    send_to(&addr, &[]).assert_fails_with(&["version 2"]);
+}
+
+#[test]
+fn peer_vanishing_mid_round() {
+    let addr = fake_receiver(|mut s| {
+        let _ = protocol::read_handshake(&mut s, Kind::Hello);
+        let _ = protocol::write_message(&mut s, &Message::hello_ack());
+        // Take about 1 MiB of round 0, then vanish.
+        let mut buf = vec![0u8; 1 << 20];
+        let _ = s.read_exact(&mut buf);
+    });
+    let r = send_to(
+        &addr,
+        &[
+            "--mem",
+            "32M",
+            "--bandwidth",
+            "200mbit",
+            "--workload",
+            "hotset:wws=4M,rate=20k",
+        ],
+    );
+    r.assert_fails_with(&["round 0", "source guest was resumed"]);
+    assert_source_resumed_and_reaped(&r);
+}
+
+/// A real `livemig receive` on an ephemeral port, and that port.
+fn receiver() -> (Child, String) {
+    let mut child = livemig()
+        .args(["receive", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    (child, addr)
+}
+
+/// Feed `bytes` to a fresh receiver and return how it ended.
+fn receiver_fed(bytes: &[u8]) -> Run {
+    let (child, addr) = receiver();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    let output = child.wait_with_output().unwrap();
+    Run {
+        output,
+        report: None,
+    }
+}
+
+fn hello(version: u32, mem: u64) -> Vec<u8> {
+    let mut payload = protocol::MAGIC.to_vec();
+    payload.extend_from_slice(&version.to_le_bytes());
+    payload.extend_from_slice(&4096u32.to_le_bytes());
+    payload.extend_from_slice(&mem.to_le_bytes());
+    let header = protocol::Header {
+        kind: Kind::Hello,
+        flags: 0,
+        len: payload.len() as u32,
+    };
+    [header.encode().to_vec(), payload].concat()
+}
+
+#[test]
+fn receiver_rejects_garbage() {
+    receiver_fed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").assert_fails_with(&["not a livemig peer"]);
+}
+
+#[test]
+fn receiver_rejects_another_version() {
+    receiver_fed(&hello(9, 1 << 20)).assert_fails_with(&["version 9"]);
+}
+
+#[test]
+fn receiver_rejects_memory_it_cannot_hold() {
+    receiver_fed(&hello(1, 1 << 46)).assert_fails_with(&["available"]);
+}
+
+#[test]
+fn receiver_rejects_a_page_run_out_of_range() {
+    let mut bytes = hello(1, 1 << 20); // 256 pages
+    bytes.extend(
+        Message::RoundStart {
+            round: 0,
+            stop_and_copy: false,
+        }
+        .encode(),
+    );
+    bytes.extend(protocol::pages_frame_header(250, 10, 4096));
+    bytes.extend(vec![0u8; 10 * 4096]);
+    receiver_fed(&bytes).assert_fails_with(&["250", "out of range"]);
+}
+
+#[test]
+fn receiver_reports_a_truncated_stream() {
+    let mut bytes = hello(1, 1 << 20);
+    bytes.extend(
+        Message::RoundStart {
+            round: 0,
+            stop_and_copy: false,
+        }
+        .encode(),
+    );
+    bytes.extend(protocol::pages_frame_header(0, 4, 4096));
+    bytes.extend(vec![7u8; 4096]); // 1 of 4 pages, then EOF
+    receiver_fed(&bytes).assert_fails_with(&["truncated", "round 0"]);
+}

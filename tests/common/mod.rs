@@ -1,0 +1,100 @@
+//! Helpers shared by the integration tests: run the real binary, read its
+//! JSON report.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub fn livemig() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_livemig"))
+}
+
+pub struct Run {
+    pub output: Output,
+    pub report: Option<serde_json::Value>,
+}
+
+impl Run {
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn ok(&self) -> bool {
+        self.output.status.success()
+    }
+
+    pub fn report(&self) -> &serde_json::Value {
+        self.report
+            .as_ref()
+            .unwrap_or_else(|| panic!("no report; stderr: {}", self.stderr()))
+    }
+
+    /// Assert a failure with exactly one error line on stderr containing every needle.
+    pub fn assert_fails_with(&self, needles: &[&str]) {
+        assert!(!self.ok(), "expected failure, stdout: {}", self.stdout());
+        assert_eq!(
+            self.output.status.code(),
+            Some(1),
+            "stderr: {}",
+            self.stderr()
+        );
+        let err = self.stderr();
+        let lines: Vec<_> = err.lines().filter(|l| l.starts_with("Error:")).collect();
+        assert_eq!(lines.len(), 1, "one error line expected: {err}");
+        for n in needles {
+            assert!(
+                lines[0].to_lowercase().contains(&n.to_lowercase()),
+                "{n:?} not in {:?}",
+                lines[0]
+            );
+        }
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// Run `livemig ARGS --json tmp` and load the report if one was written.
+pub fn run(args: &[&str]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let json: PathBuf = dir.path().join("report.json");
+    let output = livemig()
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let report = std::fs::read(&json)
+        .ok()
+        .map(|b| serde_json::from_slice(&b).unwrap());
+    Run { output, report }
+}
+
+/// A local migration with small, fast defaults; `extra` overrides them.
+pub fn migrate(extra: &[&str]) -> Run {
+    let mut args = vec!["migrate", "--quiet", "--mem", "16M", "--warmup", "100ms"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// Assert the migration completed with every page verified.
+pub fn assert_verified(r: &Run) -> &serde_json::Value {
+    assert!(r.ok(), "migration failed: {}\n{}", r.stderr(), r.stdout());
+    let rep = r.report();
+    assert_eq!(rep["status"], "completed", "{rep:#}");
+    let pages = rep["memory_bytes"].as_u64().unwrap() / rep["page_size"].as_u64().unwrap();
+    assert_eq!(rep["verified_pages"].as_u64(), Some(pages), "{rep:#}");
+    assert_eq!(rep["mismatched_pages"].as_u64(), Some(0), "{rep:#}");
+    rep
+}
+
+/// The guest process is gone: not running, not stopped, not a zombie.
+pub fn assert_gone(pid: &serde_json::Value) {
+    let pid = pid.as_i64().expect("a pid");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "guest {pid} left behind"
+    );
+}
