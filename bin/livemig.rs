@@ -13,7 +13,13 @@ use livemig::{guest, migrate, policy, ratelimit, receiver, units};
 
 /// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
 #[derive(Parser)]
-#[command(name = "livemig", version, about, propagate_version = true)]
+#[command(
+    name = "livemig",
+    version,
+    about,
+    propagate_version = true,
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -34,7 +34,7 @@ const MAX_BACKLOG: Duration = Duration::from_millis(200);
 /// Errors of the guest and its handle.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
-    #[error("cannot start the guest process: {0}")]
+    #[error("cannot start the guest process")]
     Spawn(#[source] std::io::Error),
     #[error("the guest process (pid {pid}) exited: {status}")]
     Exited { pid: i32, status: String },
@@ -44,7 +44,7 @@ pub enum GuestError {
         what: &'static str,
         secs: u64,
     },
-    #[error("cannot signal the guest process (pid {pid}): {source}")]
+    #[error("cannot signal the guest process (pid {pid})")]
     Signal {
         pid: i32,
         #[source]

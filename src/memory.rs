@@ -13,13 +13,13 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 /// Errors creating or mapping shared memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("cannot create memfd {name}: {source}")]
+    #[error("cannot create memfd {name}")]
     Create {
         name: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot map {len} bytes of {name}: {source}")]
+    #[error("cannot map {len} bytes of {name}")]
     Map {
         name: String,
         len: u64,

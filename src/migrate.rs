@@ -10,7 +10,7 @@ use crate::sender::{self, SendError, SenderConfig, Source};
 pub enum MigrateError {
     #[error(transparent)]
     Send(#[from] SendError),
-    #[error("receiver: {0}")]
+    #[error("receiver")]
     Receive(#[from] ReceiveError),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
@@ -23,7 +23,7 @@ pub fn run(
 ) -> (Report, Option<ReceiveReport>, Result<(), MigrateError>) {
     let failed = |e: MigrateError| {
         let report = Report {
-            error: Some(e.to_string()),
+            error: Some(crate::report::error_chain(&e)),
             ..Report::default()
         };
         (report, None, Err(e))
@@ -69,7 +69,7 @@ pub fn run(
         (Ok(()), Err(re)) => Err(re.into()),
     };
     if let Err(e) = &result {
-        report.error = Some(e.to_string());
+        report.error = Some(crate::report::error_chain(e));
     }
     (report, None, result)
 }

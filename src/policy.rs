@@ -205,9 +205,10 @@ pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) ->
     }
     let stop = match cfg.policy {
         Policy::Xen => {
-            let sent = rounds
-                .iter()
-                .fold(0u64, |acc, r| acc.saturating_add(r.bytes));
+            // Xen counts pages of memory sent, not framing.
+            let sent = rounds.iter().fold(0u64, |acc, r| {
+                acc.saturating_add(r.pages.saturating_mul(cfg.page_size))
+            });
             let prev = rounds.len().checked_sub(2).map(|i| &rounds[i]);
             let dynamic = matches!(cfg.bandwidth, Bandwidth::Dynamic { .. });
             if last.dirty_pages < XEN_MIN_DIRTY_PAGES {
@@ -218,7 +219,7 @@ pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) ->
                 Some(SentLimit)
             } else if dynamic
                 && last.rate_limit == cfg.bandwidth.max()
-                && prev.is_some_and(|p| last.bytes > p.bytes)
+                && prev.is_some_and(|p| last.pages > p.pages)
             {
                 Some(RateAtMax)
             } else {
@@ -356,7 +357,7 @@ mod tests {
         let more = [
             big[0].clone(),
             big[1].clone(),
-            round(2, 256 * MIB + 1, 1000),
+            round(2, 256 * MIB + PAGE, 1000), // one page more than 3x
         ];
         assert_eq!(run(&c, &more), Decision::Stop(StopReason::SentLimit));
     }

@@ -116,7 +116,7 @@ pub enum ProtocolError {
     Unexpected { got: Kind, expected: String },
     #[error("peer aborted: {0}")]
     Aborted(String),
-    #[error("i/o error on the migration connection: {0}")]
+    #[error("i/o error on the migration connection")]
     Io(#[source] io::Error),
 }
 

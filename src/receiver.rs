@@ -20,13 +20,13 @@ use crate::sender::IO_TIMEOUT;
 /// Errors of the receiving side.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Protocol {
         context: String,
         #[source]
@@ -102,7 +102,7 @@ pub fn receive(listener: &TcpListener) -> Result<ReceiveReport, ReceiveError> {
 /// Tell the sender why, then drain briefly so the reason is not lost to a
 /// reset (closing with unread data would send RST).
 fn give_up(sock: &mut TcpStream, e: &ReceiveError) {
-    let _ = protocol::write_message(sock, &Message::abort(e.to_string()));
+    let _ = protocol::write_message(sock, &Message::abort(crate::report::error_chain(e)));
     let _ = sock.shutdown(Shutdown::Write);
     let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
     let deadline = Instant::now() + Duration::from_secs(2);

@@ -98,6 +98,18 @@ pub struct Report {
     pub rounds: Vec<RoundReport>,
 }
 
+/// An error and its causes on one line, `outer: cause: root cause`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s += ": ";
+        s += &c.to_string();
+        cause = c.source();
+    }
+    s
+}
+
 impl Report {
     pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
         let mut f = std::fs::File::create(path)?;

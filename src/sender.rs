@@ -37,13 +37,13 @@ const CHUNK_PAGES: u64 = 256;
 /// Errors of the sending side.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}")]
     Connect {
         addr: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Protocol {
         context: String,
         #[source]
@@ -159,7 +159,7 @@ pub fn migrate(
             // Pre-copy never loses the source.
             run.report.source_guest_resumed = src_resume(run.src).is_ok();
         }
-        report.error = Some(e.to_string());
+        report.error = Some(crate::report::error_chain(e));
     }
     (report, result)
 }
@@ -379,9 +379,11 @@ impl Run<'_> {
             if let Err(e) =
                 write_all_vectored(sock, &mut [IoSlice::new(&header), IoSlice::new(data)])
             {
-                return Err(peer_error(sock).unwrap_or_else(|| proto(ctx())(ProtocolError::Io(e))));
+                return Err(
+                    peer_error(sock, ctx()).unwrap_or_else(|| proto(ctx())(ProtocolError::Io(e)))
+                );
             }
-            if let Some(e) = peer_error(sock) {
+            if let Some(e) = peer_error(sock, ctx()) {
                 return Err(e);
             }
             bytes += len;
@@ -472,7 +474,7 @@ fn ms(d: Duration) -> f64 {
 
 /// The receiver speaks during rounds only to give up (Abort) or by closing.
 /// One non-blocking peek per chunk notices either without waiting.
-fn peer_error(sock: &mut TcpStream) -> Option<SendError> {
+fn peer_error(sock: &mut TcpStream, context: String) -> Option<SendError> {
     use nix::sys::socket::{recv, MsgFlags};
     use std::os::fd::AsRawFd;
     let mut b = [0u8; 1];
@@ -482,14 +484,14 @@ fn peer_error(sock: &mut TcpStream) -> Option<SendError> {
         MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
     ) {
         Err(nix::Error::EAGAIN) => None,
-        Ok(0) => Some(proto("sending pages")(ProtocolError::Closed)),
+        Ok(0) => Some(proto(context)(ProtocolError::Closed)),
         _ => Some(match protocol::read_frame(sock, None) {
             Ok(Frame::Message(Message::Abort(reason))) => SendError::Refused(reason),
-            Ok(other) => proto("sending pages")(ProtocolError::Unexpected {
+            Ok(other) => proto(context)(ProtocolError::Unexpected {
                 got: other.kind(),
                 expected: "nothing from the receiver during a round".into(),
             }),
-            Err(e) => proto("sending pages")(e),
+            Err(e) => proto(context)(e),
         }),
     }
 }

@@ -55,7 +55,16 @@ fn free_port() -> String {
 
 fn send_to(addr: &str, extra: &[&str]) -> Run {
     let mut args = vec![
-        "send", "--to", addr, "--quiet", "--mem", "8M", "--warmup", "50ms",
+        "send",
+        "--to",
+        addr,
+        "--quiet",
+        "--mem",
+        "8M",
+        "--warmup",
+        "50ms",
+        "--workload",
+        "uniform:rate=10k",
     ];
     args.extend_from_slice(extra);
     run(&args)
