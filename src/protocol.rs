@@ -19,14 +19,20 @@
 //!   | Hello{magic,version,page_size,mem} ->|  validates magic, version, sizes
 //!   |<- HelloAck{magic,version}  (or Abort)|
 //!   | RoundStart{0} Pages* RoundEnd{0}   ->|  round 0: every page
+//!   |<- RoundAck{0}                        |  the round's pages have all landed
 //!   | RoundStart{k} Pages* RoundEnd{k}   ->|  round k: pages dirtied in round k-1
+//!   |<- RoundAck{k}                        |
 //!   |   ... guest paused ...               |
-//!   | RoundStart{n,STOP_AND_COPY} Pages* RoundEnd{n} ->|
+//!   | RoundStart{n,STOP_AND_COPY} Pages* RoundEnd{n} ->|  (no ack: pipelined)
 //!   | DeviceState{blob}                  ->|  starts the guest on the received memory
 //!   |<- Resumed{resume_ns}                 |  downtime ends here
 //!   | Digests* Complete                  ->|  per-page xxh3 of the paused source
 //!   |<- Verdict{verified, mismatched}      |
 //! ```
+//!
+//! A pre-copy round ends when its `RoundAck` arrives, so a round's measured
+//! time covers delivery, not just filling the sender's socket buffer (which
+//! on loopback holds megabytes); it costs one round trip per round.
 //!
 //! Either side may send `Abort{reason}` at any point and close the connection.
 //! [`read_frame`] takes the negotiated [`Limits`] once the receiver has
@@ -142,6 +148,7 @@ pub enum Kind {
     Complete = 9,
     Verdict = 10,
     Abort = 11,
+    RoundAck = 12,
 }
 
 impl TryFrom<u16> for Kind {
@@ -161,6 +168,7 @@ impl TryFrom<u16> for Kind {
             9 => Complete,
             10 => Verdict,
             11 => Abort,
+            12 => RoundAck,
             _ => return Err(ProtocolError::UnknownKind(v)),
         })
     }
@@ -178,7 +186,7 @@ impl Kind {
         match self {
             Kind::Hello | Kind::Verdict => Some(24),
             Kind::HelloAck | Kind::RoundEnd | Kind::Resumed => Some(16),
-            Kind::RoundStart => Some(8),
+            Kind::RoundStart | Kind::RoundAck => Some(8),
             Kind::Complete => Some(0),
             _ => None,
         }
@@ -291,6 +299,9 @@ pub enum Message {
         round: u32,
         pages: u64,
     },
+    RoundAck {
+        round: u32,
+    },
     DeviceState(Vec<u8>),
     Resumed {
         resume_ns: u64,
@@ -324,6 +335,9 @@ impl Message {
     }
     pub fn round_end(round: u32, pages: u64) -> Message {
         Message::RoundEnd { round, pages }
+    }
+    pub fn round_ack(round: u32) -> Message {
+        Message::RoundAck { round }
     }
     pub fn device_state(blob: Vec<u8>) -> Message {
         Message::DeviceState(blob)
@@ -359,6 +373,7 @@ impl Message {
             Message::HelloAck { .. } => Kind::HelloAck,
             Message::RoundStart { .. } => Kind::RoundStart,
             Message::RoundEnd { .. } => Kind::RoundEnd,
+            Message::RoundAck { .. } => Kind::RoundAck,
             Message::DeviceState(_) => Kind::DeviceState,
             Message::Resumed { .. } => Kind::Resumed,
             Message::Complete => Kind::Complete,
@@ -396,6 +411,10 @@ impl Message {
                 p.extend(round.to_le_bytes());
                 p.extend([0; 4]);
                 p.extend(pages.to_le_bytes());
+            }
+            Message::RoundAck { round } => {
+                p.extend(round.to_le_bytes());
+                p.extend([0; 4]);
             }
             Message::DeviceState(blob) => p.extend_from_slice(blob),
             &Message::Resumed {
@@ -598,6 +617,11 @@ fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Messag
             let round = c.u32();
             reserved(kind, u64::from(c.u32()))?;
             Message::round_end(round, c.u64())
+        }
+        Kind::RoundAck => {
+            let round = c.u32();
+            reserved(kind, u64::from(c.u32()))?;
+            Message::round_ack(round)
         }
         Kind::DeviceState => Message::DeviceState(p),
         Kind::Resumed => Message::resumed(c.u64(), c.u64()),
@@ -822,6 +846,7 @@ mod tests {
             Message::round_start(0, false),
             Message::round_start(7, true),
             Message::round_end(3, 12345),
+            Message::round_ack(3),
             Message::device_state(vec![1, 2, 3]),
             Message::resumed(1_500_000, 262_144),
             Message::complete(),

@@ -175,12 +175,15 @@ impl Receiving {
         // Rounds until the device state arrives.
         let mut round: Option<(u32, u64)> = None; // (round, pages so far)
         let mut next_round = 0u32;
+        let mut stop_and_copy = false;
         let state = loop {
             match self.next(sock, &limits)? {
-                Frame::Message(Message::RoundStart { round: r, .. })
-                    if round.is_none() && r == next_round =>
-                {
+                Frame::Message(Message::RoundStart {
+                    round: r,
+                    stop_and_copy: s,
+                }) if round.is_none() && r == next_round && !stop_and_copy => {
                     self.context = format!("round {r}");
+                    stop_and_copy = s;
                     round = Some((r, 0));
                 }
                 Frame::Pages { first_page, count } if round.is_some() => {
@@ -208,8 +211,12 @@ impl Receiving {
                     self.report.round_pages.push(got);
                     self.report.pages_received += got;
                     next_round = r + 1;
+                    if !stop_and_copy {
+                        let ack = Message::round_ack(r);
+                        protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
+                    }
                 }
-                Frame::Message(Message::DeviceState(blob)) if round.is_none() && next_round > 0 => {
+                Frame::Message(Message::DeviceState(blob)) if round.is_none() && stop_and_copy => {
                     break blob
                 }
                 Frame::Message(Message::Abort(reason)) => {

@@ -392,6 +392,18 @@ impl Run<'_> {
         }
         let end = Message::RoundEnd { round, pages };
         protocol::write_message(sock, &end).map_err(proto(ctx()))?;
+        if !stop_and_copy {
+            // The round ends when its pages have landed (see crate::protocol).
+            match protocol::expect_message(sock, None, Kind::RoundAck).map_err(proto(ctx()))? {
+                Message::RoundAck { round: r } if r == round => {}
+                other => {
+                    return Err(proto(ctx())(ProtocolError::BadField {
+                        kind: Kind::RoundAck,
+                        detail: format!("acknowledges {other:?}, not round {round}"),
+                    }))
+                }
+            }
+        }
         Ok((pages, bytes + end.encode().len() as u64))
     }
 
