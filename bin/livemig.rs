@@ -116,7 +116,7 @@ impl SendOpts {
     fn config(&self) -> Result<SenderConfig> {
         let memory_bytes = units::parse_bytes("--mem", &self.mem)?;
         let page = livemig::memory::page_size();
-        if memory_bytes == 0 || memory_bytes % page != 0 {
+        if memory_bytes == 0 || !memory_bytes.is_multiple_of(page) {
             anyhow::bail!(
                 "invalid --mem \"{}\": must be a non-zero multiple of the {page}-byte page size",
                 self.mem

@@ -70,7 +70,7 @@ impl DirtySet {
     pub fn all(pages: u64) -> Self {
         let mut s = Self::new(pages);
         s.words.fill(u64::MAX);
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = s.words.last_mut() {
                 *last = (1u64 << (pages % 64)) - 1;
             }
@@ -133,21 +133,21 @@ impl DirtySet {
         }
     }
 
-    fn next_clear_from(&self, from: u64) -> u64 {
+    /// The first clear page at or after `from`, or `limit` (or the end) if
+    /// every page before it is set: runs are capped, so never scan further.
+    fn next_clear_from(&self, from: u64, limit: u64) -> u64 {
+        let limit = limit.min(self.pages);
         let mut wi = (from / 64) as usize;
-        let Some(&first) = self.words.get(wi) else {
-            return self.pages;
-        };
-        let mut w = !first & (u64::MAX << (from % 64));
+        let mut w = !self.words[wi] & (u64::MAX << (from % 64));
         loop {
             if w != 0 {
-                return (wi as u64 * 64 + u64::from(w.trailing_zeros())).min(self.pages);
+                return (wi as u64 * 64 + u64::from(w.trailing_zeros())).min(limit);
             }
             wi += 1;
-            match self.words.get(wi) {
-                Some(&x) => w = !x,
-                None => return self.pages,
+            if wi as u64 * 64 >= limit {
+                return limit;
             }
+            w = !self.words[wi];
         }
     }
 }
@@ -164,7 +164,7 @@ impl Iterator for Runs<'_> {
 
     fn next(&mut self) -> Option<(u64, u64)> {
         let first = self.set.next_set_from(self.next)?;
-        let end = self.set.next_clear_from(first).min(first + self.max_run);
+        let end = self.set.next_clear_from(first, first + self.max_run);
         self.next = end;
         Some((first, end - first))
     }

@@ -148,7 +148,7 @@ pub struct GuestMemory {
 
 impl GuestMemory {
     pub fn create(memory_bytes: u64, page_size: u64) -> Result<Self, MemoryError> {
-        if memory_bytes == 0 || memory_bytes % page_size != 0 {
+        if memory_bytes == 0 || !memory_bytes.is_multiple_of(page_size) {
             return Err(MemoryError::BadSize("--mem".into(), page_size));
         }
         Ok(Self {
