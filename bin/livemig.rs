@@ -246,8 +246,8 @@ fn finish(report: &Report, json: Option<&std::path::Path>, result: Result<()>) -
             .write_json(path)
             .with_context(|| format!("writing the report to {}", path.display()))?;
     }
-    result.map_err(|e| match report.source_guest_resumed {
-        true => e.context("migration failed (the source guest was resumed and kept running)"),
+    result.map_err(|e| match report.source_guest_kept_running {
+        true => e.context("migration failed, the source guest kept running"),
         false => e,
     })
 }

@@ -93,8 +93,9 @@ pub struct Report {
     /// Write rate of the destination guest right after it resumed (local runs).
     pub destination_guest_rate_pps: Option<f64>,
     pub source_guest_pid: Option<i32>,
-    /// After a failure: the source guest was resumed and ran on.
-    pub source_guest_resumed: bool,
+    /// After a failure: the source guest is running again (resumed if it
+    /// had been paused; for a writing workload, its writes were seen to go on).
+    pub source_guest_kept_running: bool,
     pub rounds: Vec<RoundReport>,
 }
 

@@ -157,16 +157,20 @@ pub fn migrate(
     if let Err(e) = &result {
         if !run.resumed_at_destination {
             // Pre-copy never loses the source.
-            run.report.source_guest_resumed = src_resume(run.src).is_ok();
+            run.report.source_guest_kept_running = src_resume(run.src).unwrap_or(false);
         }
         report.error = Some(crate::report::error_chain(e));
     }
     (report, result)
 }
 
-fn src_resume(src: &mut Source) -> Result<(), GuestError> {
+/// Resume the source after a failure and check it really runs on.
+fn src_resume(src: &mut Source) -> Result<bool, GuestError> {
     src.guest.resume()?;
-    src.guest.check_alive()
+    if src.workload.is_idle() {
+        return src.guest.check_alive().map(|()| true);
+    }
+    Ok(src.guest.measure_rate(Duration::from_millis(50))? > 0.0)
 }
 
 fn progress_bar(enabled: bool) -> ProgressBar {

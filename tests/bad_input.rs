@@ -74,14 +74,14 @@ fn send_to(addr: &str, extra: &[&str]) -> Run {
 fn assert_source_resumed_and_reaped(r: &Run) {
     let rep = r.report();
     assert_eq!(rep["status"], "failed");
-    assert_eq!(rep["source_guest_resumed"], true, "{rep:#}");
+    assert_eq!(rep["source_guest_kept_running"], true, "{rep:#}");
     assert_gone(&rep["source_guest_pid"]);
 }
 
 #[test]
 fn connection_refused() {
     let r = send_to(&free_port(), &["--workload", "uniform:rate=10k"]);
-    r.assert_fails_with(&["cannot connect to", "refused", "source guest was resumed"]);
+    r.assert_fails_with(&["cannot connect to", "refused", "source guest kept running"]);
     assert_source_resumed_and_reaped(&r);
 }
 
@@ -149,7 +149,7 @@ fn peer_vanishing_mid_round() {
             "hotset:wws=4M,rate=20k",
         ],
     );
-    r.assert_fails_with(&["round 0", "source guest was resumed"]);
+    r.assert_fails_with(&["round 0", "source guest kept running"]);
     assert_source_resumed_and_reaped(&r);
 }
 
