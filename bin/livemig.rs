@@ -102,14 +102,16 @@ struct GuestOpts {
     control_fd: i32,
     #[arg(long)]
     dirty_fd: Option<i32>,
-    #[arg(long)]
-    workload: String,
-    #[arg(long)]
+    /// Fresh guest: its workload (with --vcpus and --seed).
+    #[arg(long, required_unless_present = "incoming")]
+    workload: Option<String>,
+    #[arg(long, default_value_t = 1)]
     vcpus: u32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    #[arg(long)]
-    resume: bool,
+    /// Destination guest: wait for the device state in the control block.
+    #[arg(long, conflicts_with = "workload")]
+    incoming: bool,
 }
 
 impl SendOpts {
@@ -215,10 +217,11 @@ fn run(cli: Cli) -> Result<()> {
             memory_bytes: g.mem_bytes,
             control_fd: g.control_fd,
             dirty_fd: g.dirty_fd,
-            workload: g.workload,
-            vcpus: g.vcpus,
-            seed: g.seed,
-            resume: g.resume,
+            fresh: g.workload.map(|workload| guest::Fresh {
+                workload,
+                vcpus: g.vcpus,
+                seed: g.seed,
+            }),
         })?),
     }
 }

@@ -8,7 +8,7 @@
 //! be caught half-recorded), waits until all have parked, then SIGSTOPs the
 //! whole process so nothing in it runs while its memory is copied.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use linux_futex::{AsFutex, Shared};
@@ -17,6 +17,8 @@ use crate::memory::{MemoryError, SharedRegion};
 
 /// Most vCPUs a guest may have (slots are fixed in the block).
 pub const MAX_VCPUS: u32 = 64;
+/// Longest workload spec an incoming guest can be handed.
+pub const MAX_WORKLOAD_LEN: usize = 256;
 
 /// Values of [`ControlBlock::pause`].
 pub const RUN: u32 = 0;
@@ -43,6 +45,12 @@ pub struct ControlBlock {
     pub parked: AtomicU32,
     /// Futex: vCPUs that have started running their workload.
     pub running: AtomicU32,
+    /// Futex: an incoming guest waits for 1 (its state is in the block).
+    pub start: AtomicU32,
+    /// Incoming guest: its vCPU count and workload spec, set before `start`.
+    pub vcpus: AtomicU32,
+    pub workload_len: AtomicU32,
+    pub workload: [AtomicU8; MAX_WORKLOAD_LEN],
     pub slots: [VcpuSlot; MAX_VCPUS as usize],
 }
 
@@ -110,6 +118,38 @@ impl Control {
         let b = self.block();
         b.pause.store(RUN, Ordering::SeqCst);
         wake(&b.pause);
+    }
+
+    /// Owner side: hand an incoming guest its workload and let it start
+    /// (the vCPU slots must already hold its state).
+    pub fn start(&self, workload: &str, vcpus: u32) {
+        let b = self.block();
+        assert!(workload.len() <= MAX_WORKLOAD_LEN && vcpus <= MAX_VCPUS);
+        for (cell, byte) in b.workload.iter().zip(workload.bytes()) {
+            cell.store(byte, Ordering::Relaxed);
+        }
+        b.workload_len
+            .store(workload.len() as u32, Ordering::Relaxed);
+        b.vcpus.store(vcpus, Ordering::Relaxed);
+        b.start.store(1, Ordering::Release);
+        wake(&b.start);
+    }
+
+    /// Guest side: wait for [`Control::start`], then read what it handed over.
+    pub fn wait_start(&self) -> (String, u32) {
+        let b = self.block();
+        while b.start.load(Ordering::Acquire) == 0 {
+            wait(&b.start, 0, Duration::from_millis(100));
+        }
+        let len = (b.workload_len.load(Ordering::Relaxed) as usize).min(MAX_WORKLOAD_LEN);
+        let bytes: Vec<u8> = b.workload[..len]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        (
+            String::from_utf8_lossy(&bytes).into_owned(),
+            b.vcpus.load(Ordering::Relaxed),
+        )
     }
 
     /// Owner side: wait until `vcpus` vCPUs run their workload.

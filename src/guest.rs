@@ -5,8 +5,11 @@
 //! The guest inherits three memfds from its owner: its RAM, the control block
 //! ([`crate::control`]) and, for the `bitmap` tracker, the dirty bitmap. A
 //! fresh guest stamps every page (so a page lost in transit cannot pass
-//! verification by being zero) and starts its workload; a resumed guest
-//! (`--resume`) takes its vCPU states from the control block and continues.
+//! verification by being zero) and starts its workload. An incoming guest
+//! (`--incoming`, on the destination) is started before migration, like
+//! QEMU's `-incoming`, so process start-up stays out of the downtime: it maps
+//! its memory and waits until the receiver hands it the device state through
+//! the control block, then continues where the source stopped.
 
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
@@ -93,6 +96,13 @@ impl DeviceState {
             )));
         }
         check_vcpus(s.vcpus.len() as u32)?;
+        if s.workload.len() > crate::control::MAX_WORKLOAD_LEN {
+            return Err(GuestError::DeviceState(format!(
+                "workload spec of {} bytes (at most {})",
+                s.workload.len(),
+                crate::control::MAX_WORKLOAD_LEN
+            )));
+        }
         Workload::parse(&s.workload, memory_bytes, page_size)?;
         Ok(s)
     }
@@ -113,10 +123,16 @@ pub struct GuestArgs {
     pub memory_bytes: u64,
     pub control_fd: RawFd,
     pub dirty_fd: Option<RawFd>,
+    /// A fresh guest's workload; None for an incoming guest.
+    pub fresh: Option<Fresh>,
+}
+
+/// How a fresh guest starts (`--workload`, `--vcpus`, `--seed`).
+#[derive(Clone, Debug)]
+pub struct Fresh {
     pub workload: String,
     pub vcpus: u32,
     pub seed: u64,
-    pub resume: bool,
 }
 
 /// Body of the `livemig guest` process. Runs until killed.
@@ -129,9 +145,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     // Fine-grained sleeps pace the workload accurately.
     // SAFETY: PR_SET_TIMERSLACK takes an integer argument and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64) };
-    check_vcpus(args.vcpus)?;
     let page_size = crate::memory::page_size();
-    let workload = Workload::parse(&args.workload, args.memory_bytes, page_size)?;
     // SAFETY: these fds were handed to this process by its owner for this use.
     let (mem, control, bitmap) = unsafe {
         let mem = SharedRegion::from_raw_fd("guest RAM", args.mem_fd, args.memory_bytes)?;
@@ -150,29 +164,33 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         };
         (GuestMemory::from_region(mem, page_size), control, bitmap)
     };
-    if !args.resume {
-        stamp(&mem, args.seed);
-        for (i, slot) in control.block().slots[..args.vcpus as usize]
-            .iter()
-            .enumerate()
-        {
-            slot.seed.store(
-                args.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                Ordering::Relaxed,
-            );
-            slot.ops.store(0, Ordering::Relaxed);
+    let resume = args.fresh.is_none();
+    let (spec, vcpus) = match args.fresh {
+        Some(f) => {
+            stamp(&mem, f.seed);
+            for (i, slot) in control.block().slots[..f.vcpus as usize].iter().enumerate() {
+                slot.seed.store(
+                    f.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    Ordering::Relaxed,
+                );
+                slot.ops.store(0, Ordering::Relaxed);
+            }
+            (f.workload, f.vcpus)
         }
-    }
+        None => control.wait_start(),
+    };
+    check_vcpus(vcpus)?;
+    let workload = Workload::parse(&spec, args.memory_bytes, page_size)?;
     let vcpu = Vcpu {
         mem: &mem,
         control: &control,
         bitmap: bitmap.as_ref(),
         workload: &workload,
-        vcpus: args.vcpus,
-        resume: args.resume,
+        vcpus,
+        resume,
     };
     std::thread::scope(|s| {
-        for id in 0..args.vcpus {
+        for id in 0..vcpus {
             let vcpu = &vcpu;
             s.spawn(move || vcpu.run(id));
         }
@@ -287,18 +305,17 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Start `livemig guest` over `mem`; with `resume`, its vCPU states must
-    /// already be in `control`.
+    /// Start `livemig guest` over `mem`: a fresh guest running `fresh`, or
+    /// (None) an incoming one that waits for [`Guest::start_incoming`].
     pub fn spawn(
         mem: &GuestMemory,
         control: Control,
         bitmap: Option<&SharedBitmap>,
-        workload: &str,
-        vcpus: u32,
-        seed: u64,
-        resume: bool,
+        fresh: Option<&Fresh>,
     ) -> Result<Self, GuestError> {
-        check_vcpus(vcpus)?;
+        if let Some(f) = fresh {
+            check_vcpus(f.vcpus)?;
+        }
         let exe = std::env::current_exe().map_err(GuestError::Spawn)?;
         let fds: Vec<RawFd> = [Some(mem.region().raw_fd()), Some(control.region().raw_fd())]
             .into_iter()
@@ -314,22 +331,17 @@ impl Guest {
                 &mem.len().to_string(),
             ])
             .args(["--control-fd", &fds[1].to_string()])
-            .args([
-                "--workload",
-                workload,
-                "--vcpus",
-                &vcpus.to_string(),
-                "--seed",
-                &seed.to_string(),
-            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if let Some(fd) = fds.get(2) {
             cmd.args(["--dirty-fd", &fd.to_string()]);
         }
-        if resume {
-            cmd.arg("--resume");
-        }
+        match fresh {
+            Some(f) => cmd
+                .args(["--workload", &f.workload, "--vcpus", &f.vcpus.to_string()])
+                .args(["--seed", &f.seed.to_string()]),
+            None => cmd.arg("--incoming"),
+        };
         // SAFETY: the closure runs between fork and exec and only calls
         // fcntl, which is async-signal-safe, on fds this process owns.
         unsafe {
@@ -346,7 +358,7 @@ impl Guest {
         Ok(Self {
             child,
             control,
-            vcpus,
+            vcpus: fresh.map_or(0, |f| f.vcpus),
             stopped: false,
             reaped: None,
         })
@@ -471,6 +483,17 @@ impl Guest {
             .collect()
     }
 
+    /// Hand an incoming guest its device state and let its vCPUs run.
+    pub fn start_incoming(&mut self, state: &DeviceState) {
+        for (slot, s) in self.control.block().slots.iter().zip(&state.vcpus) {
+            slot.seed.store(s.seed, Ordering::Relaxed);
+            slot.ops.store(s.ops, Ordering::Relaxed);
+            slot.cursor.store(s.cursor, Ordering::Relaxed);
+        }
+        self.vcpus = state.vcpus.len() as u32;
+        self.control.start(&state.workload, self.vcpus);
+    }
+
     /// Write rate over `window`, in pages per second (measured, not the target).
     pub fn measure_rate(&mut self, window: Duration) -> Result<f64, GuestError> {
         let (t0, ops0) = (Instant::now(), self.ops());
@@ -495,14 +518,5 @@ impl Drop for Guest {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-}
-
-/// Put saved vCPU states into a fresh control block for a resumed guest.
-pub fn load_states(control: &Control, states: &[VcpuState]) {
-    for (slot, s) in control.block().slots.iter().zip(states) {
-        slot.seed.store(s.seed, Ordering::Relaxed);
-        slot.ops.store(s.ops, Ordering::Relaxed);
-        slot.cursor.store(s.cursor, Ordering::Relaxed);
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::Control;
 use crate::dirty::SharedBitmap;
-use crate::guest::{load_states, DeviceState, Guest, GuestError};
+use crate::guest::{DeviceState, Guest, GuestError};
 use crate::memory::{check_fits, GuestMemory, MemoryError};
 use crate::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
 use crate::sender::IO_TIMEOUT;
@@ -170,6 +170,10 @@ impl Receiving {
         self.report.memory_bytes = hello.memory_bytes;
         self.report.page_size = page_size;
         let mut hashes = vec![0u64; usize::try_from(pages).expect("fits: memory was mapped")];
+        // The destination guest process starts now, like QEMU's -incoming,
+        // and waits for its device state: start-up is not downtime.
+        let bitmap = SharedBitmap::create(pages)?;
+        let mut guest = Guest::spawn(&mem, Control::create()?, Some(&bitmap), None)?;
         protocol::write_message(sock, &Message::hello_ack()).map_err(|e| self.err(e))?;
 
         // Rounds until the device state arrives.
@@ -230,19 +234,7 @@ impl Receiving {
         self.context = "resuming the guest".into();
         let t0 = Instant::now();
         let state = DeviceState::from_bytes(&state, hello.memory_bytes, page_size)?;
-        let control = Control::create()?;
-        load_states(&control, &state.vcpus);
-        let bitmap = SharedBitmap::create(pages)?;
-        let vcpus = state.vcpus.len() as u32;
-        let mut guest = Guest::spawn(
-            &mem,
-            control,
-            Some(&bitmap),
-            &state.workload,
-            vcpus,
-            0,
-            true,
-        )?;
+        guest.start_incoming(&state);
         guest.wait_running()?;
         let resume = t0.elapsed();
         self.report.resume_ms = resume.as_secs_f64() * 1e3;

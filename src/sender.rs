@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::control::Control;
 use crate::dirty::{BitmapTracker, DirtyError, DirtySet, SharedBitmap, Tracker, TrackerKind};
-use crate::guest::{DeviceState, Guest, GuestError};
+use crate::guest::{DeviceState, Fresh, Guest, GuestError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::policy::{decide, Decision, Policy, PolicyConfig, RoundFigures};
 use crate::protocol::{self, Frame, Kind, Message, ProtocolError, MAX_DIGESTS, MAX_RUN_PAGES};
@@ -99,15 +99,12 @@ impl Source {
         crate::guest::check_vcpus(cfg.vcpus)?;
         let mem = GuestMemory::create(cfg.memory_bytes, page_size)?;
         let bitmap = SharedBitmap::create(mem.page_count())?;
-        let guest = Guest::spawn(
-            &mem,
-            Control::create()?,
-            Some(&bitmap),
-            &cfg.workload,
-            cfg.vcpus,
-            cfg.seed,
-            false,
-        )?;
+        let fresh = Fresh {
+            workload: cfg.workload.clone(),
+            vcpus: cfg.vcpus,
+            seed: cfg.seed,
+        };
+        let guest = Guest::spawn(&mem, Control::create()?, Some(&bitmap), Some(&fresh))?;
         let tracker: Box<dyn Tracker> = match cfg.tracker {
             TrackerKind::Bitmap => Box::new(BitmapTracker::new(bitmap)),
         };
