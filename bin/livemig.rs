@@ -157,17 +157,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Migrate(opts) => {
             let cfg = opts.config()?;
             let mut print = row_printer(opts.quiet);
-            let (report, _, result) = migrate::run(&cfg, &mut print);
+            let (report, result) = migrate::run(&cfg, &mut print);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Send { to, opts } => {
             let cfg = opts.config()?;
-            // Refuse bad input before a guest exists.
-            livemig::workload::Workload::parse(
-                &cfg.workload,
-                cfg.memory_bytes,
-                livemig::memory::page_size(),
-            )?;
             livemig::memory::check_fits(
                 &format!("--mem {}", units::fmt_bytes(cfg.memory_bytes)),
                 cfg.memory_bytes,
@@ -183,7 +177,13 @@ fn run(cli: Cli) -> Result<()> {
                 "livemig: waiting for a migration on {}",
                 listener.local_addr()?
             );
-            let r = receiver::receive(&listener)?;
+            let (r, result) = receiver::receive(&listener);
+            if let Some(path) = json {
+                let f = std::fs::File::create(&path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                serde_json::to_writer_pretty(f, &r)?;
+            }
+            result?;
             println!(
                 "received          {} pages from {} in {} rounds ({})",
                 r.pages_received,
@@ -200,11 +200,6 @@ fn run(cli: Cli) -> Result<()> {
                 "guest rate        {:.0} pages/s after resume",
                 r.destination_guest_rate_pps
             );
-            if let Some(path) = json {
-                let f = std::fs::File::create(&path)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                serde_json::to_writer_pretty(f, &r)?;
-            }
             anyhow::ensure!(
                 r.mismatched_pages == 0,
                 "{} mismatched pages",

@@ -103,13 +103,6 @@ impl DirtySet {
         self.words.fill(0);
     }
 
-    /// Add every page of `other`.
-    pub fn union_with(&mut self, other: &DirtySet) {
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a |= b;
-        }
-    }
-
     /// Coalesced runs `(first_page, count)` of at most `max_run` pages each,
     /// in ascending order: what the sender turns into Pages frames.
     pub fn runs(&self, max_run: u64) -> Runs<'_> {
@@ -226,7 +219,6 @@ impl SharedBitmap {
 
 /// Where a sender learns which pages were written.
 pub trait Tracker: Send {
-    fn kind(&self) -> TrackerKind;
     /// Add the pages written since the previous harvest to `into` and reset.
     fn harvest(&mut self, into: &mut DirtySet) -> Result<(), DirtyError>;
 }
@@ -243,10 +235,6 @@ impl BitmapTracker {
 }
 
 impl Tracker for BitmapTracker {
-    fn kind(&self) -> TrackerKind {
-        TrackerKind::Bitmap
-    }
-
     fn harvest(&mut self, into: &mut DirtySet) -> Result<(), DirtyError> {
         self.bitmap.take_into(into);
         Ok(())

@@ -14,7 +14,7 @@
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -244,12 +244,14 @@ impl Vcpu<'_> {
                 None => 64,
                 Some(r) => {
                     let elapsed = t0.elapsed().as_secs_f64();
-                    // Float to int: a count of operations, far below 2^53.
-                    let due = base + (elapsed * r) as u64;
+                    // Float to int saturates; rates are bounded (units::MAX_PAGE_RATE).
+                    let due = base.saturating_add((elapsed * r) as u64);
                     if due <= stream.ops {
-                        let next_at = (stream.ops + 1 - base) as f64 / r;
+                        let next_at = (stream.ops - base + 1) as f64 / r;
+                        let wait =
+                            Duration::try_from_secs_f64(next_at - elapsed).unwrap_or_default();
                         self.control
-                            .sleep_unless_paused(Duration::from_secs_f64(next_at - elapsed));
+                            .sleep_unless_paused(wait.min(Duration::from_millis(100)));
                         continue;
                     }
                     if (due - stream.ops) as f64 > r * MAX_BACKLOG.as_secs_f64() {
@@ -277,14 +279,17 @@ impl Vcpu<'_> {
             } => {
                 let (ptr, _) = self.mem.pages_ptr(page, 1);
                 // SAFETY: offset < page_size - 7 and 8-aligned (Stream), so the
-                // store is inside this page of the mapping.
-                unsafe { ptr.add(offset as usize).cast::<u64>().write_volatile(value) };
+                // word is inside this page of the mapping, which outlives the
+                // vCPUs. Accesses are atomic: two vCPUs may hit the same word
+                // (a relaxed store is a plain store on x86).
+                unsafe { AtomicU64::from_ptr(ptr.add(offset as usize).cast()) }
+                    .store(value, Ordering::Relaxed);
                 page
             }
             Write::Increment { page } => {
                 let (ptr, _) = self.mem.pages_ptr(page, 1);
-                // SAFETY: byte 0 of a page inside the mapping.
-                unsafe { ptr.write_volatile(ptr.read_volatile().wrapping_add(1)) };
+                // SAFETY: byte 0 of a page inside the mapping, as above.
+                unsafe { AtomicU8::from_ptr(ptr) }.fetch_add(1, Ordering::Relaxed);
                 page
             }
         };
@@ -307,6 +312,10 @@ pub struct Guest {
 impl Guest {
     /// Start `livemig guest` over `mem`: a fresh guest running `fresh`, or
     /// (None) an incoming one that waits for [`Guest::start_incoming`].
+    ///
+    /// The guest dies with the thread that spawned it (`PR_SET_PDEATHSIG`
+    /// follows the forking thread), so spawn from a thread that outlives
+    /// the handle, as the `livemig` commands do.
     pub fn spawn(
         mem: &GuestMemory,
         control: Control,
@@ -366,10 +375,6 @@ impl Guest {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
-    }
-
-    pub fn vcpus(&self) -> u32 {
-        self.vcpus
     }
 
     pub fn control(&self) -> &Control {
@@ -465,10 +470,6 @@ impl Guest {
         }
         self.control.release();
         Ok(())
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.stopped
     }
 
     /// The vCPU states published when they parked (call while paused).

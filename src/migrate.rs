@@ -1,8 +1,8 @@
 //! `livemig migrate`: both ends on this machine over loopback, the receiver
 //! on a thread of this process, each guest in its own process.
 
-use crate::receiver::{self, ReceiveError, ReceiveReport};
-use crate::report::{Report, RoundReport};
+use crate::receiver::{self, ReceiveError};
+use crate::report::{Report, RoundReport, Status};
 use crate::sender::{self, SendError, SenderConfig, Source};
 
 /// Errors of a local migration: whichever end saw the cause.
@@ -20,13 +20,13 @@ pub enum MigrateError {
 pub fn run(
     cfg: &SenderConfig,
     on_round: &mut dyn FnMut(&RoundReport),
-) -> (Report, Option<ReceiveReport>, Result<(), MigrateError>) {
+) -> (Report, Result<(), MigrateError>) {
     let failed = |e: MigrateError| {
         let report = Report {
             error: Some(crate::report::error_chain(&e)),
-            ..Report::default()
+            ..cfg.report()
         };
-        (report, None, Err(e))
+        (report, Err(e))
     };
     // Both ends' guest memory lives on this machine.
     if let Err(e) = crate::memory::check_fits(
@@ -55,11 +55,11 @@ pub fn run(
         // accept: a connection that closes at once ends it.
         let _ = std::net::TcpStream::connect(&addr);
     }
-    let received = rx.join().expect("receiver thread panicked");
+    let (rr, received) = rx.join().expect("receiver thread panicked");
     let result = match (sent, received) {
-        (Ok(()), Ok(rr)) => {
+        (Ok(()), Ok(())) => {
             report.destination_guest_rate_pps = Some(rr.destination_guest_rate_pps);
-            return (report, Some(rr), Ok(()));
+            return (report, Ok(()));
         }
         // The receiver's own error names the cause better than the sender's view of it.
         (Err(SendError::Refused(_) | SendError::Protocol { .. }), Err(re)) => {
@@ -69,7 +69,8 @@ pub fn run(
         (Ok(()), Err(re)) => Err(re.into()),
     };
     if let Err(e) = &result {
+        report.status = Status::Failed;
         report.error = Some(crate::report::error_chain(e));
     }
-    (report, None, result)
+    (report, result)
 }

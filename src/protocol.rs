@@ -642,7 +642,16 @@ fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Messag
             }
             Message::verdict(ok, bad, first_mismatch)
         }
-        Kind::Abort => Message::Abort(String::from_utf8_lossy(&p).into_owned()),
+        // A peer's words end up on a terminal: escape control characters.
+        Kind::Abort => Message::Abort(
+            String::from_utf8_lossy(&p)
+                .chars()
+                .map(|c| match c.is_control() {
+                    true => c.escape_default().to_string(),
+                    false => c.to_string(),
+                })
+                .collect(),
+        ),
         Kind::Invalid | Kind::Pages | Kind::Digests => {
             return Err(unexpected(kind, "a control frame"));
         }
@@ -836,6 +845,15 @@ mod tests {
             assert!(matches!(e, $pat), "wrong variant: {e:?}");
             assert!(e.to_string().contains($text), "{e} does not contain {:?}", $text);
         })+};
+    }
+
+    #[test]
+    fn abort_reasons_cannot_drive_a_terminal() {
+        let m = Message::abort("disk full\nError: lies\x1b[31m");
+        let Frame::Message(Message::Abort(r)) = read(&m.encode(), None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r, "disk full\\nError: lies\\u{1b}[31m");
     }
 
     #[test]

@@ -25,10 +25,9 @@ pub enum Bandwidth {
     },
 }
 
-/// Same as [`Bandwidth::parse`].
-pub fn parse(s: &str) -> Result<Bandwidth, UnitError> {
-    Bandwidth::parse(s)
-}
+/// The lowest limit accepted, 1 Mbit/s: far slower links would leave the
+/// receiver waiting for one frame longer than its I/O timeout.
+pub const MIN_RATE: u64 = 125_000;
 
 impl Bandwidth {
     /// `unlimited` | RATE | `dynamic:min=RATE,max=RATE,inc=RATE` (keys in any order, all required).
@@ -37,10 +36,13 @@ impl Bandwidth {
         if t.eq_ignore_ascii_case("unlimited") {
             return Ok(Bandwidth::Unlimited);
         }
+        let too_slow = || UnitError::new(FLAG, s, "limits below 1mbit are not supported");
         let Some(spec) = t.strip_prefix("dynamic:") else {
-            return parse_rate(FLAG, t)
-                .map(|bytes_per_s| Bandwidth::Static { bytes_per_s })
-                .map_err(|_| UnitError::new(FLAG, s, EXPECTED));
+            let bytes_per_s = parse_rate(FLAG, t).map_err(|_| UnitError::new(FLAG, s, EXPECTED))?;
+            if bytes_per_s < MIN_RATE {
+                return Err(too_slow());
+            }
+            return Ok(Bandwidth::Static { bytes_per_s });
         };
         let bad = |why: String| UnitError::new(FLAG, s, format!("{why} ({EXPECTED})"));
         let mut vals: [Option<u64>; 3] = [None; 3];
@@ -66,6 +68,9 @@ impl Bandwidth {
         let (min, max, inc) = (need(min, "min")?, need(max, "max")?, need(inc, "inc")?);
         if min > max {
             return Err(bad(format!("min ({min} B/s) is above max ({max} B/s)")));
+        }
+        if min < MIN_RATE {
+            return Err(too_slow());
         }
         Ok(Bandwidth::Dynamic { min, max, inc })
     }
@@ -215,21 +220,21 @@ mod tests {
 
     #[test]
     fn parses_forms() {
-        assert_eq!(parse("unlimited"), Ok(Bandwidth::Unlimited));
+        assert_eq!(Bandwidth::parse("unlimited"), Ok(Bandwidth::Unlimited));
         assert_eq!(
-            parse("500mbit"),
+            Bandwidth::parse("500mbit"),
             Ok(Bandwidth::Static {
                 bytes_per_s: 62_500_000
             })
         );
         assert_eq!(
-            parse("120MiB/s"),
+            Bandwidth::parse("120MiB/s"),
             Ok(Bandwidth::Static {
                 bytes_per_s: 120 * MIB
             })
         );
         assert_eq!(
-            parse("dynamic:inc=50mbit,max=1gbit,min=100mbit"),
+            Bandwidth::parse("dynamic:inc=50mbit,max=1gbit,min=100mbit"),
             Ok(Bandwidth::Dynamic {
                 min: 12_500_000,
                 max: 125_000_000,
@@ -240,7 +245,7 @@ mod tests {
 
     #[test]
     fn rejects_naming_the_problem() {
-        let e = parse("fast").unwrap_err().to_string();
+        let e = Bandwidth::parse("fast").unwrap_err().to_string();
         assert_eq!(e, format!("invalid --bandwidth \"fast\": {EXPECTED}"));
         for (s, needle) in [
             (
@@ -261,8 +266,10 @@ mod tests {
                 "unknown key \"step\"",
             ),
             ("dynamic:fast", "\"fast\" is not KEY=RATE"),
+            ("100kbit", "below 1mbit"),
+            ("dynamic:min=100kbit,max=2mbit,inc=1mbit", "below 1mbit"),
         ] {
-            let e = parse(s).unwrap_err().to_string();
+            let e = Bandwidth::parse(s).unwrap_err().to_string();
             assert!(
                 e.starts_with(&format!("invalid --bandwidth \"{s}\"")) && e.contains(needle),
                 "{e}"

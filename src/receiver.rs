@@ -11,7 +11,6 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::control::Control;
-use crate::dirty::SharedBitmap;
 use crate::guest::{DeviceState, Guest, GuestError};
 use crate::memory::{check_fits, GuestMemory, MemoryError};
 use crate::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
@@ -45,6 +44,8 @@ pub enum ReceiveError {
 /// What the receiving side saw.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ReceiveReport {
+    pub status: crate::report::Status,
+    pub error: Option<String>,
     pub peer: String,
     pub memory_bytes: u64,
     pub page_size: u64,
@@ -69,34 +70,48 @@ pub fn bind(addr: &str) -> Result<TcpListener, ReceiveError> {
     })
 }
 
-/// Accept one migration on `listener` and carry it through.
-pub fn receive(listener: &TcpListener) -> Result<ReceiveReport, ReceiveError> {
-    let (mut sock, peer) = listener.accept().map_err(|source| ReceiveError::Listen {
-        addr: listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-        source,
-    })?;
+/// Accept one migration on `listener` and carry it through. The report is
+/// filled in as far as it got; a failure is also returned as the error.
+pub fn receive(listener: &TcpListener) -> (ReceiveReport, Result<(), ReceiveError>) {
+    let mut rx = Receiving {
+        report: ReceiveReport::default(),
+        context: "handshake".into(),
+    };
+    let result = rx.accept_and_run(listener);
+    match &result {
+        Ok(()) => rx.report.status = crate::report::Status::Completed,
+        Err(e) => rx.report.error = Some(crate::report::error_chain(e)),
+    }
+    (rx.report, result)
+}
+
+impl Receiving {
+    fn accept_and_run(&mut self, listener: &TcpListener) -> Result<(), ReceiveError> {
+        let (mut sock, peer) = listener.accept().map_err(|source| ReceiveError::Listen {
+            addr: listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            source,
+        })?;
+        self.report.peer = peer.to_string();
+        setup(&sock)?;
+        let result = self.run(&mut sock);
+        if let Err(e) = &result {
+            give_up(&mut sock, e);
+        }
+        result
+    }
+}
+
+fn setup(sock: &TcpStream) -> Result<(), ReceiveError> {
     let io = |source| ReceiveError::Protocol {
         context: "setting up the connection".into(),
         source: ProtocolError::Io(source),
     };
     sock.set_nodelay(true).map_err(io)?;
     sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    sock.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    let mut rx = Receiving {
-        report: ReceiveReport {
-            peer: peer.to_string(),
-            ..Default::default()
-        },
-        context: "handshake".into(),
-    };
-    let result = rx.run(&mut sock);
-    if let Err(e) = &result {
-        give_up(&mut sock, e);
-    }
-    result.map(|()| rx.report)
+    sock.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)
 }
 
 /// Tell the sender why, then drain briefly so the reason is not lost to a
@@ -172,9 +187,9 @@ impl Receiving {
         let mut hashes = vec![0u64; usize::try_from(pages).expect("fits: memory was mapped")];
         // The destination guest process starts now, like QEMU's -incoming,
         // and waits for its device state: start-up is not downtime.
-        let bitmap = SharedBitmap::create(pages)?;
-        let mut guest = Guest::spawn(&mem, Control::create()?, Some(&bitmap), None)?;
+        let mut guest = Guest::spawn(&mem, Control::create()?, None, None)?;
         protocol::write_message(sock, &Message::hello_ack()).map_err(|e| self.err(e))?;
+        self.context = "waiting for round 0".into();
 
         // Rounds until the device state arrives.
         let mut round: Option<(u32, u64)> = None; // (round, pages so far)

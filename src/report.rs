@@ -178,7 +178,7 @@ pub fn summary(r: &Report) -> String {
         r.rounds.len(),
         r.dirty_sync_count
     );
-    if r.status == Status::Completed || r.verified_pages + r.mismatched_pages > 0 {
+    if r.status == Status::Completed || r.verified_pages.saturating_add(r.mismatched_pages) > 0 {
         s += &format!(
             "verified          {} pages, {} mismatched\n",
             r.verified_pages, r.mismatched_pages

@@ -22,7 +22,9 @@ use crate::dirty::{BitmapTracker, DirtyError, DirtySet, SharedBitmap, Tracker, T
 use crate::guest::{DeviceState, Fresh, Guest, GuestError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::policy::{decide, Decision, Policy, PolicyConfig, RoundFigures};
-use crate::protocol::{self, Frame, Kind, Message, ProtocolError, MAX_DIGESTS, MAX_RUN_PAGES};
+use crate::protocol::{
+    self, Frame, Kind, Limits, Message, ProtocolError, MAX_DIGESTS, MAX_RUN_PAGES,
+};
 use crate::ratelimit::{Bandwidth, RateLimiter};
 use crate::report::{Report, RoundReport, Status};
 use crate::units::PageRate;
@@ -51,8 +53,10 @@ pub enum SendError {
     },
     #[error("receiver refused the migration: {0}")]
     Refused(String),
-    #[error("{0} mismatched pages after migration")]
-    Mismatch(u64),
+    #[error("{count} mismatched pages after migration{}", first.map(|p| format!(" (first: page {p})")).unwrap_or_default())]
+    Mismatch { count: u64, first: Option<u64> },
+    #[error("the receiver compared only {compared} of {pages} pages")]
+    Unverified { compared: u64, pages: u64 },
     #[error(transparent)]
     Guest(#[from] GuestError),
     #[error(transparent)]
@@ -82,6 +86,23 @@ pub struct SenderConfig {
     pub progress: bool,
 }
 
+impl SenderConfig {
+    /// A report describing this configuration, its figures still to come.
+    pub fn report(&self) -> Report {
+        Report {
+            mode: "precopy",
+            tracker: self.tracker.as_str().into(),
+            policy: self.policy_spec.clone(),
+            bandwidth: self.bandwidth_spec.clone(),
+            workload: self.workload.clone(),
+            vcpus: self.vcpus,
+            memory_bytes: self.memory_bytes,
+            page_size: crate::memory::page_size(),
+            ..Report::default()
+        }
+    }
+}
+
 /// The source: guest memory, the guest process and its dirty tracker.
 pub struct Source {
     pub mem: GuestMemory,
@@ -97,6 +118,15 @@ impl Source {
         let workload = Workload::parse(&cfg.workload, cfg.memory_bytes, page_size)
             .map_err(GuestError::from)?;
         crate::guest::check_vcpus(cfg.vcpus)?;
+        workload.check_vcpus(cfg.vcpus).map_err(GuestError::from)?;
+        if cfg.workload.len() > crate::control::MAX_WORKLOAD_LEN {
+            return Err(GuestError::DeviceState(format!(
+                "--workload is {} bytes long, at most {} fit in the device state",
+                cfg.workload.len(),
+                crate::control::MAX_WORKLOAD_LEN
+            ))
+            .into());
+        }
         let mem = GuestMemory::create(cfg.memory_bytes, page_size)?;
         let bitmap = SharedBitmap::create(mem.page_count())?;
         let fresh = Fresh {
@@ -126,20 +156,12 @@ pub fn migrate(
     on_round: &mut dyn FnMut(&RoundReport),
 ) -> (Report, Result<(), SendError>) {
     let mut report = Report {
-        mode: "precopy",
-        tracker: cfg.tracker.as_str().into(),
-        policy: cfg.policy_spec.clone(),
-        bandwidth: cfg.bandwidth_spec.clone(),
-        workload: cfg.workload.clone(),
-        vcpus: cfg.vcpus,
-        memory_bytes: src.mem.len(),
-        page_size: src.mem.page_size(),
         source_guest_pid: Some(src.guest.pid()),
         guest_target_rate_pps: match (src.workload.is_idle(), src.workload.rate) {
             (false, PageRate::PerSec(r)) => Some(r),
             _ => None,
         },
-        ..Report::default()
+        ..cfg.report()
     };
     let mut run = Run {
         cfg,
@@ -148,9 +170,13 @@ pub fn migrate(
         on_round,
         resumed_at_destination: false,
         progress: progress_bar(cfg.progress),
+        start: None,
     };
     let result = run.run(addr);
     run.progress.finish_and_clear();
+    if let Some(start) = run.start {
+        run.report.total_time_ms = ms(start.elapsed());
+    }
     if let Err(e) = &result {
         if !run.resumed_at_destination {
             // Pre-copy never loses the source.
@@ -161,13 +187,18 @@ pub fn migrate(
     (report, result)
 }
 
-/// Resume the source after a failure and check it really runs on.
+/// Resume the source after a failure and check it really runs on: alive,
+/// and writing if its workload writes fast enough to see within a second.
 fn src_resume(src: &mut Source) -> Result<bool, GuestError> {
     src.guest.resume()?;
-    if src.workload.is_idle() {
-        return src.guest.check_alive().map(|()| true);
-    }
-    Ok(src.guest.measure_rate(Duration::from_millis(50))? > 0.0)
+    src.guest.check_alive()?;
+    let window = match (src.workload.is_idle(), src.workload.rate) {
+        (true, _) => return Ok(true),
+        (false, PageRate::Max) => 0.05,
+        (false, PageRate::PerSec(r)) if r >= 3.0 => (3.0 / r).max(0.05),
+        _ => return Ok(true),
+    };
+    Ok(src.guest.measure_rate(Duration::from_secs_f64(window))? > 0.0)
 }
 
 fn progress_bar(enabled: bool) -> ProgressBar {
@@ -190,6 +221,8 @@ struct Run<'a> {
     on_round: &'a mut dyn FnMut(&RoundReport),
     resumed_at_destination: bool,
     progress: ProgressBar,
+    /// Migration start (after warm-up), once reached.
+    start: Option<Instant>,
 }
 
 fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) -> SendError {
@@ -206,7 +239,7 @@ impl Run<'_> {
         self.src.guest.wait_running()?;
         self.report.guest_dirty_rate_pps = self.src.guest.measure_rate(cfg.warmup)?;
 
-        let start = Instant::now();
+        let start = *self.start.insert(Instant::now());
         let mut sock = connect(addr)?;
         protocol::write_message(
             &mut sock,
@@ -259,7 +292,9 @@ impl Run<'_> {
         };
         self.report.stop_reason = Some(stop.as_str().into());
 
-        // Stop-and-copy: the downtime starts now.
+        // Stop-and-copy at the highest rate allowed (Clark et al.: the final
+        // phase runs at max). The downtime starts now.
+        limiter.set_limit(cfg.bandwidth.max().or(limiter.limit()));
         let t_pause = Instant::now();
         self.src.guest.pause()?;
         let t_paused = Instant::now();
@@ -268,31 +303,6 @@ impl Run<'_> {
         let round = figures.len() as u32;
         let (sent, bytes) = self.send_round(&mut sock, round, true, &todo, &limiter)?;
         let t_sent = Instant::now();
-        let state = DeviceState {
-            workload: cfg.workload.clone(),
-            memory_bytes: self.src.mem.len(),
-            page_size,
-            vcpus: self.src.guest.vcpu_states(),
-        };
-        let msg = Message::DeviceState(state.to_bytes());
-        self.report.transferred_bytes += msg.encode().len() as u64;
-        protocol::write_message(&mut sock, &msg).map_err(proto("sending the device state"))?;
-        let resume_ns = match protocol::expect_message(&mut sock, None, Kind::Resumed)
-            .map_err(proto("waiting for the destination to resume"))?
-        {
-            Message::Resumed { resume_ns, .. } => resume_ns,
-            _ => unreachable!("expect_message returns the kind asked for"),
-        };
-        let t_resumed = Instant::now();
-        self.resumed_at_destination = true;
-        let resume = Duration::from_nanos(resume_ns);
-        self.report.downtime_ms = Some(ms(t_resumed - t_pause));
-        let b = &mut self.report.downtime_breakdown_ms;
-        b.pause = ms(t_paused - t_pause);
-        b.final_harvest = ms(t_harvested - t_paused);
-        b.last_pages = ms(t_sent - t_harvested);
-        b.resume = ms(resume);
-        b.device_state = ms((t_resumed - t_sent).saturating_sub(resume));
         self.push_round(
             &RoundFigures {
                 round,
@@ -305,9 +315,41 @@ impl Run<'_> {
             harvest,
             true,
         );
+        let state = DeviceState {
+            workload: cfg.workload.clone(),
+            memory_bytes: self.src.mem.len(),
+            page_size,
+            vcpus: self.src.guest.vcpu_states(),
+        };
+        let blob = state.to_bytes();
+        self.report.transferred_bytes += (protocol::HEADER_LEN + blob.len()) as u64;
+        protocol::write_message(&mut sock, &Message::DeviceState(blob))
+            .map_err(proto("sending the device state"))?;
+        let resume_ns = match protocol::expect_message(&mut sock, None, Kind::Resumed)
+            .map_err(proto("waiting for the destination to resume"))?
+        {
+            Message::Resumed { resume_ns, .. } => resume_ns,
+            _ => unreachable!("expect_message returns the kind asked for"),
+        };
+        let t_resumed = Instant::now();
+        self.resumed_at_destination = true;
+        // The peer's figure, bounded by what this side waited.
+        let resume = Duration::from_nanos(resume_ns).min(t_resumed - t_sent);
+        self.report.downtime_ms = Some(ms(t_resumed - t_pause));
+        let b = &mut self.report.downtime_breakdown_ms;
+        b.pause = ms(t_paused - t_pause);
+        b.final_harvest = ms(t_harvested - t_paused);
+        b.last_pages = ms(t_sent - t_harvested);
+        b.resume = ms(resume);
+        b.device_state = ms((t_resumed - t_sent) - resume);
 
-        self.verify(&mut sock)?;
-        self.report.total_time_ms = ms(start.elapsed());
+        self.verify(
+            &mut sock,
+            Limits {
+                page_size: page_size as u32,
+                page_count: pages,
+            },
+        )?;
         self.report.status = Status::Completed;
         Ok(())
     }
@@ -409,7 +451,7 @@ impl Run<'_> {
     }
 
     /// Send the paused source's page digests; read the receiver's verdict.
-    fn verify(&mut self, sock: &mut TcpStream) -> Result<(), SendError> {
+    fn verify(&mut self, sock: &mut TcpStream, limits: Limits) -> Result<(), SendError> {
         self.progress.set_message("verifying");
         let pages = self.src.mem.page_count();
         let mut hashes = Vec::with_capacity(MAX_DIGESTS as usize * 8);
@@ -427,23 +469,33 @@ impl Run<'_> {
             first += count;
         }
         protocol::write_message(sock, &Message::Complete).map_err(proto("sending page digests"))?;
-        match protocol::expect_message(sock, None, Kind::Verdict)
-            .map_err(proto("waiting for the verdict"))?
-        {
-            Message::Verdict {
-                verified_pages,
-                mismatched_pages,
-                ..
-            } => {
-                self.report.verified_pages = verified_pages;
-                self.report.mismatched_pages = mismatched_pages;
-                if mismatched_pages > 0 {
-                    return Err(SendError::Mismatch(mismatched_pages));
-                }
-                Ok(())
-            }
-            _ => unreachable!("expect_message returns the kind asked for"),
+        let verdict = protocol::expect_message(sock, Some(&limits), Kind::Verdict)
+            .map_err(proto("waiting for the verdict"))?;
+        let Message::Verdict {
+            verified_pages,
+            mismatched_pages,
+            first_mismatch,
+        } = verdict
+        else {
+            unreachable!("expect_message returns the kind asked for")
+        };
+        self.report.verified_pages = verified_pages;
+        self.report.mismatched_pages = mismatched_pages;
+        // Every page must have been compared (the protocol checked the sum fits).
+        let compared = verified_pages + mismatched_pages;
+        if compared != limits.page_count {
+            return Err(SendError::Unverified {
+                compared,
+                pages: limits.page_count,
+            });
         }
+        if mismatched_pages > 0 {
+            return Err(SendError::Mismatch {
+                count: mismatched_pages,
+                first: first_mismatch,
+            });
+        }
+        Ok(())
     }
 }
 

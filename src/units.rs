@@ -49,6 +49,11 @@ pub fn parse_bytes(flag: &str, s: &str) -> Result<u64, UnitError> {
 }
 
 /// Pages per second: `20k`, `1.5M`, `50000` or `max` (k/M/G are decimal).
+/// Page rates a guest is asked for: slow enough to teach with, far above
+/// what a vCPU can reach (so pacing arithmetic never overflows).
+pub const MIN_PAGE_RATE: f64 = 1e-3;
+pub const MAX_PAGE_RATE: f64 = 1e10;
+
 pub fn parse_page_rate(flag: &str, s: &str) -> Result<PageRate, UnitError> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("max") {
@@ -66,10 +71,14 @@ pub fn parse_page_rate(flag: &str, s: &str) -> Result<PageRate, UnitError> {
         _ => (t, 1.0),
     };
     let v = num.trim().parse::<f64>().map_err(|_| bad())? * mult;
-    if v.is_finite() && v > 0.0 {
+    if (MIN_PAGE_RATE..=MAX_PAGE_RATE).contains(&v) {
         Ok(PageRate::PerSec(v))
     } else {
-        Err(bad())
+        Err(UnitError::new(
+            flag,
+            s,
+            "pages/s must be between 0.001 and 10G (or max)",
+        ))
     }
 }
 

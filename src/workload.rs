@@ -147,8 +147,24 @@ impl Workload {
         }
     }
 
+    /// A sweep splits its range between the vCPUs, so it needs a page each.
+    pub fn check_vcpus(&self, vcpus: u32) -> Result<(), WorkloadError> {
+        match self.pattern {
+            Pattern::Sweep { from_page, to_page } if to_page - from_page < u64::from(vcpus) => {
+                Err(WorkloadError::Invalid {
+                    spec: self.spec.clone(),
+                    why: format!(
+                        "the sweep range has {} pages, fewer than --vcpus {vcpus}",
+                        to_page - from_page
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The part of a sweep that vCPU `vcpu` of `vcpus` walks: sweeps split
-    /// the range so vCPUs never write the same page.
+    /// the range so vCPUs never write the same page (see `check_vcpus`).
     pub fn sweep_slice(&self, vcpu: u32, vcpus: u32) -> (u64, u64) {
         let Pattern::Sweep { from_page, to_page } = self.pattern else {
             return (0, self.page_count);
@@ -156,7 +172,7 @@ impl Workload {
         let len = to_page - from_page;
         let lo = from_page + len * u64::from(vcpu) / u64::from(vcpus);
         let hi = from_page + len * u64::from(vcpu + 1) / u64::from(vcpus);
-        (lo, hi.max(lo + 1).min(to_page))
+        (lo, hi.max(lo + 1))
     }
 }
 
@@ -210,7 +226,7 @@ impl Stream {
     #[inline]
     pub fn next(&mut self, w: &Workload) -> Write {
         let n = self.ops;
-        self.ops += 1;
+        self.ops = self.ops.wrapping_add(1);
         let r = rand(self.seed, n, 0);
         let page = match w.pattern {
             Pattern::Idle => unreachable!("idle workloads do not write"),
@@ -337,5 +353,9 @@ mod tests {
         let w = parse("sweep:from=0,to=1M").unwrap();
         let parts: Vec<_> = (0..3).map(|v| w.sweep_slice(v, 3)).collect();
         assert_eq!(parts, vec![(0, 85), (85, 170), (170, 256)]);
+        let tiny = parse("sweep:from=0,to=8K").unwrap();
+        assert!(tiny.check_vcpus(2).is_ok());
+        let e = tiny.check_vcpus(3).unwrap_err().to_string();
+        assert!(e.contains("2 pages, fewer than --vcpus 3"), "{e}");
     }
 }

@@ -20,8 +20,16 @@ fn unparsable_flags_name_the_value() {
         ("--policy", "fixed:0", "fixed:0"),
         ("--tracker", "pml", "\"pml\""),
         ("--max-time", "soon", "soon"),
+        ("--workload", "uniform:rate=1e300", "between"),
+        ("--bandwidth", "100kbit", "below 1mbit"),
+        ("--workload", "sweep:from=0,to=8K", "fewer than --vcpus 4"),
     ] {
-        let r = migrate(&[flag, value]);
+        let r = migrate(&[
+            flag,
+            value,
+            "--vcpus",
+            if value.starts_with("sweep") { "4" } else { "1" },
+        ]);
         r.assert_fails_with(&[flag, needle]);
     }
 }
@@ -129,6 +137,55 @@ fn peer_speaking_another_version() {
     send_to(&addr, &[]).assert_fails_with(&["version 2"]);
 }
 
+/// A receiver that plays the protocol honestly up to the verdict, then
+/// claims it verified only 5 pages: the sender must not call that success.
+#[test]
+fn a_verdict_that_skips_pages_is_refused() {
+    use livemig::protocol::{read_frame, Frame, Limits};
+    let addr = fake_receiver(|mut s| {
+        let Ok(Message::Hello(h)) = protocol::read_handshake(&mut s, Kind::Hello) else {
+            return;
+        };
+        let limits: Limits = h.limits().unwrap();
+        protocol::write_message(&mut s, &Message::hello_ack()).unwrap();
+        let mut page = vec![0u8; limits.page_size as usize];
+        let mut stop_and_copy = false;
+        loop {
+            match read_frame(&mut s, Some(&limits)) {
+                Ok(Frame::Pages { count, .. }) => {
+                    for _ in 0..count {
+                        s.read_exact(&mut page).unwrap();
+                    }
+                }
+                Ok(Frame::Digests { count, .. }) => {
+                    protocol::read_digests(&mut s, count).unwrap();
+                }
+                Ok(Frame::Message(Message::RoundStart {
+                    stop_and_copy: sc, ..
+                })) => stop_and_copy = sc,
+                // Ack pre-copy rounds; the stop-and-copy round is not acked.
+                Ok(Frame::Message(Message::RoundEnd { round, .. })) if !stop_and_copy => {
+                    protocol::write_message(&mut s, &Message::round_ack(round)).unwrap();
+                }
+                Ok(Frame::Message(Message::DeviceState(_))) => {
+                    protocol::write_message(&mut s, &Message::resumed(1000, 0)).unwrap();
+                }
+                Ok(Frame::Message(Message::Complete)) => {
+                    let lie = Message::verdict(5, 0, None);
+                    protocol::write_message(&mut s, &lie).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let r = send_to(&addr, &["--workload", "idle"]);
+    r.assert_fails_with(&["compared only 5 of 2048 pages"]);
+    assert_eq!(r.report()["status"], "failed");
+}
+
 #[test]
 fn peer_vanishing_mid_round() {
     let addr = fake_receiver(|mut s| {
@@ -205,6 +262,32 @@ fn receiver_rejects_garbage() {
 #[test]
 fn receiver_rejects_another_version() {
     receiver_fed(&hello(9, 1 << 20)).assert_fails_with(&["version 9"]);
+}
+
+#[test]
+fn receiver_writes_its_report_when_it_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("rx.json");
+    let mut child = livemig()
+        .args(["receive", "--listen", "127.0.0.1:0", "--json"])
+        .arg(&json)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&hello(1, 1 << 20)).unwrap();
+    drop(s); // vanish after the handshake
+    assert!(!child.wait().unwrap().success());
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(rep["status"], "failed");
+    let err = rep["error"].as_str().unwrap();
+    assert!(err.contains("waiting for round 0"), "{err}");
 }
 
 #[test]

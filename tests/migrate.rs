@@ -150,6 +150,10 @@ fn dynamic_rate_limit_follows_clarks_rule() {
             "limit {got} != dirty {dirty_bps} + inc: {rep:#}"
         );
     }
+    // Clark et al.: the stop-and-copy phase runs at the maximum rate.
+    let last = rs.last().unwrap();
+    assert_eq!(last["stop_and_copy"], true);
+    assert_eq!(last["rate_limit_bps"].as_f64().unwrap(), max);
 }
 
 #[test]
