@@ -33,6 +33,9 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A vCPU that falls further behind its schedule than this stops trying to
 /// catch up (it cannot reach the rate; the achieved rate is reported).
 const MAX_BACKLOG: Duration = Duration::from_millis(200);
+/// Writes between two looks at the pause flag (and between publications of
+/// a vCPU's write counter).
+const BATCH: u64 = 64;
 
 /// Errors of the guest and its handle.
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +244,7 @@ impl Vcpu<'_> {
                 continue;
             }
             let batch = match rate {
-                None => 64,
+                None => BATCH,
                 Some(r) => {
                     let elapsed = t0.elapsed().as_secs_f64();
                     // Float to int saturates; rates are bounded (units::MAX_PAGE_RATE).
@@ -258,7 +261,7 @@ impl Vcpu<'_> {
                         (t0, base) = (Instant::now(), stream.ops);
                         continue;
                     }
-                    (due - stream.ops).min(64)
+                    (due - stream.ops).min(BATCH)
                 }
             };
             for _ in 0..batch {
@@ -519,5 +522,73 @@ impl Drop for Guest {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::DirtySet;
+
+    /// The invariant the pause race would break: once a vCPU is parked,
+    /// every page it wrote since a harvest is in the next harvest. The
+    /// stream is deterministic, so op `i`'s page is known; ops from the
+    /// counter published after the harvest (plus one unpublished batch) up
+    /// to the exact count published at the park must all be marked.
+    #[test]
+    fn a_parked_vcpu_has_marked_every_page_it_wrote() {
+        let page_size = crate::memory::page_size();
+        let pages = 16384;
+        let bytes = pages * page_size;
+        // Leaked: the vCPU thread outlives the test body (it stays parked).
+        let mem = Box::leak(Box::new(GuestMemory::create(bytes, page_size).unwrap()));
+        let control = Box::leak(Box::new(Control::create().unwrap()));
+        let bitmap = Box::leak(Box::new(SharedBitmap::create(pages).unwrap()));
+        let workload = Workload::parse("uniform:rate=max", bytes, page_size).unwrap();
+        let workload: &'static Workload = Box::leak(Box::new(workload));
+        let slot = &control.block().slots[0];
+        slot.seed.store(7, Ordering::Relaxed);
+        let vcpu = Box::leak(Box::new(Vcpu {
+            mem,
+            control,
+            bitmap: Some(bitmap),
+            workload,
+            vcpus: 1,
+            resume: false,
+        }));
+        std::thread::spawn(|| vcpu.run(0));
+        assert!(control.wait_running(1, Duration::from_secs(5)));
+        let page_of = |op| match Stream::new(workload, 0, 1, 7, op, None).next(workload) {
+            Write::Store { page, .. } | Write::Increment { page } => page,
+        };
+        let mut checked = 0;
+        for _ in 0..300 {
+            let mut since = DirtySet::new(pages);
+            bitmap.take_into(&mut since);
+            let first = slot.ops.load(Ordering::SeqCst) + BATCH;
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(300) {}
+            assert!(
+                control.request_pause(1, Duration::from_secs(5)),
+                "vCPU did not park"
+            );
+            let done = slot.ops.load(Ordering::SeqCst);
+            let mut harvest = DirtySet::new(pages);
+            bitmap.take_into(&mut harvest);
+            for op in first..done {
+                assert!(
+                    harvest.contains(page_of(op)),
+                    "op {op} (page {}) unmarked",
+                    page_of(op)
+                );
+                checked += 1;
+            }
+            control.release();
+            // Wait until the vCPU has left park, so the next pause is fresh.
+            while control.block().parked.load(Ordering::SeqCst) != 0 {
+                std::thread::yield_now();
+            }
+        }
+        assert!(checked > 1000, "too few writes checked: {checked}");
     }
 }
