@@ -271,6 +271,8 @@ impl Run<'_> {
             let (sent, bytes) = self.send_round(&mut sock, round, false, &todo, &limiter)?;
             dirty.clear();
             let harvest = self.harvest(&mut dirty)?;
+            // A dead guest writes nothing: no point iterating over it.
+            self.src.guest.check_alive()?;
             let f = RoundFigures {
                 round,
                 pages: sent,

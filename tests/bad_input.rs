@@ -187,6 +187,53 @@ fn a_verdict_that_skips_pages_is_refused() {
 }
 
 #[test]
+fn source_guest_dying_mid_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let mut child = livemig()
+        .args([
+            "migrate",
+            "--quiet",
+            "--mem",
+            "16M",
+            "--warmup",
+            "100ms",
+            "--bandwidth",
+            "100mbit",
+        ])
+        .args(["--workload", "uniform:rate=10k", "--json"])
+        .arg(&json)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The source guest is the child of livemig's main thread.
+    let children = format!("/proc/{0}/task/{0}/children", child.id());
+    let guest = (0..200)
+        .find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            let pids = std::fs::read_to_string(&children).ok()?;
+            pids.split_whitespace().next().map(str::to_owned)
+        })
+        .expect("the source guest started");
+    std::thread::sleep(std::time::Duration::from_millis(300)); // into round 0 (about 1.3 s)
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &guest])
+        .status()
+        .unwrap()
+        .success());
+    let output = child.wait_with_output().unwrap();
+    let r = Run {
+        output,
+        report: std::fs::read(&json)
+            .ok()
+            .map(|b| serde_json::from_slice(&b).unwrap()),
+    };
+    r.assert_fails_with(&["guest process", "exited"]);
+    assert_eq!(r.report()["status"], "failed");
+}
+
+#[test]
 fn peer_vanishing_mid_round() {
     let addr = fake_receiver(|mut s| {
         let _ = protocol::read_handshake(&mut s, Kind::Hello);
