@@ -190,7 +190,7 @@ fn a_verdict_that_skips_pages_is_refused() {
 fn source_guest_dying_mid_migration() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let mut child = livemig()
+    let child = livemig()
         .args([
             "migrate",
             "--quiet",
