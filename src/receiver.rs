@@ -207,8 +207,9 @@ impl Receiving {
                 }
                 Frame::Pages { first_page, count } if round.is_some() => {
                     let count = u64::from(count);
-                    // SAFETY: nothing else reads or writes this memory until
-                    // the destination guest starts, after the last page.
+                    // SAFETY: the waiting destination guest maps this memory
+                    // but touches none of it until it is handed its device
+                    // state, after the last page; nothing else writes it.
                     let buf = unsafe { mem.pages_mut(first_page, count) };
                     protocol::read_bulk(sock, buf, Kind::Pages).map_err(|e| self.err(e))?;
                     for (i, page) in buf.chunks_exact(page_size as usize).enumerate() {

@@ -335,6 +335,7 @@ impl Run<'_> {
         };
         let t_resumed = Instant::now();
         self.resumed_at_destination = true;
+        self.print_last_round();
         // The peer's figure, bounded by what this side waited.
         let resume = Duration::from_nanos(resume_ns).min(t_resumed - t_sent);
         self.report.downtime_ms = Some(ms(t_resumed - t_pause));
@@ -363,6 +364,8 @@ impl Run<'_> {
         Ok(t.elapsed())
     }
 
+    /// Record a round in the report; print its row unless it is the
+    /// stop-and-copy round, which is printed once the downtime is over.
     fn push_round(&mut self, f: &RoundFigures, harvest: Duration, stop_and_copy: bool) {
         let r = RoundReport {
             round: f.round,
@@ -377,8 +380,16 @@ impl Run<'_> {
         };
         self.report.transferred_bytes += f.bytes;
         self.report.transferred_pages += f.pages;
-        self.progress.suspend(|| (self.on_round)(&r));
         self.report.rounds.push(r);
+        if !stop_and_copy {
+            self.print_last_round();
+        }
+    }
+
+    fn print_last_round(&mut self) {
+        if let Some(r) = self.report.rounds.last() {
+            self.progress.suspend(|| (self.on_round)(r));
+        }
     }
 
     /// Send one round: RoundStart, the set as Pages frames straight from the
