@@ -257,10 +257,11 @@ fn peer_vanishing_mid_round() {
     assert_source_resumed_and_reaped(&r);
 }
 
-/// A real `livemig receive` on an ephemeral port, and that port.
-fn receiver() -> (Child, String) {
+/// A real `livemig receive ARGS` on an ephemeral port, and that port.
+fn receiver(args: &[&std::ffi::OsStr]) -> (Child, String) {
     let mut child = livemig()
         .args(["receive", "--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -275,7 +276,7 @@ fn receiver() -> (Child, String) {
 
 /// Feed `bytes` to a fresh receiver and return how it ended.
 fn receiver_fed(bytes: &[u8]) -> Run {
-    let (child, addr) = receiver();
+    let (child, addr) = receiver(&[]);
     let mut s = TcpStream::connect(&addr).unwrap();
     let _ = s.write_all(bytes);
     let _ = s.shutdown(std::net::Shutdown::Write);
@@ -315,18 +316,7 @@ fn receiver_rejects_another_version() {
 fn receiver_writes_its_report_when_it_fails() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("rx.json");
-    let mut child = livemig()
-        .args(["receive", "--listen", "127.0.0.1:0", "--json"])
-        .arg(&json)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mut child, addr) = receiver(&["--json".as_ref(), json.as_os_str()]);
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(&hello(1, 1 << 20)).unwrap();
     drop(s); // vanish after the handshake
