@@ -162,10 +162,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Send { to, opts } => {
             let cfg = opts.config()?;
-            livemig::memory::check_fits(
-                &format!("--mem {}", units::fmt_bytes(cfg.memory_bytes)),
-                cfg.memory_bytes,
-            )?;
             let mut src = Source::start(&cfg)?;
             let mut print = row_printer(opts.quiet);
             let (report, result) = sender::migrate(&cfg, &mut src, &to, &mut print);

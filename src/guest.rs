@@ -98,25 +98,25 @@ impl DeviceState {
                 s.memory_bytes, s.page_size
             )));
         }
-        check_vcpus(s.vcpus.len() as u32)?;
-        if s.workload.len() > crate::control::MAX_WORKLOAD_LEN {
-            return Err(GuestError::DeviceState(format!(
-                "workload spec of {} bytes (at most {})",
-                s.workload.len(),
-                crate::control::MAX_WORKLOAD_LEN
-            )));
-        }
-        Workload::parse(&s.workload, memory_bytes, page_size)?;
+        check_config(&s.workload, memory_bytes, page_size, s.vcpus.len() as u32)?;
         Ok(s)
     }
 }
 
-pub fn check_vcpus(vcpus: u32) -> Result<(), GuestError> {
-    if (1..=MAX_VCPUS).contains(&vcpus) {
-        Ok(())
-    } else {
-        Err(GuestError::Vcpus(vcpus))
+/// Everything a guest's configuration must satisfy, checked wherever one
+/// comes in (flags, a received device state, the guest's own arguments).
+pub fn check_config(
+    spec: &str,
+    memory_bytes: u64,
+    page_size: u64,
+    vcpus: u32,
+) -> Result<Workload, GuestError> {
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(GuestError::Vcpus(vcpus));
     }
+    let workload = Workload::parse(spec, memory_bytes, page_size)?;
+    workload.check_vcpus(vcpus)?;
+    Ok(workload)
 }
 
 /// Arguments of the `livemig guest` process.
@@ -182,8 +182,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         }
         None => control.wait_start(),
     };
-    check_vcpus(vcpus)?;
-    let workload = Workload::parse(&spec, args.memory_bytes, page_size)?;
+    let workload = check_config(&spec, args.memory_bytes, page_size, vcpus)?;
     let vcpu = Vcpu {
         mem: &mem,
         control: &control,
@@ -325,9 +324,6 @@ impl Guest {
         bitmap: Option<&SharedBitmap>,
         fresh: Option<&Fresh>,
     ) -> Result<Self, GuestError> {
-        if let Some(f) = fresh {
-            check_vcpus(f.vcpus)?;
-        }
         let exe = std::env::current_exe().map_err(GuestError::Spawn)?;
         let fds: Vec<RawFd> = [Some(mem.region().raw_fd()), Some(control.region().raw_fd())]
             .into_iter()
@@ -405,8 +401,8 @@ impl Guest {
         }
     }
 
-    /// Wait until every vCPU runs its workload; returns how long it took.
-    pub fn wait_running(&mut self) -> Result<Duration, GuestError> {
+    /// Wait until every vCPU runs its workload.
+    pub fn wait_running(&mut self) -> Result<(), GuestError> {
         let start = Instant::now();
         while !self
             .control
@@ -417,7 +413,7 @@ impl Guest {
                 return Err(self.timeout("start running", START_TIMEOUT));
             }
         }
-        Ok(start.elapsed())
+        Ok(())
     }
 
     /// A real pause: park every vCPU at a safe point, then SIGSTOP the whole

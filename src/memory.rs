@@ -55,6 +55,11 @@ pub fn available_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// What verification compares across the two ends for each page.
+pub fn page_digest(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
 /// Refuse a size the machine cannot hold, before anything is mapped.
 pub fn check_fits(what: &str, needed: u64) -> Result<(), MemoryError> {
     if let Some(avail) = available_bytes() {
@@ -220,12 +225,12 @@ impl GuestMemory {
         unsafe { std::slice::from_raw_parts_mut(ptr, len) }
     }
 
-    /// xxh3 of one page: what verification compares across the two ends.
+    /// [`page_digest`] of one page.
     ///
     /// # Safety
     /// As for [`GuestMemory::pages`]: the page must not be written meanwhile.
     pub unsafe fn page_hash(&self, page: u64) -> u64 {
         // SAFETY: forwarded contract.
-        xxhash_rust::xxh3::xxh3_64(unsafe { self.pages(page, 1) })
+        page_digest(unsafe { self.pages(page, 1) })
     }
 }

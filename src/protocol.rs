@@ -26,7 +26,7 @@
 //!   | RoundStart{n,STOP_AND_COPY} Pages* RoundEnd{n} ->|  (no ack: pipelined)
 //!   | DeviceState{blob}                  ->|  starts the guest on the received memory
 //!   |<- Resumed{resume_ns}                 |  downtime ends here
-//!   | Digests* Complete                  ->|  per-page xxh3 of the paused source
+//!   | Digests* Complete                  ->|  per-page xxh3 of the paused source, in page order
 //!   |<- Verdict{verified, mismatched}      |
 //! ```
 //!
@@ -784,7 +784,8 @@ pub fn digests_frame_header(first_page: u64, count: u32) -> [u8; 24] {
 }
 
 /// Encodes and writes one control message, refusing an invalid `DeviceState` size.
-pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), ProtocolError> {
+/// Writes one frame; returns its length on the wire (header included).
+pub fn write_message(w: &mut impl Write, m: &Message) -> Result<usize, ProtocolError> {
     if let Message::DeviceState(blob) = m {
         let (kind, len) = (
             Kind::DeviceState,
@@ -797,7 +798,9 @@ pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), ProtocolErro
             return Err(bad_len(kind, 0, "at least 1"));
         }
     }
-    w.write_all(&m.encode()).map_err(ProtocolError::Io)
+    let frame = m.encode();
+    w.write_all(&frame).map_err(ProtocolError::Io)?;
+    Ok(frame.len())
 }
 
 #[cfg(test)]

@@ -213,7 +213,7 @@ impl Receiving {
                     let buf = unsafe { mem.pages_mut(first_page, count) };
                     protocol::read_bulk(sock, buf, Kind::Pages).map_err(|e| self.err(e))?;
                     for (i, page) in buf.chunks_exact(page_size as usize).enumerate() {
-                        hashes[(first_page + i as u64) as usize] = xxhash_rust::xxh3::xxh3_64(page);
+                        hashes[(first_page + i as u64) as usize] = crate::memory::page_digest(page);
                     }
                     if let Some((_, n)) = &mut round {
                         *n += count;
@@ -263,26 +263,28 @@ impl Receiving {
 
         // Verification, off the downtime path.
         self.context = "verification".into();
-        let mut covered = vec![false; hashes.len()];
+        // Digests arrive in page order, so one cursor tells a missing or
+        // repeated page apart from the next one.
+        let mut next_page = 0u64;
         let (mut verified, mut mismatched, mut first_mismatch) = (0u64, 0u64, None);
         loop {
             match self.next(sock, &limits)? {
-                Frame::Digests { first_page, count } => {
+                Frame::Digests { first_page, count } if first_page == next_page => {
                     let digests = protocol::read_digests(sock, count).map_err(|e| self.err(e))?;
-                    for (i, &d) in digests.iter().enumerate() {
-                        let page = (first_page + i as u64) as usize;
-                        if std::mem::replace(&mut covered[page], true) {
-                            return Err(ReceiveError::Invalid(format!(
-                                "page {page} has two digests"
-                            )));
-                        }
-                        if d == hashes[page] {
+                    for (page, &d) in (first_page..).zip(&digests) {
+                        if d == hashes[page as usize] {
                             verified += 1;
                         } else {
                             mismatched += 1;
-                            first_mismatch.get_or_insert(page as u64);
+                            first_mismatch.get_or_insert(page);
                         }
                     }
+                    next_page += u64::from(count);
+                }
+                Frame::Digests { first_page, .. } => {
+                    return Err(ReceiveError::Invalid(format!(
+                        "digests for page {first_page} arrived where page {next_page} was due"
+                    )))
                 }
                 Frame::Message(Message::Complete) => break,
                 Frame::Message(Message::Abort(reason)) => {
@@ -291,10 +293,10 @@ impl Receiving {
                 other => return Err(self.err(unexpected_frame(&self.context, other))),
             }
         }
-        let missing = covered.iter().filter(|c| !**c).count();
-        if missing > 0 {
+        if next_page != pages {
             return Err(ReceiveError::Invalid(format!(
-                "{missing} pages had no digest"
+                "{} pages had no digest",
+                pages - next_page
             )));
         }
         self.report.verified_pages = verified;

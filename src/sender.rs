@@ -115,18 +115,12 @@ impl Source {
     /// Validate the configuration, create guest memory and start the guest.
     pub fn start(cfg: &SenderConfig) -> Result<Self, SendError> {
         let page_size = crate::memory::page_size();
-        let workload = Workload::parse(&cfg.workload, cfg.memory_bytes, page_size)
-            .map_err(GuestError::from)?;
-        crate::guest::check_vcpus(cfg.vcpus)?;
-        workload.check_vcpus(cfg.vcpus).map_err(GuestError::from)?;
-        if cfg.workload.len() > crate::control::MAX_WORKLOAD_LEN {
-            return Err(GuestError::DeviceState(format!(
-                "--workload is {} bytes long, at most {} fit in the device state",
-                cfg.workload.len(),
-                crate::control::MAX_WORKLOAD_LEN
-            ))
-            .into());
-        }
+        let workload =
+            crate::guest::check_config(&cfg.workload, cfg.memory_bytes, page_size, cfg.vcpus)?;
+        crate::memory::check_fits(
+            &format!("--mem {}", crate::units::fmt_bytes(cfg.memory_bytes)),
+            cfg.memory_bytes,
+        )?;
         let mem = GuestMemory::create(cfg.memory_bytes, page_size)?;
         let bitmap = SharedBitmap::create(mem.page_count())?;
         let fresh = Fresh {
@@ -323,10 +317,9 @@ impl Run<'_> {
             page_size,
             vcpus: self.src.guest.vcpu_states(),
         };
-        let blob = state.to_bytes();
-        self.report.transferred_bytes += (protocol::HEADER_LEN + blob.len()) as u64;
-        protocol::write_message(&mut sock, &Message::DeviceState(blob))
-            .map_err(proto("sending the device state"))?;
+        self.report.transferred_bytes +=
+            protocol::write_message(&mut sock, &Message::DeviceState(state.to_bytes()))
+                .map_err(proto("sending the device state"))? as u64;
         let resume_ns = match protocol::expect_message(&mut sock, None, Kind::Resumed)
             .map_err(proto("waiting for the destination to resume"))?
         {
@@ -402,14 +395,14 @@ impl Run<'_> {
         set: &DirtySet,
         limiter: &RateLimiter,
     ) -> Result<(u64, u64), SendError> {
-        let ctx = || format!("sending round {round}");
+        let ctx = format!("sending round {round}");
+        let ctx = ctx.as_str();
         let page_size = self.src.mem.page_size();
         let start = Message::RoundStart {
             round,
             stop_and_copy,
         };
-        protocol::write_message(sock, &start).map_err(proto(ctx()))?;
-        let mut bytes = start.encode().len() as u64;
+        let mut bytes = protocol::write_message(sock, &start).map_err(proto(ctx))? as u64;
         // Pace in slices of about 5 ms of the limit, so rounds are paced smoothly.
         let chunk = match limiter.limit() {
             Some(l) => (l / 200 / page_size).clamp(1, CHUNK_PAGES),
@@ -436,10 +429,10 @@ impl Run<'_> {
                 write_all_vectored(sock, &mut [IoSlice::new(&header), IoSlice::new(data)])
             {
                 return Err(
-                    peer_error(sock, ctx()).unwrap_or_else(|| proto(ctx())(ProtocolError::Io(e)))
+                    peer_error(sock, ctx).unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e)))
                 );
             }
-            if let Some(e) = peer_error(sock, ctx()) {
+            if let Some(e) = peer_error(sock, ctx) {
                 return Err(e);
             }
             bytes += len;
@@ -447,20 +440,20 @@ impl Run<'_> {
             self.progress.inc(count);
         }
         let end = Message::RoundEnd { round, pages };
-        protocol::write_message(sock, &end).map_err(proto(ctx()))?;
+        bytes += protocol::write_message(sock, &end).map_err(proto(ctx))? as u64;
         if !stop_and_copy {
             // The round ends when its pages have landed (see crate::protocol).
-            match protocol::expect_message(sock, None, Kind::RoundAck).map_err(proto(ctx()))? {
+            match protocol::expect_message(sock, None, Kind::RoundAck).map_err(proto(ctx))? {
                 Message::RoundAck { round: r } if r == round => {}
                 other => {
-                    return Err(proto(ctx())(ProtocolError::BadField {
+                    return Err(proto(ctx)(ProtocolError::BadField {
                         kind: Kind::RoundAck,
                         detail: format!("acknowledges {other:?}, not round {round}"),
                     }))
                 }
             }
         }
-        Ok((pages, bytes + end.encode().len() as u64))
+        Ok((pages, bytes))
     }
 
     /// Send the paused source's page digests; read the receiver's verdict.
@@ -552,7 +545,7 @@ fn ms(d: Duration) -> f64 {
 
 /// The receiver speaks during rounds only to give up (Abort) or by closing.
 /// One non-blocking peek per chunk notices either without waiting.
-fn peer_error(sock: &mut TcpStream, context: String) -> Option<SendError> {
+fn peer_error(sock: &mut TcpStream, context: &str) -> Option<SendError> {
     use nix::sys::socket::{recv, MsgFlags};
     use std::os::fd::AsRawFd;
     let mut b = [0u8; 1];

@@ -17,6 +17,9 @@
 
 use crate::units::{parse_bytes, parse_page_rate, PageRate};
 
+/// Longest spec: it travels in the device state and the control block.
+pub const MAX_SPEC_LEN: usize = crate::control::MAX_WORKLOAD_LEN;
+
 /// Errors in a `--workload` spec.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -49,6 +52,12 @@ impl Workload {
             spec: spec.into(),
             why,
         };
+        if spec.len() > MAX_SPEC_LEN {
+            return Err(bad(format!(
+                "{} bytes long; at most {MAX_SPEC_LEN} fit in the device state",
+                spec.len()
+            )));
+        }
         let page_count = memory_bytes / page_size;
         let (kind, args) = spec.split_once(':').unwrap_or((spec, ""));
         let mut kv = std::collections::BTreeMap::new();

@@ -12,25 +12,28 @@ use livemig::protocol::{self, Kind, Message};
 
 #[test]
 fn unparsable_flags_name_the_value() {
-    for (flag, value, needle) in [
-        ("--workload", "busy", "\"busy\""),
-        ("--workload", "hotset:wws=64M,rate=1k", "wws"),
-        ("--bandwidth", "fast", "\"fast\""),
-        ("--mem", "lots", "\"lots\""),
-        ("--policy", "fixed:0", "fixed:0"),
-        ("--tracker", "pml", "\"pml\""),
-        ("--max-time", "soon", "soon"),
-        ("--workload", "uniform:rate=1e300", "between"),
-        ("--bandwidth", "100kbit", "below 1mbit"),
-        ("--workload", "sweep:from=0,to=8K", "fewer than --vcpus 4"),
+    for (args, needles) in [
+        (&["--workload", "busy"][..], &["--workload", "\"busy\""][..]),
+        (
+            &["--workload", "hotset:wws=64M,rate=1k"],
+            &["--workload", "wws"],
+        ),
+        (&["--bandwidth", "fast"], &["--bandwidth", "\"fast\""]),
+        (&["--mem", "lots"], &["--mem", "\"lots\""]),
+        (&["--policy", "fixed:0"], &["--policy", "fixed:0"]),
+        (&["--tracker", "pml"], &["--tracker", "\"pml\""]),
+        (&["--max-time", "soon"], &["--max-time", "soon"]),
+        (
+            &["--workload", "uniform:rate=1e300"],
+            &["--workload", "between"],
+        ),
+        (&["--bandwidth", "100kbit"], &["--bandwidth", "below 1mbit"]),
+        (
+            &["--workload", "sweep:from=0,to=8K", "--vcpus", "4"],
+            &["--workload", "fewer than --vcpus 4"],
+        ),
     ] {
-        let r = migrate(&[
-            flag,
-            value,
-            "--vcpus",
-            if value.starts_with("sweep") { "4" } else { "1" },
-        ]);
-        r.assert_fails_with(&[flag, needle]);
+        migrate(args).assert_fails_with(needles);
     }
 }
 
@@ -345,6 +348,33 @@ fn receiver_rejects_a_page_run_out_of_range() {
     bytes.extend(protocol::pages_frame_header(250, 10, 4096));
     bytes.extend(vec![0u8; 10 * 4096]);
     receiver_fed(&bytes).assert_fails_with(&["250", "out of range"]);
+}
+
+#[test]
+fn receiver_wants_digests_in_page_order() {
+    let mut bytes = hello(1, 1 << 20); // 256 pages
+    for (round, stop_and_copy, pages) in [(0, false, 256), (1, true, 0)] {
+        bytes.extend(Message::round_start(round, stop_and_copy).encode());
+        if pages > 0 {
+            bytes.extend(protocol::pages_frame_header(0, pages, 4096));
+            bytes.extend(vec![1u8; pages as usize * 4096]);
+        }
+        bytes.extend(Message::round_end(round, u64::from(pages)).encode());
+    }
+    let state = livemig::guest::DeviceState {
+        workload: "idle".into(),
+        memory_bytes: 1 << 20,
+        page_size: 4096,
+        vcpus: vec![livemig::guest::VcpuState {
+            seed: 1,
+            ops: 0,
+            cursor: 0,
+        }],
+    };
+    bytes.extend(Message::device_state(state.to_bytes()).encode());
+    bytes.extend(protocol::digests_frame_header(5, 1));
+    bytes.extend(0u64.to_le_bytes());
+    receiver_fed(&bytes).assert_fails_with(&["digests for page 5", "page 0 was due"]);
 }
 
 #[test]
