@@ -63,9 +63,10 @@ struct SendOpts {
     /// Guest vCPU threads sharing the workload.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Dirty tracker.
-    #[arg(long, default_value = "bitmap")]
-    tracker: String,
+    /// Dirty tracker: uffd-wp | bitmap | mprotect | soft-dirty
+    /// [default: uffd-wp where the kernel has it, else bitmap]
+    #[arg(long)]
+    tracker: Option<String>,
     /// unlimited | RATE (500mbit, 1gbit, 120MiB/s) | dynamic:min=RATE,max=RATE,inc=RATE
     #[arg(long, default_value = "unlimited")]
     bandwidth: String,
@@ -102,6 +103,8 @@ struct GuestOpts {
     control_fd: i32,
     #[arg(long)]
     dirty_fd: Option<i32>,
+    #[arg(long, default_value = "bitmap")]
+    tracker: String,
     /// Fresh guest: its workload (with --vcpus and --seed).
     #[arg(long, required_unless_present = "incoming")]
     workload: Option<String>,
@@ -124,11 +127,15 @@ impl SendOpts {
                 self.mem
             );
         }
+        let (tracker, notice) = TrackerKind::choose(self.tracker.as_deref())?;
+        if let Some(notice) = notice {
+            eprintln!("{notice}");
+        }
         Ok(SenderConfig {
             memory_bytes,
             workload: self.workload.clone(),
             vcpus: self.vcpus,
-            tracker: TrackerKind::parse(&self.tracker)?,
+            tracker,
             bandwidth: ratelimit::Bandwidth::parse(&self.bandwidth)?,
             bandwidth_spec: self.bandwidth.clone(),
             policy: policy::parse(&self.policy)?,
@@ -208,6 +215,7 @@ fn run(cli: Cli) -> Result<()> {
             memory_bytes: g.mem_bytes,
             control_fd: g.control_fd,
             dirty_fd: g.dirty_fd,
+            tracker: TrackerKind::parse(&g.tracker)?,
             fresh: g.workload.map(|workload| guest::Fresh {
                 workload,
                 vcpus: g.vcpus,

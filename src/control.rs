@@ -9,6 +9,7 @@
 //! whole process so nothing in it runs while its memory is copied.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use linux_futex::{AsFutex, Shared};
@@ -51,12 +52,25 @@ pub struct ControlBlock {
     pub vcpus: AtomicU32,
     pub workload_len: AtomicU32,
     pub workload: [AtomicU8; MAX_WORKLOAD_LEN],
+    /// Where the guest mapped its memory, for trackers that read its page
+    /// tables from outside (published before its vCPUs run).
+    pub mem_addr: AtomicU64,
+    /// `mprotect` tracker, futex: re-protections asked for by the owner...
+    pub protect_req: AtomicU32,
+    /// ...and served by the guest.
+    pub protect_done: AtomicU32,
+    /// `mprotect` tracker: write faults the guest's handler took.
+    pub tracker_faults: AtomicU64,
+    /// `mprotect` tracker: faults that unprotected more than their page
+    /// because `vm.max_map_count` was reached.
+    pub tracker_coalesced: AtomicU64,
     pub slots: [VcpuSlot; MAX_VCPUS as usize],
 }
 
-/// A mapped control block.
+/// A mapped control block (clones share the mapping).
+#[derive(Clone)]
 pub struct Control {
-    region: SharedRegion,
+    region: Arc<SharedRegion>,
 }
 
 fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
@@ -76,13 +90,15 @@ pub fn block_len() -> u64 {
 impl Control {
     pub fn create() -> Result<Self, MemoryError> {
         Ok(Self {
-            region: SharedRegion::create("livemig-control", block_len())?,
+            region: Arc::new(SharedRegion::create("livemig-control", block_len())?),
         })
     }
 
     pub fn from_region(region: SharedRegion) -> Self {
         assert!(region.len() >= std::mem::size_of::<ControlBlock>());
-        Self { region }
+        Self {
+            region: Arc::new(region),
+        }
     }
 
     pub fn region(&self) -> &SharedRegion {
@@ -155,6 +171,47 @@ impl Control {
     /// Owner side: wait until `vcpus` vCPUs run their workload.
     pub fn wait_running(&self, vcpus: u32, timeout: Duration) -> bool {
         wait_count(&self.block().running, vcpus, timeout)
+    }
+
+    /// Owner side (`mprotect`): ask the guest to write-protect its memory
+    /// again and wait until it has. False on timeout.
+    pub fn request_protect(&self, timeout: Duration) -> bool {
+        let b = self.block();
+        let req = b.protect_req.fetch_add(1, Ordering::SeqCst).wrapping_add(1);
+        wake(&b.protect_req);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let done = b.protect_done.load(Ordering::SeqCst);
+            if done == req {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            wait(
+                &b.protect_done,
+                done,
+                (deadline - now).min(Duration::from_millis(20)),
+            );
+        }
+    }
+
+    /// Guest side (`mprotect`): wait for a re-protection request, run
+    /// `protect` and report it served. Never returns.
+    pub fn serve_protect(&self, protect: impl Fn()) -> ! {
+        let b = self.block();
+        loop {
+            let done = b.protect_done.load(Ordering::SeqCst);
+            let req = b.protect_req.load(Ordering::SeqCst);
+            if req == done {
+                wait(&b.protect_req, req, Duration::from_millis(100));
+                continue;
+            }
+            protect();
+            b.protect_done.store(req, Ordering::SeqCst);
+            wake(&b.protect_done);
+        }
     }
 
     // ---- guest side ----

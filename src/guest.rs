@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::control::{Control, MAX_VCPUS};
-use crate::dirty::SharedBitmap;
+use crate::dirty::{DirtyError, SharedBitmap, TrackerKind};
 use crate::memory::{GuestMemory, MemoryError, SharedRegion};
 use crate::workload::{Stream, Workload, WorkloadError, Write};
 
@@ -64,6 +64,12 @@ pub enum GuestError {
     Workload(#[from] WorkloadError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("cannot set up --tracker {tracker} in the guest")]
+    Tracker {
+        tracker: &'static str,
+        #[source]
+        source: DirtyError,
+    },
 }
 
 /// One vCPU's state: all it needs to continue exactly where it stopped.
@@ -126,6 +132,8 @@ pub struct GuestArgs {
     pub memory_bytes: u64,
     pub control_fd: RawFd,
     pub dirty_fd: Option<RawFd>,
+    /// How the owner tracks this guest's writes (a fresh guest sets it up).
+    pub tracker: TrackerKind,
     /// A fresh guest's workload; None for an incoming guest.
     pub fresh: Option<Fresh>,
 }
@@ -183,15 +191,54 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         None => control.wait_start(),
     };
     let workload = check_config(&spec, args.memory_bytes, page_size, vcpus)?;
+    // An incoming guest is not tracked: nothing migrates it onwards.
+    let tracker = (!resume).then_some(args.tracker);
+    let tracker_err = |source: DirtyError| GuestError::Tracker {
+        tracker: args.tracker.as_str(),
+        source,
+    };
+    // Held for the process's life: closing it would end the write protection.
+    let _uffd = match tracker {
+        Some(TrackerKind::UffdWp) => {
+            let uffd = crate::uffd::Uffd::open(crate::uffd::WP_ASYNC_FEATURES)
+                .map_err(|e| tracker_err(e.into()))?;
+            uffd.register_wp(mem.region().as_ptr(), mem.len())
+                .map_err(|e| tracker_err(e.into()))?;
+            Some(uffd)
+        }
+        _ => None,
+    };
+    let protect = match (tracker, &bitmap) {
+        (Some(TrackerKind::Mprotect), Some(b)) => {
+            crate::dirty::mprotect::install(mem.region().as_ptr(), mem.len() as usize, b, &control);
+            true
+        }
+        (Some(TrackerKind::Mprotect), None) => {
+            return Err(tracker_err(DirtyError::Guest {
+                pid: std::process::id() as i32,
+                what: "has no dirty bitmap to mark".into(),
+            }))
+        }
+        _ => false,
+    };
+    control
+        .block()
+        .mem_addr
+        .store(mem.region().as_ptr() as u64, Ordering::Release);
     let vcpu = Vcpu {
         mem: &mem,
         control: &control,
-        bitmap: bitmap.as_ref(),
+        bitmap: bitmap
+            .as_ref()
+            .filter(|_| tracker == Some(TrackerKind::Bitmap)),
         workload: &workload,
         vcpus,
         resume,
     };
     std::thread::scope(|s| {
+        if protect {
+            s.spawn(|| crate::dirty::mprotect::serve(&control));
+        }
         for id in 0..vcpus {
             let vcpu = &vcpu;
             s.spawn(move || vcpu.run(id));
@@ -273,31 +320,35 @@ impl Vcpu<'_> {
     /// Write, then mark (see [`crate::dirty`] for why this order).
     #[inline]
     fn apply(&self, w: Write) {
-        let page = match w {
-            Write::Store {
-                page,
-                offset,
-                value,
-            } => {
-                let (ptr, _) = self.mem.pages_ptr(page, 1);
+        let (ptr, _) = self.mem.pages_ptr(w.page(), 1);
+        match w {
+            Write::Store { offset, value, .. } => {
                 // SAFETY: offset < page_size - 7 and 8-aligned (Stream), so the
                 // word is inside this page of the mapping, which outlives the
                 // vCPUs. Accesses are atomic: two vCPUs may hit the same word
                 // (a relaxed store is a plain store on x86).
                 unsafe { AtomicU64::from_ptr(ptr.add(offset as usize).cast()) }
                     .store(value, Ordering::Relaxed);
-                page
             }
-            Write::Increment { page } => {
-                let (ptr, _) = self.mem.pages_ptr(page, 1);
+            Write::Increment { .. } => {
                 // SAFETY: byte 0 of a page inside the mapping, as above.
                 unsafe { AtomicU8::from_ptr(ptr) }.fetch_add(1, Ordering::Relaxed);
-                page
             }
-        };
-        if let Some(b) = self.bitmap {
-            b.mark(page);
         }
+        if let Some(b) = self.bitmap {
+            b.mark(w.page());
+        }
+    }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie not yet reaped).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+        Err(_) => true,
     }
 }
 
@@ -322,9 +373,15 @@ impl Guest {
         mem: &GuestMemory,
         control: Control,
         bitmap: Option<&SharedBitmap>,
+        tracker: TrackerKind,
         fresh: Option<&Fresh>,
     ) -> Result<Self, GuestError> {
-        let exe = std::env::current_exe().map_err(GuestError::Spawn)?;
+        // LIVEMIG_EXE: for programs (tests) that use this library and are
+        // not themselves the livemig binary.
+        let exe = match std::env::var_os("LIVEMIG_EXE") {
+            Some(exe) => exe.into(),
+            None => std::env::current_exe().map_err(GuestError::Spawn)?,
+        };
         let fds: Vec<RawFd> = [Some(mem.region().raw_fd()), Some(control.region().raw_fd())]
             .into_iter()
             .chain([bitmap.map(|b| b.region().raw_fd())])
@@ -339,6 +396,7 @@ impl Guest {
                 &mem.len().to_string(),
             ])
             .args(["--control-fd", &fds[1].to_string()])
+            .args(["--tracker", tracker.as_str()])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if let Some(fd) = fds.get(2) {
@@ -374,6 +432,33 @@ impl Guest {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Where the guest mapped its memory (published before its vCPUs run).
+    pub fn mem_addr(&self) -> u64 {
+        self.control.block().mem_addr.load(Ordering::Acquire)
+    }
+
+    /// Park the vCPUs at a safe point without stopping the process (a
+    /// tracker that cannot read and reset atomically harvests meanwhile).
+    pub fn park(&mut self) -> Result<(), GuestError> {
+        let start = Instant::now();
+        while !self
+            .control
+            .request_pause(self.vcpus, Duration::from_millis(50))
+        {
+            self.check_alive()?;
+            if start.elapsed() > PAUSE_TIMEOUT {
+                self.control.release();
+                return Err(self.timeout("pause", PAUSE_TIMEOUT));
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo [`Guest::park`].
+    pub fn unpark(&self) {
+        self.control.release();
     }
 
     pub fn control(&self) -> &Control {
@@ -419,17 +504,7 @@ impl Guest {
     /// A real pause: park every vCPU at a safe point, then SIGSTOP the whole
     /// process and wait until the kernel reports it stopped.
     pub fn pause(&mut self) -> Result<(), GuestError> {
-        let start = Instant::now();
-        while !self
-            .control
-            .request_pause(self.vcpus, Duration::from_millis(50))
-        {
-            self.check_alive()?;
-            if start.elapsed() > PAUSE_TIMEOUT {
-                self.control.release();
-                return Err(self.timeout("pause", PAUSE_TIMEOUT));
-            }
-        }
+        self.park()?;
         let pid = Pid::from_raw(self.pid());
         kill(pid, Signal::SIGSTOP).map_err(|source| GuestError::Signal {
             pid: self.pid(),
@@ -554,8 +629,10 @@ mod tests {
         }));
         std::thread::spawn(|| vcpu.run(0));
         assert!(control.wait_running(1, Duration::from_secs(5)));
-        let page_of = |op| match Stream::new(workload, 0, 1, 7, op, None).next(workload) {
-            Write::Store { page, .. } | Write::Increment { page } => page,
+        let page_of = |op| {
+            Stream::new(workload, 0, 1, 7, op, None)
+                .next(workload)
+                .page()
         };
         let mut checked = 0;
         for _ in 0..300 {

@@ -17,5 +17,6 @@ pub mod ratelimit;
 pub mod receiver;
 pub mod report;
 pub mod sender;
+pub mod uffd;
 pub mod units;
 pub mod workload;

@@ -11,6 +11,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::control::Control;
+use crate::dirty::TrackerKind;
 use crate::guest::{DeviceState, Guest, GuestError};
 use crate::memory::{check_fits, GuestMemory, MemoryError};
 use crate::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
@@ -187,7 +188,7 @@ impl Receiving {
         let mut hashes = vec![0u64; usize::try_from(pages).expect("fits: memory was mapped")];
         // The destination guest process starts now, like QEMU's -incoming,
         // and waits for its device state: start-up is not downtime.
-        let mut guest = Guest::spawn(&mem, Control::create()?, None, None)?;
+        let mut guest = Guest::spawn(&mem, Control::create()?, None, TrackerKind::Bitmap, None)?;
         protocol::write_message(sock, &Message::hello_ack()).map_err(|e| self.err(e))?;
         self.context = "waiting for round 0".into();
 

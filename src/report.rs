@@ -84,12 +84,22 @@ pub struct Report {
     pub transferred_pages: u64,
     /// Dirty-set harvests done.
     pub dirty_sync_count: u64,
+    /// Time spent harvesting dirty sets, over all harvests and the longest.
+    pub harvest_total_ms: f64,
+    pub harvest_max_ms: f64,
+    /// `mprotect` tracker: write faults the guest took, and those that had
+    /// to unprotect more than their page (`vm.max_map_count` reached).
+    pub tracker_faults: Option<u64>,
+    pub tracker_coalesced: Option<u64>,
     pub verified_pages: u64,
     pub mismatched_pages: u64,
     /// Guest write rate achieved during warm-up, before migration.
     pub guest_dirty_rate_pps: f64,
     /// The workload's target rate (null for `max` and `idle`).
     pub guest_target_rate_pps: Option<f64>,
+    /// Guest write rate during pre-copy, while tracked (and competing with
+    /// the sender for CPU); null when migration did not get that far.
+    pub guest_rate_precopy_pps: Option<f64>,
     /// Write rate of the destination guest right after it resumed (local runs).
     pub destination_guest_rate_pps: Option<f64>,
     pub source_guest_pid: Option<i32>,
@@ -172,11 +182,21 @@ pub fn summary(r: &Report) -> String {
         );
     }
     s += &format!(
-        "transferred       {} ({} pages) in {} rounds, {} dirty syncs\n",
+        "transferred       {} ({} pages) in {} rounds\n",
         fmt_bytes(r.transferred_bytes),
         r.transferred_pages,
         r.rounds.len(),
-        r.dirty_sync_count
+    );
+    s += &format!(
+        "tracker           {}: {} harvests, {:.2} ms in all, longest {:.3} ms{}\n",
+        r.tracker,
+        r.dirty_sync_count,
+        r.harvest_total_ms,
+        r.harvest_max_ms,
+        match (r.tracker_faults, r.tracker_coalesced) {
+            (Some(f), Some(c)) => format!(", {f} write faults ({c} coalesced)"),
+            _ => String::new(),
+        }
     );
     if r.status == Status::Completed || r.verified_pages.saturating_add(r.mismatched_pages) > 0 {
         s += &format!(
@@ -191,6 +211,9 @@ pub fn summary(r: &Report) -> String {
         "guest dirty rate  {:.0} pages/s before migration{target}",
         r.guest_dirty_rate_pps
     );
+    if let Some(p) = r.guest_rate_precopy_pps {
+        s += &format!(", {p:.0} during pre-copy");
+    }
     if let Some(d) = r.destination_guest_rate_pps {
         s += &format!(", {d:.0} pages/s on the destination");
     }

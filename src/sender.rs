@@ -13,12 +13,13 @@
 
 use std::io::{IoSlice, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::control::Control;
-use crate::dirty::{BitmapTracker, DirtyError, DirtySet, SharedBitmap, Tracker, TrackerKind};
+use crate::dirty::{DirtyError, DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
 use crate::guest::{DeviceState, Fresh, Guest, GuestError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::policy::{decide, Decision, Policy, PolicyConfig, RoundFigures};
@@ -122,16 +123,32 @@ impl Source {
             cfg.memory_bytes,
         )?;
         let mem = GuestMemory::create(cfg.memory_bytes, page_size)?;
-        let bitmap = SharedBitmap::create(mem.page_count())?;
+        let bitmap = match cfg.tracker.uses_bitmap() {
+            true => Some(SharedBitmap::create(mem.page_count())?),
+            false => None,
+        };
         let fresh = Fresh {
             workload: cfg.workload.clone(),
             vcpus: cfg.vcpus,
             seed: cfg.seed,
         };
-        let guest = Guest::spawn(&mem, Control::create()?, Some(&bitmap), Some(&fresh))?;
-        let tracker: Box<dyn Tracker> = match cfg.tracker {
-            TrackerKind::Bitmap => Box::new(BitmapTracker::new(bitmap)),
+        let control = Control::create()?;
+        let mut guest = Guest::spawn(
+            &mem,
+            control.clone(),
+            bitmap.as_ref(),
+            cfg.tracker,
+            Some(&fresh),
+        )?;
+        // The guest publishes where its memory is mapped before it runs.
+        guest.wait_running()?;
+        let target = Target {
+            pid: guest.pid(),
+            addr: guest.mem_addr(),
+            pages: mem.page_count(),
+            page_size,
         };
+        let tracker = crate::dirty::open(cfg.tracker, &target, bitmap, &control)?;
         Ok(Self {
             mem,
             guest,
@@ -168,6 +185,11 @@ pub fn migrate(
     };
     let result = run.run(addr);
     run.progress.finish_and_clear();
+    if cfg.tracker == TrackerKind::Mprotect {
+        let b = run.src.guest.control().block();
+        run.report.tracker_faults = Some(b.tracker_faults.load(Ordering::Relaxed));
+        run.report.tracker_coalesced = Some(b.tracker_coalesced.load(Ordering::Relaxed));
+    }
     if let Some(start) = run.start {
         run.report.total_time_ms = ms(start.elapsed());
     }
@@ -230,7 +252,6 @@ fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) -> SendError 
 impl Run<'_> {
     fn run(&mut self, addr: &str) -> Result<(), SendError> {
         let (cfg, page_size) = (self.cfg, self.src.mem.page_size());
-        self.src.guest.wait_running()?;
         self.report.guest_dirty_rate_pps = self.src.guest.measure_rate(cfg.warmup)?;
 
         let start = *self.start.insert(Instant::now());
@@ -256,7 +277,8 @@ impl Run<'_> {
         let pages = self.src.mem.page_count();
         // Start tracking afresh: round 0 sends everything anyway.
         let mut dirty = DirtySet::new(pages);
-        self.harvest(&mut dirty)?;
+        self.harvest(&mut dirty, false)?;
+        let ops0 = (Instant::now(), self.src.guest.ops());
         let mut todo = DirtySet::all(pages);
         let mut figures: Vec<RoundFigures> = Vec::new();
         let stop = loop {
@@ -264,7 +286,7 @@ impl Run<'_> {
             let t0 = Instant::now();
             let (sent, bytes) = self.send_round(&mut sock, round, false, &todo, &limiter)?;
             dirty.clear();
-            let harvest = self.harvest(&mut dirty)?;
+            let harvest = self.harvest(&mut dirty, false)?;
             // A dead guest writes nothing: no point iterating over it.
             self.src.guest.check_alive()?;
             let f = RoundFigures {
@@ -291,10 +313,12 @@ impl Run<'_> {
         // Stop-and-copy at the highest rate allowed (Clark et al.: the final
         // phase runs at max). The downtime starts now.
         limiter.set_limit(cfg.bandwidth.max().or(limiter.limit()));
+        self.report.guest_rate_precopy_pps =
+            Some((self.src.guest.ops() - ops0.1) as f64 / ops0.0.elapsed().as_secs_f64());
         let t_pause = Instant::now();
         self.src.guest.pause()?;
         let t_paused = Instant::now();
-        let harvest = self.harvest(&mut todo)?;
+        let harvest = self.harvest(&mut todo, true)?;
         let t_harvested = Instant::now();
         let round = figures.len() as u32;
         let (sent, bytes) = self.send_round(&mut sock, round, true, &todo, &limiter)?;
@@ -350,11 +374,29 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn harvest(&mut self, into: &mut DirtySet) -> Result<Duration, SendError> {
+    /// Harvest the dirty set into `into`; `paused`: the final harvest, with
+    /// the guest stopped. Returns how long it took.
+    fn harvest(&mut self, into: &mut DirtySet, paused: bool) -> Result<Duration, SendError> {
         let t = Instant::now();
-        self.src.tracker.harvest(into)?;
+        let quiesce = !paused && self.src.tracker.needs_quiesce();
+        if quiesce {
+            self.src.guest.park()?;
+        }
+        let harvested = self.src.tracker.harvest(into, paused);
+        if quiesce {
+            self.src.guest.unpark();
+        }
+        if let Err(e) = harvested {
+            // A tracker reading a dead guest's page tables fails; say why.
+            std::thread::sleep(Duration::from_millis(10));
+            self.src.guest.check_alive()?;
+            return Err(e.into());
+        }
+        let took = t.elapsed();
         self.report.dirty_sync_count += 1;
-        Ok(t.elapsed())
+        self.report.harvest_total_ms += ms(took);
+        self.report.harvest_max_ms = self.report.harvest_max_ms.max(ms(took));
+        Ok(took)
     }
 
     /// Record a round in the report; print its row unless it is the

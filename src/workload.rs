@@ -194,6 +194,15 @@ pub enum Write {
     Increment { page: u64 },
 }
 
+impl Write {
+    /// The page this write lands on.
+    pub fn page(&self) -> u64 {
+        match *self {
+            Self::Store { page, .. } | Self::Increment { page } => page,
+        }
+    }
+}
+
 /// One vCPU's deterministic stream of writes.
 #[derive(Clone, Debug)]
 pub struct Stream {

@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use livemig::dirty::TrackerKind;
+
 pub fn livemig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_livemig"))
 }
@@ -97,4 +99,32 @@ pub fn assert_gone(pid: &serde_json::Value) {
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "guest {pid} left behind"
     );
+}
+
+/// The trackers this kernel can run; the others are named with the reason.
+/// From Linux 6.7 on `uffd-wp` must work: a failing probe there is a bug,
+/// not a missing feature, and must not pass as a skip.
+pub fn available_trackers() -> Vec<TrackerKind> {
+    TrackerKind::ALL
+        .into_iter()
+        .filter(|k| match k.check_kernel() {
+            Ok(()) => true,
+            Err(e) if *k == TrackerKind::UffdWp && kernel_at_least(6, 7) => {
+                panic!("uffd-wp fails on Linux 6.7+: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping {}: {e}", k.as_str());
+                false
+            }
+        })
+        .collect()
+}
+
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }

@@ -1,0 +1,388 @@
+//! Dirty tracking: which pages were written since the last harvest.
+//!
+//! Every tracker implements [`Tracker`]: `harvest` adds the pages written
+//! since the previous harvest to a [`DirtySet`] and resets the tracker's own
+//! record, so no write falls between two harvests. Trackers (`--tracker`):
+//! - [`bitmap`]: the guest marks a shared bitmap itself (KVM's dirty log kept
+//!   in software). Needs the guest's help.
+//! - `uffd-wp` ([`pagemap`]): the kernel's asynchronous userfaultfd write
+//!   protection, harvested with `PAGEMAP_SCAN` from outside the guest. The
+//!   default where the kernel has it (Linux 6.7+).
+//! - [`mprotect`]: write protection with `mprotect` and a SIGSEGV handler in
+//!   the guest process. Slow and portable: a lesson in why VMMs moved on.
+//! - `soft-dirty` ([`pagemap`]): `/proc/<pid>/clear_refs` and pagemap bit 55,
+//!   where the kernel has `CONFIG_MEM_SOFT_DIRTY`.
+
+pub mod bitmap;
+pub mod mprotect;
+pub mod pagemap;
+
+use std::sync::OnceLock;
+
+use nix::errno::Errno;
+
+use crate::control::Control;
+use crate::memory::MemoryError;
+use crate::uffd::UffdError;
+pub use bitmap::{BitmapTracker, SharedBitmap};
+
+/// Errors of dirty tracking.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    #[error("unknown --tracker \"{0}\" (available: {list})", list = TrackerKind::NAMES.join(", "))]
+    UnknownTracker(String),
+    #[error("--tracker {tracker} is not available on this kernel: {reason}; use {instead}")]
+    Unsupported {
+        tracker: &'static str,
+        reason: String,
+        instead: &'static str,
+    },
+    #[error("cannot use {path}")]
+    Proc {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("PAGEMAP_SCAN of process {pid} failed: {errno}{}", match *errno {
+        Errno::EPERM => " (its memory is not registered for asynchronous write protection: is it a guest started with --tracker uffd-wp?)",
+        Errno::ESRCH => " (the process has exited)",
+        _ => "",
+    })]
+    Scan { pid: i32, errno: Errno },
+    #[error("the guest (pid {pid}) {what}")]
+    Guest { pid: i32, what: String },
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// Trackers livemig knows (`--tracker`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackerKind {
+    Bitmap,
+    UffdWp,
+    Mprotect,
+    SoftDirty,
+}
+
+impl TrackerKind {
+    pub const ALL: [Self; 4] = [Self::UffdWp, Self::Bitmap, Self::Mprotect, Self::SoftDirty];
+    pub const NAMES: [&'static str; 4] = ["uffd-wp", "bitmap", "mprotect", "soft-dirty"];
+
+    pub fn parse(s: &str) -> Result<Self, DirtyError> {
+        Self::NAMES
+            .iter()
+            .position(|&n| n == s)
+            .map(|i| Self::ALL[i])
+            .ok_or_else(|| DirtyError::UnknownTracker(s.into()))
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        Self::NAMES[Self::ALL.iter().position(|k| k == self).expect("in ALL")]
+    }
+
+    /// `--tracker` as given, or (None) the default: `uffd-wp` where the
+    /// kernel has it, else `bitmap` with a one-line notice saying why.
+    pub fn choose(given: Option<&str>) -> Result<(Self, Option<String>), DirtyError> {
+        match given {
+            Some(s) => {
+                let kind = Self::parse(s)?;
+                kind.check_kernel()?;
+                Ok((kind, None))
+            }
+            None => match Self::UffdWp.check_kernel() {
+                Ok(()) => Ok((Self::UffdWp, None)),
+                Err(e) => Ok((
+                    Self::Bitmap,
+                    Some(format!("notice: using --tracker bitmap ({e})")),
+                )),
+            },
+        }
+    }
+
+    /// Whether this kernel offers what the tracker needs (probed once, in
+    /// this process: the guest runs on the same kernel).
+    pub fn check_kernel(self) -> Result<(), DirtyError> {
+        static UFFD_WP: OnceLock<Result<(), String>> = OnceLock::new();
+        static SOFT_DIRTY: OnceLock<Result<(), String>> = OnceLock::new();
+        let (probe, instead) = match self {
+            Self::Bitmap | Self::Mprotect => return Ok(()),
+            Self::UffdWp => (
+                UFFD_WP.get_or_init(pagemap::probe_uffd_wp),
+                "--tracker bitmap or mprotect",
+            ),
+            Self::SoftDirty => (
+                SOFT_DIRTY.get_or_init(|| match pagemap::soft_dirty_supported() {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(
+                        "it lacks CONFIG_MEM_SOFT_DIRTY (pagemap bit 55 stays clear after a write)"
+                            .into(),
+                    ),
+                    Err(e) => Err(e.to_string()),
+                }),
+                "--tracker uffd-wp, bitmap or mprotect",
+            ),
+        };
+        probe.clone().map_err(|reason| DirtyError::Unsupported {
+            tracker: self.as_str(),
+            reason,
+            instead,
+        })
+    }
+
+    /// Whether the guest's vCPUs mark the shared bitmap themselves.
+    pub fn guest_marks(self) -> bool {
+        self == Self::Bitmap
+    }
+
+    /// Whether the tracker records into the shared bitmap (guest or handler).
+    pub fn uses_bitmap(self) -> bool {
+        matches!(self, Self::Bitmap | Self::Mprotect)
+    }
+}
+
+/// The guest a sender-side tracker watches.
+pub struct Target {
+    pub pid: i32,
+    /// Where guest memory is mapped in the guest's address space.
+    pub addr: u64,
+    pub pages: u64,
+    pub page_size: u64,
+}
+
+/// Open the sender side of `kind` over `target` (`bitmap` for the trackers
+/// that use one, `control` for `mprotect`).
+pub fn open(
+    kind: TrackerKind,
+    target: &Target,
+    bitmap: Option<SharedBitmap>,
+    control: &Control,
+) -> Result<Box<dyn Tracker>, DirtyError> {
+    let pagemap =
+        || pagemap::Pagemap::open(target.pid, target.addr, target.pages, target.page_size);
+    let bitmap = || bitmap.expect("bitmap trackers are given their bitmap");
+    Ok(match kind {
+        TrackerKind::Bitmap => Box::new(BitmapTracker::new(bitmap())),
+        TrackerKind::UffdWp => Box::new(pagemap::UffdWpTracker::new(pagemap()?)),
+        TrackerKind::SoftDirty => Box::new(pagemap::SoftDirtyTracker::new(pagemap()?)?),
+        TrackerKind::Mprotect => Box::new(mprotect::MprotectTracker::new(
+            bitmap(),
+            control.clone(),
+            target.pid,
+        )),
+    })
+}
+
+/// A round's set of pages, owned by one thread: words of bits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtySet {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl DirtySet {
+    pub fn new(pages: u64) -> Self {
+        Self {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+
+    /// Every page (round 0).
+    pub fn all(pages: u64) -> Self {
+        let mut s = Self::new(pages);
+        s.words.fill(u64::MAX);
+        if !pages.is_multiple_of(64) {
+            if let Some(last) = s.words.last_mut() {
+                *last = (1u64 << (pages % 64)) - 1;
+            }
+        }
+        s
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Set `count` pages from `first`, a word at a time.
+    pub fn set_range(&mut self, first: u64, count: u64) {
+        let end = first.checked_add(count).expect("page range overflows");
+        assert!(
+            end <= self.pages,
+            "pages {first}+{count} outside {} pages",
+            self.pages
+        );
+        let mut p = first;
+        while p < end {
+            let bit = p % 64;
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[(p / 64) as usize] |= mask;
+            p += n;
+        }
+    }
+
+    pub fn set(&mut self, page: u64) {
+        assert!(
+            page < self.pages,
+            "page {page} outside {} pages",
+            self.pages
+        );
+        self.words[(page / 64) as usize] |= 1 << (page % 64);
+    }
+
+    pub fn contains(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Coalesced runs `(first_page, count)` of at most `max_run` pages each,
+    /// in ascending order: what the sender turns into Pages frames.
+    pub fn runs(&self, max_run: u64) -> Runs<'_> {
+        assert!(max_run > 0);
+        Runs {
+            set: self,
+            next: 0,
+            max_run,
+        }
+    }
+
+    fn next_set_from(&self, from: u64) -> Option<u64> {
+        let mut wi = (from / 64) as usize;
+        let mut w = *self.words.get(wi)? & (u64::MAX << (from % 64));
+        loop {
+            if w != 0 {
+                return Some(wi as u64 * 64 + u64::from(w.trailing_zeros()));
+            }
+            wi += 1;
+            w = *self.words.get(wi)?;
+        }
+    }
+
+    /// The first clear page at or after `from`, or `limit` (or the end) if
+    /// every page before it is set: runs are capped, so never scan further.
+    fn next_clear_from(&self, from: u64, limit: u64) -> u64 {
+        let limit = limit.min(self.pages);
+        let mut wi = (from / 64) as usize;
+        let mut w = !self.words[wi] & (u64::MAX << (from % 64));
+        loop {
+            if w != 0 {
+                return (wi as u64 * 64 + u64::from(w.trailing_zeros())).min(limit);
+            }
+            wi += 1;
+            if wi as u64 * 64 >= limit {
+                return limit;
+            }
+            w = !self.words[wi];
+        }
+    }
+}
+
+/// Iterator of [`DirtySet::runs`].
+pub struct Runs<'a> {
+    set: &'a DirtySet,
+    next: u64,
+    max_run: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let first = self.set.next_set_from(self.next)?;
+        let end = self.set.next_clear_from(first, first + self.max_run);
+        self.next = end;
+        Some((first, end - first))
+    }
+}
+
+/// Where a sender learns which pages were written.
+pub trait Tracker: Send {
+    /// Add the pages written since the previous harvest to `into` and reset.
+    /// `paused`: the guest is stopped and will not run under this tracker
+    /// again (the final harvest), so nothing needs re-arming.
+    fn harvest(&mut self, into: &mut DirtySet, paused: bool) -> Result<(), DirtyError>;
+
+    /// Whether the guest's vCPUs must be parked around a harvest because the
+    /// tracker cannot read and reset in one atomic step.
+    fn needs_quiesce(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_of(pages: u64, bits: &[u64]) -> DirtySet {
+        let mut s = DirtySet::new(pages);
+        bits.iter().for_each(|&b| s.set(b));
+        s
+    }
+
+    #[test]
+    fn runs_coalesce_and_split() {
+        // An odd page count: the last word is partial.
+        let s = set_of(131, &[0, 1, 2, 5, 63, 64, 65, 66, 130]);
+        let runs: Vec<_> = s.runs(1024).collect();
+        assert_eq!(runs, vec![(0, 3), (5, 1), (63, 4), (130, 1)]);
+        let split: Vec<_> = s.runs(2).collect();
+        assert_eq!(
+            split,
+            vec![(0, 2), (2, 1), (5, 1), (63, 2), (65, 2), (130, 1)]
+        );
+    }
+
+    #[test]
+    fn all_covers_exactly_the_pages() {
+        let s = DirtySet::all(131);
+        assert_eq!(s.count(), 131);
+        assert_eq!(s.runs(1000).collect::<Vec<_>>(), vec![(0, 131)]);
+        assert_eq!(s.words[2], 0b111);
+        assert!(!s.contains(131));
+    }
+
+    #[test]
+    fn set_range_matches_single_sets() {
+        for (first, count) in [
+            (0, 0),
+            (0, 1),
+            (3, 61),
+            (3, 62),
+            (63, 2),
+            (64, 64),
+            (5, 126),
+            (0, 131),
+        ] {
+            let mut a = DirtySet::new(131);
+            a.set_range(first, count);
+            let b = set_of(131, &(first..first + count).collect::<Vec<_>>());
+            assert_eq!(a, b, "range {first}+{count}");
+        }
+    }
+
+    #[test]
+    fn tracker_names_round_trip() {
+        for k in TrackerKind::ALL {
+            assert_eq!(TrackerKind::parse(k.as_str()).unwrap(), k);
+        }
+        let e = TrackerKind::parse("pml").unwrap_err().to_string();
+        assert!(
+            e.contains("\"pml\"") && e.contains("uffd-wp, bitmap, mprotect, soft-dirty"),
+            "{e}"
+        );
+    }
+}

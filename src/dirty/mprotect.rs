@@ -1,0 +1,181 @@
+//! The `mprotect` tracker: write protection by `mprotect` and a SIGSEGV
+//! handler in the guest process, the way user-space checkpointers tracked
+//! writes before the kernel helped.
+//!
+//! Guest side: a harvest makes all guest memory read-only with one
+//! `mprotect` (which also merges it back into one VMA). The first write to a
+//! page faults; the handler makes the page writable, marks it in the shared
+//! [`SharedBitmap`] and returns, and the write runs again.
+//!
+//! Sender side: a harvest takes the bitmap, **then** asks the guest to
+//! re-protect and waits until it has. Why this order is exact enough:
+//! a write lands on a page only after a handler unprotected it and marked it
+//! (in that order), so either the mark is taken by this harvest and the
+//! write precedes the re-protection, which precedes sending, or the mark
+//! belongs to the next harvest. Nothing written is missed; a page may be
+//! reported that was marked but then re-written only after it was sent,
+//! which costs a resend, never a lost write.
+//!
+//! `vm.max_map_count`: every page unprotected on its own splits the one VMA,
+//! so scattered faults run out of maps at about `max_map_count / 2` pages.
+//! When a single-page `mprotect` fails, the handler unprotects the aligned
+//! 2 MiB block around the page (and marks all of it); when that fails too,
+//! all guest memory (marking every page). Both are counted and reported.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{DirtyError, DirtySet, SharedBitmap, Tracker};
+use crate::control::{Control, ControlBlock};
+
+/// Pages in the block unprotected when single pages run out of VMAs.
+const COALESCE_PAGES: usize = 512;
+const PROTECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+// The handler's view of the guest, set once by `install`.
+static BASE: AtomicUsize = AtomicUsize::new(0);
+static LEN: AtomicUsize = AtomicUsize::new(0);
+static PAGE: AtomicUsize = AtomicUsize::new(0);
+static BITMAP: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+static CONTROL: AtomicPtr<ControlBlock> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Guest side: install the SIGSEGV handler for `len` bytes of guest memory
+/// at `base`, marking `bitmap`. Memory stays writable until the first
+/// harvest protects it. The bitmap and control block must outlive the
+/// process's vCPUs (the guest maps them for its whole life).
+pub fn install(base: *mut u8, len: usize, bitmap: &SharedBitmap, control: &Control) {
+    BASE.store(base as usize, Ordering::Relaxed);
+    LEN.store(len, Ordering::Relaxed);
+    PAGE.store(crate::memory::page_size() as usize, Ordering::Relaxed);
+    BITMAP.store(bitmap.region().as_ptr().cast(), Ordering::Relaxed);
+    CONTROL.store(
+        (control.block() as *const ControlBlock).cast_mut(),
+        Ordering::Release,
+    );
+    // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe
+    // (atomics and mprotect only) and has the SA_SIGINFO signature.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_segv as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        let rc = libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
+        assert_eq!(rc, 0, "sigaction(SIGSEGV) failed");
+    }
+}
+
+/// Guest side: serve the sender's re-protection requests. Never returns.
+pub fn serve(control: &Control) -> ! {
+    let (base, len) = (BASE.load(Ordering::Relaxed), LEN.load(Ordering::Relaxed));
+    control.serve_protect(|| {
+        // SAFETY: the guest memory mapping installed above, for its whole length.
+        let rc = unsafe { libc::mprotect(base as *mut c_void, len, libc::PROT_READ) };
+        // Making a whole mapping read-only needs no new VMA: it cannot fail
+        // short of a bug, and tracking would silently stop if it did.
+        assert_eq!(
+            rc,
+            0,
+            "mprotect of guest memory failed: {}",
+            nix::errno::Errno::last()
+        );
+    })
+}
+
+extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
+    // SAFETY: the kernel hands a valid siginfo to an SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let (base, len, ps) = (
+        BASE.load(Ordering::Relaxed),
+        LEN.load(Ordering::Relaxed),
+        PAGE.load(Ordering::Relaxed),
+    );
+    if addr < base || addr >= base + len {
+        // Not a tracked write: a real crash. Restore the default action;
+        // returning runs the access again, which now kills the process.
+        // SAFETY: signal(2) is async-signal-safe.
+        unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+        return;
+    }
+    // SAFETY: errno is thread-local; the interrupted code must see its own.
+    let saved_errno = unsafe { *libc::__errno_location() };
+    let page = (addr - base) / ps;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let unprotect = |first: usize, count: usize| {
+        // SAFETY: [first, first+count) pages lie inside the guest mapping.
+        unsafe { libc::mprotect((base + first * ps) as *mut c_void, count * ps, rw) == 0 }
+    };
+    // SAFETY: set by `install` before any vCPU runs; the block outlives them.
+    let control = unsafe { &*CONTROL.load(Ordering::Acquire) };
+    let pages = len / ps;
+    let (first, count) = if unprotect(page, 1) {
+        (page, 1)
+    } else {
+        control.tracker_coalesced.fetch_add(1, Ordering::Relaxed);
+        let first = page / COALESCE_PAGES * COALESCE_PAGES;
+        let count = COALESCE_PAGES.min(pages - first);
+        if unprotect(first, count) {
+            (first, count)
+        } else if unprotect(0, pages) {
+            (0, pages)
+        } else {
+            // SAFETY: abort is async-signal-safe; a write we cannot let
+            // through unrecorded must not happen at all.
+            unsafe { libc::abort() }
+        }
+    };
+    // Mark after unprotecting (see the module doc).
+    let words = BITMAP.load(Ordering::Relaxed);
+    for p in first..first + count {
+        // SAFETY: the bitmap holds a bit for every guest page (install).
+        unsafe { &*words.add(p / 64) }.fetch_or(1 << (p % 64), Ordering::Release);
+    }
+    control.tracker_faults.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
+}
+
+/// The sender side of `mprotect`.
+pub struct MprotectTracker {
+    bitmap: SharedBitmap,
+    control: Control,
+    pid: i32,
+}
+
+impl MprotectTracker {
+    pub fn new(bitmap: SharedBitmap, control: Control, pid: i32) -> Self {
+        Self {
+            bitmap,
+            control,
+            pid,
+        }
+    }
+}
+
+impl Tracker for MprotectTracker {
+    fn harvest(&mut self, into: &mut DirtySet, paused: bool) -> Result<(), DirtyError> {
+        self.bitmap.take_into(into);
+        if paused {
+            return Ok(());
+        }
+        let t = Instant::now();
+        while !self.control.request_protect(Duration::from_millis(100)) {
+            let gone = crate::guest::process_gone(self.pid);
+            if gone || t.elapsed() > PROTECT_TIMEOUT {
+                let what = if gone {
+                    "exited".into()
+                } else {
+                    format!(
+                        "did not re-protect its memory within {} s",
+                        PROTECT_TIMEOUT.as_secs()
+                    )
+                };
+                return Err(DirtyError::Guest {
+                    pid: self.pid,
+                    what,
+                });
+            }
+        }
+        Ok(())
+    }
+}

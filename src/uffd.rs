@@ -1,0 +1,155 @@
+//! The kernel's userfaultfd, by raw ioctls with constants from the uapi
+//! header `linux/userfaultfd.h` (the `userfaultfd` crate builds its bindings
+//! with bindgen, which needs libclang, and lacks `UFFD_FEATURE_WP_ASYNC`).
+//!
+//! The `uffd-wp` tracker uses asynchronous write protection: the guest
+//! registers its memory in write-protect mode with `UFFD_FEATURE_WP_ASYNC`,
+//! so a write to a protected page is resolved by the kernel itself (no fault
+//! handler thread) and leaves the page "written" in its page table entry,
+//! where `PAGEMAP_SCAN` ([`crate::dirty::pagemap`]) finds and re-protects it.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+
+const UFFDIO: u8 = 0xAA;
+const UFFD_API: u64 = 0xAA;
+/// `userfaultfd(2)` flag: handle faults from user mode only, which an
+/// unprivileged process may ask for even with `vm.unprivileged_userfaultfd=0`.
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+
+pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// What asynchronous write-protect tracking of shared memory (a memfd) needs.
+pub const WP_ASYNC_FEATURES: u64 =
+    FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED | FEATURE_WP_HUGETLBFS_SHMEM;
+
+const REGISTER_MODE_WP: u64 = 1 << 1;
+const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+nix::ioctl_readwrite!(uffdio_api, UFFDIO, 0x3F, UffdioApi);
+nix::ioctl_readwrite!(uffdio_register, UFFDIO, 0x00, UffdioRegister);
+nix::ioctl_readwrite!(uffdio_writeprotect, UFFDIO, 0x06, UffdioWriteprotect);
+
+/// Errors of userfaultfd, each naming the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("userfaultfd(2) failed: {0}")]
+    Create(Errno),
+    #[error("the kernel lacks userfaultfd features {missing:#x} (it offers {offered:#x}; asynchronous write protection needs Linux 6.7+)")]
+    Features { missing: u64, offered: u64 },
+    #[error("UFFDIO_API failed: {0}")]
+    Api(Errno),
+    #[error("UFFDIO_REGISTER of {len} bytes failed: {errno}")]
+    Register { len: u64, errno: Errno },
+    #[error("UFFDIO_WRITEPROTECT of {len} bytes failed: {errno}")]
+    Writeprotect { len: u64, errno: Errno },
+}
+
+/// An open userfaultfd with its API handshake done.
+pub struct Uffd {
+    fd: OwnedFd,
+}
+
+impl Uffd {
+    /// Open a userfaultfd and enable `features`, all of which must be offered.
+    pub fn open(features: u64) -> Result<Self, UffdError> {
+        // Ask first with no features: the kernel says what it offers, and a
+        // request with an unknown bit would only fail with EINVAL. The API
+        // handshake happens once per fd, so the real one needs a second fd.
+        let offered = handshake(&open_fd()?, 0)?;
+        if offered & features != features {
+            return Err(UffdError::Features {
+                missing: features & !offered,
+                offered,
+            });
+        }
+        let fd = open_fd()?;
+        handshake(&fd, features)?;
+        Ok(Self { fd })
+    }
+
+    /// Register `[start, start+len)` of this process for write protection.
+    /// The range must be page aligned and mapped.
+    pub fn register_wp(&self, start: *mut u8, len: u64) -> Result<(), UffdError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: start as u64,
+                len,
+            },
+            mode: REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: a valid uffd and a properly laid out uffdio_register; the
+        // kernel checks the range against this process's mappings.
+        unsafe { uffdio_register(self.fd.as_raw_fd(), &mut reg) }
+            .map_err(|errno| UffdError::Register { len, errno })?;
+        Ok(())
+    }
+
+    /// Write-protect `[start, start+len)` (registered before).
+    pub fn write_protect(&self, start: *mut u8, len: u64) -> Result<(), UffdError> {
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange {
+                start: start as u64,
+                len,
+            },
+            mode: WRITEPROTECT_MODE_WP,
+        };
+        // SAFETY: a valid uffd and a properly laid out uffdio_writeprotect.
+        unsafe { uffdio_writeprotect(self.fd.as_raw_fd(), &mut wp) }
+            .map_err(|errno| UffdError::Writeprotect { len, errno })?;
+        Ok(())
+    }
+}
+
+fn open_fd() -> Result<OwnedFd, UffdError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
+    // SAFETY: the syscall takes only flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if raw < 0 {
+        return Err(UffdError::Create(Errno::last()));
+    }
+    // SAFETY: `raw` is a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+/// The UFFDIO_API handshake; returns the features the kernel offers.
+fn handshake(fd: &OwnedFd, features: u64) -> Result<u64, UffdError> {
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: a valid uffd and a properly laid out uffdio_api.
+    unsafe { uffdio_api(fd.as_raw_fd(), &mut api) }.map_err(UffdError::Api)?;
+    Ok(api.features)
+}

@@ -1,0 +1,168 @@
+//! Every tracker against a ground-truth log of the guest's writes.
+//!
+//! A real guest process runs a deterministic write stream. Between two
+//! harvests taken while its vCPUs are parked, the pages it wrote are known
+//! exactly: replay each vCPU's stream from its op counter at the first park
+//! to its counter at the second. `bitmap` and `uffd-wp` must report exactly
+//! those pages; `mprotect` at least those.
+
+use std::time::Duration;
+
+mod common;
+use common::available_trackers;
+
+use livemig::control::Control;
+use livemig::dirty::{self, DirtySet, SharedBitmap, Target, TrackerKind};
+use livemig::guest::{Fresh, Guest, VcpuState};
+use livemig::memory::{page_size, GuestMemory};
+use livemig::workload::{Stream, Workload};
+
+/// Pages vCPUs write going from states `from` to `to`.
+fn replay(w: &Workload, from: &[VcpuState], to: &[VcpuState], pages: u64) -> DirtySet {
+    let mut set = DirtySet::new(pages);
+    let vcpus = from.len() as u32;
+    for (id, (a, b)) in from.iter().zip(to).enumerate() {
+        let mut s = Stream::new(w, id as u32, vcpus, a.seed, a.ops, Some(a.cursor));
+        while s.ops < b.ops {
+            set.set(s.next(w).page());
+        }
+    }
+    set
+}
+
+fn ground_truth(kind: TrackerKind, spec: &str, vcpus: u32) {
+    std::env::set_var("LIVEMIG_EXE", env!("CARGO_BIN_EXE_livemig"));
+    let ps = page_size();
+    let mem = GuestMemory::create(8 << 20, ps).unwrap();
+    let pages = mem.page_count();
+    let bitmap = kind
+        .uses_bitmap()
+        .then(|| SharedBitmap::create(pages).unwrap());
+    let control = Control::create().unwrap();
+    let fresh = Fresh {
+        workload: spec.into(),
+        vcpus,
+        seed: 42,
+    };
+    let mut guest =
+        Guest::spawn(&mem, control.clone(), bitmap.as_ref(), kind, Some(&fresh)).unwrap();
+    guest.wait_running().unwrap();
+    let target = Target {
+        pid: guest.pid(),
+        addr: guest.mem_addr(),
+        pages,
+        page_size: ps,
+    };
+    let mut tracker = dirty::open(kind, &target, bitmap, &control).unwrap();
+    let w = Workload::parse(spec, mem.len(), ps).unwrap();
+    let mut scratch = DirtySet::new(pages);
+    let (mut checked, mut extra) = (0, 0);
+    for i in 0..20 {
+        guest.park().unwrap();
+        scratch.clear();
+        tracker.harvest(&mut scratch, false).unwrap();
+        let from = guest.vcpu_states();
+        guest.unpark();
+        std::thread::sleep(Duration::from_millis(1 + i % 7));
+        guest.park().unwrap();
+        let mut got = DirtySet::new(pages);
+        tracker.harvest(&mut got, false).unwrap();
+        let to = guest.vcpu_states();
+        guest.unpark();
+        let want = replay(&w, &from, &to, pages);
+        let missed: Vec<u64> = (0..pages)
+            .filter(|&p| want.contains(p) && !got.contains(p))
+            .take(5)
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "{kind:?} {spec}: written pages not reported: {missed:?}"
+        );
+        extra += got.count() - want.count();
+        checked += want.count();
+    }
+    if kind != TrackerKind::Mprotect {
+        assert_eq!(extra, 0, "{kind:?} {spec}: reported pages nobody wrote");
+    }
+    assert!(
+        checked > 1000,
+        "{kind:?} {spec}: too few writes checked ({checked})"
+    );
+    guest.check_alive().unwrap();
+}
+
+#[test]
+fn every_tracker_reports_every_written_page() {
+    for kind in available_trackers() {
+        for (spec, vcpus) in [
+            ("uniform:rate=200k", 2),
+            ("hotset:wws=1M,rate=max", 1),
+            ("sweep:from=0,to=8M,rate=500k", 2),
+        ] {
+            ground_truth(kind, spec, vcpus);
+        }
+    }
+}
+
+/// `mprotect` past `vm.max_map_count`: write every other page of a region,
+/// so each unprotected page splits a VMA, until single pages no longer fit
+/// and the handler unprotects whole blocks. No write may go unreported.
+/// (In this test process, like in a guest: the handler is process-wide.)
+#[test]
+fn mprotect_coalesces_when_vm_max_map_count_runs_out() {
+    let max_maps: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if max_maps > 300_000 {
+        eprintln!("skipped: vm.max_map_count is {max_maps}: exhausting it needs more memory than a test should take");
+        return;
+    }
+    let ps = page_size();
+    // Every other page written: about max_maps / 2 writes split the VMA
+    // into max_maps maps; go 20% past that.
+    let pages = max_maps * 12 / 10;
+    let mem = GuestMemory::create(pages * ps, ps).unwrap();
+    let bitmap = SharedBitmap::create(pages).unwrap();
+    let control = Control::create().unwrap();
+    dirty::mprotect::install(mem.region().as_ptr(), mem.len() as usize, &bitmap, &control);
+    let server = control.clone();
+    std::thread::spawn(move || dirty::mprotect::serve(&server));
+    let target = Target {
+        pid: std::process::id() as i32,
+        addr: mem.region().as_ptr() as u64,
+        pages,
+        page_size: ps,
+    };
+    let mut tracker = dirty::open(TrackerKind::Mprotect, &target, Some(bitmap), &control).unwrap();
+    let mut got = DirtySet::new(pages);
+    tracker.harvest(&mut got, false).unwrap();
+    got.clear();
+    let written: Vec<u64> = (0..pages).step_by(2).collect();
+    for &p in &written {
+        let (ptr, _) = mem.pages_ptr(p, 1);
+        // SAFETY: a page of the mapping this test owns.
+        unsafe { ptr.add(16).cast::<u64>().write_volatile(p) };
+    }
+    tracker.harvest(&mut got, false).unwrap();
+    let b = control.block();
+    let coalesced = b
+        .tracker_coalesced
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        coalesced > 0,
+        "never ran out of maps (max_map_count {max_maps})"
+    );
+    let missed = written.iter().filter(|&&p| !got.contains(p)).count();
+    assert_eq!(missed, 0, "written pages not reported");
+    // Re-protected as one VMA again: the next round starts with no splits.
+    let mut next = DirtySet::new(pages);
+    for &p in written.iter().take(10) {
+        let (ptr, _) = mem.pages_ptr(p, 1);
+        // SAFETY: as above.
+        unsafe { ptr.add(24).cast::<u64>().write_volatile(p) };
+    }
+    tracker.harvest(&mut next, false).unwrap();
+    assert_eq!(next.count(), 10);
+}
