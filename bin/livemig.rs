@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use livemig::dirty::TrackerKind;
 use livemig::report::{self, Report, Status};
 use livemig::sender::{self, SenderConfig, Source};
-use livemig::{guest, migrate, policy, ratelimit, receiver, units};
+use livemig::{dirtyrate, guest, migrate, policy, ratelimit, receiver, units};
 
 /// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
 #[derive(Parser)]
@@ -37,6 +37,8 @@ enum Cmd {
         #[command(flatten)]
         opts: SendOpts,
     },
+    /// Measure a guest's dirty rate and writable working set (like QEMU's calc-dirty-rate).
+    Dirtyrate(DirtyRateOpts),
     /// Destination side: accept one migration, resume the guest, verify it.
     Receive {
         /// Address to listen on.
@@ -51,8 +53,9 @@ enum Cmd {
     Guest(GuestOpts),
 }
 
+/// The guest a command starts.
 #[derive(Args)]
-struct SendOpts {
+struct GuestFlags {
     /// Guest memory size (binary units: 256M = 256 MiB).
     #[arg(long, default_value = "256M")]
     mem: String,
@@ -67,6 +70,18 @@ struct SendOpts {
     /// [default: uffd-wp where the kernel has it, else bitmap]
     #[arg(long)]
     tracker: Option<String>,
+    /// How long the guest runs, untracked, before migration (or measurement) starts.
+    #[arg(long, default_value = "1s")]
+    warmup: String,
+    /// Seed of the guest's random write stream.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct SendOpts {
+    #[command(flatten)]
+    guest: GuestFlags,
     /// unlimited | RATE (500mbit, 1gbit, 120MiB/s) | dynamic:min=RATE,max=RATE,inc=RATE
     #[arg(long, default_value = "unlimited")]
     bandwidth: String,
@@ -79,16 +94,25 @@ struct SendOpts {
     /// Stop iterating after this long, whatever the policy says.
     #[arg(long, default_value = "120s")]
     max_time: String,
-    /// How long the guest runs before migration starts.
-    #[arg(long, default_value = "1s")]
-    warmup: String,
-    /// Seed of the guest's random write stream.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
     /// Write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Print only the summary (no round table, no progress bar).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct DirtyRateOpts {
+    #[command(flatten)]
+    guest: GuestFlags,
+    /// How long to measure, tracked (after the warm-up).
+    #[arg(long, default_value = "3s")]
+    duration: String,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }
@@ -117,8 +141,16 @@ struct GuestOpts {
     incoming: bool,
 }
 
-impl SendOpts {
-    fn config(&self) -> Result<SenderConfig> {
+/// A guest's parsed flags.
+struct GuestConfig {
+    memory_bytes: u64,
+    fresh: guest::Fresh,
+    tracker: TrackerKind,
+    warmup: std::time::Duration,
+}
+
+impl GuestFlags {
+    fn config(&self) -> Result<GuestConfig> {
         let memory_bytes = units::parse_bytes("--mem", &self.mem)?;
         let page = livemig::memory::page_size();
         if memory_bytes == 0 || !memory_bytes.is_multiple_of(page) {
@@ -131,22 +163,67 @@ impl SendOpts {
         if let Some(notice) = notice {
             eprintln!("{notice}");
         }
-        Ok(SenderConfig {
+        Ok(GuestConfig {
             memory_bytes,
-            workload: self.workload.clone(),
-            vcpus: self.vcpus,
+            fresh: guest::Fresh {
+                workload: self.workload.clone(),
+                vcpus: self.vcpus,
+                seed: self.seed,
+            },
             tracker,
+            warmup: units::parse_duration("--warmup", &self.warmup)?,
+        })
+    }
+}
+
+impl SendOpts {
+    fn config(&self) -> Result<SenderConfig> {
+        let g = self.guest.config()?;
+        Ok(SenderConfig {
+            memory_bytes: g.memory_bytes,
+            workload: g.fresh.workload,
+            vcpus: g.fresh.vcpus,
+            tracker: g.tracker,
             bandwidth: ratelimit::Bandwidth::parse(&self.bandwidth)?,
             bandwidth_spec: self.bandwidth.clone(),
             policy: policy::parse(&self.policy)?,
             policy_spec: self.policy.clone(),
             downtime_limit: units::parse_duration("--downtime-limit", &self.downtime_limit)?,
             max_time: units::parse_duration("--max-time", &self.max_time)?,
-            warmup: units::parse_duration("--warmup", &self.warmup)?,
-            seed: self.seed,
+            warmup: g.warmup,
+            seed: g.fresh.seed,
             progress: !self.quiet,
         })
     }
+}
+
+fn dirtyrate(opts: &DirtyRateOpts) -> Result<()> {
+    let g = opts.guest.config()?;
+    let cfg = dirtyrate::DirtyRateConfig {
+        memory_bytes: g.memory_bytes,
+        guest: g.fresh,
+        tracker: g.tracker,
+        warmup: g.warmup,
+        duration: units::parse_duration("--duration", &opts.duration)?,
+    };
+    let bar = match opts.quiet {
+        true => indicatif::ProgressBar::hidden(),
+        false => indicatif::ProgressBar::new(1000).with_style(
+            indicatif::ProgressStyle::with_template("measuring [{bar:30}] {elapsed}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        ),
+    };
+    let result = dirtyrate::run(&cfg, &mut |f| bar.set_position((f * 1000.0) as u64));
+    bar.finish_and_clear();
+    let report = result?;
+    print!("{}", dirtyrate::summary(&report));
+    if let Some(path) = &opts.json {
+        let f = std::fs::File::create(path)
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+        serde_json::to_writer_pretty(f, &report)?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -169,11 +246,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Send { to, opts } => {
             let cfg = opts.config()?;
-            let mut src = Source::start(&cfg)?;
+            let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
             let mut print = row_printer(opts.quiet);
             let (report, result) = sender::migrate(&cfg, &mut src, &to, &mut print);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
+        Cmd::Dirtyrate(opts) => dirtyrate(&opts),
         Cmd::Receive { listen, json } => {
             let listener = receiver::bind(&listen)?;
             eprintln!(

@@ -569,6 +569,20 @@ impl Guest {
         self.control.start(&state.workload, self.vcpus);
     }
 
+    /// CPU time all the guest's threads have run so far (the kernel's
+    /// per-task schedstat), faults and signal handlers taken in it included.
+    pub fn cpu_time(&self) -> Duration {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid()));
+        let ns: u64 = tasks
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        Duration::from_nanos(ns)
+    }
+
     /// Write rate over `window`, in pages per second (measured, not the target).
     pub fn measure_rate(&mut self, window: Duration) -> Result<f64, GuestError> {
         let (t0, ops0) = (Instant::now(), self.ops());

@@ -8,6 +8,7 @@
 
 pub mod control;
 pub mod dirty;
+pub mod dirtyrate;
 pub mod guest;
 pub mod memory;
 pub mod migrate;

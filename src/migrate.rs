@@ -43,7 +43,7 @@ pub fn run(
         Err(e) => return failed(e.into()),
     };
     let addr = listener.local_addr().expect("bound").to_string();
-    let mut src = match Source::start(cfg) {
+    let mut src = match Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh()) {
         Ok(s) => s,
         Err(e) => return failed(e.into()),
     };

@@ -88,6 +88,15 @@ pub struct SenderConfig {
 }
 
 impl SenderConfig {
+    /// The guest this configuration starts.
+    pub fn fresh(&self) -> Fresh {
+        Fresh {
+            workload: self.workload.clone(),
+            vcpus: self.vcpus,
+            seed: self.seed,
+        }
+    }
+
     /// A report describing this configuration, its figures still to come.
     pub fn report(&self) -> Report {
         Report {
@@ -109,37 +118,31 @@ pub struct Source {
     pub mem: GuestMemory,
     pub guest: Guest,
     tracker: Box<dyn Tracker>,
-    workload: Workload,
+    pub workload: Workload,
 }
 
 impl Source {
-    /// Validate the configuration, create guest memory and start the guest.
-    pub fn start(cfg: &SenderConfig) -> Result<Self, SendError> {
+    /// Validate the guest's configuration, create its memory, start it with
+    /// `tracker` set up and wait until it runs.
+    pub fn start(
+        tracker: TrackerKind,
+        memory_bytes: u64,
+        fresh: &Fresh,
+    ) -> Result<Self, SendError> {
         let page_size = crate::memory::page_size();
         let workload =
-            crate::guest::check_config(&cfg.workload, cfg.memory_bytes, page_size, cfg.vcpus)?;
+            crate::guest::check_config(&fresh.workload, memory_bytes, page_size, fresh.vcpus)?;
         crate::memory::check_fits(
-            &format!("--mem {}", crate::units::fmt_bytes(cfg.memory_bytes)),
-            cfg.memory_bytes,
+            &format!("--mem {}", crate::units::fmt_bytes(memory_bytes)),
+            memory_bytes,
         )?;
-        let mem = GuestMemory::create(cfg.memory_bytes, page_size)?;
-        let bitmap = match cfg.tracker.uses_bitmap() {
+        let mem = GuestMemory::create(memory_bytes, page_size)?;
+        let bitmap = match tracker.uses_bitmap() {
             true => Some(SharedBitmap::create(mem.page_count())?),
             false => None,
         };
-        let fresh = Fresh {
-            workload: cfg.workload.clone(),
-            vcpus: cfg.vcpus,
-            seed: cfg.seed,
-        };
         let control = Control::create()?;
-        let mut guest = Guest::spawn(
-            &mem,
-            control.clone(),
-            bitmap.as_ref(),
-            cfg.tracker,
-            Some(&fresh),
-        )?;
+        let mut guest = Guest::spawn(&mem, control.clone(), bitmap.as_ref(), tracker, Some(fresh))?;
         // The guest publishes where its memory is mapped before it runs.
         guest.wait_running()?;
         let target = Target {
@@ -148,13 +151,34 @@ impl Source {
             pages: mem.page_count(),
             page_size,
         };
-        let tracker = crate::dirty::open(cfg.tracker, &target, bitmap, &control)?;
+        let tracker = crate::dirty::open(tracker, &target, bitmap, &control)?;
         Ok(Self {
             mem,
             guest,
             tracker,
             workload,
         })
+    }
+
+    /// Add the pages written since the last harvest to `into`; `paused`:
+    /// the final harvest, with the guest stopped. Returns how long it took.
+    pub fn harvest(&mut self, into: &mut DirtySet, paused: bool) -> Result<Duration, SendError> {
+        let t = Instant::now();
+        let quiesce = !paused && self.tracker.needs_quiesce();
+        if quiesce {
+            self.guest.park()?;
+        }
+        let harvested = self.tracker.harvest(into, paused);
+        if quiesce {
+            self.guest.unpark();
+        }
+        if let Err(e) = harvested {
+            // A tracker reading a dead guest's page tables fails; say why.
+            std::thread::sleep(Duration::from_millis(10));
+            self.guest.check_alive()?;
+            return Err(e.into());
+        }
+        Ok(t.elapsed())
     }
 }
 
@@ -374,25 +398,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Harvest the dirty set into `into`; `paused`: the final harvest, with
-    /// the guest stopped. Returns how long it took.
+    /// Harvest through the source, counting the harvest and its time.
     fn harvest(&mut self, into: &mut DirtySet, paused: bool) -> Result<Duration, SendError> {
-        let t = Instant::now();
-        let quiesce = !paused && self.src.tracker.needs_quiesce();
-        if quiesce {
-            self.src.guest.park()?;
-        }
-        let harvested = self.src.tracker.harvest(into, paused);
-        if quiesce {
-            self.src.guest.unpark();
-        }
-        if let Err(e) = harvested {
-            // A tracker reading a dead guest's page tables fails; say why.
-            std::thread::sleep(Duration::from_millis(10));
-            self.src.guest.check_alive()?;
-            return Err(e.into());
-        }
-        let took = t.elapsed();
+        let took = self.src.harvest(into, paused)?;
         self.report.dirty_sync_count += 1;
         self.report.harvest_total_ms += ms(took);
         self.report.harvest_max_ms = self.report.harvest_max_ms.max(ms(took));

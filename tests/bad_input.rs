@@ -391,3 +391,34 @@ fn receiver_reports_a_truncated_stream() {
     bytes.extend(vec![7u8; 4096]); // 1 of 4 pages, then EOF
     receiver_fed(&bytes).assert_fails_with(&["truncated", "round 0"]);
 }
+
+#[test]
+fn a_tracker_the_kernel_lacks_is_refused_with_the_reason() {
+    // soft-dirty needs CONFIG_MEM_SOFT_DIRTY; where the kernel has it, the
+    // tracker must work instead.
+    let r = migrate(&["--tracker", "soft-dirty", "--workload", "uniform:rate=20k"]);
+    match livemig::dirty::TrackerKind::SoftDirty.check_kernel() {
+        Err(_) => r.assert_fails_with(&[
+            "--tracker soft-dirty",
+            "CONFIG_MEM_SOFT_DIRTY",
+            "use --tracker uffd-wp",
+        ]),
+        Ok(()) => {
+            assert_verified(&r);
+        }
+    }
+}
+
+#[test]
+fn dirtyrate_refuses_bad_flags_naming_them() {
+    for (args, needles) in [
+        (&["--tracker", "pml"][..], &["--tracker", "\"pml\""][..]),
+        (&["--workload", "busy"], &["--workload", "\"busy\""]),
+        (&["--duration", "soon"], &["--duration", "soon"]),
+        (&["--mem", "64T"], &["--mem", "available"]),
+    ] {
+        let mut all = vec!["dirtyrate", "--quiet"];
+        all.extend_from_slice(args);
+        run(&all).assert_fails_with(needles);
+    }
+}

@@ -245,6 +245,14 @@ impl DirtySet {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Add every page of `other` (a set of the same size).
+    pub fn union(&mut self, other: &DirtySet) {
+        assert_eq!(self.pages, other.pages, "sets of different sizes");
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
     pub fn clear(&mut self) {
         self.words.fill(0);
     }
