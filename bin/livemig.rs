@@ -37,6 +37,8 @@ enum Cmd {
         #[command(flatten)]
         opts: SendOpts,
     },
+    /// Start a guest and keep it running until interrupted (to measure with dirtyrate --pid).
+    Run(RunOpts),
     /// Measure a guest's dirty rate and writable working set (like QEMU's calc-dirty-rate).
     Dirtyrate(DirtyRateOpts),
     /// Destination side: accept one migration, resume the guest, verify it.
@@ -103,12 +105,22 @@ struct SendOpts {
 }
 
 #[derive(Args)]
+struct RunOpts {
+    #[command(flatten)]
+    guest: GuestFlags,
+}
+
+#[derive(Args)]
 struct DirtyRateOpts {
     #[command(flatten)]
     guest: GuestFlags,
     /// How long to measure, tracked (after the warm-up).
     #[arg(long, default_value = "3s")]
     duration: String,
+    /// Measure a running guest (started by `livemig run --tracker uffd-wp`)
+    /// instead of starting one; --mem, --workload, --vcpus, --seed are then unused.
+    #[arg(long)]
+    pid: Option<i32>,
     /// Write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -197,11 +209,49 @@ impl SendOpts {
     }
 }
 
+/// `livemig run`: a guest that keeps running until SIGINT or SIGTERM.
+fn run_guest(opts: &RunOpts) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let g = opts.guest.config()?;
+    // Block the signals before any thread starts, then wait for them.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGTERM);
+    stop.thread_block()?;
+    let mut src = Source::start(g.tracker, g.memory_bytes, &g.fresh)?;
+    src.release();
+    println!(
+        "guest {} running: {} on {} with {} vCPU(s), --tracker {} (interrupt to stop)",
+        src.guest.pid(),
+        g.fresh.workload,
+        units::fmt_bytes(g.memory_bytes),
+        g.fresh.vcpus,
+        g.tracker.as_str()
+    );
+    let timeout = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 200_000_000,
+    };
+    loop {
+        // SAFETY: a valid signal set and timeout; no siginfo wanted.
+        let sig = unsafe { libc::sigtimedwait(stop.as_ref(), std::ptr::null_mut(), &timeout) };
+        if sig > 0 {
+            return Ok(());
+        }
+        src.guest.check_alive()?;
+    }
+}
+
 fn dirtyrate(opts: &DirtyRateOpts) -> Result<()> {
     let g = opts.guest.config()?;
     let cfg = dirtyrate::DirtyRateConfig {
-        memory_bytes: g.memory_bytes,
-        guest: g.fresh,
+        subject: match opts.pid {
+            Some(pid) => dirtyrate::Subject::Attach(pid),
+            None => dirtyrate::Subject::Start {
+                memory_bytes: g.memory_bytes,
+                guest: g.fresh,
+            },
+        },
         tracker: g.tracker,
         warmup: g.warmup,
         duration: units::parse_duration("--duration", &opts.duration)?,
@@ -252,6 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Dirtyrate(opts) => dirtyrate(&opts),
+        Cmd::Run(opts) => run_guest(&opts),
         Cmd::Receive { listen, json } => {
             let listener = receiver::bind(&listen)?;
             eprintln!(

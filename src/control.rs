@@ -21,6 +21,9 @@ pub const MAX_VCPUS: u32 = 64;
 /// Longest workload spec an incoming guest can be handed.
 pub const MAX_WORKLOAD_LEN: usize = 256;
 
+/// Name of the control block's memfd (how `livemig dirtyrate --pid` finds it).
+pub const CONTROL_NAME: &str = "livemig-control";
+
 /// Values of [`ControlBlock::pause`].
 pub const RUN: u32 = 0;
 pub const PAUSE: u32 = 1;
@@ -52,6 +55,9 @@ pub struct ControlBlock {
     pub vcpus: AtomicU32,
     pub workload_len: AtomicU32,
     pub workload: [AtomicU8; MAX_WORKLOAD_LEN],
+    /// Pid of the process that harvests this guest's dirty pages (0: none).
+    /// Two harvesters would steal each other's pages, so each claims it.
+    pub owner: AtomicU32,
     /// Where the guest mapped its memory, for trackers that read its page
     /// tables from outside (published before its vCPUs run).
     pub mem_addr: AtomicU64,
@@ -90,7 +96,7 @@ pub fn block_len() -> u64 {
 impl Control {
     pub fn create() -> Result<Self, MemoryError> {
         Ok(Self {
-            region: Arc::new(SharedRegion::create("livemig-control", block_len())?),
+            region: Arc::new(SharedRegion::create(CONTROL_NAME, block_len())?),
         })
     }
 
@@ -139,6 +145,15 @@ impl Control {
     /// Owner side: hand an incoming guest its workload and let it start
     /// (the vCPU slots must already hold its state).
     pub fn start(&self, workload: &str, vcpus: u32) {
+        self.publish(workload, vcpus);
+        let b = self.block();
+        b.start.store(1, Ordering::Release);
+        wake(&b.start);
+    }
+
+    /// Record the guest's workload and vCPU count in the block (a fresh
+    /// guest does so itself, for whoever attaches to it later).
+    pub fn publish(&self, workload: &str, vcpus: u32) {
         let b = self.block();
         assert!(workload.len() <= MAX_WORKLOAD_LEN && vcpus <= MAX_VCPUS);
         for (cell, byte) in b.workload.iter().zip(workload.bytes()) {
@@ -146,9 +161,19 @@ impl Control {
         }
         b.workload_len
             .store(workload.len() as u32, Ordering::Relaxed);
-        b.vcpus.store(vcpus, Ordering::Relaxed);
-        b.start.store(1, Ordering::Release);
-        wake(&b.start);
+        b.vcpus.store(vcpus, Ordering::Release);
+    }
+
+    /// The workload and vCPU count last published.
+    pub fn published(&self) -> (String, u32) {
+        let b = self.block();
+        let vcpus = b.vcpus.load(Ordering::Acquire).min(MAX_VCPUS);
+        let len = (b.workload_len.load(Ordering::Relaxed) as usize).min(MAX_WORKLOAD_LEN);
+        let bytes: Vec<u8> = b.workload[..len]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        (String::from_utf8_lossy(&bytes).into_owned(), vcpus)
     }
 
     /// Guest side: wait for [`Control::start`], then read what it handed over.
@@ -157,20 +182,37 @@ impl Control {
         while b.start.load(Ordering::Acquire) == 0 {
             wait(&b.start, 0, Duration::from_millis(100));
         }
-        let len = (b.workload_len.load(Ordering::Relaxed) as usize).min(MAX_WORKLOAD_LEN);
-        let bytes: Vec<u8> = b.workload[..len]
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        (
-            String::from_utf8_lossy(&bytes).into_owned(),
-            b.vcpus.load(Ordering::Relaxed),
-        )
+        self.published()
     }
 
     /// Owner side: wait until `vcpus` vCPUs run their workload.
     pub fn wait_running(&self, vcpus: u32, timeout: Duration) -> bool {
         wait_count(&self.block().running, vcpus, timeout)
+    }
+
+    /// Claim the right to harvest this guest's dirty pages for `pid`; on
+    /// refusal, the pid of the live process that holds it.
+    pub fn claim(&self, pid: u32) -> Result<(), u32> {
+        let owner = &self.block().owner;
+        loop {
+            match owner.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Ok(()),
+                Err(holder) if holder == pid => return Ok(()),
+                // A holder that died without releasing does not count.
+                Err(holder) if crate::guest::process_gone(holder as i32) => {
+                    let _ = owner.compare_exchange(holder, 0, Ordering::SeqCst, Ordering::SeqCst);
+                }
+                Err(holder) => return Err(holder),
+            }
+        }
+    }
+
+    /// Give up a claim made by `pid`.
+    pub fn unclaim(&self, pid: u32) {
+        let _ = self
+            .block()
+            .owner
+            .compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Owner side (`mprotect`): ask the guest to write-protect its memory

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::dirty::{DirtySet, TrackerKind};
-use crate::guest::Fresh;
+use crate::control::MAX_VCPUS;
+use crate::dirty::{DirtyError, DirtySet, Target, Tracker, TrackerKind};
+use crate::guest::{Found, Fresh, GuestError};
 use crate::sender::{SendError, Source};
 
 /// How often the tracker harvests; every window is a multiple of it.
@@ -21,11 +22,32 @@ pub const TICK: Duration = Duration::from_millis(10);
 /// Window lengths, in ticks (30 ms, 100 ms, 1 s).
 const WINDOW_TICKS: [u32; 3] = [3, 10, 100];
 
+/// Errors of a measurement.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyRateError {
+    #[error(transparent)]
+    Source(#[from] SendError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    #[error("--pid works with --tracker uffd-wp or soft-dirty: --tracker {0} needs the guest started by this command")]
+    AttachTracker(&'static str),
+}
+
+/// Whose writes are measured.
+#[derive(Clone, Debug)]
+pub enum Subject {
+    /// A guest this command starts (and stops).
+    Start { memory_bytes: u64, guest: Fresh },
+    /// A running livemig guest (`livemig run`), by pid.
+    Attach(i32),
+}
+
 /// What `livemig dirtyrate` runs.
 #[derive(Clone, Debug)]
 pub struct DirtyRateConfig {
-    pub memory_bytes: u64,
-    pub guest: Fresh,
+    pub subject: Subject,
     pub tracker: TrackerKind,
     /// Untracked run before measuring (the baseline write rate).
     pub warmup: Duration,
@@ -50,6 +72,8 @@ pub struct WindowStats {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DirtyRateReport {
     pub tracker: String,
+    /// The measured guest process.
+    pub pid: i32,
     pub workload: String,
     pub vcpus: u32,
     pub memory_bytes: u64,
@@ -78,22 +102,41 @@ pub struct DirtyRateReport {
     pub guest_cpu_ns_per_write_tracked: Option<f64>,
 }
 
-/// Start a guest, measure it, stop it. `on_tick` sees the progress (0..=1).
+/// Measure the subject. `on_tick` sees the progress (0..=1).
 pub fn run(
     cfg: &DirtyRateConfig,
     on_tick: &mut dyn FnMut(f64),
-) -> Result<DirtyRateReport, SendError> {
-    let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.guest)?;
-    let page_size = src.mem.page_size();
-    let pages = src.mem.page_count();
-    let (cpu0, ops_w) = (src.guest.cpu_time(), src.guest.ops());
-    let untracked = src.guest.measure_rate(cfg.warmup)?;
-    let cpu_untracked = per_write(src.guest.cpu_time() - cpu0, src.guest.ops() - ops_w);
+) -> Result<DirtyRateReport, DirtyRateError> {
+    let mut guest = match &cfg.subject {
+        Subject::Start {
+            memory_bytes,
+            guest,
+        } => Measured::Own(Source::start(cfg.tracker, *memory_bytes, guest)?),
+        Subject::Attach(pid) => Measured::attach(*pid, cfg.tracker)?,
+    };
+    let result = measure(cfg, &mut guest, on_tick);
+    if let Measured::Attached { found, .. } = &guest {
+        found.control.unclaim(std::process::id());
+    }
+    result
+}
+
+fn measure(
+    cfg: &DirtyRateConfig,
+    guest: &mut Measured,
+    on_tick: &mut dyn FnMut(f64),
+) -> Result<DirtyRateReport, DirtyRateError> {
+    let (page_size, pages) = guest.pages();
+    let (cpu0, ops_w, t_w) = (guest.cpu_time(), guest.ops(), Instant::now());
+    std::thread::sleep(cfg.warmup);
+    guest.check_alive()?;
+    let untracked = (guest.ops() - ops_w) as f64 / t_w.elapsed().as_secs_f64();
+    let cpu_untracked = per_write(guest.cpu_time() - cpu0, guest.ops() - ops_w);
 
     // The first harvest starts tracking (and reports the warm-up's writes).
     let mut tick = DirtySet::new(pages);
-    src.harvest(&mut tick, false)?;
-    let (t0, ops0, cpu0) = (Instant::now(), src.guest.ops(), src.guest.cpu_time());
+    guest.harvest(&mut tick)?;
+    let (t0, ops0, cpu0) = (Instant::now(), guest.ops(), guest.cpu_time());
     let mut windows: Vec<Window> = WINDOW_TICKS
         .iter()
         .map(|&ticks| Window::new(ticks, pages, t0))
@@ -107,7 +150,7 @@ pub fn run(
             std::thread::sleep(wait);
         }
         tick.clear();
-        let took = src.harvest(&mut tick, false)?;
+        let took = guest.harvest(&mut tick)?;
         (harvests, harvest_total, harvest_max) =
             (harvests + 1, harvest_total + took, harvest_max.max(took));
         total.union(&tick);
@@ -116,18 +159,20 @@ pub fn run(
         on_tick((t0.elapsed().as_secs_f64() / cfg.duration.as_secs_f64()).min(1.0));
     }
     let elapsed = t0.elapsed();
-    let tracked = (src.guest.ops() - ops0) as f64 / elapsed.as_secs_f64();
-    let cpu_tracked = per_write(src.guest.cpu_time() - cpu0, src.guest.ops() - ops0);
-    src.guest.check_alive()?;
+    let tracked = (guest.ops() - ops0) as f64 / elapsed.as_secs_f64();
+    let cpu_tracked = per_write(guest.cpu_time() - cpu0, guest.ops() - ops0);
+    guest.check_alive()?;
 
     let windows: Vec<WindowStats> = windows.iter().map(Window::stats).collect();
     let rate = windows.iter().rev().find_map(|w| w.dirty_rate_pps);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (workload, vcpus) = guest.describe();
     Ok(DirtyRateReport {
         tracker: cfg.tracker.as_str().into(),
-        workload: cfg.guest.workload.clone(),
-        vcpus: cfg.guest.vcpus,
-        memory_bytes: cfg.memory_bytes,
+        pid: guest.pid(),
+        workload,
+        vcpus,
+        memory_bytes: pages * page_size,
         page_size,
         duration_ms: ms(elapsed),
         dirty_rate_pps: rate,
@@ -148,6 +193,133 @@ pub fn run(
 
 fn per_write(cpu: Duration, writes: u64) -> Option<f64> {
     (writes > 0).then(|| cpu.as_nanos() as f64 / writes as f64)
+}
+
+/// The guest being measured: started here, or attached to.
+enum Measured {
+    Own(Source),
+    Attached {
+        found: Found,
+        tracker: Box<dyn Tracker>,
+        vcpus: u32,
+    },
+}
+
+impl Measured {
+    /// Find guest `pid`, claim it and open `kind` over its memory.
+    fn attach(pid: i32, kind: TrackerKind) -> Result<Self, DirtyRateError> {
+        if kind.uses_bitmap() {
+            return Err(DirtyRateError::AttachTracker(kind.as_str()));
+        }
+        let found = crate::guest::find(pid)?;
+        found
+            .control
+            .claim(std::process::id())
+            .map_err(|holder| GuestError::Claimed { pid, holder })?;
+        let page_size = crate::memory::page_size();
+        let target = Target {
+            pid,
+            addr: found.mem_addr,
+            pages: found.mem_bytes / page_size,
+            page_size,
+        };
+        let opened = crate::dirty::open(kind, &target, None, &found.control);
+        let tracker = match opened {
+            Ok(t) => t,
+            Err(e) => {
+                found.control.unclaim(std::process::id());
+                return Err(e.into());
+            }
+        };
+        let vcpus = found.control.published().1;
+        Ok(Self::Attached {
+            found,
+            tracker,
+            vcpus,
+        })
+    }
+
+    fn pid(&self) -> i32 {
+        match self {
+            Self::Own(src) => src.guest.pid(),
+            Self::Attached { found, .. } => found.pid,
+        }
+    }
+
+    /// (page size, pages).
+    fn pages(&self) -> (u64, u64) {
+        match self {
+            Self::Own(src) => (src.mem.page_size(), src.mem.page_count()),
+            Self::Attached { found, .. } => {
+                let ps = crate::memory::page_size();
+                (ps, found.mem_bytes / ps)
+            }
+        }
+    }
+
+    /// (workload, vCPUs) as the guest published them.
+    fn describe(&self) -> (String, u32) {
+        match self {
+            Self::Own(src) => src.guest.control().published(),
+            Self::Attached { found, .. } => found.control.published(),
+        }
+    }
+
+    fn ops(&self) -> u64 {
+        match self {
+            Self::Own(src) => src.guest.ops(),
+            Self::Attached { found, .. } => found.control.ops(MAX_VCPUS),
+        }
+    }
+
+    fn cpu_time(&self) -> Duration {
+        crate::guest::cpu_time(self.pid())
+    }
+
+    fn check_alive(&mut self) -> Result<(), DirtyRateError> {
+        match self {
+            Self::Own(src) => Ok(src.guest.check_alive()?),
+            Self::Attached { found, .. } if crate::guest::process_gone(found.pid) => {
+                Err(DirtyError::Guest {
+                    pid: found.pid,
+                    what: "exited".into(),
+                }
+                .into())
+            }
+            Self::Attached { .. } => Ok(()),
+        }
+    }
+
+    fn harvest(&mut self, into: &mut DirtySet) -> Result<Duration, DirtyRateError> {
+        match self {
+            Self::Own(src) => Ok(src.harvest(into, false)?),
+            Self::Attached {
+                found,
+                tracker,
+                vcpus,
+            } => {
+                let t = Instant::now();
+                let quiesce = tracker.needs_quiesce();
+                if quiesce && !found.control.request_pause(*vcpus, Duration::from_secs(5)) {
+                    found.control.release();
+                    return Err(DirtyError::Guest {
+                        pid: found.pid,
+                        what: "did not park its vCPUs within 5 s".into(),
+                    }
+                    .into());
+                }
+                let harvested = tracker.harvest(into, false);
+                if quiesce {
+                    found.control.release();
+                }
+                if let Err(e) = harvested {
+                    self.check_alive()?;
+                    return Err(e.into());
+                }
+                Ok(t.elapsed())
+            }
+        }
+    }
 }
 
 /// Tumbling windows of `ticks` harvests.
@@ -206,7 +378,8 @@ pub fn summary(r: &DirtyRateReport) -> String {
     use crate::units::fmt_bytes;
     let ps = r.page_size;
     let mut s = format!(
-        "dirtyrate         {} tracker, {}, {} vCPU(s), {}, measured {:.0} ms\n",
+        "dirtyrate         guest {}, {} tracker, {}, {} vCPU(s), {}, measured {:.0} ms\n",
+        r.pid,
         r.tracker,
         r.workload,
         r.vcpus,

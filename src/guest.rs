@@ -22,9 +22,9 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::control::{Control, MAX_VCPUS};
+use crate::control::{Control, CONTROL_NAME, MAX_VCPUS};
 use crate::dirty::{DirtyError, SharedBitmap, TrackerKind};
-use crate::memory::{GuestMemory, MemoryError, SharedRegion};
+use crate::memory::{GuestMemory, MemoryError, SharedRegion, GUEST_RAM_NAME};
 use crate::workload::{Stream, Workload, WorkloadError, Write};
 
 /// How long a guest may take to start or to park its vCPUs.
@@ -64,6 +64,10 @@ pub enum GuestError {
     Workload(#[from] WorkloadError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("process {pid} is not a livemig guest: {why}")]
+    NotAGuest { pid: i32, why: String },
+    #[error("guest {pid} is tracked by process {holder} (a migration or another measurement); harvesting it too would steal its dirty pages")]
+    Claimed { pid: i32, holder: u32 },
     #[error("cannot set up --tracker {tracker} in the guest")]
     Tracker {
         tracker: &'static str,
@@ -185,6 +189,10 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
                     Ordering::Relaxed,
                 );
                 slot.ops.store(0, Ordering::Relaxed);
+            }
+            if f.workload.len() <= crate::control::MAX_WORKLOAD_LEN {
+                // For whoever attaches later (`livemig dirtyrate --pid`).
+                control.publish(&f.workload, f.vcpus);
             }
             (f.workload, f.vcpus)
         }
@@ -350,6 +358,78 @@ pub fn process_gone(pid: i32) -> bool {
             .is_none_or(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
         Err(_) => true,
     }
+}
+
+/// CPU time all of process `pid`'s threads have run so far (the kernel's
+/// per-task schedstat), faults and signal handlers taken in them included.
+pub fn cpu_time(pid: i32) -> Duration {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    let ns: u64 = tasks
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// A guest process found through /proc (`livemig dirtyrate --pid`): where
+/// its memory is mapped, and its control block.
+pub struct Found {
+    pub pid: i32,
+    pub mem_addr: u64,
+    pub mem_bytes: u64,
+    pub control: Control,
+}
+
+/// Find livemig guest `pid`: its RAM mapping in /proc/<pid>/maps and its
+/// control block among its open fds (both are named memfds).
+pub fn find(pid: i32) -> Result<Found, GuestError> {
+    let not = |why: String| GuestError::NotAGuest { pid, why };
+    if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(not("no such process".into()));
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| not(format!("cannot read /proc/{pid}/maps ({e})")))?;
+    let ram = maps
+        .lines()
+        .find(|l| l.contains(&format!("/memfd:{GUEST_RAM_NAME} ")))
+        .ok_or_else(|| not(format!("no {GUEST_RAM_NAME} mapping in /proc/{pid}/maps")))?;
+    let (start, end) = ram
+        .split_whitespace()
+        .next()
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .ok_or_else(|| not(format!("unreadable maps line {ram:?}")))?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| not(format!("cannot list /proc/{pid}/fd ({e})")))?;
+    let control = fds
+        .flatten()
+        .find(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| {
+                t.to_string_lossy()
+                    .starts_with(&format!("/memfd:{CONTROL_NAME} "))
+            })
+        })
+        .ok_or_else(|| not(format!("no {CONTROL_NAME} memfd among its open files")))?;
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(control.path())
+        .map_err(|e| not(format!("cannot open its control block ({e})")))?;
+    let region = SharedRegion::map(CONTROL_NAME, file, crate::control::block_len())?;
+    Ok(Found {
+        pid,
+        mem_addr: start,
+        mem_bytes: end - start,
+        control: Control::from_region(region),
+    })
 }
 
 /// The owner's handle on a guest process. Dropping it kills and reaps the
@@ -569,18 +649,9 @@ impl Guest {
         self.control.start(&state.workload, self.vcpus);
     }
 
-    /// CPU time all the guest's threads have run so far (the kernel's
-    /// per-task schedstat), faults and signal handlers taken in it included.
+    /// CPU time of the guest's threads so far (see [`cpu_time`]).
     pub fn cpu_time(&self) -> Duration {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid()));
-        let ns: u64 = tasks
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .sum();
-        Duration::from_nanos(ns)
+        cpu_time(self.pid())
     }
 
     /// Write rate over `window`, in pages per second (measured, not the target).

@@ -38,6 +38,9 @@ pub enum MemoryError {
     BadSize(String, u64),
 }
 
+/// Name of guest RAM's memfd (how `livemig dirtyrate --pid` finds it).
+pub const GUEST_RAM_NAME: &str = "livemig-guest-ram";
+
 /// The host page size; guest pages are host pages (they are real mappings).
 pub fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
@@ -107,7 +110,8 @@ impl SharedRegion {
         Self::map(name, file, len)
     }
 
-    fn map(name: &str, file: File, len: u64) -> Result<Self, MemoryError> {
+    /// Map an open memfd (another process's, found through /proc).
+    pub fn map(name: &str, file: File, len: u64) -> Result<Self, MemoryError> {
         let map_err = |source| MemoryError::Map {
             name: name.into(),
             len,
@@ -157,7 +161,7 @@ impl GuestMemory {
             return Err(MemoryError::BadSize("--mem".into(), page_size));
         }
         Ok(Self {
-            region: SharedRegion::create("livemig-guest-ram", memory_bytes)?,
+            region: SharedRegion::create(GUEST_RAM_NAME, memory_bytes)?,
             page_size,
         })
     }

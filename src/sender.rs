@@ -145,6 +145,8 @@ impl Source {
         let mut guest = Guest::spawn(&mem, control.clone(), bitmap.as_ref(), tracker, Some(fresh))?;
         // The guest publishes where its memory is mapped before it runs.
         guest.wait_running()?;
+        // A new guest: nobody else can have claimed it yet.
+        let _ = control.claim(std::process::id());
         let target = Target {
             pid: guest.pid(),
             addr: guest.mem_addr(),
@@ -158,6 +160,11 @@ impl Source {
             tracker,
             workload,
         })
+    }
+
+    /// Stop harvesting (`livemig run`): let another process claim the guest.
+    pub fn release(&self) {
+        self.guest.control().unclaim(std::process::id());
     }
 
     /// Add the pages written since the last harvest to `into`; `paused`:
