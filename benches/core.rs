@@ -1,14 +1,13 @@
-//! Hot paths: frame encode/decode and dirty-bitmap harvest over 1 GiB of guest memory.
+//! Hot paths: frame encode/decode, and turning a 1 GiB dirty set into runs.
+//! (Harvest costs of every tracker are in `benches/trackers.rs`.)
 //!
-//! `cargo bench --bench core` (add `-- harvest` etc. to filter).
+//! `cargo bench --bench core` (add `-- runs` etc. to filter).
 
-use std::cell::RefCell;
 use std::hint::black_box;
 use std::io::Cursor;
-use std::rc::Rc;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use livemig::dirty::{DirtySet, SharedBitmap};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use livemig::dirty::DirtySet;
 use livemig::protocol::{pages_frame_header, read_frame, Frame, Limits, Message};
 
 const PAGE_SIZE: u32 = 4096;
@@ -52,48 +51,6 @@ fn frames(c: &mut Criterion) {
     g.finish();
 }
 
-type Pool = Rc<RefCell<Vec<SharedBitmap>>>;
-
-/// A bitmap taken from a pool and given back when criterion drops the input,
-/// after the timed loop: each input of a batch has its own already-faulted-in
-/// bitmap, and no memfd is created or unmapped while timed.
-struct Lease(Option<SharedBitmap>, Pool);
-
-impl Lease {
-    fn take(pool: &Pool, percent: u64) -> Lease {
-        let popped = pool.borrow_mut().pop();
-        let bm = popped.unwrap_or_else(|| SharedBitmap::create(PAGES).expect("bitmap memfd"));
-        marked(percent).for_each(|p| bm.mark(p));
-        Lease(Some(bm), pool.clone())
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.1.borrow_mut().extend(self.0.take());
-    }
-}
-
-fn harvest(c: &mut Criterion) {
-    let mut g = c.benchmark_group("harvest 1 GiB");
-    let pool = Pool::default();
-    for percent in [0, 1, 100] {
-        let lease = Lease::take(&pool, percent);
-        let mut set = DirtySet::new(PAGES);
-        lease.0.as_ref().unwrap().take_into(&mut set);
-        assert_eq!(set.count(), PAGES * percent / 100);
-        drop(lease);
-        g.bench_function(format!("{percent}%"), |b| {
-            b.iter_batched_ref(
-                || (Lease::take(&pool, percent), DirtySet::new(PAGES)),
-                |(lease, set)| lease.0.as_ref().unwrap().take_into(set),
-                BatchSize::LargeInput,
-            )
-        });
-    }
-    g.finish();
-}
-
 fn runs(c: &mut Criterion) {
     let mut g = c.benchmark_group("runs(256) 1 GiB");
     for (name, percent, expect) in [("1% scattered", 1, None), ("100%", 100, Some(1024))] {
@@ -106,5 +63,5 @@ fn runs(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, frames, harvest, runs);
+criterion_group!(benches, frames, runs);
 criterion_main!(benches);
