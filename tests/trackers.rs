@@ -231,36 +231,26 @@ fn dirtyrate_attaches_to_a_running_guest_one_harvester_at_a_time() {
         .read_line(&mut line)
         .unwrap();
     let pid = line.split_whitespace().nth(1).unwrap().to_string();
-    let measure = |duration: &str| {
-        common::run(&[
+    let measure = |warmup: &str, duration: &str| {
+        let args = [
             "dirtyrate",
             "--quiet",
             "--pid",
             &pid,
             "--warmup",
-            "100ms",
+            warmup,
             "--duration",
             duration,
-        ])
+        ];
+        common::run(&args)
     };
-    let long = std::thread::spawn({
-        let pid = pid.clone();
-        move || {
-            common::run(&[
-                "dirtyrate",
-                "--quiet",
-                "--pid",
-                &pid,
-                "--warmup",
-                "0s",
-                "--duration",
-                "1500ms",
-            ])
-        }
+    let long = std::thread::scope(|s| {
+        let long = s.spawn(|| measure("0s", "1500ms"));
+        std::thread::sleep(Duration::from_millis(500));
+        measure("100ms", "200ms").assert_fails_with(&["tracked by process", "steal"]);
+        long.join().unwrap()
     });
-    std::thread::sleep(Duration::from_millis(500));
-    measure("200ms").assert_fails_with(&["tracked by process", "steal"]);
-    let r = long.join().unwrap();
+    let r = long;
     assert!(r.ok(), "{}", r.stderr());
     let rep = r.report();
     assert_eq!(rep["pid"].to_string(), pid);
@@ -273,7 +263,7 @@ fn dirtyrate_attaches_to_a_running_guest_one_harvester_at_a_time() {
         "{rep}"
     );
     // The claim was given back: a second measurement may run now.
-    assert!(measure("100ms").ok());
+    assert!(measure("100ms", "100ms").ok());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(run.id() as i32),
         nix::sys::signal::Signal::SIGINT,

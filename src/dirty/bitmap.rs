@@ -92,13 +92,8 @@ impl Tracker for BitmapTracker {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::set_of;
     use super::*;
-
-    fn set_of(pages: u64, bits: &[u64]) -> DirtySet {
-        let mut s = DirtySet::new(pages);
-        bits.iter().for_each(|&b| s.set(b));
-        s
-    }
 
     #[test]
     fn take_and_reset() {

@@ -335,7 +335,7 @@ pub trait Tracker: Send {
 mod tests {
     use super::*;
 
-    fn set_of(pages: u64, bits: &[u64]) -> DirtySet {
+    pub(super) fn set_of(pages: u64, bits: &[u64]) -> DirtySet {
         let mut s = DirtySet::new(pages);
         bits.iter().for_each(|&b| s.set(b));
         s
