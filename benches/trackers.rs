@@ -61,7 +61,9 @@ impl Bed {
                 // The handler and its serving thread know one region per
                 // process: `beds` makes the only mprotect bed.
                 let bm = SharedBitmap::create(PAGES).expect("bitmap memfd");
-                dirty::mprotect::install(ptr, len, &bm, &control);
+                // SAFETY: the bed's memory, bitmap and control block live as
+                // long as the bench process (beds are never dropped early).
+                unsafe { dirty::mprotect::install(ptr, len, &bm, &control) };
                 let c = control.clone();
                 std::thread::spawn(move || dirty::mprotect::serve(&c));
                 bitmap = Some(bm);

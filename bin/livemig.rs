@@ -213,6 +213,11 @@ impl SendOpts {
 fn run_guest(opts: &RunOpts) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let g = opts.guest.config()?;
+    anyhow::ensure!(
+        !g.tracker.uses_bitmap(),
+        "livemig run: --tracker {} cannot be harvested by another process; use uffd-wp or soft-dirty",
+        g.tracker.as_str()
+    );
     // Block the signals before any thread starts, then wait for them.
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGINT);

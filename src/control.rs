@@ -1,7 +1,9 @@
 //! The control block: a small shared memfd through which a guest process and
 //! its owner (the sender, or the receiver after migration) talk without
-//! sockets. It holds futex words for pausing the vCPUs at safe points and one
-//! slot per vCPU with its write counter and its device state.
+//! sockets. It holds futex words for pausing the vCPUs at safe points, one
+//! slot per vCPU with its write counter and its device state, the claim of
+//! the one process allowed to harvest the guest's dirty pages, and the
+//! `mprotect` tracker's re-protection requests.
 //!
 //! Pausing is two-step and real: the owner asks the vCPUs to park at a safe
 //! point (between two complete "write then mark" operations, so no write can
@@ -24,6 +26,9 @@ pub const MAX_WORKLOAD_LEN: usize = 256;
 /// Name of the control block's memfd (how `livemig dirtyrate --pid` finds it).
 pub const CONTROL_NAME: &str = "livemig-control";
 
+/// "livemig" and the layout's version, in [`ControlBlock::magic`].
+pub const MAGIC: u64 = u64::from_le_bytes(*b"livemig\x01");
+
 /// Values of [`ControlBlock::pause`].
 pub const RUN: u32 = 0;
 pub const PAUSE: u32 = 1;
@@ -43,6 +48,11 @@ pub struct VcpuSlot {
 /// The shared layout. A zero-filled mapping is a valid block (all atomics).
 #[repr(C)]
 pub struct ControlBlock {
+    /// [`MAGIC`]: set by the owner that created the block, so a process
+    /// attaching through /proc knows the memfd is one (of this layout).
+    pub magic: AtomicU64,
+    /// The guest process's pid, published by the guest.
+    pub guest_pid: AtomicU32,
     /// Futex: [`RUN`] or [`PAUSE`], written by the owner.
     pub pause: AtomicU32,
     /// Futex: vCPUs parked at a safe point, written by the guest.
@@ -95,9 +105,11 @@ pub fn block_len() -> u64 {
 
 impl Control {
     pub fn create() -> Result<Self, MemoryError> {
-        Ok(Self {
+        let c = Self {
             region: Arc::new(SharedRegion::create(CONTROL_NAME, block_len())?),
-        })
+        };
+        c.block().magic.store(MAGIC, Ordering::Release);
+        Ok(c)
     }
 
     pub fn from_region(region: SharedRegion) -> Self {
@@ -198,9 +210,15 @@ impl Control {
             match owner.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => return Ok(()),
                 Err(holder) if holder == pid => return Ok(()),
-                // A holder that died without releasing does not count.
+                // A holder that died without releasing does not count; it
+                // may have died with the vCPUs parked for a harvest.
                 Err(holder) if crate::guest::process_gone(holder as i32) => {
-                    let _ = owner.compare_exchange(holder, 0, Ordering::SeqCst, Ordering::SeqCst);
+                    if owner
+                        .compare_exchange(holder, 0, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        self.release();
+                    }
                 }
                 Err(holder) => return Err(holder),
             }

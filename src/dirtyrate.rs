@@ -232,6 +232,14 @@ impl Measured {
             }
         };
         let vcpus = found.control.published().1;
+        if tracker.needs_quiesce() && vcpus == 0 {
+            found.control.unclaim(std::process::id());
+            return Err(GuestError::NotAGuest {
+                pid,
+                why: "it did not publish its vCPU count, which --tracker soft-dirty needs to park them".into(),
+            }
+            .into());
+        }
         Ok(Self::Attached {
             found,
             tracker,
@@ -300,13 +308,8 @@ impl Measured {
             } => {
                 let t = Instant::now();
                 let quiesce = tracker.needs_quiesce();
-                if quiesce && !found.control.request_pause(*vcpus, Duration::from_secs(5)) {
-                    found.control.release();
-                    return Err(DirtyError::Guest {
-                        pid: found.pid,
-                        what: "did not park its vCPUs within 5 s".into(),
-                    }
-                    .into());
+                if quiesce {
+                    crate::guest::park(&found.control, *vcpus, found.pid)?;
                 }
                 let harvested = tracker.harvest(into, false);
                 if quiesce {

@@ -2,8 +2,9 @@
 //! threads write into guest memory, and the [`Guest`] handle its owner uses to
 //! start, pause, resume and stop it.
 //!
-//! The guest inherits three memfds from its owner: its RAM, the control block
-//! ([`crate::control`]) and, for the `bitmap` tracker, the dirty bitmap. A
+//! The guest inherits up to three memfds from its owner: its RAM, the control
+//! block ([`crate::control`]) and, for the `bitmap` and `mprotect` trackers,
+//! the dirty bitmap. It sets up its tracker itself ([`crate::dirty`]). A
 //! fresh guest stamps every page (so a page lost in transit cannot pass
 //! verification by being zero) and starts its workload. An incoming guest
 //! (`--incoming`, on the destination) is started before migration, like
@@ -35,7 +36,7 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKLOG: Duration = Duration::from_millis(200);
 /// Writes between two looks at the pause flag (and between publications of
 /// a vCPU's write counter).
-const BATCH: u64 = 64;
+pub const BATCH: u64 = 64;
 
 /// Errors of the guest and its handle.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +219,16 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     };
     let protect = match (tracker, &bitmap) {
         (Some(TrackerKind::Mprotect), Some(b)) => {
-            crate::dirty::mprotect::install(mem.region().as_ptr(), mem.len() as usize, b, &control);
+            // SAFETY: guest RAM, the bitmap and the control block stay
+            // mapped until this process exits.
+            unsafe {
+                crate::dirty::mprotect::install(
+                    mem.region().as_ptr(),
+                    mem.len() as usize,
+                    b,
+                    &control,
+                )
+            };
             true
         }
         (Some(TrackerKind::Mprotect), None) => {
@@ -229,10 +239,10 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         }
         _ => false,
     };
-    control
-        .block()
-        .mem_addr
+    let b = control.block();
+    b.mem_addr
         .store(mem.region().as_ptr() as u64, Ordering::Release);
+    b.guest_pid.store(std::process::id(), Ordering::Release);
     let vcpu = Vcpu {
         mem: &mem,
         control: &control,
@@ -349,6 +359,30 @@ impl Vcpu<'_> {
     }
 }
 
+/// Park the `vcpus` vCPUs of guest `pid` at a safe point; on failure they
+/// are released again.
+pub fn park(control: &Control, vcpus: u32, pid: i32) -> Result<(), GuestError> {
+    let start = Instant::now();
+    while !control.request_pause(vcpus, Duration::from_millis(50)) {
+        let timeout = start.elapsed() > PAUSE_TIMEOUT;
+        if timeout || process_gone(pid) {
+            control.release();
+            return Err(match timeout {
+                true => GuestError::Timeout {
+                    pid,
+                    what: "pause",
+                    secs: PAUSE_TIMEOUT.as_secs(),
+                },
+                false => GuestError::Exited {
+                    pid,
+                    status: "gone".into(),
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether process `pid` has exited (gone, or a zombie not yet reaped).
 pub fn process_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -423,12 +457,30 @@ pub fn find(pid: i32) -> Result<Found, GuestError> {
         .write(true)
         .open(control.path())
         .map_err(|e| not(format!("cannot open its control block ({e})")))?;
-    let region = SharedRegion::map(CONTROL_NAME, file, crate::control::block_len())?;
+    let len = crate::control::block_len();
+    if file.metadata().map_or(0, |m| m.len()) < len {
+        return Err(not(format!("its {CONTROL_NAME} memfd is too small")));
+    }
+    let control = Control::from_region(SharedRegion::map(CONTROL_NAME, file, len)?);
+    let b = control.block();
+    if b.magic.load(Ordering::Acquire) != crate::control::MAGIC {
+        return Err(not(format!(
+            "its {CONTROL_NAME} memfd is not a control block of this livemig version"
+        )));
+    }
+    // The owner (livemig run, send) maps the same memfds: point it at its guest.
+    let guest = b.guest_pid.load(Ordering::Acquire);
+    if guest == 0 {
+        return Err(not("its control block names no guest process".into()));
+    }
+    if guest != pid as u32 || b.mem_addr.load(Ordering::Acquire) != start {
+        return Err(not(format!("it runs guest {guest}: use --pid {guest}")));
+    }
     Ok(Found {
         pid,
         mem_addr: start,
         mem_bytes: end - start,
-        control: Control::from_region(region),
+        control,
     })
 }
 
@@ -489,9 +541,15 @@ impl Guest {
             None => cmd.arg("--incoming"),
         };
         // SAFETY: the closure runs between fork and exec and only calls
-        // fcntl, which is async-signal-safe, on fds this process owns.
+        // sigemptyset, pthread_sigmask and fcntl, which are async-signal-safe,
+        // on a local set and fds this process owns.
         unsafe {
             cmd.pre_exec(move || {
+                // A signal mask survives exec: the guest must not inherit
+                // one its owner set for itself (livemig run blocks SIGTERM).
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 for &fd in &fds {
                     if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                         return Err(std::io::Error::last_os_error());
@@ -522,18 +580,10 @@ impl Guest {
     /// Park the vCPUs at a safe point without stopping the process (a
     /// tracker that cannot read and reset atomically harvests meanwhile).
     pub fn park(&mut self) -> Result<(), GuestError> {
-        let start = Instant::now();
-        while !self
-            .control
-            .request_pause(self.vcpus, Duration::from_millis(50))
-        {
-            self.check_alive()?;
-            if start.elapsed() > PAUSE_TIMEOUT {
-                self.control.release();
-                return Err(self.timeout("pause", PAUSE_TIMEOUT));
-            }
-        }
-        Ok(())
+        park(&self.control, self.vcpus, self.pid()).map_err(|e| match self.check_alive() {
+            Err(exited) => exited,
+            Ok(()) => e,
+        })
     }
 
     /// Undo [`Guest::park`].
@@ -647,11 +697,6 @@ impl Guest {
         }
         self.vcpus = state.vcpus.len() as u32;
         self.control.start(&state.workload, self.vcpus);
-    }
-
-    /// CPU time of the guest's threads so far (see [`cpu_time`]).
-    pub fn cpu_time(&self) -> Duration {
-        cpu_time(self.pid())
     }
 
     /// Write rate over `window`, in pages per second (measured, not the target).

@@ -55,6 +55,11 @@ struct UffdioWriteprotect {
     mode: u64,
 }
 
+// The uapi sizes: the ioctl numbers encode the arguments' sizes.
+const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
+const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
+const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
+
 nix::ioctl_readwrite!(uffdio_api, UFFDIO, 0x3F, UffdioApi);
 nix::ioctl_readwrite!(uffdio_register, UFFDIO, 0x00, UffdioRegister);
 nix::ioctl_readwrite!(uffdio_writeprotect, UFFDIO, 0x06, UffdioWriteprotect);

@@ -31,7 +31,7 @@ pub use bitmap::{BitmapTracker, SharedBitmap};
 pub enum DirtyError {
     #[error("unknown --tracker \"{0}\" (available: {list})", list = TrackerKind::NAMES.join(", "))]
     UnknownTracker(String),
-    #[error("--tracker {tracker} is not available on this kernel: {reason}; use {instead}")]
+    #[error("--tracker {tracker} is not available here: {reason}; use {instead}")]
     Unsupported {
         tracker: &'static str,
         reason: String,
@@ -94,10 +94,13 @@ impl TrackerKind {
             }
             None => match Self::UffdWp.check_kernel() {
                 Ok(()) => Ok((Self::UffdWp, None)),
-                Err(e) => Ok((
+                Err(DirtyError::Unsupported { reason, .. }) => Ok((
                     Self::Bitmap,
-                    Some(format!("notice: using --tracker bitmap ({e})")),
+                    Some(format!(
+                        "notice: using --tracker bitmap: uffd-wp is not available here ({reason})"
+                    )),
                 )),
+                Err(e) => Err(e),
             },
         }
     }
@@ -117,10 +120,10 @@ impl TrackerKind {
                 SOFT_DIRTY.get_or_init(|| match pagemap::soft_dirty_supported() {
                     Ok(true) => Ok(()),
                     Ok(false) => Err(
-                        "it lacks CONFIG_MEM_SOFT_DIRTY (pagemap bit 55 stays clear after a write)"
+                        "the kernel lacks CONFIG_MEM_SOFT_DIRTY (pagemap bit 55 stays clear after a write)"
                             .into(),
                     ),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(crate::report::error_chain(&e)),
                 }),
                 "--tracker uffd-wp, bitmap or mprotect",
             ),
@@ -130,11 +133,6 @@ impl TrackerKind {
             reason,
             instead,
         })
-    }
-
-    /// Whether the guest's vCPUs mark the shared bitmap themselves.
-    pub fn guest_marks(self) -> bool {
-        self == Self::Bitmap
     }
 
     /// Whether the tracker records into the shared bitmap (guest or handler).

@@ -8,19 +8,24 @@
 //! [`SharedBitmap`] and returns, and the write runs again.
 //!
 //! Sender side: a harvest takes the bitmap, **then** asks the guest to
-//! re-protect and waits until it has. Why this order is exact enough:
-//! a write lands on a page only after a handler unprotected it and marked it
-//! (in that order), so either the mark is taken by this harvest and the
-//! write precedes the re-protection, which precedes sending, or the mark
-//! belongs to the next harvest. Nothing written is missed; a page may be
-//! reported that was marked but then re-written only after it was sent,
-//! which costs a resend, never a lost write.
+//! re-protect and waits until it has. Why nothing written is missed: a page
+//! is writable only after a handler unprotected it, and that handler marks
+//! it next. A write that lands before the re-protection is sent by this
+//! round whenever its mark was taken by this harvest (sending follows the
+//! re-protection), and by a later round otherwise, because the mark is then
+//! still set or not yet made. With two vCPUs, one may write a page another's
+//! handler has unprotected but not yet marked: that write is reported one
+//! harvest late, never lost. The final harvest is exact because the pause
+//! parks every vCPU at a safe point, outside any handler, before it runs.
+//! (Re-protecting first and taking second would lose writes: a fault between
+//! the two unprotects and marks a page whose mark the take then clears.)
 //!
 //! `vm.max_map_count`: every page unprotected on its own splits the one VMA,
 //! so scattered faults run out of maps at about `max_map_count / 2` pages.
 //! When a single-page `mprotect` fails, the handler unprotects the aligned
-//! 2 MiB block around the page (and marks all of it); when that fails too,
-//! all guest memory (marking every page). Both are counted and reported.
+//! block of 512 pages (2 MiB of 4 KiB pages) around the page and marks all of
+//! it; when that fails too, all guest memory, marking every page. Both are
+//! counted and reported.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -32,6 +37,9 @@ use crate::control::{Control, ControlBlock};
 /// Pages in the block unprotected when single pages run out of VMAs.
 const COALESCE_PAGES: usize = 512;
 const PROTECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `si_code` of a fault on a mapped page without the access right
+/// (uapi `asm-generic/siginfo.h`; the libc crate does not export it).
+const SEGV_ACCERR: libc::c_int = 2;
 
 // The handler's view of the guest, set once by `install`.
 static BASE: AtomicUsize = AtomicUsize::new(0);
@@ -42,9 +50,18 @@ static CONTROL: AtomicPtr<ControlBlock> = AtomicPtr::new(std::ptr::null_mut());
 
 /// Guest side: install the SIGSEGV handler for `len` bytes of guest memory
 /// at `base`, marking `bitmap`. Memory stays writable until the first
-/// harvest protects it. The bitmap and control block must outlive the
-/// process's vCPUs (the guest maps them for its whole life).
-pub fn install(base: *mut u8, len: usize, bitmap: &SharedBitmap, control: &Control) {
+/// harvest protects it. One region per process: the handler is process-wide.
+///
+/// # Safety
+/// `base..base+len` must be a mapping of this process, and it, `bitmap`'s
+/// mapping and `control`'s must stay mapped for as long as any thread may
+/// write to the region (the guest maps them for its whole life).
+pub unsafe fn install(base: *mut u8, len: usize, bitmap: &SharedBitmap, control: &Control) {
+    let pages = len as u64 / crate::memory::page_size();
+    assert!(
+        bitmap.region().len() as u64 * 8 >= pages,
+        "the bitmap has fewer bits than guest memory has pages"
+    );
     BASE.store(base as usize, Ordering::Relaxed);
     LEN.store(len, Ordering::Relaxed);
     PAGE.store(crate::memory::page_size() as usize, Ordering::Relaxed);
@@ -84,15 +101,16 @@ pub fn serve(control: &Control) -> ! {
 
 extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
     // SAFETY: the kernel hands a valid siginfo to an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
+    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
     let (base, len, ps) = (
         BASE.load(Ordering::Relaxed),
         LEN.load(Ordering::Relaxed),
         PAGE.load(Ordering::Relaxed),
     );
-    if addr < base || addr >= base + len {
-        // Not a tracked write: a real crash. Restore the default action;
-        // returning runs the access again, which now kills the process.
+    if code != SEGV_ACCERR || addr < base || addr >= base + len {
+        // Not a write to protected guest memory: a real crash (or a SIGSEGV
+        // sent with kill). Restore the default action; returning runs the
+        // faulting access again, which now kills the process.
         // SAFETY: signal(2) is async-signal-safe.
         unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
         return;

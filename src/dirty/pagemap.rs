@@ -60,6 +60,10 @@ struct PmScanArg {
     return_mask: u64,
 }
 
+// The uapi sizes: the ioctl number encodes the argument's size.
+const _: () = assert!(std::mem::size_of::<PmScanArg>() == 96);
+const _: () = assert!(std::mem::size_of::<PageRegion>() == 24);
+
 nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
 
 /// A guest's memory as seen through its pagemap: which process, and where
@@ -266,10 +270,15 @@ pub fn soft_dirty_supported() -> Result<bool, DirtyError> {
 /// write protection, register a shared page with it, write the page and
 /// find it with `PAGEMAP_SCAN`, exactly as a guest and its sender will.
 pub fn probe_uffd_wp() -> Result<(), String> {
-    probe_uffd_wp_steps().map_err(|e| e.to_string())?
+    let written = probe_uffd_wp_steps().map_err(|e| crate::report::error_chain(&e))?;
+    match written {
+        true => Ok(()),
+        false => Err("PAGEMAP_SCAN did not report a page written after protection".into()),
+    }
 }
 
-fn probe_uffd_wp_steps() -> Result<Result<(), String>, DirtyError> {
+/// Whether a page written after protection was reported.
+fn probe_uffd_wp_steps() -> Result<bool, DirtyError> {
     let page_size = crate::memory::page_size();
     let region = crate::memory::SharedRegion::create("livemig-probe", page_size)?;
     let uffd = crate::uffd::Uffd::open(crate::uffd::WP_ASYNC_FEATURES)?;
@@ -281,10 +290,7 @@ fn probe_uffd_wp_steps() -> Result<Result<(), String>, DirtyError> {
     // SAFETY: the first byte of a page this function mapped.
     unsafe { region.as_ptr().write_volatile(1) };
     pm.take_written(&mut set, &mut buf)?;
-    Ok(match set.contains(0) {
-        true => Ok(()),
-        false => Err("PAGEMAP_SCAN did not report a page written after protection".into()),
-    })
+    Ok(set.contains(0))
 }
 
 #[cfg(test)]
