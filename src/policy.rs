@@ -236,6 +236,57 @@ pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) ->
     stop.map_or(Decision::Continue, Decision::Stop)
 }
 
+/// The pre-copy loop's decisions, one instance per migration, shared by the
+/// real sender and the simulator so both iterate by the very same rules:
+/// after each round, record its figures, set the next round's rate limit
+/// (Clark et al.'s rule for a dynamic bandwidth) and ask the policy whether
+/// to stop.
+#[derive(Clone, Debug)]
+pub struct Precopy {
+    cfg: PolicyConfig,
+    rounds: Vec<RoundFigures>,
+    limit: Option<u64>,
+}
+
+impl Precopy {
+    pub fn new(cfg: PolicyConfig) -> Self {
+        let limit = cfg.bandwidth.initial_limit();
+        Self {
+            cfg,
+            rounds: Vec::new(),
+            limit,
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// Rate limit for the next round, bytes/s (None: unlimited).
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// The rounds done so far.
+    pub fn rounds(&self) -> &[RoundFigures] {
+        &self.rounds
+    }
+
+    /// Record a finished round (`elapsed`: since migration start) and decide.
+    pub fn end_round(&mut self, f: RoundFigures, elapsed: Duration) -> Decision {
+        // u64 -> f64 of the page size: exact.
+        let dirty_bytes_per_s = f.dirty_rate_pps() * self.cfg.page_size as f64;
+        self.limit = self.cfg.bandwidth.next_limit(dirty_bytes_per_s);
+        self.rounds.push(f);
+        decide(&self.cfg, &self.rounds, elapsed)
+    }
+
+    /// Stop-and-copy runs at the highest rate allowed (Clark et al.).
+    pub fn final_limit(&self) -> Option<u64> {
+        self.cfg.bandwidth.max().or(self.limit)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

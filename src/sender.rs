@@ -22,7 +22,7 @@ use crate::control::Control;
 use crate::dirty::{DirtyError, DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
 use crate::guest::{DeviceState, Fresh, Guest, GuestError};
 use crate::memory::{GuestMemory, MemoryError};
-use crate::policy::{decide, Decision, Policy, PolicyConfig, RoundFigures};
+use crate::policy::{Decision, Policy, PolicyConfig, Precopy, RoundFigures};
 use crate::protocol::{
     self, Frame, Kind, Limits, Message, ProtocolError, MAX_DIGESTS, MAX_RUN_PAGES,
 };
@@ -88,6 +88,18 @@ pub struct SenderConfig {
 }
 
 impl SenderConfig {
+    /// What the convergence policy decides on, for `page_size`-byte pages.
+    pub fn policy_config(&self, page_size: u64) -> PolicyConfig {
+        PolicyConfig {
+            policy: self.policy,
+            bandwidth: self.bandwidth,
+            page_size,
+            memory_bytes: self.memory_bytes,
+            downtime_limit: self.downtime_limit,
+            max_time: self.max_time,
+        }
+    }
+
     /// The guest this configuration starts.
     pub fn fresh(&self) -> Fresh {
         Fresh {
@@ -296,24 +308,16 @@ impl Run<'_> {
             .map_err(proto(format!("handshake with {addr}")))?;
         self.report.setup_time_ms = ms(start.elapsed());
 
-        let policy = PolicyConfig {
-            policy: cfg.policy,
-            bandwidth: cfg.bandwidth,
-            page_size,
-            memory_bytes: self.src.mem.len(),
-            downtime_limit: cfg.downtime_limit,
-            max_time: cfg.max_time,
-        };
-        let limiter = RateLimiter::new(cfg.bandwidth.initial_limit());
+        let mut precopy = Precopy::new(cfg.policy_config(page_size));
+        let limiter = RateLimiter::new(precopy.limit());
         let pages = self.src.mem.page_count();
         // Start tracking afresh: round 0 sends everything anyway.
         let mut dirty = DirtySet::new(pages);
         self.harvest(&mut dirty, false)?;
         let ops0 = (Instant::now(), self.src.guest.ops());
         let mut todo = DirtySet::all(pages);
-        let mut figures: Vec<RoundFigures> = Vec::new();
         let stop = loop {
-            let round = figures.len() as u32;
+            let round = precopy.rounds().len() as u32;
             let t0 = Instant::now();
             let (sent, bytes) = self.send_round(&mut sock, round, false, &todo, &limiter)?;
             dirty.clear();
@@ -329,13 +333,10 @@ impl Run<'_> {
                 rate_limit: limiter.limit(),
             };
             self.push_round(&f, harvest, false);
-            limiter.set_limit(
-                cfg.bandwidth
-                    .next_limit(f.dirty_rate_pps() * page_size as f64),
-            );
-            figures.push(f);
             std::mem::swap(&mut todo, &mut dirty);
-            if let Decision::Stop(reason) = decide(&policy, &figures, start.elapsed()) {
+            let decision = precopy.end_round(f, start.elapsed());
+            limiter.set_limit(precopy.limit());
+            if let Decision::Stop(reason) = decision {
                 break reason;
             }
         };
@@ -343,7 +344,7 @@ impl Run<'_> {
 
         // Stop-and-copy at the highest rate allowed (Clark et al.: the final
         // phase runs at max). The downtime starts now.
-        limiter.set_limit(cfg.bandwidth.max().or(limiter.limit()));
+        limiter.set_limit(precopy.final_limit());
         self.report.guest_rate_precopy_pps =
             Some((self.src.guest.ops() - ops0.1) as f64 / ops0.0.elapsed().as_secs_f64());
         let t_pause = Instant::now();
@@ -351,7 +352,7 @@ impl Run<'_> {
         let t_paused = Instant::now();
         let harvest = self.harvest(&mut todo, true)?;
         let t_harvested = Instant::now();
-        let round = figures.len() as u32;
+        let round = precopy.rounds().len() as u32;
         let (sent, bytes) = self.send_round(&mut sock, round, true, &todo, &limiter)?;
         let t_sent = Instant::now();
         self.push_round(
