@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use livemig::dirty::TrackerKind;
 use livemig::report::{self, Report, Status};
 use livemig::sender::{self, SenderConfig, Source};
-use livemig::{dirtyrate, guest, migrate, policy, ratelimit, receiver, units};
+use livemig::{dirtyrate, guest, migrate, policy, ratelimit, receiver, simulate, units};
 
 /// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
 #[derive(Parser)]
@@ -37,6 +37,8 @@ enum Cmd {
         #[command(flatten)]
         opts: SendOpts,
     },
+    /// Simulate a migration with the sender's own policy and rate-limiter code, moving no memory.
+    Simulate(SimulateOpts),
     /// Start a guest and keep it running until interrupted (to measure with dirtyrate --pid).
     Run(RunOpts),
     /// Measure a guest's dirty rate and writable working set (like QEMU's calc-dirty-rate).
@@ -102,6 +104,24 @@ struct SendOpts {
     /// Print only the summary (no round table, no progress bar).
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct SimulateOpts {
+    #[command(flatten)]
+    migration: SendOpts,
+    /// Network rate when the rate limit allows more.
+    #[arg(long, default_value = "10gbit")]
+    link: String,
+    /// Fixed time each pre-copy round costs besides sending (harvest, acknowledgement).
+    #[arg(long, default_value = "100us")]
+    round_overhead: String,
+    /// Fixed part of the downtime (pause, device state, resume).
+    #[arg(long, default_value = "500us")]
+    downtime_overhead: String,
+    /// Connect and handshake.
+    #[arg(long, default_value = "1ms")]
+    setup: String,
 }
 
 #[derive(Args)]
@@ -308,6 +328,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Dirtyrate(opts) => dirtyrate(&opts),
         Cmd::Run(opts) => run_guest(&opts),
+        Cmd::Simulate(opts) => {
+            let cfg = simulate::SimConfig {
+                migration: opts.migration.config()?,
+                page_size: livemig::memory::page_size(),
+                link_bytes_per_s: units::parse_rate("--link", &opts.link)? as f64,
+                round_overhead: units::parse_duration("--round-overhead", &opts.round_overhead)?,
+                downtime_overhead: units::parse_duration(
+                    "--downtime-overhead",
+                    &opts.downtime_overhead,
+                )?,
+                setup: units::parse_duration("--setup", &opts.setup)?,
+            };
+            let report = simulate::run(&cfg)?;
+            let mut print = row_printer(opts.migration.quiet);
+            report.rounds.iter().for_each(&mut print);
+            finish(&report, opts.migration.json.as_deref(), Ok(()))
+        }
         Cmd::Receive { listen, json } => {
             let listener = receiver::bind(&listen)?;
             eprintln!(

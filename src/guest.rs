@@ -185,10 +185,8 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         Some(f) => {
             stamp(&mem, f.seed);
             for (i, slot) in control.block().slots[..f.vcpus as usize].iter().enumerate() {
-                slot.seed.store(
-                    f.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                    Ordering::Relaxed,
-                );
+                slot.seed
+                    .store(vcpu_seed(f.seed, i as u32), Ordering::Relaxed);
                 slot.ops.store(0, Ordering::Relaxed);
             }
             if f.workload.len() <= crate::control::MAX_WORKLOAD_LEN {
@@ -263,6 +261,11 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         }
     });
     Ok(())
+}
+
+/// The seed of vCPU `i`'s write stream in a guest seeded with `seed`.
+pub fn vcpu_seed(seed: u64, i: u32) -> u64 {
+    seed ^ u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// Give every page distinct, non-zero content.

@@ -18,6 +18,7 @@ pub mod ratelimit;
 pub mod receiver;
 pub mod report;
 pub mod sender;
+pub mod simulate;
 pub mod uffd;
 pub mod units;
 pub mod workload;

@@ -55,6 +55,9 @@ pub struct DowntimeBreakdown {
     pub resume: f64,
 }
 
+/// [`Report::mode`] of a simulated migration ([`crate::simulate`]).
+pub const SIMULATED: &str = "simulated";
+
 /// The report of one migration, from the source's point of view.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -77,6 +80,9 @@ pub struct Report {
     pub setup_time_ms: f64,
     /// Source paused -> destination guest running.
     pub downtime_ms: Option<f64>,
+    /// Migration start -> destination guest running (total time less the
+    /// verification that follows): what models and simulations predict.
+    pub migration_time_ms: Option<f64>,
     pub downtime_breakdown_ms: DowntimeBreakdown,
     /// Bytes of the migration stream (pages, headers, device state); the
     /// verification digests are not counted.
@@ -187,35 +193,44 @@ pub fn summary(r: &Report) -> String {
         r.transferred_pages,
         r.rounds.len(),
     );
-    s += &format!(
-        "tracker           {}: {} harvests, {:.2} ms in all, longest {:.3} ms{}\n",
-        r.tracker,
-        r.dirty_sync_count,
-        r.harvest_total_ms,
-        r.harvest_max_ms,
-        match (r.tracker_faults, r.tracker_coalesced) {
-            (Some(f), Some(c)) => format!(", {f} write faults ({c} coalesced)"),
-            _ => String::new(),
-        }
-    );
-    if r.status == Status::Completed || r.verified_pages.saturating_add(r.mismatched_pages) > 0 {
+    if r.mode == SIMULATED {
+        s += "simulated         no memory moved: rounds, times and bytes are the simulator's\n";
         s += &format!(
-            "verified          {} pages, {} mismatched\n",
-            r.verified_pages, r.mismatched_pages
+            "guest dirty rate  {:.0} pages/s (the workload's rate)",
+            r.guest_target_rate_pps.unwrap_or(0.0)
         );
-    }
-    let target = r
-        .guest_target_rate_pps
-        .map_or(String::new(), |t| format!(" (target {t:.0})"));
-    s += &format!(
-        "guest dirty rate  {:.0} pages/s before migration{target}",
-        r.guest_dirty_rate_pps
-    );
-    if let Some(p) = r.guest_rate_precopy_pps {
-        s += &format!(", {p:.0} during pre-copy");
-    }
-    if let Some(d) = r.destination_guest_rate_pps {
-        s += &format!(", {d:.0} pages/s on the destination");
+    } else {
+        s += &format!(
+            "tracker           {}: {} harvests, {:.2} ms in all, longest {:.3} ms{}\n",
+            r.tracker,
+            r.dirty_sync_count,
+            r.harvest_total_ms,
+            r.harvest_max_ms,
+            match (r.tracker_faults, r.tracker_coalesced) {
+                (Some(f), Some(c)) => format!(", {f} write faults ({c} coalesced)"),
+                _ => String::new(),
+            }
+        );
+        if r.status == Status::Completed || r.verified_pages.saturating_add(r.mismatched_pages) > 0
+        {
+            s += &format!(
+                "verified          {} pages, {} mismatched\n",
+                r.verified_pages, r.mismatched_pages
+            );
+        }
+        let target = r
+            .guest_target_rate_pps
+            .map_or(String::new(), |t| format!(" (target {t:.0})"));
+        s += &format!(
+            "guest dirty rate  {:.0} pages/s before migration{target}",
+            r.guest_dirty_rate_pps
+        );
+        if let Some(p) = r.guest_rate_precopy_pps {
+            s += &format!(", {p:.0} during pre-copy");
+        }
+        if let Some(d) = r.destination_guest_rate_pps {
+            s += &format!(", {d:.0} pages/s on the destination");
+        }
     }
     s.push('\n');
     s

@@ -388,6 +388,7 @@ impl Run<'_> {
         // The peer's figure, bounded by what this side waited.
         let resume = Duration::from_nanos(resume_ns).min(t_resumed - t_sent);
         self.report.downtime_ms = Some(ms(t_resumed - t_pause));
+        self.report.migration_time_ms = Some(ms(t_resumed - start));
         let b = &mut self.report.downtime_breakdown_ms;
         b.pause = ms(t_paused - t_pause);
         b.final_harvest = ms(t_harvested - t_paused);
@@ -461,12 +462,7 @@ impl Run<'_> {
             stop_and_copy,
         };
         let mut bytes = protocol::write_message(sock, &start).map_err(proto(ctx))? as u64;
-        // Pace in slices of about 5 ms of the limit, so rounds are paced smoothly.
-        let chunk = match limiter.limit() {
-            Some(l) => (l / 200 / page_size).clamp(1, CHUNK_PAGES),
-            None => CHUNK_PAGES,
-        }
-        .min(u64::from(MAX_RUN_PAGES));
+        let chunk = chunk_pages(limiter.limit(), page_size);
         let label = if stop_and_copy {
             "stop-and-copy".into()
         } else {
@@ -561,6 +557,16 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// Pages per Pages frame under rate limit `limit`: slices of about 5 ms of
+/// the limit, so rounds are paced smoothly.
+pub fn chunk_pages(limit: Option<u64>, page_size: u64) -> u64 {
+    match limit {
+        Some(l) => (l / 200 / page_size).clamp(1, CHUNK_PAGES),
+        None => CHUNK_PAGES,
+    }
+    .min(u64::from(MAX_RUN_PAGES))
 }
 
 fn connect(addr: &str) -> Result<TcpStream, SendError> {
