@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use livemig::dirty::TrackerKind;
 use livemig::report::{self, Report, Status};
 use livemig::sender::{self, SenderConfig, Source};
-use livemig::{dirtyrate, guest, migrate, policy, ratelimit, receiver, simulate, units};
+use livemig::{dirtyrate, guest, migrate, model, policy, ratelimit, receiver, simulate, units};
 
 /// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
 #[derive(Parser)]
@@ -36,6 +36,14 @@ enum Cmd {
         to: String,
         #[command(flatten)]
         opts: SendOpts,
+    },
+    /// Predict a migration with the analytical pre-copy model.
+    Model {
+        #[command(flatten)]
+        opts: SimulateOpts,
+        /// classic (every write a new page: the λ = D/R model) | wws (distinct pages under the workload's pattern)
+        #[arg(long, default_value = "wws")]
+        variant: String,
     },
     /// Simulate a migration with the sender's own policy and rate-limiter code, moving no memory.
     Simulate(SimulateOpts),
@@ -229,6 +237,27 @@ impl SendOpts {
     }
 }
 
+impl SimulateOpts {
+    fn config(&self) -> Result<simulate::SimConfig> {
+        let d = |flag: &str, v: &str| units::parse_duration(flag, v);
+        Ok(simulate::SimConfig {
+            migration: self.migration.config()?,
+            page_size: livemig::memory::page_size(),
+            link_bytes_per_s: units::parse_rate("--link", &self.link)? as f64,
+            round_overhead: d("--round-overhead", &self.round_overhead)?,
+            downtime_overhead: d("--downtime-overhead", &self.downtime_overhead)?,
+            setup: d("--setup", &self.setup)?,
+        })
+    }
+}
+
+/// A simulation's or a model's report, printed like a real run's.
+fn print_prediction(report: &Report, opts: &SimulateOpts) -> Result<()> {
+    let mut print = row_printer(opts.migration.quiet);
+    report.rounds.iter().for_each(&mut print);
+    finish(report, opts.migration.json.as_deref(), Ok(()))
+}
+
 /// `livemig run`: a guest that keeps running until SIGINT or SIGTERM.
 fn run_guest(opts: &RunOpts) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
@@ -329,21 +358,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Dirtyrate(opts) => dirtyrate(&opts),
         Cmd::Run(opts) => run_guest(&opts),
         Cmd::Simulate(opts) => {
-            let cfg = simulate::SimConfig {
-                migration: opts.migration.config()?,
-                page_size: livemig::memory::page_size(),
-                link_bytes_per_s: units::parse_rate("--link", &opts.link)? as f64,
-                round_overhead: units::parse_duration("--round-overhead", &opts.round_overhead)?,
-                downtime_overhead: units::parse_duration(
-                    "--downtime-overhead",
-                    &opts.downtime_overhead,
-                )?,
-                setup: units::parse_duration("--setup", &opts.setup)?,
-            };
-            let report = simulate::run(&cfg)?;
-            let mut print = row_printer(opts.migration.quiet);
-            report.rounds.iter().for_each(&mut print);
-            finish(&report, opts.migration.json.as_deref(), Ok(()))
+            let report = simulate::run(&opts.config()?)?;
+            print_prediction(&report, &opts)
+        }
+        Cmd::Model { opts, variant } => {
+            let variant = model::Variant::parse(&variant).with_context(|| {
+                format!("invalid --variant \"{variant}\": expected classic or wws")
+            })?;
+            let report = model::run(&opts.config()?, variant)?;
+            print_prediction(&report, &opts)
         }
         Cmd::Receive { listen, json } => {
             let listener = receiver::bind(&listen)?;

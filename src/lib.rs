@@ -12,6 +12,7 @@ pub mod dirtyrate;
 pub mod guest;
 pub mod memory;
 pub mod migrate;
+pub mod model;
 pub mod policy;
 pub mod protocol;
 pub mod ratelimit;

@@ -138,6 +138,17 @@ impl StopReason {
         }
     }
 
+    /// Whether stopping for this reason means pre-copy converged (the
+    /// remaining dirty memory became small), did not (a cap stopped it), or
+    /// (fixed rounds) says nothing either way.
+    pub fn converged(&self) -> Option<bool> {
+        match self {
+            StopReason::FewDirtyPages | StopReason::DowntimeLimit => Some(true),
+            StopReason::FixedRounds => None,
+            _ => Some(false),
+        }
+    }
+
     /// One human sentence for reports.
     pub fn describe(&self) -> &'static str {
         match self {

@@ -66,6 +66,10 @@ pub struct Report {
     pub error: Option<String>,
     /// Why pre-copy stopped iterating (policy's reason), when it got that far.
     pub stop_reason: Option<String>,
+    /// Whether pre-copy converged (null for fixed rounds, or not that far).
+    pub converged: Option<bool>,
+    /// A prediction's remark (why it does not converge), if any.
+    pub note: Option<String>,
     pub mode: &'static str,
     pub tracker: String,
     pub policy: String,
@@ -174,7 +178,15 @@ pub fn summary(r: &Report) -> String {
     };
     s += &format!("status            {status}\n");
     if let Some(reason) = &r.stop_reason {
-        s += &format!("stop reason       {reason}\n");
+        let converged = match r.converged {
+            Some(true) => " (pre-copy converged)",
+            Some(false) => " (pre-copy did not converge)",
+            None => "",
+        };
+        s += &format!("stop reason       {reason}{converged}\n");
+    }
+    if let Some(note) = &r.note {
+        s += &format!("note              {note}\n");
     }
     s += &format!(
         "total time        {:.1} ms (setup {:.1} ms)\n",
@@ -193,8 +205,11 @@ pub fn summary(r: &Report) -> String {
         r.transferred_pages,
         r.rounds.len(),
     );
-    if r.mode == SIMULATED {
-        s += "simulated         no memory moved: rounds, times and bytes are the simulator's\n";
+    if r.mode == SIMULATED || r.mode == crate::model::MODEL {
+        s += &format!(
+            "{:<18}no memory moved: rounds, times and bytes are predicted\n",
+            r.mode
+        );
         s += &format!(
             "guest dirty rate  {:.0} pages/s (the workload's rate)",
             r.guest_target_rate_pps.unwrap_or(0.0)

@@ -341,6 +341,7 @@ impl Run<'_> {
             }
         };
         self.report.stop_reason = Some(stop.as_str().into());
+        self.report.converged = stop.converged();
 
         // Stop-and-copy at the highest rate allowed (Clark et al.: the final
         // phase runs at max). The downtime starts now.

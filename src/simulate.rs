@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use crate::dirty::DirtySet;
-use crate::policy::{Decision, Precopy, RoundFigures};
+use crate::policy::{Decision, Precopy, RoundFigures, StopReason};
 use crate::protocol::{self, Message};
 use crate::report::{DowntimeBreakdown, Report, RoundReport, Status};
 use crate::sender::{chunk_pages, SenderConfig};
@@ -34,7 +34,13 @@ pub enum SimulateError {
     MaxRate(String),
     #[error("--link must be a positive rate")]
     Link,
+    #[error("pre-copy does not converge: the policy had not stopped after {0} simulated rounds ({1:.0} s); lower --max-time, or ask livemig model")]
+    Runaway(usize, f64),
 }
+
+/// Rounds a simulation runs before it calls pre-copy non-converging (real
+/// runs of this size would take hours: only --max-time stops them).
+pub const MAX_ROUNDS: usize = 10_000;
 
 /// What a simulation assumes beyond the migration's own configuration.
 #[derive(Clone, Debug)]
@@ -74,6 +80,9 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
     let mut dirty = DirtySet::new(pages);
     let stop = loop {
         let round = precopy.rounds().len() as u32;
+        if round as usize >= MAX_ROUNDS {
+            return Err(SimulateError::Runaway(MAX_ROUNDS, elapsed.as_secs_f64()));
+        }
         let limit = precopy.limit();
         let bytes = round_bytes(&todo, round, false, limit, cfg.page_size);
         let duration = cfg.round_overhead + transfer(bytes, limit, cfg.link_bytes_per_s);
@@ -94,16 +103,45 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
             break reason;
         }
     };
-    report.stop_reason = Some(stop.as_str().into());
     let limit = precopy.final_limit();
-    let round = precopy.rounds().len() as u32;
-    let bytes = round_bytes(&todo, round, true, limit, cfg.page_size);
+    let bytes = round_bytes(
+        &todo,
+        precopy.rounds().len() as u32,
+        true,
+        limit,
+        cfg.page_size,
+    );
+    report.guest_target_rate_pps = guest.rate_pps();
+    finish(
+        &mut report,
+        &precopy,
+        cfg,
+        stop,
+        (todo.count(), bytes),
+        elapsed,
+    );
+    Ok(report)
+}
+
+/// Close a prediction (simulated or modelled): the stop-and-copy round of
+/// `last` (pages, bytes) at the highest allowed rate, the downtime, totals.
+pub(crate) fn finish(
+    report: &mut Report,
+    precopy: &Precopy,
+    cfg: &SimConfig,
+    stop: StopReason,
+    (pages, bytes): (u64, u64),
+    elapsed: Duration,
+) {
+    report.stop_reason = Some(stop.as_str().into());
+    report.converged = stop.converged();
+    let limit = precopy.final_limit();
     let last = transfer(bytes, limit, cfg.link_bytes_per_s);
     push_round(
-        &mut report,
+        report,
         &RoundFigures {
-            round,
-            pages: todo.count(),
+            round: precopy.rounds().len() as u32,
+            pages,
             bytes,
             duration: last,
             dirty_pages: 0,
@@ -121,9 +159,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
     report.migration_time_ms = Some(ms(elapsed + downtime));
     report.total_time_ms = ms(elapsed + downtime);
     report.dirty_sync_count = precopy.rounds().len() as u64 + 1;
-    report.guest_target_rate_pps = guest.rate_pps();
     report.status = Status::Completed;
-    Ok(report)
 }
 
 /// Bytes a round puts on the wire: RoundStart, a Pages frame per run of at
@@ -142,12 +178,13 @@ fn round_bytes(set: &DirtySet, round: u32, stop: bool, limit: Option<u64>, page_
 }
 
 /// Time to move `bytes` at the limit or the link, whichever is lower.
-fn transfer(bytes: u64, limit: Option<u64>, link: f64) -> Duration {
+pub(crate) fn transfer(bytes: u64, limit: Option<u64>, link: f64) -> Duration {
     let rate = limit.map_or(link, |l| link.min(l as f64));
     Duration::from_secs_f64(bytes as f64 / rate)
 }
 
-fn push_round(report: &mut Report, f: &RoundFigures, stop_and_copy: bool) {
+/// Add a predicted round to the report, as the sender adds a real one.
+pub(crate) fn push_round(report: &mut Report, f: &RoundFigures, stop_and_copy: bool) {
     report.rounds.push(RoundReport {
         round: f.round,
         pages: f.pages,
@@ -213,6 +250,6 @@ impl<'a> SimGuest<'a> {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

@@ -1,5 +1,6 @@
-//! `livemig simulate`: the sender's own policy and rate-limiter code over a
-//! synthetic guest, with the report shape of a real run.
+//! `livemig simulate` and `livemig model`: the sender's own policy and
+//! rate-limiter code over a synthetic guest or the analytical model, with
+//! the report shape of a real run.
 
 mod common;
 use common::*;
@@ -96,4 +97,127 @@ fn a_simulation_refuses_what_it_cannot_know() {
         .assert_fails_with(&["rate=max", "livemig dirtyrate"]);
     simulate(&["--link", "0"]).assert_fails_with(&["--link"]);
     simulate(&["--round-overhead", "soon"]).assert_fails_with(&["--round-overhead"]);
+    // Dirtying faster than the link, a policy without a round cap and no
+    // time cap to speak of: the simulator must say so, not run for days.
+    simulate(&[
+        "--mem",
+        "16M",
+        "--workload",
+        "uniform:rate=300k",
+        "--bandwidth",
+        "1gbit",
+        "--policy",
+        "qemu",
+        "--downtime-limit",
+        "1ms",
+        "--max-time",
+        "1000h",
+    ])
+    .assert_fails_with(&["does not converge", "10000 simulated rounds"]);
+}
+
+fn model(extra: &[&str]) -> Run {
+    let mut args = vec!["model", "--quiet", "--tracker", "bitmap"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn pages(rep: &serde_json::Value) -> Vec<f64> {
+    rounds(rep)
+        .iter()
+        .map(|r| r["pages"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_classic_model_is_the_textbook_geometric_series() {
+    // 256 MiB at 1 Gbit/s while 5k pages/s (20.48 MB/s) are written:
+    // lambda = D/R = 0.16384, V_i = M lambda^i (framing aside).
+    let r = model(&[
+        "--variant",
+        "classic",
+        "--workload",
+        "uniform:rate=5k",
+        "--link",
+        "1gbit",
+        "--round-overhead",
+        "0s",
+        "--policy",
+        "fixed:4",
+    ]);
+    assert!(r.ok(), "{}", r.stderr());
+    let v = pages(r.report());
+    let lambda = 5000.0 * 4096.0 / 125e6;
+    for (i, got) in v.iter().enumerate().take(5) {
+        let want = 65536.0 * f64::powi(lambda, i as i32);
+        assert!(
+            (got - want).abs() <= want * 0.01 + 1.0,
+            "V_{i}: {got} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn the_wws_model_agrees_with_the_simulator() {
+    for workload in [
+        "uniform:rate=20k",
+        "hotset:wws=32M,rate=50k",
+        "sweep:from=0,to=64M,rate=30k",
+    ] {
+        let args = [
+            "--workload",
+            workload,
+            "--link",
+            "5gbit",
+            "--policy",
+            "fixed:5",
+        ];
+        let (m, s) = (model(&args), simulate(&args));
+        assert!(m.ok() && s.ok(), "{} {}", m.stderr(), s.stderr());
+        for (i, (a, b)) in pages(m.report()).iter().zip(pages(s.report())).enumerate() {
+            assert!(
+                (a - b).abs() <= b * 0.05 + 5.0,
+                "{workload} round {i}: model {a}, simulator {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_model_that_cannot_converge_says_so() {
+    // 300k pages/s of 4 KiB is 1.2 GB/s of dirtying over a 1 Gbit/s link,
+    // and the qemu policy has no round cap: only --max-time stops it.
+    let r = model(&[
+        "--mem",
+        "128M",
+        "--workload",
+        "uniform:rate=300k",
+        "--bandwidth",
+        "1gbit",
+        "--policy",
+        "qemu",
+        "--downtime-limit",
+        "1ms",
+        "--max-time",
+        "1000h",
+    ]);
+    assert!(r.ok(), "{}", r.stderr());
+    let rep = r.report();
+    assert_eq!(rep["converged"], false);
+    assert_eq!(rep["stop_reason"], "max_time");
+    assert!(
+        rep["note"].as_str().unwrap().contains("does not converge"),
+        "{rep}"
+    );
+    assert!(r.stdout().contains("does not converge"));
+    let x = model(&["--workload", "idle", "--policy", "xen"]);
+    assert_eq!(x.report()["converged"], true);
+}
+
+#[test]
+fn a_model_refuses_impossible_parameters() {
+    model(&["--variant", "exact"]).assert_fails_with(&["--variant", "exact"]);
+    model(&["--bandwidth", "0"]).assert_fails_with(&["--bandwidth"]);
+    model(&["--link", "0"]).assert_fails_with(&["--link"]);
+    model(&["--workload", "uniform:rate=max"]).assert_fails_with(&["rate=max"]);
 }

@@ -1,0 +1,196 @@
+//! `livemig model`: the analytical pre-copy model, round by round.
+//!
+//! Memory M pages, write rate w pages/s, rate R_i bytes/s in round i (the
+//! limit or the link, whichever is lower). Round 0 sends V_0 = M pages and
+//! lasts T_i = overhead + V_i·page/R_i; the next round sends the pages
+//! dirtied meanwhile, V_{i+1} = D(w·T_i). Two variants of D:
+//! - `classic`: every write dirties a new page, D(W) = min(W, M): the
+//!   textbook λ = D/R model, V_i = M·λ^i (Clark et al., Strunk).
+//! - `wws`: the expected number of *distinct* pages W writes hit under the
+//!   workload's pattern; a hot set saturates, so it is sent every round and
+//!   last at stop-and-copy, as a writable-working-set model expects.
+//!
+//! Whether to stop is decided by the sender's own code ([`Precopy`]) on the
+//! predicted figures, so every policy (xen, qemu, fixed:N) and the dynamic
+//! rate limiter are modelled by the rules they run by. Downtime is the last
+//! V_n at the highest allowed rate plus a fixed overhead. Framing is
+//! counted as one Pages header per page after round 0 (scattered pages).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::policy::{Decision, Policy, Precopy, RoundFigures, StopReason};
+use crate::protocol;
+use crate::report::Report;
+use crate::sender::chunk_pages;
+use crate::simulate::{finish, ms, push_round, transfer, SimConfig, SimulateError};
+use crate::units::PageRate;
+use crate::workload::{Pattern, Workload};
+
+/// Which dirty-page function the model uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    Classic,
+    Wws,
+}
+
+impl Variant {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "classic" => Some(Self::Classic),
+            "wws" => Some(Self::Wws),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Wws => "wws",
+        }
+    }
+}
+
+/// Expected distinct pages that `writes` writes of workload `w` hit.
+pub fn distinct_pages(w: &Workload, writes: f64, variant: Variant) -> f64 {
+    let n = w.page_count as f64;
+    let writes = writes.max(0.0);
+    if variant == Variant::Classic {
+        return writes.min(n);
+    }
+    match w.pattern {
+        Pattern::Idle => 0.0,
+        // Each of n pages is missed by every write with probability (1-1/n).
+        Pattern::Uniform => n * -f64::exp_m1(writes * f64::ln_1p(-1.0 / n)),
+        Pattern::HotSet { wws_pages, hot } => {
+            // A write goes to the hot set with probability `hot`, else
+            // anywhere (the hot set included).
+            let h = wws_pages as f64;
+            let cold = (1.0 - hot) / n;
+            let miss = |p: f64| f64::exp(-writes * p);
+            h * (1.0 - miss(hot / h + cold)) + (n - h) * (1.0 - miss(cold))
+        }
+        // Sweeps walk their range in order.
+        Pattern::Sweep { from_page, to_page } => writes.min((to_page - from_page) as f64),
+    }
+}
+
+/// Predict one migration; the report has the shape of a real run's, with
+/// `mode` "model".
+pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
+    let m = &cfg.migration;
+    let ps = cfg.page_size;
+    let w = crate::guest::check_config(&m.workload, m.memory_bytes, ps, m.vcpus)?;
+    if cfg.link_bytes_per_s.is_nan() || cfg.link_bytes_per_s <= 0.0 {
+        return Err(SimulateError::Link);
+    }
+    let rate = match (w.is_idle(), w.rate) {
+        (true, _) => 0.0,
+        (false, PageRate::PerSec(r)) => r,
+        (false, PageRate::Max) => return Err(SimulateError::MaxRate(m.workload.clone())),
+    };
+    let mut report = Report {
+        mode: MODEL,
+        tracker: "none".into(),
+        page_size: ps,
+        setup_time_ms: ms(cfg.setup),
+        guest_target_rate_pps: (rate > 0.0).then_some(rate),
+        ..m.report()
+    };
+    let mut precopy = Precopy::new(m.policy_config(ps));
+    let mut elapsed = cfg.setup;
+    let mut todo = w.page_count;
+    let stop = loop {
+        let round = precopy.rounds().len() as u32;
+        let limit = precopy.limit();
+        let bytes = round_bytes(todo, round, limit, ps, w.page_count);
+        let duration = cfg.round_overhead + transfer(bytes, limit, cfg.link_bytes_per_s);
+        // Expected figures, rounded to whole pages as the sender counts them.
+        let dirty = distinct_pages(&w, rate * duration.as_secs_f64(), variant).round() as u64;
+        elapsed += duration;
+        let f = RoundFigures {
+            round,
+            pages: todo,
+            bytes,
+            duration,
+            dirty_pages: dirty,
+            rate_limit: limit,
+        };
+        push_round(&mut report, &f, false);
+        let same = (f.pages, f.rate_limit) == (dirty, precopy.limit());
+        let (seconds, round_bytes) = (f.duration.as_secs_f64(), f.bytes);
+        todo = dirty;
+        match precopy.end_round(f, elapsed) {
+            Decision::Stop(reason) => break reason,
+            // A fixed point: every later round is this one again, and only
+            // the clock (or a round cap) can stop pre-copy.
+            Decision::Continue if same && matches!(m.policy, Policy::Qemu) => {
+                let left = m.max_time.saturating_sub(elapsed).as_secs_f64();
+                let more = (left / seconds).ceil();
+                elapsed += Duration::from_secs_f64(more * seconds);
+                report.transferred_bytes += (more as u64).saturating_mul(round_bytes);
+                report.transferred_pages += (more as u64).saturating_mul(todo);
+                report.note = Some(format!(
+                    "does not converge: the guest dirties {:.1} MB/s of pages and rounds send {:.1} MB/s, so every round resends the same {todo} pages until --max-time ({more:.0} more rounds, not listed)",
+                    dirty as f64 * ps as f64 / seconds / 1e6,
+                    round_bytes as f64 / seconds / 1e6,
+                ));
+                break StopReason::MaxTime;
+            }
+            Decision::Continue => {}
+        }
+    };
+    let limit = precopy.final_limit();
+    let bytes = round_bytes(todo, precopy.rounds().len() as u32, limit, ps, w.page_count);
+    finish(&mut report, &precopy, cfg, stop, (todo, bytes), elapsed);
+    Ok(report)
+}
+
+/// [`Report::mode`] of a model's prediction.
+pub const MODEL: &str = "model";
+
+/// Bytes of a round of `pages` pages: round 0 in full chunks, later rounds
+/// one Pages header per page (scattered), and the round's start and end.
+fn round_bytes(pages: u64, round: u32, limit: Option<u64>, page_size: u64, all: u64) -> u64 {
+    let frame = protocol::pages_frame_header(0, 1, page_size as u32).len() as u64;
+    let frames = match pages == all {
+        true => pages.div_ceil(chunk_pages(limit, page_size)),
+        false => pages,
+    };
+    let start = protocol::Message::RoundStart {
+        round,
+        stop_and_copy: false,
+    };
+    let end = protocol::Message::round_end(round, pages);
+    (start.encode().len() + end.encode().len()) as u64 + frames * frame + pages * page_size
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(spec: &str) -> Workload {
+        Workload::parse(spec, 4096 * 4096, 4096).unwrap()
+    }
+
+    #[test]
+    fn distinct_pages_saturate_where_they_should() {
+        let u = w("uniform:rate=1k");
+        assert_eq!(distinct_pages(&u, 0.0, Variant::Wws), 0.0);
+        // One write, one page; a page count's worth covers 1 - 1/e.
+        assert!((distinct_pages(&u, 1.0, Variant::Wws) - 1.0).abs() < 1e-9);
+        let e = distinct_pages(&u, 4096.0, Variant::Wws) / 4096.0;
+        assert!((e - (1.0 - (-1.0f64).exp())).abs() < 1e-3, "{e}");
+        assert_eq!(distinct_pages(&u, 1e9, Variant::Classic), 4096.0);
+        // A hot set of 256 pages taking every write saturates at 256.
+        let h = w("hotset:wws=1M,rate=1k,hot=1");
+        assert!((distinct_pages(&h, 1e6, Variant::Wws) - 256.0).abs() < 1e-6);
+        assert_eq!(
+            distinct_pages(&w("sweep:from=0,to=1M"), 1e6, Variant::Wws),
+            256.0
+        );
+        assert_eq!(distinct_pages(&w("idle"), 1e6, Variant::Wws), 0.0);
+    }
+}
