@@ -20,6 +20,7 @@ pub mod receiver;
 pub mod report;
 pub mod sender;
 pub mod simulate;
+pub mod sweep;
 pub mod uffd;
 pub mod units;
 pub mod workload;
