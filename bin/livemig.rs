@@ -45,6 +45,8 @@ enum Cmd {
         #[arg(long, default_value = "wws")]
         variant: String,
     },
+    /// Run a grid of real migrations with the model and the simulator beside each, and compare.
+    Sweep(SweepOpts),
     /// Simulate a migration with the sender's own policy and rate-limiter code, moving no memory.
     Simulate(SimulateOpts),
     /// Start a guest and keep it running until interrupted (to measure with dirtyrate --pid).
@@ -130,6 +132,63 @@ struct SimulateOpts {
     /// Connect and handshake.
     #[arg(long, default_value = "1ms")]
     setup: String,
+}
+
+#[derive(Args)]
+struct SweepOpts {
+    /// Guest memory sizes (repeat the flag) [default: 64M, 128M]
+    #[arg(long = "mem", value_name = "SIZE")]
+    mems: Vec<String>,
+    /// Workloads (repeat the flag; specs contain commas)
+    /// [default: hotset:wws=8M,rate=20k, uniform:rate=10k, sweep:rate=50k]
+    #[arg(long = "workload", value_name = "SPEC")]
+    workloads: Vec<String>,
+    /// Bandwidths (repeat the flag) [default: 1gbit, 4gbit]
+    #[arg(long = "bandwidth", value_name = "RATE")]
+    bandwidths: Vec<String>,
+    /// Policies (repeat the flag) [default: xen, qemu]
+    #[arg(long = "policy", value_name = "POLICY")]
+    policies: Vec<String>,
+    /// Migrate to a receiver there instead of over loopback (run
+    /// `livemig receive` in a loop on it: each point is one migration).
+    #[arg(long)]
+    to: Option<String>,
+    /// Directory for sweep.csv, sweep.json and the SVG plots.
+    #[arg(long, default_value = "sweep-out")]
+    out: PathBuf,
+    /// The model's variant: classic | wws.
+    #[arg(long, default_value = "wws")]
+    variant: String,
+    /// Also write the results (sweep.json) to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Link goodput for the predictions [default: measured]
+    #[arg(long)]
+    link: Option<String>,
+    /// Fixed cost of a round for the predictions [default: measured]
+    #[arg(long)]
+    round_overhead: Option<String>,
+    /// Fixed part of the downtime for the predictions [default: measured]
+    #[arg(long)]
+    downtime_overhead: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Dirty tracker [default: uffd-wp where the kernel has it, else bitmap]
+    #[arg(long)]
+    tracker: Option<String>,
+    #[arg(long, default_value = "300ms")]
+    downtime_limit: String,
+    /// Cap on each migration's pre-copy (shorter than migrate's 120 s, so a
+    /// point that cannot converge does not hold up the sweep).
+    #[arg(long, default_value = "10s")]
+    max_time: String,
+    #[arg(long, default_value = "200ms")]
+    warmup: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -258,6 +317,134 @@ fn print_prediction(report: &Report, opts: &SimulateOpts) -> Result<()> {
     finish(report, opts.migration.json.as_deref(), Ok(()))
 }
 
+fn sweep(opts: &SweepOpts) -> Result<()> {
+    let or = |given: &[String], default: &[&str]| -> Vec<String> {
+        match given.is_empty() {
+            true => default.iter().map(|s| s.to_string()).collect(),
+            false => given.to_vec(),
+        }
+    };
+    let mems = or(&opts.mems, &["64M", "128M"])
+        .iter()
+        .map(|m| units::parse_bytes("--mem", m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (tracker, notice) = TrackerKind::choose(opts.tracker.as_deref())?;
+    if let Some(notice) = notice {
+        eprintln!("{notice}");
+    }
+    let d = |flag: &str, v: &str| units::parse_duration(flag, v);
+    let cfg = livemig::sweep::SweepConfig {
+        mems,
+        workloads: or(
+            &opts.workloads,
+            &[
+                "hotset:wws=8M,rate=20k",
+                "uniform:rate=10k",
+                "sweep:rate=50k",
+            ],
+        ),
+        bandwidths: or(&opts.bandwidths, &["1gbit", "4gbit"]),
+        policies: or(&opts.policies, &["xen", "qemu"]),
+        base: SenderConfig {
+            memory_bytes: 0,
+            workload: String::new(),
+            vcpus: opts.vcpus,
+            tracker,
+            bandwidth: ratelimit::Bandwidth::Unlimited,
+            bandwidth_spec: String::new(),
+            policy: policy::Policy::Xen,
+            policy_spec: String::new(),
+            downtime_limit: d("--downtime-limit", &opts.downtime_limit)?,
+            max_time: d("--max-time", &opts.max_time)?,
+            warmup: d("--warmup", &opts.warmup)?,
+            seed: opts.seed,
+            progress: false,
+        },
+        variant: model::Variant::parse(&opts.variant).with_context(|| {
+            format!(
+                "invalid --variant \"{}\": expected classic or wws",
+                opts.variant
+            )
+        })?,
+        link_bytes_per_s: opts
+            .link
+            .as_deref()
+            .map(|l| units::parse_rate("--link", l).map(|b| b as f64))
+            .transpose()?,
+        round_overhead: opts
+            .round_overhead
+            .as_deref()
+            .map(|v| d("--round-overhead", v))
+            .transpose()?,
+        downtime_overhead: opts
+            .downtime_overhead
+            .as_deref()
+            .map(|v| d("--downtime-overhead", v))
+            .transpose()?,
+    };
+    let n = livemig::sweep::grid_size(&cfg)?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let bar = match opts.quiet {
+        true => indicatif::ProgressBar::hidden(),
+        false => indicatif::ProgressBar::new(n as u64).with_style(
+            indicatif::ProgressStyle::with_template("{pos}/{len} [{bar:30}] {elapsed} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        ),
+    };
+    let mut migrate_one = |c: &SenderConfig| -> Result<Report, String> {
+        let (report, result) = match &opts.to {
+            None => {
+                let (r, res) = migrate::run(c, &mut |_| {});
+                (r, res.map_err(anyhow::Error::from))
+            }
+            Some(to) => match Source::start(c.tracker, c.memory_bytes, &c.fresh()) {
+                Ok(mut src) => {
+                    let (r, res) = sender::migrate(c, &mut src, to, &mut |_| {});
+                    (r, res.map_err(anyhow::Error::from))
+                }
+                Err(e) => return Err(format!("{:#}", anyhow::Error::from(e))),
+            },
+        };
+        result.map(|()| report).map_err(|e| format!("{e:#}"))
+    };
+    let sweep = livemig::sweep::run(&cfg, &mut migrate_one, &mut |row| {
+        bar.set_message(row.label.clone());
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    let out = |name: &str| opts.out.join(name);
+    std::fs::write(out("sweep.csv"), livemig::sweep::csv(&sweep))
+        .with_context(|| format!("writing {}", out("sweep.csv").display()))?;
+    for path in std::iter::once(out("sweep.json")).chain(opts.json.clone()) {
+        let f =
+            std::fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
+        serde_json::to_writer_pretty(f, &sweep)?;
+    }
+    for c in &sweep.calibration {
+        println!(
+            "calibrated at {}: link {:.0} Mbit/s, round overhead {:.3} ms, downtime overhead {:.3} ms",
+            units::fmt_bytes(c.memory_bytes),
+            c.link_mbps,
+            c.round_overhead_ms,
+            c.downtime_overhead_ms
+        );
+    }
+    let failed = sweep
+        .rows
+        .iter()
+        .filter(|r| r.measured.error.is_some())
+        .count();
+    println!(
+        "{} points ({failed} failed migrations), results in {}",
+        sweep.rows.len(),
+        opts.out.display()
+    );
+    print!("{}", livemig::sweep::accuracy_table(&sweep));
+    Ok(())
+}
+
 /// `livemig run`: a guest that keeps running until SIGINT or SIGTERM.
 fn run_guest(opts: &RunOpts) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
@@ -357,6 +544,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Dirtyrate(opts) => dirtyrate(&opts),
         Cmd::Run(opts) => run_guest(&opts),
+        Cmd::Sweep(opts) => sweep(&opts),
         Cmd::Simulate(opts) => {
             let report = simulate::run(&opts.config()?)?;
             print_prediction(&report, &opts)

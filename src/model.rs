@@ -132,6 +132,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
                 elapsed += Duration::from_secs_f64(more * seconds);
                 report.transferred_bytes += (more as u64).saturating_mul(round_bytes);
                 report.transferred_pages += (more as u64).saturating_mul(todo);
+                report.rounds_not_listed = more as u64;
                 report.note = Some(format!(
                     "does not converge: the guest dirties {:.1} MB/s of pages and rounds send {:.1} MB/s, so every round resends the same {todo} pages until --max-time ({more:.0} more rounds, not listed)",
                     dirty as f64 * ps as f64 / seconds / 1e6,

@@ -70,6 +70,9 @@ pub struct Report {
     pub converged: Option<bool>,
     /// A prediction's remark (why it does not converge), if any.
     pub note: Option<String>,
+    /// Identical pre-copy rounds a model predicted but did not list (a
+    /// fixed point repeated until --max-time); 0 otherwise.
+    pub rounds_not_listed: u64,
     pub mode: &'static str,
     pub tracker: String,
     pub policy: String,

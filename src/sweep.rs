@@ -1,7 +1,52 @@
 //! `livemig sweep`: a grid over memory, workload, bandwidth and policy; at
-//! each point a real migration, the model and the simulator, side by side.
+//! each point a real migration (over loopback, or to a receiver with
+//! `--to`), the model and the simulator, side by side, and how far the
+//! predictions fall from what was measured.
+//!
+//! Predictions need the machine's constants: the link's goodput, the fixed
+//! cost of a round and of the downtime, and the setup time. Unless given,
+//! they are measured first, per memory size, by migrating an idle guest for
+//! two rounds: round 0's goodput is the link, the empty round 1 is the
+//! per-round cost, the downtime less its last pages is the fixed downtime.
+
+use std::time::Duration;
 
 use serde::Serialize;
+
+use crate::model::{self, Variant};
+use crate::policy::Policy;
+use crate::ratelimit::Bandwidth;
+use crate::report::Report;
+use crate::sender::SenderConfig;
+use crate::simulate::{self, SimConfig};
+
+/// Errors of a sweep (each point's own failures are recorded, not raised).
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("empty grid: no {0} given")]
+    Empty(&'static str),
+    #[error("calibration at {mem} failed: {why}")]
+    Calibration { mem: String, why: String },
+    #[error("invalid grid point \"{label}\": {why}")]
+    Point { label: String, why: String },
+}
+
+/// The grid and what every point shares.
+#[derive(Clone, Debug)]
+pub struct SweepConfig {
+    pub mems: Vec<u64>,
+    pub workloads: Vec<String>,
+    pub bandwidths: Vec<String>,
+    pub policies: Vec<String>,
+    /// Everything else a migration needs (vCPUs, tracker, limits, warm-up,
+    /// seed); its memory, workload, bandwidth and policy are the grid's.
+    pub base: SenderConfig,
+    pub variant: Variant,
+    /// Machine constants; None: calibrate.
+    pub link_bytes_per_s: Option<f64>,
+    pub round_overhead: Option<Duration>,
+    pub downtime_overhead: Option<Duration>,
+}
 
 /// One grid point's figures: measured, modelled and simulated.
 /// Times in ms, bytes on the wire; `None` where a run failed.
@@ -29,4 +74,331 @@ pub struct Figures {
     /// Pre-copy rounds plus stop-and-copy.
     pub rounds: Option<u32>,
     pub bytes: Option<u64>,
+    /// Why there are no figures, when there are none.
+    pub error: Option<String>,
+}
+
+impl Figures {
+    fn of(result: Result<Report, String>) -> Self {
+        match result {
+            Ok(r) => Self {
+                total_time_ms: r.migration_time_ms,
+                downtime_ms: r.downtime_ms,
+                rounds: Some(
+                    (r.rounds.len() as u64 + r.rounds_not_listed).min(u32::MAX.into()) as u32,
+                ),
+                bytes: Some(r.transferred_bytes),
+                error: r.error,
+            },
+            Err(e) => Self {
+                error: Some(e),
+                ..Self::default()
+            },
+        }
+    }
+}
+
+/// Machine constants the predictions used at one memory size.
+#[derive(Clone, Debug, Serialize)]
+pub struct Calibration {
+    pub memory_bytes: u64,
+    pub link_mbps: f64,
+    pub round_overhead_ms: f64,
+    pub downtime_overhead_ms: f64,
+    pub setup_ms: f64,
+}
+
+/// Median and largest relative error of one prediction of one figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct Accuracy {
+    pub figure: &'static str,
+    pub predictor: &'static str,
+    pub points: usize,
+    pub median_error: Option<f64>,
+    pub max_error: Option<f64>,
+}
+
+/// Everything a sweep produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sweep {
+    pub calibration: Vec<Calibration>,
+    pub rows: Vec<Row>,
+    pub accuracy: Vec<Accuracy>,
+}
+
+/// A grid point before it runs.
+struct Point {
+    label: String,
+    cfg: SenderConfig,
+}
+
+fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
+    for (name, empty) in [
+        ("--mem", cfg.mems.is_empty()),
+        ("--workload", cfg.workloads.is_empty()),
+        ("--bandwidth", cfg.bandwidths.is_empty()),
+        ("--policy", cfg.policies.is_empty()),
+    ] {
+        if empty {
+            return Err(SweepError::Empty(name));
+        }
+    }
+    let page = crate::memory::page_size();
+    let mut out = Vec::new();
+    for &mem in &cfg.mems {
+        for workload in &cfg.workloads {
+            for bandwidth in &cfg.bandwidths {
+                for policy in &cfg.policies {
+                    let label = format!(
+                        "{} {workload} {bandwidth} {policy}",
+                        crate::units::fmt_bytes(mem)
+                    );
+                    let bad = |why: String| SweepError::Point {
+                        label: label.clone(),
+                        why,
+                    };
+                    // Every point is checked before the first one runs.
+                    crate::guest::check_config(workload, mem, page, cfg.base.vcpus)
+                        .map_err(|e| bad(e.to_string()))?;
+                    let point_cfg = SenderConfig {
+                        memory_bytes: mem,
+                        workload: workload.clone(),
+                        bandwidth: Bandwidth::parse(bandwidth).map_err(|e| bad(e.to_string()))?,
+                        bandwidth_spec: bandwidth.clone(),
+                        policy: Policy::parse(policy).map_err(|e| bad(e.to_string()))?,
+                        policy_spec: policy.clone(),
+                        progress: false,
+                        ..cfg.base.clone()
+                    };
+                    out.push(Point {
+                        label,
+                        cfg: point_cfg,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How many points the grid has (after checking every one).
+pub fn grid_size(cfg: &SweepConfig) -> Result<usize, SweepError> {
+    points(cfg).map(|p| p.len())
+}
+
+/// Run the sweep. `migrate` runs one real migration (loopback or remote);
+/// `on_point` sees each finished row (for progress).
+pub fn run(
+    cfg: &SweepConfig,
+    migrate: &mut dyn FnMut(&SenderConfig) -> Result<Report, String>,
+    on_point: &mut dyn FnMut(&Row),
+) -> Result<Sweep, SweepError> {
+    let points = points(cfg)?;
+    let page_size = crate::memory::page_size();
+    let mut calibration: Vec<Calibration> = Vec::new();
+    let mut rows = Vec::new();
+    for (i, p) in points.into_iter().enumerate() {
+        let mem = p.cfg.memory_bytes;
+        if !calibration.iter().any(|c| c.memory_bytes == mem) {
+            calibration.push(calibrate(cfg, mem, migrate)?);
+        }
+        let c = calibration
+            .iter()
+            .find(|c| c.memory_bytes == mem)
+            .expect("calibrated above");
+        let sim = SimConfig {
+            migration: p.cfg.clone(),
+            page_size,
+            link_bytes_per_s: c.link_mbps * 1e6 / 8.0,
+            round_overhead: Duration::from_secs_f64(c.round_overhead_ms / 1e3),
+            downtime_overhead: Duration::from_secs_f64(c.downtime_overhead_ms / 1e3),
+            setup: Duration::from_secs_f64(c.setup_ms / 1e3),
+        };
+        let row = Row {
+            point: i,
+            label: p.label,
+            memory_bytes: mem,
+            workload: p.cfg.workload.clone(),
+            bandwidth: p.cfg.bandwidth_spec.clone(),
+            policy: p.cfg.policy_spec.clone(),
+            measured: Figures::of(migrate(&p.cfg)),
+            model: Figures::of(model::run(&sim, cfg.variant).map_err(|e| e.to_string())),
+            simulated: Figures::of(simulate::run(&sim).map_err(|e| e.to_string())),
+        };
+        on_point(&row);
+        rows.push(row);
+    }
+    let accuracy = accuracy(&rows);
+    Ok(Sweep {
+        calibration,
+        rows,
+        accuracy,
+    })
+}
+
+/// Measure the machine constants at memory size `mem` (those not given).
+fn calibrate(
+    cfg: &SweepConfig,
+    mem: u64,
+    migrate: &mut dyn FnMut(&SenderConfig) -> Result<Report, String>,
+) -> Result<Calibration, SweepError> {
+    let fail = |why: String| SweepError::Calibration {
+        mem: crate::units::fmt_bytes(mem),
+        why,
+    };
+    let idle = SenderConfig {
+        memory_bytes: mem,
+        workload: "idle".into(),
+        bandwidth: Bandwidth::Unlimited,
+        bandwidth_spec: "unlimited".into(),
+        policy: Policy::Fixed(2),
+        policy_spec: "fixed:2".into(),
+        progress: false,
+        ..cfg.base.clone()
+    };
+    let r = migrate(&idle).map_err(fail)?;
+    let (Some(r0), Some(r1), Some(downtime)) = (r.rounds.first(), r.rounds.get(1), r.downtime_ms)
+    else {
+        return Err(fail("the calibration run reported no rounds".into()));
+    };
+    let last = r.downtime_breakdown_ms.last_pages;
+    Ok(Calibration {
+        memory_bytes: mem,
+        link_mbps: cfg
+            .link_bytes_per_s
+            .map_or(r0.throughput_mbps, |b| b * 8.0 / 1e6),
+        round_overhead_ms: cfg
+            .round_overhead
+            .map_or(r1.duration_ms, |d| d.as_secs_f64() * 1e3),
+        downtime_overhead_ms: cfg
+            .downtime_overhead
+            .map_or(downtime - last, |d| d.as_secs_f64() * 1e3),
+        setup_ms: r.setup_time_ms,
+    })
+}
+
+/// Relative errors of model and simulator against the measurement.
+fn accuracy(rows: &[Row]) -> Vec<Accuracy> {
+    type Pick = fn(&Figures) -> Option<f64>;
+    let figures: [(&'static str, Pick); 3] = [
+        ("total_time", |f| f.total_time_ms),
+        ("downtime", |f| f.downtime_ms),
+        ("bytes", |f| f.bytes.map(|b| b as f64)),
+    ];
+    let mut out = Vec::new();
+    for (figure, pick) in figures {
+        for (predictor, of) in [
+            ("model", (|r: &Row| &r.model) as fn(&Row) -> &Figures),
+            ("simulator", |r: &Row| &r.simulated),
+        ] {
+            let mut errors: Vec<f64> = rows
+                .iter()
+                .filter_map(|r| {
+                    let m = pick(&r.measured).filter(|m| *m > 0.0)?;
+                    Some((pick(of(r))? - m).abs() / m)
+                })
+                .collect();
+            errors.sort_by(f64::total_cmp);
+            out.push(Accuracy {
+                figure,
+                predictor,
+                points: errors.len(),
+                median_error: median(&errors),
+                max_error: errors.last().copied(),
+            });
+        }
+    }
+    out
+}
+
+fn median(sorted: &[f64]) -> Option<f64> {
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// The accuracy table, for people.
+pub fn accuracy_table(s: &Sweep) -> String {
+    let pct = |e: Option<f64>| e.map_or("-".into(), |e| format!("{:.1}%", e * 100.0));
+    let mut t =
+        String::from("accuracy vs measured   predictor   points   median error   max error\n");
+    for a in &s.accuracy {
+        t += &format!(
+            "{:<22} {:<11} {:>6}   {:>12}   {:>9}\n",
+            a.figure,
+            a.predictor,
+            a.points,
+            pct(a.median_error),
+            pct(a.max_error)
+        );
+    }
+    t
+}
+
+/// One CSV line per point (header first).
+pub fn csv(s: &Sweep) -> String {
+    let mut out = String::from("point,memory_bytes,workload,bandwidth,policy");
+    for who in ["measured", "model", "simulated"] {
+        for f in ["total_time_ms", "downtime_ms", "rounds", "bytes"] {
+            out += &format!(",{who}_{f}");
+        }
+    }
+    out.push('\n');
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+    for r in &s.rows {
+        out += &format!(
+            "{},{},\"{}\",{},{}",
+            r.point, r.memory_bytes, r.workload, r.bandwidth, r.policy
+        );
+        for f in [&r.measured, &r.model, &r.simulated] {
+            out += &format!(
+                ",{},{},{},{}",
+                opt(f.total_time_ms),
+                opt(f.downtime_ms),
+                f.rounds.map_or(String::new(), |v| v.to_string()),
+                f.bytes.map_or(String::new(), |v| v.to_string())
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(measured: f64, model: f64) -> Row {
+        let f = |t| Figures {
+            total_time_ms: Some(t),
+            ..Figures::default()
+        };
+        Row {
+            measured: f(measured),
+            model: f(model),
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn accuracy_is_relative_error_median_and_max() {
+        let rows = [row(100.0, 110.0), row(200.0, 180.0), row(50.0, 50.0)];
+        let a = accuracy(&rows);
+        let t = a
+            .iter()
+            .find(|a| a.figure == "total_time" && a.predictor == "model")
+            .unwrap();
+        assert_eq!(t.points, 3);
+        assert!((t.median_error.unwrap() - 0.10).abs() < 1e-9);
+        assert!((t.max_error.unwrap() - 0.10).abs() < 1e-9);
+        let s = a
+            .iter()
+            .find(|a| a.figure == "total_time" && a.predictor == "simulator")
+            .unwrap();
+        assert_eq!((s.points, s.median_error), (0, None));
+        assert_eq!(median(&[1.0, 2.0, 3.0, 4.0]), Some(2.5));
+    }
 }
