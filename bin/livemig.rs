@@ -11,6 +11,41 @@ use livemig::report::{self, Report, Status};
 use livemig::sender::{self, SenderConfig, Source};
 use livemig::{dirtyrate, guest, migrate, model, policy, ratelimit, receiver, simulate, units};
 
+/// `print!` for a command line tool: when the reader of stdout has gone (a
+/// pipe into `head`), end quietly as tools do, by SIGPIPE, instead of
+/// panicking. (SIGPIPE stays ignored otherwise: a vanished peer must be an
+/// error on its socket, not the end of the process.)
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // SAFETY: restoring a signal's default action and raising it are
+        // async-signal-safe; the default action of SIGPIPE ends the process.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
+    eprintln!("Error: writing to stdout: {e}");
+    std::process::exit(1);
+}
+
 /// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
 #[derive(Parser)]
 #[command(
@@ -114,6 +149,9 @@ struct SendOpts {
     /// Print only the summary (no round table, no progress bar).
     #[arg(long)]
     quiet: bool,
+    /// After each round, print why the policy went on or stopped, with its numbers.
+    #[arg(long)]
+    explain: bool,
 }
 
 #[derive(Args)]
@@ -312,7 +350,7 @@ impl SimulateOpts {
 
 /// A simulation's or a model's report, printed like a real run's.
 fn print_prediction(report: &Report, opts: &SimulateOpts) -> Result<()> {
-    let mut print = row_printer(opts.migration.quiet);
+    let mut print = row_printer(&opts.migration);
     report.rounds.iter().for_each(&mut print);
     finish(report, opts.migration.json.as_deref(), Ok(()))
 }
@@ -422,8 +460,9 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
             std::fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
         serde_json::to_writer_pretty(f, &sweep)?;
     }
+    let plots = livemig::plot::draw(&sweep.rows, &opts.out)?;
     for c in &sweep.calibration {
-        println!(
+        outln!(
             "calibrated at {}: link {:.0} Mbit/s, round overhead {:.3} ms, downtime overhead {:.3} ms",
             units::fmt_bytes(c.memory_bytes),
             c.link_mbps,
@@ -436,12 +475,18 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
         .iter()
         .filter(|r| r.measured.error.is_some())
         .count();
-    println!(
-        "{} points ({failed} failed migrations), results in {}",
+    outln!(
+        "{} points ({failed} failed migrations), results in {}: sweep.csv, sweep.json, {}",
         sweep.rows.len(),
-        opts.out.display()
+        opts.out.display(),
+        plots
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|f| f.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    print!("{}", livemig::sweep::accuracy_table(&sweep));
+    out!("{}", livemig::sweep::accuracy_table(&sweep));
     Ok(())
 }
 
@@ -461,7 +506,7 @@ fn run_guest(opts: &RunOpts) -> Result<()> {
     stop.thread_block()?;
     let mut src = Source::start(g.tracker, g.memory_bytes, &g.fresh)?;
     src.release();
-    println!(
+    outln!(
         "guest {} running: {} on {} with {} vCPU(s), --tracker {} (interrupt to stop)",
         src.guest.pid(),
         g.fresh.workload,
@@ -508,7 +553,7 @@ fn dirtyrate(opts: &DirtyRateOpts) -> Result<()> {
     let result = dirtyrate::run(&cfg, &mut |f| bar.set_position((f * 1000.0) as u64));
     bar.finish_and_clear();
     let report = result?;
-    print!("{}", dirtyrate::summary(&report));
+    out!("{}", dirtyrate::summary(&report));
     if let Some(path) = &opts.json {
         let f = std::fs::File::create(path)
             .with_context(|| format!("writing the report to {}", path.display()))?;
@@ -531,14 +576,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Migrate(opts) => {
             let cfg = opts.config()?;
-            let mut print = row_printer(opts.quiet);
+            let mut print = row_printer(&opts);
             let (report, result) = migrate::run(&cfg, &mut print);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Send { to, opts } => {
             let cfg = opts.config()?;
             let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
-            let mut print = row_printer(opts.quiet);
+            let mut print = row_printer(&opts);
             let (report, result) = sender::migrate(&cfg, &mut src, &to, &mut print);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
@@ -569,19 +614,20 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::to_writer_pretty(f, &r)?;
             }
             result?;
-            println!(
+            outln!(
                 "received          {} pages from {} in {} rounds ({})",
                 r.pages_received,
                 r.peer,
                 r.round_pages.len(),
                 units::fmt_bytes(r.memory_bytes)
             );
-            println!("resume            {:.2} ms", r.resume_ms);
-            println!(
+            outln!("resume            {:.2} ms", r.resume_ms);
+            outln!(
                 "verified          {} pages, {} mismatched",
-                r.verified_pages, r.mismatched_pages
+                r.verified_pages,
+                r.mismatched_pages
             );
-            println!(
+            outln!(
                 "guest rate        {:.0} pages/s after resume",
                 r.destination_guest_rate_pps
             );
@@ -607,23 +653,27 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn row_printer(quiet: bool) -> impl FnMut(&report::RoundReport) {
+fn row_printer(opts: &SendOpts) -> impl FnMut(&report::RoundReport) {
+    let (quiet, explain) = (opts.quiet, opts.explain);
     let mut first = true;
     move |r| {
         if quiet {
             return;
         }
         if std::mem::take(&mut first) {
-            println!("{}", report::round_header());
+            outln!("{}", report::round_header());
         }
-        println!("{}", report::round_row(r));
+        outln!("{}", report::round_row(r));
+        if explain && !r.decision.is_empty() {
+            outln!("      {}", r.decision);
+        }
     }
 }
 
 /// Print the summary, write the JSON report (failed runs too), pass the error on.
 fn finish(report: &Report, json: Option<&std::path::Path>, result: Result<()>) -> Result<()> {
     if report.status == Status::Completed || !report.rounds.is_empty() {
-        print!("{}", report::summary(report));
+        out!("{}", report::summary(report));
     }
     if let Some(path) = json {
         report

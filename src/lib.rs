@@ -13,6 +13,7 @@ pub mod guest;
 pub mod memory;
 pub mod migrate;
 pub mod model;
+pub mod plot;
 pub mod policy;
 pub mod protocol;
 pub mod ratelimit;

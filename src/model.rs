@@ -118,11 +118,13 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
             dirty_pages: dirty,
             rate_limit: limit,
         };
-        push_round(&mut report, &f, false);
-        let same = (f.pages, f.rate_limit) == (dirty, precopy.limit());
+        let same_limit = f.rate_limit;
         let (seconds, round_bytes) = (f.duration.as_secs_f64(), f.bytes);
+        let decision = precopy.end_round(f.clone(), elapsed);
+        push_round(&mut report, &f, false, precopy.explain(decision, elapsed));
+        let same = (f.pages, same_limit) == (dirty, precopy.limit());
         todo = dirty;
-        match precopy.end_round(f, elapsed) {
+        match decision {
             Decision::Stop(reason) => break reason,
             // A fixed point: every later round is this one again, and only
             // the clock (or a round cap) can stop pre-copy.

@@ -296,6 +296,69 @@ impl Precopy {
     pub fn final_limit(&self) -> Option<u64> {
         self.cfg.bandwidth.max().or(self.limit)
     }
+
+    /// The decision after the last round in words, with the numbers the
+    /// policy weighed (for teaching: `--explain`).
+    pub fn explain(&self, decision: Decision, elapsed: Duration) -> String {
+        use crate::units::{fmt_bytes, fmt_rate_bits};
+        let Some(last) = self.rounds.last() else {
+            return String::new();
+        };
+        let c = &self.cfg;
+        let n = self.rounds.len();
+        let mut why = format!(
+            "round {} sent {} pages in {:.1} ms ({}); {} pages were written meanwhile ({:.0} pages/s). ",
+            last.round,
+            last.pages,
+            last.duration.as_secs_f64() * 1e3,
+            fmt_rate_bits(last.throughput_bytes_per_s()),
+            last.dirty_pages,
+            last.dirty_rate_pps(),
+        );
+        why += &match c.policy {
+            Policy::Fixed(k) => format!("fixed: {n} of {k} rounds done"),
+            Policy::Xen => {
+                let sent: u64 = self.rounds.iter().map(|r| r.pages * c.page_size).sum();
+                format!(
+                    "xen: {} dirty pages (stops below {XEN_MIN_DIRTY_PAGES}), {n} of {XEN_MAX_ROUNDS} rounds, {} sent = {:.2}x memory (stops above {XEN_MAX_SENT_FACTOR}x)",
+                    last.dirty_pages,
+                    fmt_bytes(sent),
+                    sent as f64 / c.memory_bytes as f64,
+                )
+            }
+            Policy::Qemu => match expected_downtime(c, last) {
+                Some(d) => format!(
+                    "qemu: expected downtime = {} dirty / {} = {:.1} ms (stops at or below {:.1} ms)",
+                    fmt_bytes(last.dirty_pages * c.page_size),
+                    fmt_rate_bits(last.throughput_bytes_per_s()),
+                    d.as_secs_f64() * 1e3,
+                    c.downtime_limit.as_secs_f64() * 1e3
+                ),
+                None => "qemu: no bandwidth measured yet".into(),
+            },
+        };
+        if let Bandwidth::Dynamic { inc, max, .. } = c.bandwidth {
+            let dirty = last.dirty_rate_pps() * c.page_size as f64;
+            why += &format!(
+                "; dynamic rate: dirtying {} + inc {} -> next limit {} (max {})",
+                fmt_rate_bits(dirty),
+                fmt_rate_bits(inc as f64),
+                self.limit
+                    .map_or("unlimited".into(), |l| fmt_rate_bits(l as f64)),
+                fmt_rate_bits(max as f64),
+            );
+        }
+        why += &format!(
+            "; {:.2} s of --max-time {:.0} s. ",
+            elapsed.as_secs_f64(),
+            c.max_time.as_secs_f64()
+        );
+        why += &match decision {
+            Decision::Continue => "Go on: another round.".to_string(),
+            Decision::Stop(r) => format!("Stop-and-copy ({}): {}", r.as_str(), r.describe()),
+        };
+        why
+    }
 }
 
 #[cfg(test)]

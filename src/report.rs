@@ -38,6 +38,33 @@ pub struct RoundReport {
     /// Time spent harvesting the dirty set at the end of this round.
     pub harvest_ms: f64,
     pub stop_and_copy: bool,
+    /// The policy's decision after this round, with its numbers (empty for
+    /// stop-and-copy).
+    pub decision: String,
+}
+
+impl RoundReport {
+    /// A round's row from its figures.
+    pub fn new(
+        f: &crate::policy::RoundFigures,
+        harvest: std::time::Duration,
+        stop_and_copy: bool,
+        decision: String,
+    ) -> Self {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        Self {
+            round: f.round,
+            pages: f.pages,
+            bytes: f.bytes,
+            duration_ms: ms(f.duration),
+            throughput_mbps: f.throughput_bytes_per_s() * 8.0 / 1e6,
+            dirty_rate_pps: f.dirty_rate_pps(),
+            rate_limit_bps: f.rate_limit.map(|b| b.saturating_mul(8)),
+            harvest_ms: ms(harvest),
+            stop_and_copy,
+            decision,
+        }
+    }
 }
 
 /// Downtime split into its phases, in milliseconds.

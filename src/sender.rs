@@ -332,9 +332,10 @@ impl Run<'_> {
                 dirty_pages: dirty.count(),
                 rate_limit: limiter.limit(),
             };
-            self.push_round(&f, harvest, false);
             std::mem::swap(&mut todo, &mut dirty);
-            let decision = precopy.end_round(f, start.elapsed());
+            let elapsed = start.elapsed();
+            let decision = precopy.end_round(f.clone(), elapsed);
+            self.push_round(&f, harvest, false, precopy.explain(decision, elapsed));
             limiter.set_limit(precopy.limit());
             if let Decision::Stop(reason) = decision {
                 break reason;
@@ -367,6 +368,7 @@ impl Run<'_> {
             },
             harvest,
             true,
+            String::new(),
         );
         let state = DeviceState {
             workload: cfg.workload.clone(),
@@ -419,18 +421,14 @@ impl Run<'_> {
 
     /// Record a round in the report; print its row unless it is the
     /// stop-and-copy round, which is printed once the downtime is over.
-    fn push_round(&mut self, f: &RoundFigures, harvest: Duration, stop_and_copy: bool) {
-        let r = RoundReport {
-            round: f.round,
-            pages: f.pages,
-            bytes: f.bytes,
-            duration_ms: ms(f.duration),
-            throughput_mbps: f.throughput_bytes_per_s() * 8.0 / 1e6,
-            dirty_rate_pps: f.dirty_rate_pps(),
-            rate_limit_bps: f.rate_limit.map(|b| b.saturating_mul(8)),
-            harvest_ms: ms(harvest),
-            stop_and_copy,
-        };
+    fn push_round(
+        &mut self,
+        f: &RoundFigures,
+        harvest: Duration,
+        stop_and_copy: bool,
+        decision: String,
+    ) {
+        let r = RoundReport::new(f, harvest, stop_and_copy, decision);
         self.report.transferred_bytes += f.bytes;
         self.report.transferred_pages += f.pages;
         self.report.rounds.push(r);

@@ -97,9 +97,10 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
             dirty_pages: dirty.count(),
             rate_limit: limit,
         };
-        push_round(&mut report, &f, false);
         std::mem::swap(&mut todo, &mut dirty);
-        if let Decision::Stop(reason) = precopy.end_round(f, elapsed) {
+        let decision = precopy.end_round(f.clone(), elapsed);
+        push_round(&mut report, &f, false, precopy.explain(decision, elapsed));
+        if let Decision::Stop(reason) = decision {
             break reason;
         }
     };
@@ -148,6 +149,7 @@ pub(crate) fn finish(
             rate_limit: limit,
         },
         true,
+        String::new(),
     );
     let downtime = last + cfg.downtime_overhead;
     report.downtime_ms = Some(ms(downtime));
@@ -184,18 +186,15 @@ pub(crate) fn transfer(bytes: u64, limit: Option<u64>, link: f64) -> Duration {
 }
 
 /// Add a predicted round to the report, as the sender adds a real one.
-pub(crate) fn push_round(report: &mut Report, f: &RoundFigures, stop_and_copy: bool) {
-    report.rounds.push(RoundReport {
-        round: f.round,
-        pages: f.pages,
-        bytes: f.bytes,
-        duration_ms: ms(f.duration),
-        throughput_mbps: f.throughput_bytes_per_s() * 8.0 / 1e6,
-        dirty_rate_pps: f.dirty_rate_pps(),
-        rate_limit_bps: f.rate_limit.map(|b| b.saturating_mul(8)),
-        harvest_ms: 0.0,
-        stop_and_copy,
-    });
+pub(crate) fn push_round(
+    report: &mut Report,
+    f: &RoundFigures,
+    stop_and_copy: bool,
+    decision: String,
+) {
+    report
+        .rounds
+        .push(RoundReport::new(f, Duration::ZERO, stop_and_copy, decision));
     report.transferred_bytes += f.bytes;
     report.transferred_pages += f.pages;
 }

@@ -221,3 +221,46 @@ fn a_model_refuses_impossible_parameters() {
     model(&["--link", "0"]).assert_fails_with(&["--link"]);
     model(&["--workload", "uniform:rate=max"]).assert_fails_with(&["rate=max"]);
 }
+
+#[test]
+fn explain_gives_each_decision_with_its_numbers() {
+    // The same text for a real run and a simulation: both come from the
+    // sender's Precopy.
+    let sim = livemig()
+        .args([
+            "simulate",
+            "--explain",
+            "--tracker",
+            "bitmap",
+            "--policy",
+            "qemu",
+        ])
+        .args(["--workload", "uniform:rate=10k", "--bandwidth", "1gbit"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&sim.stdout);
+    assert!(sim.status.success(), "{out}");
+    assert!(out.contains("qemu: expected downtime = "), "{out}");
+    assert!(out.contains("(stops at or below 300.0 ms)"), "{out}");
+    assert!(out.contains("Go on: another round."), "{out}");
+    assert!(out.contains("Stop-and-copy (downtime_limit): "), "{out}");
+
+    let real = migrate(&[
+        "--tracker",
+        "bitmap",
+        "--workload",
+        "hotset:wws=1M,rate=10k",
+    ]);
+    let rs = real.report()["rounds"].as_array().unwrap().clone();
+    let (last, precopy) = rs.split_last().unwrap();
+    assert_eq!(last["decision"], "");
+    for r in precopy {
+        assert!(r["decision"].as_str().unwrap().contains("xen: "), "{r}");
+    }
+    let stop = precopy.last().unwrap()["decision"].as_str().unwrap();
+    let reason = real.report()["stop_reason"].as_str().unwrap();
+    assert!(
+        stop.contains(&format!("Stop-and-copy ({reason})")),
+        "{stop}"
+    );
+}

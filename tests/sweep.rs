@@ -54,6 +54,14 @@ fn a_small_sweep_writes_its_results_and_compares() {
         }
     }
     assert_eq!(json["accuracy"].as_array().unwrap().len(), 6);
+    for (svg, title) in [
+        ("total_time.svg", "Total time: measured vs predicted"),
+        ("downtime.svg", "Downtime"),
+        ("rounds.svg", "Rounds per point"),
+    ] {
+        let text = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.contains(title), "{svg}");
+    }
 }
 
 #[test]
