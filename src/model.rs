@@ -106,7 +106,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
         let round = precopy.rounds().len() as u32;
         let limit = precopy.limit();
         let bytes = round_bytes(todo, round, limit, ps, w.page_count);
-        let duration = cfg.round_overhead + transfer(bytes, limit, cfg.link_bytes_per_s);
+        let duration = cfg.round_overhead + transfer(bytes, limit, cfg.link_bytes_per_s, round);
         // Expected figures, rounded to whole pages as the sender counts them.
         let dirty = distinct_pages(&w, rate * duration.as_secs_f64(), variant).round() as u64;
         elapsed += duration;

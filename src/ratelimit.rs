@@ -165,6 +165,18 @@ impl RateLimiter {
         }
     }
 
+    /// Bytes a new limiter at `limit` lets through at once (its full
+    /// bucket): what a prediction credits to the first limited round.
+    pub fn initial_burst(limit: Option<u64>) -> u64 {
+        let b = Bucket {
+            limit,
+            tokens: 0.0,
+            last: Instant::now(),
+        };
+        // f64 -> u64: a bucket depth, far below 2^53.
+        b.rate().map_or(0, |r| Bucket::burst(r) as u64)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Bucket> {
         // The bucket stays consistent even if a holder panicked: every update is one assignment.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())

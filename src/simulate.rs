@@ -18,6 +18,7 @@ use std::time::Duration;
 use crate::dirty::DirtySet;
 use crate::policy::{Decision, Precopy, RoundFigures, StopReason};
 use crate::protocol::{self, Message};
+use crate::ratelimit::RateLimiter;
 use crate::report::{DowntimeBreakdown, Report, RoundReport, Status};
 use crate::sender::{chunk_pages, SenderConfig};
 use crate::units::PageRate;
@@ -85,7 +86,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
         }
         let limit = precopy.limit();
         let bytes = round_bytes(&todo, round, false, limit, cfg.page_size);
-        let duration = cfg.round_overhead + transfer(bytes, limit, cfg.link_bytes_per_s);
+        let duration = cfg.round_overhead + transfer(bytes, limit, cfg.link_bytes_per_s, round);
         dirty.clear();
         guest.run(duration, &mut dirty);
         elapsed += duration;
@@ -137,7 +138,7 @@ pub(crate) fn finish(
     report.stop_reason = Some(stop.as_str().into());
     report.converged = stop.converged();
     let limit = precopy.final_limit();
-    let last = transfer(bytes, limit, cfg.link_bytes_per_s);
+    let last = transfer(bytes, limit, cfg.link_bytes_per_s, precopy.rounds().len() as u32);
     push_round(
         report,
         &RoundFigures {
@@ -179,10 +180,18 @@ fn round_bytes(set: &DirtySet, round: u32, stop: bool, limit: Option<u64>, page_
     (start.encode().len() + end.encode().len()) as u64 + runs * frame + pages * page_size
 }
 
-/// Time to move `bytes` at the limit or the link, whichever is lower.
-pub(crate) fn transfer(bytes: u64, limit: Option<u64>, link: f64) -> Duration {
-    let rate = limit.map_or(link, |l| link.min(l as f64));
-    Duration::from_secs_f64(bytes as f64 / rate)
+/// Time to move `bytes` of round `round` at the limit or the link,
+/// whichever is lower. The sender's limiter starts with a full bucket, so
+/// round 0's first bytes go at link speed (RateLimiter::initial_burst).
+pub(crate) fn transfer(bytes: u64, limit: Option<u64>, link: f64, round: u32) -> Duration {
+    let Some(l) = limit.map(|l| l as f64).filter(|&l| l < link) else {
+        return Duration::from_secs_f64(bytes as f64 / link);
+    };
+    let burst = match round {
+        0 => RateLimiter::initial_burst(limit).min(bytes),
+        _ => 0,
+    };
+    Duration::from_secs_f64(burst as f64 / link + (bytes - burst) as f64 / l)
 }
 
 /// Add a predicted round to the report, as the sender adds a real one.
