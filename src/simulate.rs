@@ -138,7 +138,12 @@ pub(crate) fn finish(
     report.stop_reason = Some(stop.as_str().into());
     report.converged = stop.converged();
     let limit = precopy.final_limit();
-    let last = transfer(bytes, limit, cfg.link_bytes_per_s, precopy.rounds().len() as u32);
+    let last = transfer(
+        bytes,
+        limit,
+        cfg.link_bytes_per_s,
+        precopy.rounds().len() as u32,
+    );
     push_round(
         report,
         &RoundFigures {

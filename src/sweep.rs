@@ -384,6 +384,38 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_grid_is_refused() {
+        let base = SenderConfig {
+            memory_bytes: 0,
+            workload: String::new(),
+            vcpus: 1,
+            tracker: crate::dirty::TrackerKind::Bitmap,
+            bandwidth: Bandwidth::Unlimited,
+            bandwidth_spec: String::new(),
+            policy: Policy::Xen,
+            policy_spec: String::new(),
+            downtime_limit: Duration::from_millis(300),
+            max_time: Duration::from_secs(10),
+            warmup: Duration::ZERO,
+            seed: 1,
+            progress: false,
+        };
+        let cfg = SweepConfig {
+            mems: vec![1 << 24],
+            workloads: vec!["idle".into()],
+            bandwidths: vec![],
+            policies: vec!["xen".into()],
+            base,
+            variant: Variant::Wws,
+            link_bytes_per_s: None,
+            round_overhead: None,
+            downtime_overhead: None,
+        };
+        let e = grid_size(&cfg).unwrap_err().to_string();
+        assert_eq!(e, "empty grid: no --bandwidth given");
+    }
+
+    #[test]
     fn accuracy_is_relative_error_median_and_max() {
         let rows = [row(100.0, 110.0), row(200.0, 180.0), row(50.0, 50.0)];
         let a = accuracy(&rows);

@@ -82,3 +82,57 @@ fn a_bad_grid_point_is_refused_before_anything_runs() {
     // Refused up front: nothing ran, nothing was written.
     assert!(!std::path::Path::new(out).exists());
 }
+
+#[test]
+fn a_sweep_can_migrate_to_a_remote_receiver() {
+    // `receive` takes one migration; a remote sweep runs it in a loop
+    // (here: calibration, then the one point).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let receivers = std::thread::spawn({
+        let listen = listen.clone();
+        move || {
+            (0..2)
+                .map(|_| {
+                    livemig()
+                        .args(["receive", "--listen", &listen])
+                        .output()
+                        .unwrap()
+                        .status
+                        .success()
+                })
+                .collect::<Vec<_>>()
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&[
+        "sweep",
+        "--quiet",
+        "--to",
+        &listen,
+        "--mem",
+        "16M",
+        "--workload",
+        "uniform:rate=5k",
+        "--bandwidth",
+        "1gbit",
+        "--policy",
+        "xen",
+        "--tracker",
+        "bitmap",
+        "--warmup",
+        "500ms",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(r.ok(), "{}", r.stderr());
+    let rows = r.report()["rows"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0]["measured"]["error"].is_null(), "{}", rows[0]);
+    assert!(rows[0]["measured"]["total_time_ms"].as_f64().unwrap() > 130.0);
+    assert_eq!(receivers.join().unwrap(), vec![true, true]);
+}

@@ -1,0 +1,71 @@
+//! How fast the predictions run: the simulator on a 1 TiB guest, and 1000
+//! sequential migrations of the default 256 MiB guest through the simulator
+//! and through the model (issue 6: "a 1 TiB guest or 1000 sequential
+//! migrations in seconds").
+//!
+//! `cargo bench --bench predict`.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use livemig::dirty::TrackerKind;
+use livemig::model::{self, Variant};
+use livemig::policy::Policy;
+use livemig::ratelimit::Bandwidth;
+use livemig::sender::SenderConfig;
+use livemig::simulate::{self, SimConfig};
+
+fn config(memory_bytes: u64, workload: &str, seed: u64) -> SimConfig {
+    SimConfig {
+        migration: SenderConfig {
+            memory_bytes,
+            workload: workload.into(),
+            vcpus: 1,
+            tracker: TrackerKind::Bitmap,
+            bandwidth: Bandwidth::Unlimited,
+            bandwidth_spec: "unlimited".into(),
+            policy: Policy::Xen,
+            policy_spec: "xen".into(),
+            downtime_limit: Duration::from_millis(300),
+            max_time: Duration::from_secs(3600),
+            warmup: Duration::ZERO,
+            seed,
+            progress: false,
+        },
+        page_size: 4096,
+        link_bytes_per_s: 10e9 / 8.0,
+        round_overhead: Duration::from_micros(100),
+        downtime_overhead: Duration::from_micros(500),
+        setup: Duration::from_millis(1),
+    }
+}
+
+fn predict(c: &mut Criterion) {
+    let mut g = c.benchmark_group("predict");
+    g.sample_size(10);
+    let tib = config(1 << 40, "hotset:wws=1G,rate=100k", 1);
+    g.bench_function("simulate 1 TiB", |b| {
+        b.iter(|| simulate::run(&tib).expect("simulates"))
+    });
+    let vms: Vec<SimConfig> = (0..1000)
+        .map(|i| config(256 << 20, "hotset:wws=32M,rate=50k", i))
+        .collect();
+    g.bench_function("simulate 1000 x 256 MiB", |b| {
+        b.iter(|| {
+            vms.iter()
+                .map(|c| simulate::run(c).expect("simulates"))
+                .count()
+        })
+    });
+    g.bench_function("model 1000 x 256 MiB", |b| {
+        b.iter(|| {
+            vms.iter()
+                .map(|c| model::run(c, Variant::Wws).expect("models"))
+                .count()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, predict);
+criterion_main!(benches);
