@@ -11,39 +11,46 @@ use livemig::report::{self, Report, Status};
 use livemig::sender::{self, SenderConfig, Source};
 use livemig::{dirtyrate, guest, migrate, model, policy, ratelimit, receiver, simulate, units};
 
-/// `print!` for a command line tool: when the reader of stdout has gone (a
-/// pipe into `head`), end quietly as tools do, by SIGPIPE, instead of
-/// panicking. (SIGPIPE stays ignored otherwise: a vanished peer must be an
-/// error on its socket, not the end of the process.)
+/// `print!` for a command line tool. When stdout fails (its reader has
+/// gone, as in a pipe into `head`, or a full disk), printing stops but the
+/// work goes on: a migration half done must still finish or resume its
+/// source, and write its JSON report. `main` then ends as the failure asks
+/// (by SIGPIPE for a closed pipe, as tools do). SIGPIPE itself stays
+/// ignored, so a vanished peer is an error on its socket.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
-            stdout_failed(e);
+        if STDOUT_FAILED.get().is_none() {
+            if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+                let _ = STDOUT_FAILED.set(e.kind());
+            }
         }
     }};
 }
 
 macro_rules! outln {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            stdout_failed(e);
-        }
+        out!($($arg)*);
+        out!("\n");
     }};
 }
 
-fn stdout_failed(e: std::io::Error) {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        // SAFETY: restoring a signal's default action and raising it are
-        // async-signal-safe; the default action of SIGPIPE ends the process.
+/// The first failure writing to stdout, if any.
+static STDOUT_FAILED: std::sync::OnceLock<std::io::ErrorKind> = std::sync::OnceLock::new();
+
+/// End as a failed stdout asks, once the work is done.
+fn stdout_verdict() -> Option<ExitCode> {
+    let kind = *STDOUT_FAILED.get()?;
+    if kind == std::io::ErrorKind::BrokenPipe {
+        // SAFETY: restoring a signal's default action and raising it; the
+        // default action of SIGPIPE ends the process.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::raise(libc::SIGPIPE);
         }
     }
-    eprintln!("Error: writing to stdout: {e}");
-    std::process::exit(1);
+    eprintln!("Error: writing to stdout: {}", std::io::Error::from(kind));
+    Some(ExitCode::FAILURE)
 }
 
 /// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
@@ -209,19 +216,23 @@ struct SweepOpts {
     /// Fixed part of the downtime for the predictions [default: measured]
     #[arg(long)]
     downtime_overhead: Option<String>,
+    /// Guest vCPU threads sharing each workload.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Dirty tracker [default: uffd-wp where the kernel has it, else bitmap]
     #[arg(long)]
     tracker: Option<String>,
+    /// Downtime the qemu policy aims for.
     #[arg(long, default_value = "300ms")]
     downtime_limit: String,
     /// Cap on each migration's pre-copy (shorter than migrate's 120 s, so a
     /// point that cannot converge does not hold up the sweep).
     #[arg(long, default_value = "10s")]
     max_time: String,
+    /// How long each guest runs before its migration starts.
     #[arg(long, default_value = "200ms")]
     warmup: String,
+    /// Seed of the guests' random write streams.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// No progress bar.
@@ -398,12 +409,7 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
             seed: opts.seed,
             progress: false,
         },
-        variant: model::Variant::parse(&opts.variant).with_context(|| {
-            format!(
-                "invalid --variant \"{}\": expected classic or wws",
-                opts.variant
-            )
-        })?,
+        variant: model::Variant::parse(&opts.variant)?,
         link_bytes_per_s: opts
             .link
             .as_deref()
@@ -563,7 +569,14 @@ fn dirtyrate(opts: &DirtyRateOpts) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let result = run(Cli::parse());
+    if let Some(code) = stdout_verdict() {
+        if let Err(e) = result {
+            eprintln!("Error: {e:#}");
+        }
+        return code;
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -595,9 +608,7 @@ fn run(cli: Cli) -> Result<()> {
             print_prediction(&report, &opts)
         }
         Cmd::Model { opts, variant } => {
-            let variant = model::Variant::parse(&variant).with_context(|| {
-                format!("invalid --variant \"{variant}\": expected classic or wws")
-            })?;
+            let variant = model::Variant::parse(&variant)?;
             let report = model::run(&opts.config()?, variant)?;
             print_prediction(&report, &opts)
         }

@@ -22,9 +22,10 @@ use serde::Serialize;
 
 use crate::policy::{Decision, Policy, Precopy, RoundFigures, StopReason};
 use crate::protocol;
+use crate::report::ms;
 use crate::report::Report;
 use crate::sender::chunk_pages;
-use crate::simulate::{finish, ms, push_round, transfer, SimConfig, SimulateError};
+use crate::simulate::{check, finish, push_round, transfer, SimConfig, SimulateError};
 use crate::units::PageRate;
 use crate::workload::{Pattern, Workload};
 
@@ -37,11 +38,15 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub fn parse(s: &str) -> Option<Self> {
+    pub fn parse(s: &str) -> Result<Self, crate::units::UnitError> {
         match s {
-            "classic" => Some(Self::Classic),
-            "wws" => Some(Self::Wws),
-            _ => None,
+            "classic" => Ok(Self::Classic),
+            "wws" => Ok(Self::Wws),
+            _ => Err(crate::units::UnitError::new(
+                "--variant",
+                s,
+                "expected classic or wws",
+            )),
         }
     }
 
@@ -82,10 +87,7 @@ pub fn distinct_pages(w: &Workload, writes: f64, variant: Variant) -> f64 {
 pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
     let m = &cfg.migration;
     let ps = cfg.page_size;
-    let w = crate::guest::check_config(&m.workload, m.memory_bytes, ps, m.vcpus)?;
-    if cfg.link_bytes_per_s.is_nan() || cfg.link_bytes_per_s <= 0.0 {
-        return Err(SimulateError::Link);
-    }
+    let w = check(cfg)?;
     let rate = match (w.is_idle(), w.rate) {
         (true, _) => 0.0,
         (false, PageRate::PerSec(r)) => r,
@@ -102,11 +104,25 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
     let mut precopy = Precopy::new(m.policy_config(ps));
     let mut elapsed = cfg.setup;
     let mut todo = w.page_count;
+    let mut fixed_point = false;
     let stop = loop {
         let round = precopy.rounds().len() as u32;
+        if round as usize >= crate::simulate::MAX_ROUNDS {
+            return Err(SimulateError::Runaway(
+                crate::simulate::MAX_ROUNDS,
+                elapsed.as_secs_f64(),
+            ));
+        }
         let limit = precopy.limit();
-        let bytes = round_bytes(todo, round, limit, ps, w.page_count);
-        let duration = cfg.round_overhead + transfer(bytes, limit, cfg.link_bytes_per_s, round);
+        let bytes = round_bytes(&w, todo, round, limit);
+        let duration = cfg.round_overhead
+            + transfer(
+                bytes,
+                limit,
+                cfg.link_bytes_per_s,
+                round,
+                cfg.round_overhead,
+            );
         // Expected figures, rounded to whole pages as the sender counts them.
         let dirty = distinct_pages(&w, rate * duration.as_secs_f64(), variant).round() as u64;
         elapsed += duration;
@@ -126,48 +142,77 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
         todo = dirty;
         match decision {
             Decision::Stop(reason) => break reason,
-            // A fixed point: every later round is this one again, and only
-            // the clock (or a round cap) can stop pre-copy.
-            Decision::Continue if same && matches!(m.policy, Policy::Qemu) => {
+            // A fixed point (past round 0, whose limiter credit differs):
+            // every later round is this one again, and a qemu decision
+            // depends on the last round only, so only the clock stops it.
+            Decision::Continue if round >= 1 && same && matches!(m.policy, Policy::Qemu) => {
                 let left = m.max_time.saturating_sub(elapsed).as_secs_f64();
                 let more = (left / seconds).ceil();
                 elapsed += Duration::from_secs_f64(more * seconds);
-                report.transferred_bytes += (more as u64).saturating_mul(round_bytes);
-                report.transferred_pages += (more as u64).saturating_mul(todo);
-                report.rounds_not_listed = more as u64;
+                // f64 -> u64 saturates: a count of rounds.
+                let more = more as u64;
+                report.transferred_bytes = report
+                    .transferred_bytes
+                    .saturating_add(more.saturating_mul(round_bytes));
+                report.transferred_pages = report
+                    .transferred_pages
+                    .saturating_add(more.saturating_mul(todo));
+                report.rounds_not_listed = more;
+                let last = precopy.rounds().last().expect("a round was recorded");
+                let expected = crate::policy::expected_downtime(precopy.config(), last)
+                    .map_or(f64::INFINITY, |d| d.as_secs_f64() * 1e3);
                 report.note = Some(format!(
-                    "does not converge: the guest dirties {:.1} MB/s of pages and rounds send {:.1} MB/s, so every round resends the same {todo} pages until --max-time ({more:.0} more rounds, not listed)",
-                    dirty as f64 * ps as f64 / seconds / 1e6,
+                    "does not converge: every round leaves the same {todo} pages dirty (the guest writes {:.1} MB/s; rounds move {:.1} MB/s), and sending them would take {expected:.1} ms, above --downtime-limit {:.1} ms; only --max-time ends pre-copy ({more} more identical rounds, not listed)",
+                    rate * ps as f64 / 1e6,
                     round_bytes as f64 / seconds / 1e6,
+                    m.downtime_limit.as_secs_f64() * 1e3,
                 ));
+                fixed_point = true;
                 break StopReason::MaxTime;
             }
             Decision::Continue => {}
         }
     };
     let limit = precopy.final_limit();
-    let bytes = round_bytes(todo, precopy.rounds().len() as u32, limit, ps, w.page_count);
+    let bytes = round_bytes(&w, todo, precopy.rounds().len() as u32, limit);
     finish(&mut report, &precopy, cfg, stop, (todo, bytes), elapsed);
+    if fixed_point {
+        report.converged = Some(false);
+    }
     Ok(report)
 }
 
 /// [`Report::mode`] of a model's prediction.
 pub const MODEL: &str = "model";
 
-/// Bytes of a round of `pages` pages: round 0 in full chunks, later rounds
-/// one Pages header per page (scattered), and the round's start and end.
-fn round_bytes(pages: u64, round: u32, limit: Option<u64>, page_size: u64, all: u64) -> u64 {
-    let frame = protocol::pages_frame_header(0, 1, page_size as u32).len() as u64;
-    let frames = match pages == all {
-        true => pages.div_ceil(chunk_pages(limit, page_size)),
-        false => pages,
+/// Bytes of a round of `pages` pages: RoundStart, the pages with a Pages
+/// header per run, RoundEnd. Round 0 and sweeps are contiguous; otherwise
+/// the pages are taken as a random subset of the pages the pattern reaches,
+/// which has about k(1 - k/n) runs, cut further into chunks.
+fn round_bytes(w: &Workload, pages: u64, round: u32, limit: Option<u64>) -> u64 {
+    let ps = w.page_size;
+    let chunk = chunk_pages(limit, ps);
+    let reach = match w.pattern {
+        Pattern::HotSet { wws_pages, hot } if hot >= 1.0 => wws_pages,
+        _ => w.page_count,
     };
+    let frames = match (round, &w.pattern) {
+        (0, _) | (_, Pattern::Sweep { .. }) => pages.div_ceil(chunk),
+        _ => {
+            let k = pages.min(reach) as f64;
+            // f64 -> u64: an expected count of runs, below `pages`.
+            (k * (1.0 - k / reach as f64)) as u64 + pages.div_ceil(chunk)
+        }
+    };
+    let frame = protocol::pages_frame_header(0, 1, ps as u32).len() as u64;
     let start = protocol::Message::RoundStart {
         round,
         stop_and_copy: false,
     };
     let end = protocol::Message::round_end(round, pages);
-    (start.encode().len() + end.encode().len()) as u64 + frames * frame + pages * page_size
+    (start.encode().len() + end.encode().len()) as u64
+        + frames.saturating_mul(frame)
+        + pages.saturating_mul(ps)
 }
 
 #[cfg(test)]

@@ -144,7 +144,8 @@ impl StopReason {
     pub fn converged(&self) -> Option<bool> {
         match self {
             StopReason::FewDirtyPages | StopReason::DowntimeLimit => Some(true),
-            StopReason::FixedRounds => None,
+            // The clock stopped it: whether it would have converged is open.
+            StopReason::FixedRounds | StopReason::MaxTime => None,
             _ => Some(false),
         }
     }
@@ -188,6 +189,13 @@ pub fn expected_downtime(cfg: &PolicyConfig, last: &RoundFigures) -> Option<Dura
     Some(Duration::try_from_secs_f64(dirty / bw).unwrap_or(Duration::MAX))
 }
 
+/// Bytes of memory sent so far: Xen counts pages, not framing.
+fn memory_sent(cfg: &PolicyConfig, rounds: &[RoundFigures]) -> u64 {
+    rounds.iter().fold(0u64, |acc, r| {
+        acc.saturating_add(r.pages.saturating_mul(cfg.page_size))
+    })
+}
+
 /// Decide after each completed round. `rounds` is every completed round so
 /// far (non-empty), `elapsed` the time since migration start.
 pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) -> Decision {
@@ -216,10 +224,7 @@ pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) ->
     }
     let stop = match cfg.policy {
         Policy::Xen => {
-            // Xen counts pages of memory sent, not framing.
-            let sent = rounds.iter().fold(0u64, |acc, r| {
-                acc.saturating_add(r.pages.saturating_mul(cfg.page_size))
-            });
+            let sent = memory_sent(cfg, rounds);
             let prev = rounds.len().checked_sub(2).map(|i| &rounds[i]);
             let dynamic = matches!(cfg.bandwidth, Bandwidth::Dynamic { .. });
             if last.dirty_pages < XEN_MIN_DIRTY_PAGES {
@@ -318,7 +323,7 @@ impl Precopy {
         why += &match c.policy {
             Policy::Fixed(k) => format!("fixed: {n} of {k} rounds done"),
             Policy::Xen => {
-                let sent: u64 = self.rounds.iter().map(|r| r.pages * c.page_size).sum();
+                let sent = memory_sent(c, &self.rounds);
                 format!(
                     "xen: {} dirty pages (stops below {XEN_MIN_DIRTY_PAGES}), {n} of {XEN_MAX_ROUNDS} rounds, {} sent = {:.2}x memory (stops above {XEN_MAX_SENT_FACTOR}x)",
                     last.dirty_pages,
@@ -329,7 +334,7 @@ impl Precopy {
             Policy::Qemu => match expected_downtime(c, last) {
                 Some(d) => format!(
                     "qemu: expected downtime = {} dirty / {} = {:.1} ms (stops at or below {:.1} ms)",
-                    fmt_bytes(last.dirty_pages * c.page_size),
+                    fmt_bytes(last.dirty_pages.saturating_mul(c.page_size)),
                     fmt_rate_bits(last.throughput_bytes_per_s()),
                     d.as_secs_f64() * 1e3,
                     c.downtime_limit.as_secs_f64() * 1e3

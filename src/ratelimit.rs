@@ -168,13 +168,8 @@ impl RateLimiter {
     /// Bytes a new limiter at `limit` lets through at once (its full
     /// bucket): what a prediction credits to the first limited round.
     pub fn initial_burst(limit: Option<u64>) -> u64 {
-        let b = Bucket {
-            limit,
-            tokens: 0.0,
-            last: Instant::now(),
-        };
         // f64 -> u64: a bucket depth, far below 2^53.
-        b.rate().map_or(0, |r| Bucket::burst(r) as u64)
+        limit.map_or(0, |l| Bucket::burst(l.max(1) as f64) as u64)
     }
 
     fn lock(&self) -> MutexGuard<'_, Bucket> {

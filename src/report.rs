@@ -43,6 +43,11 @@ pub struct RoundReport {
     pub decision: String,
 }
 
+/// A duration in milliseconds, as reports give them.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 impl RoundReport {
     /// A round's row from its figures.
     pub fn new(
@@ -51,7 +56,6 @@ impl RoundReport {
         stop_and_copy: bool,
         decision: String,
     ) -> Self {
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         Self {
             round: f.round,
             pages: f.pages,
@@ -230,10 +234,14 @@ pub fn summary(r: &Report) -> String {
         );
     }
     s += &format!(
-        "transferred       {} ({} pages) in {} rounds\n",
+        "transferred       {} ({} pages) in {} rounds{}\n",
         fmt_bytes(r.transferred_bytes),
         r.transferred_pages,
-        r.rounds.len(),
+        r.rounds.len() as u64 + r.rounds_not_listed,
+        match r.rounds_not_listed {
+            0 => String::new(),
+            n => format!(" ({n} identical ones not listed)"),
+        }
     );
     if r.mode == SIMULATED || r.mode == crate::model::MODEL {
         s += &format!(

@@ -27,7 +27,7 @@ use crate::protocol::{
     self, Frame, Kind, Limits, Message, ProtocolError, MAX_DIGESTS, MAX_RUN_PAGES,
 };
 use crate::ratelimit::{Bandwidth, RateLimiter};
-use crate::report::{Report, RoundReport, Status};
+use crate::report::{ms, Report, RoundReport, Status};
 use crate::units::PageRate;
 use crate::workload::Workload;
 
@@ -600,10 +600,6 @@ pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> s
         }
     }
     Ok(())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// The receiver speaks during rounds only to give up (Abort) or by closing.

@@ -19,10 +19,10 @@ use crate::dirty::DirtySet;
 use crate::policy::{Decision, Precopy, RoundFigures, StopReason};
 use crate::protocol::{self, Message};
 use crate::ratelimit::RateLimiter;
-use crate::report::{DowntimeBreakdown, Report, RoundReport, Status};
+use crate::report::{ms, DowntimeBreakdown, Report, RoundReport, Status};
 use crate::sender::{chunk_pages, SenderConfig};
 use crate::units::PageRate;
-use crate::workload::{Stream, Workload, WorkloadError};
+use crate::workload::{Pattern, Stream, Workload, WorkloadError};
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +31,17 @@ pub enum SimulateError {
     Workload(#[from] WorkloadError),
     #[error(transparent)]
     Guest(#[from] crate::guest::GuestError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     #[error("--workload \"{0}\": a simulation needs a numeric rate (rate=max depends on the machine: measure it with livemig dirtyrate)")]
     MaxRate(String),
     #[error("--link must be a positive rate")]
     Link,
-    #[error("pre-copy does not converge: the policy had not stopped after {0} simulated rounds ({1:.0} s); lower --max-time, or ask livemig model")]
+    #[error("the simulation would compute more than {0} guest writes (a fast writer over long rounds); ask livemig model instead, or lower the rate or --max-time")]
+    TooManyWrites(u64),
+    #[error("--mem {0}: predictions go up to 1 PiB")]
+    TooLarge(String),
+    #[error("pre-copy does not converge: the policy had not stopped after {0} rounds ({1:.0} s of migration); lower --max-time")]
     Runaway(usize, f64),
 }
 
@@ -62,12 +68,17 @@ pub struct SimConfig {
 /// `mode` "simulated".
 pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
     let m = &cfg.migration;
-    let workload = crate::guest::check_config(&m.workload, m.memory_bytes, cfg.page_size, m.vcpus)?;
-    if cfg.link_bytes_per_s.is_nan() || cfg.link_bytes_per_s <= 0.0 {
-        return Err(SimulateError::Link);
-    }
-    let mut guest = SimGuest::new(&workload, m)?;
+    let workload = check(cfg)?;
     let pages = m.memory_bytes / cfg.page_size;
+    // Two page bitmaps are all a simulation holds.
+    crate::memory::check_fits(
+        &format!(
+            "--mem {} (two page bitmaps)",
+            crate::units::fmt_bytes(m.memory_bytes)
+        ),
+        pages.div_ceil(8).saturating_mul(2),
+    )?;
+    let mut guest = SimGuest::new(&workload, m)?;
     let mut report = Report {
         mode: crate::report::SIMULATED,
         tracker: "none".into(),
@@ -86,9 +97,16 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
         }
         let limit = precopy.limit();
         let bytes = round_bytes(&todo, round, false, limit, cfg.page_size);
-        let duration = cfg.round_overhead + transfer(bytes, limit, cfg.link_bytes_per_s, round);
+        let duration = cfg.round_overhead
+            + transfer(
+                bytes,
+                limit,
+                cfg.link_bytes_per_s,
+                round,
+                cfg.round_overhead,
+            );
         dirty.clear();
-        guest.run(duration, &mut dirty);
+        guest.run(duration, &mut dirty)?;
         elapsed += duration;
         let f = RoundFigures {
             round,
@@ -143,6 +161,7 @@ pub(crate) fn finish(
         limit,
         cfg.link_bytes_per_s,
         precopy.rounds().len() as u32,
+        cfg.round_overhead,
     );
     push_round(
         report,
@@ -170,6 +189,29 @@ pub(crate) fn finish(
     report.status = Status::Completed;
 }
 
+/// What every prediction checks first: the guest's configuration, the
+/// link, and a memory size arithmetic on bytes cannot overflow.
+pub(crate) fn check(cfg: &SimConfig) -> Result<Workload, SimulateError> {
+    let m = &cfg.migration;
+    if m.memory_bytes > MAX_MEMORY {
+        return Err(SimulateError::TooLarge(crate::units::fmt_bytes(
+            m.memory_bytes,
+        )));
+    }
+    if cfg.link_bytes_per_s.is_nan() || cfg.link_bytes_per_s <= 0.0 {
+        return Err(SimulateError::Link);
+    }
+    Ok(crate::guest::check_config(
+        &m.workload,
+        m.memory_bytes,
+        cfg.page_size,
+        m.vcpus,
+    )?)
+}
+
+/// Largest guest a prediction takes: 1 PiB.
+pub const MAX_MEMORY: u64 = 1 << 50;
+
 /// Bytes a round puts on the wire: RoundStart, a Pages frame per run of at
 /// most a chunk (as the sender cuts them), RoundEnd.
 fn round_bytes(set: &DirtySet, round: u32, stop: bool, limit: Option<u64>, page_size: u64) -> u64 {
@@ -185,18 +227,29 @@ fn round_bytes(set: &DirtySet, round: u32, stop: bool, limit: Option<u64>, page_
     (start.encode().len() + end.encode().len()) as u64 + runs * frame + pages * page_size
 }
 
-/// Time to move `bytes` of round `round` at the limit or the link,
-/// whichever is lower. The sender's limiter starts with a full bucket, so
-/// round 0's first bytes go at link speed (RateLimiter::initial_burst).
-pub(crate) fn transfer(bytes: u64, limit: Option<u64>, link: f64, round: u32) -> Duration {
+/// Time to move `bytes` of a round at the limit or the link, whichever is
+/// lower. The sender's token bucket fills while it is not sending: it
+/// starts full, and refills during the `idle` time before later rounds
+/// (acknowledgement, harvest, pause), so a round's first bytes go at link
+/// speed (RateLimiter::initial_burst is the bucket's depth).
+pub(crate) fn transfer(
+    bytes: u64,
+    limit: Option<u64>,
+    link: f64,
+    round: u32,
+    idle: Duration,
+) -> Duration {
     let Some(l) = limit.map(|l| l as f64).filter(|&l| l < link) else {
         return Duration::from_secs_f64(bytes as f64 / link);
     };
-    let burst = match round {
-        0 => RateLimiter::initial_burst(limit).min(bytes),
-        _ => 0,
+    let depth = RateLimiter::initial_burst(limit);
+    let refilled = match round {
+        0 => depth,
+        // f64 -> u64 saturates: bytes the bucket gained while idle.
+        _ => depth.min((l * idle.as_secs_f64()) as u64),
     };
-    Duration::from_secs_f64(burst as f64 / link + (bytes - burst) as f64 / l)
+    let credit = refilled.min(bytes);
+    Duration::from_secs_f64(credit as f64 / link + (bytes - credit) as f64 / l)
 }
 
 /// Add a predicted round to the report, as the sender adds a real one.
@@ -209,8 +262,8 @@ pub(crate) fn push_round(
     report
         .rounds
         .push(RoundReport::new(f, Duration::ZERO, stop_and_copy, decision));
-    report.transferred_bytes += f.bytes;
-    report.transferred_pages += f.pages;
+    report.transferred_bytes = report.transferred_bytes.saturating_add(f.bytes);
+    report.transferred_pages = report.transferred_pages.saturating_add(f.pages);
 }
 
 /// The guest's writes without the guest: its vCPUs' streams, advanced by
@@ -222,6 +275,8 @@ struct SimGuest<'a> {
     rate: f64,
     /// Fractional writes carried from one stretch to the next.
     owed: f64,
+    /// Writes computed so far (saturated stretches excepted).
+    computed: u64,
 }
 
 impl<'a> SimGuest<'a> {
@@ -243,6 +298,7 @@ impl<'a> SimGuest<'a> {
             streams,
             rate,
             owed: 0.0,
+            computed: 0,
         })
     }
 
@@ -251,18 +307,42 @@ impl<'a> SimGuest<'a> {
     }
 
     /// Let the guest run for `d`, adding the pages it writes to `into`.
-    fn run(&mut self, d: Duration, into: &mut DirtySet) {
+    /// A stretch with more than [`SATURATION`] writes per page a stream can
+    /// reach marks all those pages without computing the writes (for a
+    /// sweep, exactly; at random, each page escapes with odds e^-8).
+    fn run(&mut self, d: Duration, into: &mut DirtySet) -> Result<(), SimulateError> {
         let due = self.rate * d.as_secs_f64() + self.owed;
         let writes = due.floor();
         self.owed = due - writes;
+        // f64 -> u64 saturates; a count of writes.
+        let writes = writes as u64;
         for s in &mut self.streams {
-            for _ in 0..writes as u64 {
+            let (first, count) = s.reach(self.workload);
+            let saturation = match self.workload.pattern {
+                Pattern::Sweep { .. } => count,
+                Pattern::HotSet { hot, .. } if hot < 1.0 => {
+                    (SATURATION as f64 * count as f64 / (1.0 - hot)) as u64
+                }
+                _ => count.saturating_mul(SATURATION),
+            };
+            if writes >= saturation {
+                into.set_range(first, count);
+                s.skip(self.workload, writes);
+                continue;
+            }
+            self.computed = self.computed.saturating_add(writes);
+            if self.computed > MAX_WRITES {
+                return Err(SimulateError::TooManyWrites(MAX_WRITES));
+            }
+            for _ in 0..writes {
                 into.set(s.next(self.workload).page());
             }
         }
+        Ok(())
     }
 }
 
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+/// Writes per reachable page past which a stretch counts as saturating.
+const SATURATION: u64 = 8;
+/// Writes one simulation may compute (about a minute of work).
+const MAX_WRITES: u64 = 4_000_000_000;

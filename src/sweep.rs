@@ -158,6 +158,11 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                         why,
                     };
                     // Every point is checked before the first one runs.
+                    if mem == 0 || !mem.is_multiple_of(page) {
+                        return Err(bad(format!(
+                            "--mem {mem}: not a non-zero multiple of the {page}-byte page size"
+                        )));
+                    }
                     crate::guest::check_config(workload, mem, page, cfg.base.vcpus)
                         .map_err(|e| bad(e.to_string()))?;
                     let point_cfg = SenderConfig {
@@ -349,9 +354,14 @@ pub fn csv(s: &Sweep) -> String {
     out.push('\n');
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
     for r in &s.rows {
+        let quote = |t: &str| format!("\"{}\"", t.replace('"', "\"\""));
         out += &format!(
-            "{},{},\"{}\",{},{}",
-            r.point, r.memory_bytes, r.workload, r.bandwidth, r.policy
+            "{},{},{},{},{}",
+            r.point,
+            r.memory_bytes,
+            quote(&r.workload),
+            quote(&r.bandwidth),
+            quote(&r.policy)
         );
         for f in [&r.measured, &r.model, &r.simulated] {
             out += &format!(
@@ -381,6 +391,28 @@ mod tests {
             model: f(model),
             ..Row::default()
         }
+    }
+
+    #[test]
+    fn csv_text_fields_are_quoted() {
+        let s = Sweep {
+            calibration: vec![],
+            rows: vec![Row {
+                workload: "hotset:wws=8M,rate=20k".into(),
+                bandwidth: "dynamic:min=1mbit,max=1gbit,inc=5mbit".into(),
+                policy: "xen".into(),
+                ..Row::default()
+            }],
+            accuracy: vec![],
+        };
+        let csv = csv(&s);
+        let line = csv.lines().nth(1).unwrap();
+        assert!(
+            line.starts_with(
+                "0,0,\"hotset:wws=8M,rate=20k\",\"dynamic:min=1mbit,max=1gbit,inc=5mbit\",\"xen\","
+            ),
+            "{line}"
+        );
     }
 
     #[test]

@@ -240,6 +240,25 @@ impl Stream {
         }
     }
 
+    /// Advance past `n` writes without computing them (a simulation of a
+    /// stretch that saturates the pattern): the state is as if they ran.
+    pub fn skip(&mut self, w: &Workload, n: u64) {
+        self.ops = self.ops.wrapping_add(n);
+        if let Pattern::Sweep { .. } = w.pattern {
+            let len = self.slice.1 - self.slice.0;
+            self.cursor = self.slice.0 + (self.cursor - self.slice.0 + n % len) % len;
+        }
+    }
+
+    /// The pages this stream can write, as (first, count).
+    pub fn reach(&self, w: &Workload) -> (u64, u64) {
+        match w.pattern {
+            Pattern::HotSet { wws_pages, hot } if hot >= 1.0 => (0, wws_pages),
+            Pattern::Sweep { .. } => (self.slice.0, self.slice.1 - self.slice.0),
+            _ => (0, w.page_count),
+        }
+    }
+
     /// The next write; advances the state.
     #[inline]
     pub fn next(&mut self, w: &Workload) -> Write {
@@ -348,6 +367,23 @@ mod tests {
                 panic!()
             };
             assert!(page < 256 && offset % 8 == 0 && offset < 4096);
+        }
+    }
+
+    #[test]
+    fn skipping_writes_leaves_the_state_they_would() {
+        for spec in ["uniform:rate=1k", "sweep:from=4K,to=40K"] {
+            let w = Workload::parse(spec, 1 << 20, 4096).unwrap();
+            let (mut a, mut b) = (
+                Stream::new(&w, 1, 2, 9, 0, None),
+                Stream::new(&w, 1, 2, 9, 0, None),
+            );
+            (0..1000).for_each(|_| {
+                a.next(&w);
+            });
+            b.skip(&w, 1000);
+            assert_eq!((a.ops, a.cursor), (b.ops, b.cursor), "{spec}");
+            assert_eq!(a.next(&w), b.next(&w), "{spec}");
         }
     }
 

@@ -231,3 +231,33 @@ fn human_output_has_a_round_table_and_a_summary() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_does_not_cut_a_migration_short() {
+    // `livemig migrate | head -1`: stdout closes after the first row. The
+    // migration must finish and write its report, then end by SIGPIPE.
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let mut child = livemig()
+        .args([
+            "migrate",
+            "--mem",
+            "16M",
+            "--warmup",
+            "100ms",
+            "--tracker",
+            "bitmap",
+        ])
+        .args(["--workload", "hotset:wws=1M,rate=10k", "--json"])
+        .arg(&json)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}");
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(rep["status"], "completed");
+    assert_eq!(rep["mismatched_pages"], 0);
+}
