@@ -25,7 +25,7 @@ use crate::protocol;
 use crate::report::ms;
 use crate::report::Report;
 use crate::sender::chunk_pages;
-use crate::simulate::{check, finish, push_round, transfer, SimConfig, SimulateError};
+use crate::simulate::{check, finish, push_round, round_time, SimConfig, SimulateError};
 use crate::units::PageRate;
 use crate::workload::{Pattern, Workload};
 
@@ -115,14 +115,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
         }
         let limit = precopy.limit();
         let bytes = round_bytes(&w, todo, round, limit);
-        let duration = cfg.round_overhead
-            + transfer(
-                bytes,
-                limit,
-                cfg.link_bytes_per_s,
-                round,
-                cfg.round_overhead,
-            );
+        let duration = round_time(cfg, bytes, limit, round);
         // Expected figures, rounded to whole pages as the sender counts them.
         let dirty = distinct_pages(&w, rate * duration.as_secs_f64(), variant).round() as u64;
         elapsed += duration;

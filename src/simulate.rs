@@ -97,14 +97,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
         }
         let limit = precopy.limit();
         let bytes = round_bytes(&todo, round, false, limit, cfg.page_size);
-        let duration = cfg.round_overhead
-            + transfer(
-                bytes,
-                limit,
-                cfg.link_bytes_per_s,
-                round,
-                cfg.round_overhead,
-            );
+        let duration = round_time(cfg, bytes, limit, round);
         dirty.clear();
         guest.run(duration, &mut dirty)?;
         elapsed += duration;
@@ -156,13 +149,7 @@ pub(crate) fn finish(
     report.stop_reason = Some(stop.as_str().into());
     report.converged = stop.converged();
     let limit = precopy.final_limit();
-    let last = transfer(
-        bytes,
-        limit,
-        cfg.link_bytes_per_s,
-        precopy.rounds().len() as u32,
-        cfg.round_overhead,
-    );
+    let last = transfer(cfg, bytes, limit, precopy.rounds().len() as u32);
     push_round(
         report,
         &RoundFigures {
@@ -229,16 +216,11 @@ fn round_bytes(set: &DirtySet, round: u32, stop: bool, limit: Option<u64>, page_
 
 /// Time to move `bytes` of a round at the limit or the link, whichever is
 /// lower. The sender's token bucket fills while it is not sending: it
-/// starts full, and refills during the `idle` time before later rounds
+/// starts full, and refills during the round overhead before later rounds
 /// (acknowledgement, harvest, pause), so a round's first bytes go at link
 /// speed (RateLimiter::initial_burst is the bucket's depth).
-pub(crate) fn transfer(
-    bytes: u64,
-    limit: Option<u64>,
-    link: f64,
-    round: u32,
-    idle: Duration,
-) -> Duration {
+pub(crate) fn transfer(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u32) -> Duration {
+    let link = cfg.link_bytes_per_s;
     let Some(l) = limit.map(|l| l as f64).filter(|&l| l < link) else {
         return Duration::from_secs_f64(bytes as f64 / link);
     };
@@ -246,10 +228,15 @@ pub(crate) fn transfer(
     let refilled = match round {
         0 => depth,
         // f64 -> u64 saturates: bytes the bucket gained while idle.
-        _ => depth.min((l * idle.as_secs_f64()) as u64),
+        _ => depth.min((l * cfg.round_overhead.as_secs_f64()) as u64),
     };
     let credit = refilled.min(bytes);
     Duration::from_secs_f64(credit as f64 / link + (bytes - credit) as f64 / l)
+}
+
+/// A pre-copy round's time: its fixed overhead, then its bytes.
+pub(crate) fn round_time(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u32) -> Duration {
+    cfg.round_overhead + transfer(cfg, bytes, limit, round)
 }
 
 /// Add a predicted round to the report, as the sender adds a real one.

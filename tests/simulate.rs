@@ -11,6 +11,23 @@ fn simulate(extra: &[&str]) -> Run {
     run(&args)
 }
 
+/// 300k pages/s of 4 KiB is 1.2 GB/s of dirtying over a 1 Gbit/s link, and
+/// the qemu policy has no round cap: only --max-time (1000 h) stops it.
+const NON_CONVERGING: &[&str] = &[
+    "--mem",
+    "16M",
+    "--workload",
+    "uniform:rate=300k",
+    "--bandwidth",
+    "1gbit",
+    "--policy",
+    "qemu",
+    "--downtime-limit",
+    "1ms",
+    "--max-time",
+    "1000h",
+];
+
 fn rounds(rep: &serde_json::Value) -> &Vec<serde_json::Value> {
     rep["rounds"].as_array().unwrap()
 }
@@ -141,21 +158,7 @@ fn a_simulation_refuses_what_it_cannot_know() {
     simulate(&["--mem", "2P"]).assert_fails_with(&["--mem 2.0 PiB", "up to 1 PiB"]);
     // Dirtying faster than the link, a policy without a round cap and no
     // time cap to speak of: the simulator must say so, not run for days.
-    simulate(&[
-        "--mem",
-        "16M",
-        "--workload",
-        "uniform:rate=300k",
-        "--bandwidth",
-        "1gbit",
-        "--policy",
-        "qemu",
-        "--downtime-limit",
-        "1ms",
-        "--max-time",
-        "1000h",
-    ])
-    .assert_fails_with(&["does not converge", "after 10000 rounds"]);
+    simulate(NON_CONVERGING).assert_fails_with(&["does not converge", "after 10000 rounds"]);
 }
 
 fn model(extra: &[&str]) -> Run {
@@ -227,22 +230,7 @@ fn the_wws_model_agrees_with_the_simulator() {
 
 #[test]
 fn a_model_that_cannot_converge_says_so() {
-    // 300k pages/s of 4 KiB is 1.2 GB/s of dirtying over a 1 Gbit/s link,
-    // and the qemu policy has no round cap: only --max-time stops it.
-    let r = model(&[
-        "--mem",
-        "128M",
-        "--workload",
-        "uniform:rate=300k",
-        "--bandwidth",
-        "1gbit",
-        "--policy",
-        "qemu",
-        "--downtime-limit",
-        "1ms",
-        "--max-time",
-        "1000h",
-    ]);
+    let r = model(NON_CONVERGING);
     assert!(r.ok(), "{}", r.stderr());
     let rep = r.report();
     assert_eq!(rep["converged"], false);
