@@ -1,0 +1,182 @@
+//! livemig between network namespaces over a shaped link, built by
+//! scripts/testbed.sh. Needs root and network namespaces (CI has both);
+//! where they are missing the tests say why and pass.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A testbed of two hosts, removed when dropped.
+struct Testbed {
+    prefix: String,
+    subnet: String,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed.sh")
+}
+
+impl Testbed {
+    /// Up with a name and subnet of this test's own, or None (and why).
+    fn up(tag: u32, rate: &str) -> Option<Self> {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to make network namespaces");
+            return None;
+        }
+        let id = std::process::id() % 10_000;
+        let bed = Testbed {
+            prefix: format!("t{id}x{tag}"),
+            subnet: format!("10.{}.{}", 100 + tag, id % 250),
+        };
+        let out = bed.run("up", &["--rate", rate]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Operation not permitted") || err.contains("not supported") {
+                eprintln!("skipped: the kernel cannot make network namespaces here: {err}");
+                return None;
+            }
+            panic!("testbed up failed: {err}");
+        }
+        Some(bed)
+    }
+
+    fn run(&self, cmd: &str, extra: &[&str]) -> std::process::Output {
+        Command::new("bash")
+            .arg(script())
+            .args([cmd, "--prefix", &self.prefix, "--subnet", &self.subnet])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    fn host(&self, i: u32) -> String {
+        format!("{}-h{i}", self.prefix)
+    }
+
+    fn addr(&self, i: u32) -> String {
+        format!("{}.{}", self.subnet, i + 1)
+    }
+
+    /// `livemig ARGS` inside host `i`.
+    fn livemig(&self, i: u32) -> Command {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.host(i),
+            env!("CARGO_BIN_EXE_livemig"),
+        ]);
+        c
+    }
+
+    /// Receive in host 1, send from host 0; both reports.
+    fn migrate(&self, send_args: &[&str]) -> (serde_json::Value, serde_json::Value) {
+        let dir = tempfile::tempdir().unwrap();
+        let (rj, sj) = (dir.path().join("recv.json"), dir.path().join("send.json"));
+        let listen = format!("{}:4444", self.addr(1));
+        let mut rx = self
+            .livemig(1)
+            .args(["receive", "--listen", &listen, "--json"])
+            .arg(&rj)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let out = self
+            .livemig(0)
+            .args(["send", "--to", &listen, "--quiet", "--json"])
+            .arg(&sj)
+            .args(send_args)
+            .output()
+            .unwrap();
+        let rs = rx.wait().unwrap();
+        assert!(
+            out.status.success() && rs.success(),
+            "send: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let read = |p: &Path| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        (read(&sj), read(&rj))
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let out = self.run("down", &[]);
+        assert!(out.status.success(), "testbed down failed");
+    }
+}
+
+#[test]
+fn a_migration_over_a_shaped_link_runs_at_the_links_rate() {
+    let Some(bed) = Testbed::up(1, "200mbit") else {
+        return;
+    };
+    let (sent, received) = bed.migrate(&[
+        "--mem",
+        "16M",
+        "--workload",
+        "idle",
+        "--tracker",
+        "bitmap",
+        "--warmup",
+        "100ms",
+    ]);
+    assert_eq!(sent["status"], "completed");
+    assert_eq!(sent["mismatched_pages"], 0);
+    assert_eq!(received["verified_pages"], 4096);
+    // Goodput within 10% of the shaped rate (tbf counts headers too).
+    let goodput = sent["rounds"][0]["throughput_mbps"].as_f64().unwrap();
+    assert!(
+        goodput > 180.0 && goodput <= 202.0,
+        "{goodput} Mbit/s over a 200 Mbit/s link"
+    );
+    // Running `up` again says so and changes nothing.
+    let again = bed.run("up", &["--rate", "1gbit"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is up already"));
+    let status = String::from_utf8_lossy(&bed.run("status", &[]).stdout).into_owned();
+    assert!(status.contains("egress 200Mbit"), "{status}");
+}
+
+#[test]
+fn the_dynamic_limit_follows_clarks_rule_over_a_real_link() {
+    let Some(bed) = Testbed::up(2, "500mbit") else {
+        return;
+    };
+    let (sent, _) = bed.migrate(&[
+        "--mem",
+        "16M",
+        "--workload",
+        "uniform:rate=3k",
+        "--tracker",
+        "bitmap",
+        "--bandwidth",
+        "dynamic:min=50mbit,max=300mbit,inc=20mbit",
+        "--warmup",
+        "100ms",
+    ]);
+    assert_eq!(sent["mismatched_pages"], 0);
+    let rounds = sent["rounds"].as_array().unwrap();
+    assert_eq!(rounds[0]["rate_limit_bps"].as_f64().unwrap(), 50e6);
+    for w in rounds.windows(2).filter(|w| w[1]["stop_and_copy"] == false) {
+        let dirty_bps = w[0]["dirty_rate_pps"].as_f64().unwrap() * 4096.0 * 8.0;
+        let want = (dirty_bps + 20e6).clamp(50e6, 300e6);
+        let got = w[1]["rate_limit_bps"].as_f64().unwrap();
+        assert!((got - want).abs() <= 8.0, "{got} vs {want}");
+    }
+    // Rounds long enough to measure run at their limit, not the link's rate.
+    for r in rounds
+        .iter()
+        .filter(|r| r["pages"].as_u64().unwrap() >= 1000)
+    {
+        let (tput, limit) = (
+            r["throughput_mbps"].as_f64().unwrap(),
+            r["rate_limit_bps"].as_f64().unwrap() / 1e6,
+        );
+        assert!(
+            tput <= limit * 1.1 && tput >= limit * 0.85,
+            "{tput} Mbit/s at a {limit} Mbit/s limit"
+        );
+    }
+}
