@@ -9,10 +9,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use livemig::dirty::TrackerKind;
 use livemig::model::{self, Variant};
-use livemig::policy::Policy;
-use livemig::ratelimit::Bandwidth;
 use livemig::sender::SenderConfig;
 use livemig::simulate::{self, SimConfig};
 
@@ -21,17 +18,9 @@ fn config(memory_bytes: u64, workload: &str, seed: u64) -> SimConfig {
         migration: SenderConfig {
             memory_bytes,
             workload: workload.into(),
-            vcpus: 1,
-            tracker: TrackerKind::Bitmap,
-            bandwidth: Bandwidth::Unlimited,
-            bandwidth_spec: "unlimited".into(),
-            policy: Policy::Xen,
-            policy_spec: "xen".into(),
-            downtime_limit: Duration::from_millis(300),
             max_time: Duration::from_secs(3600),
-            warmup: Duration::ZERO,
             seed,
-            progress: false,
+            ..SenderConfig::default()
         },
         page_size: 4096,
         link_bytes_per_s: 10e9 / 8.0,

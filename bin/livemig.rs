@@ -297,6 +297,15 @@ struct GuestConfig {
     warmup: std::time::Duration,
 }
 
+/// `--tracker` as given, or the kernel's best, saying so when it falls back.
+fn choose_tracker(given: Option<&str>) -> Result<TrackerKind> {
+    let (tracker, notice) = TrackerKind::choose(given)?;
+    if let Some(notice) = notice {
+        eprintln!("{notice}");
+    }
+    Ok(tracker)
+}
+
 impl GuestFlags {
     fn config(&self) -> Result<GuestConfig> {
         let memory_bytes = units::parse_bytes("--mem", &self.mem)?;
@@ -307,10 +316,7 @@ impl GuestFlags {
                 self.mem
             );
         }
-        let (tracker, notice) = TrackerKind::choose(self.tracker.as_deref())?;
-        if let Some(notice) = notice {
-            eprintln!("{notice}");
-        }
+        let tracker = choose_tracker(self.tracker.as_deref())?;
         Ok(GuestConfig {
             memory_bytes,
             fresh: guest::Fresh {
@@ -377,10 +383,6 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
         .iter()
         .map(|m| units::parse_bytes("--mem", m))
         .collect::<Result<Vec<_>, _>>()?;
-    let (tracker, notice) = TrackerKind::choose(opts.tracker.as_deref())?;
-    if let Some(notice) = notice {
-        eprintln!("{notice}");
-    }
     let d = |flag: &str, v: &str| units::parse_duration(flag, v);
     let cfg = livemig::sweep::SweepConfig {
         mems,
@@ -395,19 +397,13 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
         bandwidths: or(&opts.bandwidths, &["1gbit", "4gbit"]),
         policies: or(&opts.policies, &["xen", "qemu"]),
         base: SenderConfig {
-            memory_bytes: 0,
-            workload: String::new(),
             vcpus: opts.vcpus,
-            tracker,
-            bandwidth: ratelimit::Bandwidth::Unlimited,
-            bandwidth_spec: String::new(),
-            policy: policy::Policy::Xen,
-            policy_spec: String::new(),
+            tracker: choose_tracker(opts.tracker.as_deref())?,
             downtime_limit: d("--downtime-limit", &opts.downtime_limit)?,
             max_time: d("--max-time", &opts.max_time)?,
             warmup: d("--warmup", &opts.warmup)?,
             seed: opts.seed,
-            progress: false,
+            ..SenderConfig::default()
         },
         variant: model::Variant::parse(&opts.variant)?,
         link_bytes_per_s: opts

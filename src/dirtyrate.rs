@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::control::MAX_VCPUS;
 use crate::dirty::{DirtyError, DirtySet, Target, Tracker, TrackerKind};
 use crate::guest::{Found, Fresh, GuestError};
+use crate::report::ms;
 use crate::sender::{SendError, Source};
 
 /// How often the tracker harvests; every window is a multiple of it.
@@ -165,7 +166,6 @@ fn measure(
 
     let windows: Vec<WindowStats> = windows.iter().map(Window::stats).collect();
     let rate = windows.iter().rev().find_map(|w| w.dirty_rate_pps);
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let (workload, vcpus) = guest.describe();
     Ok(DirtyRateReport {
         tracker: cfg.tracker.as_str().into(),

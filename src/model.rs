@@ -21,11 +21,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::policy::{Decision, Policy, Precopy, RoundFigures, StopReason};
-use crate::protocol;
 use crate::report::ms;
 use crate::report::Report;
 use crate::sender::chunk_pages;
-use crate::simulate::{check, finish, push_round, round_time, SimConfig, SimulateError};
+use crate::simulate::{
+    check, finish, push_round, round_time, wire_bytes, SimConfig, SimulateError,
+};
 use crate::units::PageRate;
 use crate::workload::{Pattern, Workload};
 
@@ -197,15 +198,7 @@ fn round_bytes(w: &Workload, pages: u64, round: u32, limit: Option<u64>) -> u64 
             (k * (1.0 - k / reach as f64)) as u64 + pages.div_ceil(chunk)
         }
     };
-    let frame = protocol::pages_frame_header(0, 1, ps as u32).len() as u64;
-    let start = protocol::Message::RoundStart {
-        round,
-        stop_and_copy: false,
-    };
-    let end = protocol::Message::round_end(round, pages);
-    (start.encode().len() + end.encode().len()) as u64
-        + frames.saturating_mul(frame)
-        + pages.saturating_mul(ps)
+    wire_bytes(round, false, pages, frames, ps)
 }
 
 #[cfg(test)]

@@ -87,6 +87,28 @@ pub struct SenderConfig {
     pub progress: bool,
 }
 
+impl Default for SenderConfig {
+    /// The command line's defaults, with the `bitmap` tracker (which every
+    /// kernel has) and no progress bar.
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            workload: "hotset:wws=32M,rate=50k".into(),
+            vcpus: 1,
+            tracker: TrackerKind::Bitmap,
+            bandwidth: Bandwidth::Unlimited,
+            bandwidth_spec: "unlimited".into(),
+            policy: Policy::Xen,
+            policy_spec: "xen".into(),
+            downtime_limit: Duration::from_millis(300),
+            max_time: Duration::from_secs(120),
+            warmup: Duration::from_secs(1),
+            seed: 1,
+            progress: false,
+        }
+    }
+}
+
 impl SenderConfig {
     /// What the convergence policy decides on, for `page_size`-byte pages.
     pub fn policy_config(&self, page_size: u64) -> PolicyConfig {

@@ -202,16 +202,22 @@ pub const MAX_MEMORY: u64 = 1 << 50;
 /// Bytes a round puts on the wire: RoundStart, a Pages frame per run of at
 /// most a chunk (as the sender cuts them), RoundEnd.
 fn round_bytes(set: &DirtySet, round: u32, stop: bool, limit: Option<u64>, page_size: u64) -> u64 {
-    let chunk = chunk_pages(limit, page_size);
+    let runs = set.runs(chunk_pages(limit, page_size)).count() as u64;
+    wire_bytes(round, stop, set.count(), runs, page_size)
+}
+
+/// Bytes of a round of `pages` pages sent as `frames` Pages frames, with
+/// its RoundStart and RoundEnd, encoded as the sender encodes them.
+pub(crate) fn wire_bytes(round: u32, stop: bool, pages: u64, frames: u64, page_size: u64) -> u64 {
     let frame = protocol::pages_frame_header(0, 1, page_size as u32).len() as u64;
-    let runs = set.runs(chunk).count() as u64;
     let start = Message::RoundStart {
         round,
         stop_and_copy: stop,
     };
-    let pages = set.count();
     let end = Message::round_end(round, pages);
-    (start.encode().len() + end.encode().len()) as u64 + runs * frame + pages * page_size
+    ((start.encode().len() + end.encode().len()) as u64)
+        .saturating_add(frames.saturating_mul(frame))
+        .saturating_add(pages.saturating_mul(page_size))
 }
 
 /// Time to move `bytes` of a round at the limit or the link, whichever is

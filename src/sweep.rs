@@ -417,27 +417,12 @@ mod tests {
 
     #[test]
     fn an_empty_grid_is_refused() {
-        let base = SenderConfig {
-            memory_bytes: 0,
-            workload: String::new(),
-            vcpus: 1,
-            tracker: crate::dirty::TrackerKind::Bitmap,
-            bandwidth: Bandwidth::Unlimited,
-            bandwidth_spec: String::new(),
-            policy: Policy::Xen,
-            policy_spec: String::new(),
-            downtime_limit: Duration::from_millis(300),
-            max_time: Duration::from_secs(10),
-            warmup: Duration::ZERO,
-            seed: 1,
-            progress: false,
-        };
         let cfg = SweepConfig {
             mems: vec![1 << 24],
             workloads: vec!["idle".into()],
             bandwidths: vec![],
             policies: vec!["xen".into()],
-            base,
+            base: SenderConfig::default(),
             variant: Variant::Wws,
             link_bytes_per_s: None,
             round_overhead: None,
