@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::control::{Control, CONTROL_NAME, MAX_VCPUS};
 use crate::dirty::{DirtyError, SharedBitmap, TrackerKind};
 use crate::memory::{GuestMemory, MemoryError, SharedRegion, GUEST_RAM_NAME};
-use crate::workload::{Stream, Workload, WorkloadError, Write};
+use crate::workload::{fill_word, Content, Stream, Workload, WorkloadError, Write};
 
 /// How long a guest may take to start or to park its vCPUs.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -183,7 +183,8 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     let resume = args.fresh.is_none();
     let (spec, vcpus) = match args.fresh {
         Some(f) => {
-            stamp(&mem, f.seed);
+            let content = check_config(&f.workload, args.memory_bytes, page_size, f.vcpus)?.content;
+            stamp(&mem, f.seed, &content);
             for (i, slot) in control.block().slots[..f.vcpus as usize].iter().enumerate() {
                 slot.seed
                     .store(vcpu_seed(f.seed, i as u32), Ordering::Relaxed);
@@ -268,13 +269,27 @@ pub fn vcpu_seed(seed: u64, i: u32) -> u64 {
     seed ^ u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// Give every page distinct, non-zero content.
-fn stamp(mem: &GuestMemory, seed: u64) {
+/// Give pages their initial content (see [`Content`]): all-zero pages stay
+/// untouched; every other page gets a distinct non-zero stamp and its share
+/// of random words.
+fn stamp(mem: &GuestMemory, seed: u64, content: &Content) {
+    let words = content.random_words(mem.page_size());
     for page in 0..mem.page_count() {
+        if content.starts_zero(seed, page) {
+            continue;
+        }
         let (ptr, _) = mem.pages_ptr(page, 1);
-        // SAFETY: ptr is the page's first byte inside the mapping; offset 8 is
-        // aligned and within the page; nobody reads the page yet.
-        unsafe { ptr.add(8).cast::<u64>().write_volatile(page ^ seed | 1) };
+        let ptr = ptr.cast::<u64>();
+        for k in 0..words {
+            // SAFETY: k < page_size / 8 words: inside the page, aligned;
+            // nobody reads the page yet.
+            unsafe {
+                ptr.add(k as usize)
+                    .write_volatile(fill_word(seed ^ page, k))
+            };
+        }
+        // SAFETY: word 1 of the page, as above.
+        unsafe { ptr.add(1).write_volatile(page ^ seed | 1) };
     }
 }
 
@@ -343,13 +358,18 @@ impl Vcpu<'_> {
     fn apply(&self, w: Write) {
         let (ptr, _) = self.mem.pages_ptr(w.page(), 1);
         match w {
-            Write::Store { offset, value, .. } => {
-                // SAFETY: offset < page_size - 7 and 8-aligned (Stream), so the
-                // word is inside this page of the mapping, which outlives the
-                // vCPUs. Accesses are atomic: two vCPUs may hit the same word
-                // (a relaxed store is a plain store on x86).
-                unsafe { AtomicU64::from_ptr(ptr.add(offset as usize).cast()) }
-                    .store(value, Ordering::Relaxed);
+            Write::Store {
+                offset, value, len, ..
+            } => {
+                for k in 0..len / 8 {
+                    let v = if k == 0 { value } else { fill_word(value, k) };
+                    // SAFETY: offset + len <= page_size and 8-aligned (Stream),
+                    // so the word is inside this page of the mapping, which
+                    // outlives the vCPUs. Accesses are atomic: two vCPUs may
+                    // hit the same word (a relaxed store is a plain store on x86).
+                    unsafe { AtomicU64::from_ptr(ptr.add((offset + k * 8) as usize).cast()) }
+                        .store(v, Ordering::Relaxed);
+                }
             }
             Write::Increment { .. } => {
                 // SAFETY: byte 0 of a page inside the mapping, as above.

@@ -10,6 +10,14 @@
 //!   increments byte 0 of each page (QEMU's migration-test pattern; default
 //!   1 MiB..100 MiB clipped to memory, rate `max`).
 //!
+//! Every kind also takes content keys, which shape what data reduction
+//! (zero pages, compression, XBZRLE) finds:
+//! - `zero=F`: share of pages that start all-zero (default 0);
+//! - `random=F`: share of each other page's bytes that start random, so
+//!   incompressible (default 0: one 8-byte stamp per page, the rest zero);
+//! - `bytes=N`: bytes a write stores into its page, a multiple of 8 up to the
+//!   page size (default 8).
+//!
 //! `R` is pages per second (`20k`, `1.5M`) or `max`. The random stream is
 //! counter-based (xxh3 of the operation number under a per-vCPU seed), so a
 //! vCPU's whole state is its seed, its operation count and its cursor: the
@@ -36,12 +44,37 @@ pub enum Pattern {
     Sweep { from_page: u64, to_page: u64 },
 }
 
+/// What the pages hold: the initial content and the size of each write.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Content {
+    /// Share of pages that start all-zero.
+    pub zero: f64,
+    /// Share of each non-zero page's bytes that start random.
+    pub random: f64,
+    /// Bytes one write stores (a multiple of 8, at most a page).
+    pub write_bytes: u64,
+}
+
+impl Default for Content {
+    fn default() -> Self {
+        Self {
+            zero: 0.0,
+            random: 0.0,
+            write_bytes: 8,
+        }
+    }
+}
+
+/// Keys every kind takes (the content model).
+const CONTENT_KEYS: [&str; 3] = ["zero", "random", "bytes"];
+
 /// A parsed workload over a given memory size.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
     pub spec: String,
     pub pattern: Pattern,
     pub rate: PageRate,
+    pub content: Content,
     pub page_count: u64,
     pub page_size: u64,
 }
@@ -80,12 +113,26 @@ impl Workload {
                 )))
             }
         };
-        if let Some(k) = kv.keys().find(|k| !allowed.contains(k)) {
+        if let Some(k) = kv
+            .keys()
+            .find(|k| !allowed.contains(k) && !CONTENT_KEYS.contains(k))
+        {
+            let takes: Vec<&str> = allowed.iter().chain(&CONTENT_KEYS).copied().collect();
             return Err(bad(format!(
                 "{kind} takes no \"{k}\" (it takes: {})",
-                allowed.join(", ")
+                takes.join(", ")
             )));
         }
+        let fraction = |k: &str| -> Result<Option<f64>, WorkloadError> {
+            kv.get(k)
+                .map(|v| {
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|f| (0.0..=1.0).contains(f))
+                        .ok_or_else(|| bad(format!("{k}=\"{v}\" is not a fraction in [0, 1]")))
+                })
+                .transpose()
+        };
         let size = |k: &str| -> Result<Option<u64>, WorkloadError> {
             kv.get(k)
                 .map(|v| parse_bytes(k, v).map_err(|e| bad(e.to_string())))
@@ -111,14 +158,7 @@ impl Workload {
                         "wws must be between one page and the memory size ({memory_bytes} bytes)"
                     )));
                 }
-                let hot = match kv.get("hot") {
-                    Some(v) => v
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|h| (0.0..=1.0).contains(h))
-                        .ok_or_else(|| bad(format!("hot=\"{v}\" is not a fraction in [0, 1]")))?,
-                    None => 0.95,
-                };
+                let hot = fraction("hot")?.unwrap_or(0.95);
                 Pattern::HotSet { wws_pages, hot }
             }
             _ => {
@@ -135,10 +175,22 @@ impl Workload {
                 }
             }
         };
+        let write_bytes = size("bytes")?.unwrap_or(8);
+        if write_bytes == 0 || write_bytes % 8 != 0 || write_bytes > page_size {
+            return Err(bad(format!(
+                "bytes={write_bytes} must be a multiple of 8 between 8 and the page size ({page_size})"
+            )));
+        }
+        let content = Content {
+            zero: fraction("zero")?.unwrap_or(0.0),
+            random: fraction("random")?.unwrap_or(0.0),
+            write_bytes,
+        };
         Ok(Self {
             spec: spec.into(),
             pattern,
             rate,
+            content,
             page_count,
             page_size,
         })
@@ -188,8 +240,14 @@ impl Workload {
 /// What one write operation does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
-    /// Store `value` as a u64 at byte `offset` of `page`.
-    Store { page: u64, offset: u64, value: u64 },
+    /// Store `len` bytes at byte `offset` of `page`: `value` as a u64, then
+    /// words derived from it ([`fill_word`]).
+    Store {
+        page: u64,
+        offset: u64,
+        value: u64,
+        len: u64,
+    },
     /// Increment byte 0 of `page` (sweep).
     Increment { page: u64 },
 }
@@ -219,6 +277,11 @@ fn rand(seed: u64, n: u64, lane: u64) -> u64 {
     b[..8].copy_from_slice(&n.to_le_bytes());
     b[8..].copy_from_slice(&lane.to_le_bytes());
     xxhash_rust::xxh3::xxh3_64_with_seed(&b, seed)
+}
+
+/// The top 53 bits of `r` as a uniform fraction in [0, 1).
+fn unit(r: u64) -> f64 {
+    (r >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Stream {
@@ -269,9 +332,7 @@ impl Stream {
             Pattern::Idle => unreachable!("idle workloads do not write"),
             Pattern::Uniform => r % w.page_count,
             Pattern::HotSet { wws_pages, hot } => {
-                // The top 53 bits as a uniform fraction in [0, 1).
-                let u = (rand(self.seed, n, 1) >> 11) as f64 / (1u64 << 53) as f64;
-                if u < hot {
+                if unit(rand(self.seed, n, 1)) < hot {
                     r % wws_pages
                 } else {
                     r % w.page_count
@@ -287,12 +348,37 @@ impl Stream {
                 return Write::Increment { page };
             }
         };
-        let slots = w.page_size / 8;
+        let (slots, words) = (w.page_size / 8, w.content.write_bytes / 8);
         Write::Store {
             page,
-            offset: (r >> 32) % slots * 8,
+            offset: (r >> 32) % (slots - words + 1) * 8,
             value: n,
+            len: w.content.write_bytes,
         }
+    }
+}
+
+/// Word `k` of a write or fill seeded by `value`: a cheap mix (splitmix64's
+/// finaliser), random enough to defeat compression.
+#[inline]
+pub fn fill_word(value: u64, k: u64) -> u64 {
+    let mut z = value
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(k.wrapping_mul(0xbf58_476d_1ce4_e5b9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Content {
+    /// Whether page `page` of a guest seeded with `seed` starts all-zero.
+    pub fn starts_zero(&self, seed: u64, page: u64) -> bool {
+        self.zero > 0.0 && unit(rand(seed, page, 2)) < self.zero
+    }
+
+    /// Random words at the start of each non-zero page.
+    pub fn random_words(&self, page_size: u64) -> u64 {
+        (self.random * (page_size / 8) as f64).round() as u64
     }
 }
 
@@ -351,6 +437,17 @@ mod tests {
             ("idle:rate=1k", "idle takes no \"rate\""),
             ("sweep:from=100M", "range is empty"),
             ("uniform:rate", "not key=value"),
+            ("idle:zero=1.5", "zero=\"1.5\""),
+            ("idle:random=x", "random=\"x\""),
+            (
+                "uniform:rate=1k,bytes=12",
+                "bytes=12 must be a multiple of 8",
+            ),
+            ("uniform:rate=1k,bytes=8K", "bytes=8192"),
+            (
+                "sweep:hot=1",
+                "it takes: from, to, rate, zero, random, bytes",
+            ),
         ] {
             let e = parse(spec).unwrap_err().to_string();
             assert!(e.contains(needle), "{spec}: {e}");
@@ -363,11 +460,31 @@ mod tests {
         let w = parse("hotset:wws=1M,rate=max,hot=1").unwrap();
         let mut s = Stream::new(&w, 0, 1, 7, 0, None);
         for _ in 0..10_000 {
-            let Write::Store { page, offset, .. } = s.next(&w) else {
+            let Write::Store {
+                page, offset, len, ..
+            } = s.next(&w)
+            else {
                 panic!()
             };
-            assert!(page < 256 && offset % 8 == 0 && offset < 4096);
+            assert!(page < 256 && offset % 8 == 0 && offset < 4096 && len == 8);
         }
+        // Wider writes stay inside their page.
+        let w = parse("uniform:rate=max,bytes=4K").unwrap();
+        let mut s = Stream::new(&w, 0, 1, 7, 0, None);
+        let Write::Store { offset, len, .. } = s.next(&w) else {
+            panic!()
+        };
+        assert_eq!((offset, len), (0, 4096));
+    }
+
+    #[test]
+    fn content_keys_shape_the_pages() {
+        let w = parse("idle:zero=0.25,random=0.5,bytes=64").unwrap();
+        assert_eq!(w.content.write_bytes, 64);
+        assert_eq!(w.content.random_words(4096), 256);
+        let zero = (0..10_000).filter(|&p| w.content.starts_zero(3, p)).count();
+        assert!((2300..2700).contains(&zero), "{zero} of 10000 pages zero");
+        assert!(!(0..1000).any(|p| parse("idle").unwrap().content.starts_zero(3, p)));
     }
 
     #[test]
