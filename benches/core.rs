@@ -14,6 +14,7 @@ const PAGE_SIZE: u32 = 4096;
 /// 1 GiB of 4 KiB pages: 262144.
 const PAGES: u64 = (1 << 30) / PAGE_SIZE as u64;
 const LIMITS: Limits = Limits {
+    streams: 1,
     page_size: PAGE_SIZE,
     page_count: PAGES,
 };

@@ -70,7 +70,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Migrate a guest between two ends on this machine over loopback (the demo).
-    Migrate(SendOpts),
+    Migrate(MigrateOpts),
     /// Source side: start a guest and migrate it to a receiver on another host.
     Send {
         /// Address of the receiver (host:port).
@@ -103,6 +103,13 @@ enum Cmd {
         /// Write the receiver's report as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Make (and preallocate) memory for a guest of this size before
+        /// accepting, off the migration's clock; the sender's guest must match.
+        #[arg(long, value_name = "SIZE")]
+        mem: Option<String>,
+        /// Allocate each page at its first arrival instead of up front.
+        #[arg(long)]
+        no_prealloc: bool,
     },
     /// The guest emulator process (started by send/receive, not by hand).
     #[command(hide = true)]
@@ -117,6 +124,9 @@ struct GuestFlags {
     mem: String,
     /// Write pattern: idle | uniform:rate=R | hotset:wws=SIZE,rate=R[,hot=F] |
     /// sweep[:from=SIZE,to=SIZE][,rate=R]; R in pages/s (20k, 1.5M) or max.
+    /// Content keys, for any kind: zero=F (share of pages that start zero),
+    /// random=F (share of each page's bytes that start random),
+    /// bytes=N (bytes per write, default 8).
     #[arg(long, default_value = "hotset:wws=32M,rate=50k")]
     workload: String,
     /// Guest vCPU threads sharing the workload.
@@ -159,6 +169,28 @@ struct SendOpts {
     /// After each round, print why the policy went on or stopped, with its numbers.
     #[arg(long)]
     explain: bool,
+    /// TCP connections the pages travel on, sharing one rate limit (QEMU's multifd).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    streams: u32,
+    /// Compress runs of pages that are not zero: lz4 | zstd.
+    #[arg(long, value_name = "CODEC")]
+    compress: Option<String>,
+    /// Send pages sent before as XBZRLE deltas, with a cache of this size (64M, 1G).
+    #[arg(long, value_name = "CACHE_SIZE")]
+    xbzrle: Option<String>,
+    /// Send zero pages whole instead of as markers.
+    #[arg(long)]
+    no_zero_pages: bool,
+}
+
+#[derive(Args)]
+struct MigrateOpts {
+    #[command(flatten)]
+    send: SendOpts,
+    /// Let the receiver allocate each page at its first arrival instead of
+    /// before the migration (which QEMU's -mem-prealloc does).
+    #[arg(long)]
+    no_prealloc: bool,
 }
 
 #[derive(Args)]
@@ -346,7 +378,47 @@ impl SendOpts {
             max_time: units::parse_duration("--max-time", &self.max_time)?,
             warmup: g.warmup,
             seed: g.fresh.seed,
+            streams: self.streams,
+            reduction: self.reduction()?,
             progress: !self.quiet,
+        })
+    }
+
+    fn reduction(&self) -> Result<livemig::datapath::Reduction> {
+        let max = livemig::protocol::MAX_STREAMS;
+        if !(1..=max).contains(&self.streams) {
+            anyhow::bail!(
+                "invalid --streams {}: must be between 1 and {max}",
+                self.streams
+            );
+        }
+        let xbzrle_cache = match &self.xbzrle {
+            Some(v) => {
+                if self.streams > 1 {
+                    anyhow::bail!(
+                        "--xbzrle works on one stream (--streams 1): its cache must see every \
+                         send of a page in order"
+                    );
+                }
+                let bytes = units::parse_bytes("--xbzrle", v)?;
+                let page = livemig::memory::page_size();
+                if bytes < page {
+                    anyhow::bail!(
+                        "invalid --xbzrle \"{v}\": the cache must hold at least one {page}-byte page"
+                    );
+                }
+                Some(bytes)
+            }
+            None => None,
+        };
+        Ok(livemig::datapath::Reduction {
+            zero_pages: !self.no_zero_pages,
+            compress: self
+                .compress
+                .as_deref()
+                .map(livemig::reduce::Codec::parse)
+                .transpose()?,
+            xbzrle_cache,
         })
     }
 }
@@ -436,7 +508,7 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
     let mut migrate_one = |c: &SenderConfig| -> Result<Report, String> {
         let (report, result) = match &opts.to {
             None => {
-                let (r, res) = migrate::run(c, &mut |_| {});
+                let (r, res) = migrate::run(c, true, &mut |_| {});
                 (r, res.map_err(anyhow::Error::from))
             }
             Some(to) => match Source::start(c.tracker, c.memory_bytes, &c.fresh()) {
@@ -583,10 +655,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Migrate(opts) => {
+        Cmd::Migrate(MigrateOpts {
+            send: opts,
+            no_prealloc,
+        }) => {
             let cfg = opts.config()?;
             let mut print = row_printer(&opts);
-            let (report, result) = migrate::run(&cfg, &mut print);
+            let (report, result) = migrate::run(&cfg, !no_prealloc, &mut print);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Send { to, opts } => {
@@ -608,13 +683,20 @@ fn run(cli: Cli) -> Result<()> {
             let report = model::run(&opts.config()?, variant)?;
             print_prediction(&report, &opts)
         }
-        Cmd::Receive { listen, json } => {
+        Cmd::Receive {
+            listen,
+            json,
+            mem,
+            no_prealloc,
+        } => {
             let listener = receiver::bind(&listen)?;
+            let mem = mem.map(|m| units::parse_bytes("--mem", &m)).transpose()?;
+            let prepared = receiver::Prepared::new(mem, !no_prealloc)?;
             eprintln!(
                 "livemig: waiting for a migration on {}",
                 listener.local_addr()?
             );
-            let (r, result) = receiver::receive(&listener);
+            let (r, result) = receiver::receive(&listener, prepared);
             if let Some(path) = json {
                 let f = std::fs::File::create(&path)
                     .with_context(|| format!("writing {}", path.display()))?;

@@ -7,6 +7,7 @@
 //! verifies every page. [`protocol`] is the wire format, [`report`] the figures.
 
 pub mod control;
+pub mod datapath;
 pub mod dirty;
 pub mod dirtyrate;
 pub mod guest;

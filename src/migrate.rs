@@ -16,9 +16,12 @@ pub enum MigrateError {
     Memory(#[from] crate::memory::MemoryError),
 }
 
-/// Run a local migration. The report is filled in as far as it got.
+/// Run a local migration; `prealloc`: the receiver allocates its memory
+/// before the migration starts (see [`receiver`]). The report is filled in
+/// as far as it got.
 pub fn run(
     cfg: &SenderConfig,
+    prealloc: bool,
     on_round: &mut dyn FnMut(&RoundReport),
 ) -> (Report, Result<(), MigrateError>) {
     let failed = |e: MigrateError| {
@@ -47,7 +50,11 @@ pub fn run(
         Ok(s) => s,
         Err(e) => return failed(e.into()),
     };
-    let rx = std::thread::spawn(move || receiver::receive(&listener));
+    let prepared = match receiver::Prepared::new(Some(cfg.memory_bytes), prealloc) {
+        Ok(p) => p,
+        Err(e) => return failed(e.into()),
+    };
+    let rx = std::thread::spawn(move || receiver::receive(&listener, prepared));
     let (mut report, sent) = sender::migrate(cfg, &mut src, &addr, on_round);
     drop(src);
     if sent.is_err() {
@@ -59,6 +66,7 @@ pub fn run(
     let result = match (sent, received) {
         (Ok(()), Ok(())) => {
             report.destination_guest_rate_pps = Some(rr.destination_guest_rate_pps);
+            report.receiver_prealloc_ms = prealloc.then_some(rr.prealloc_ms);
             return (report, Ok(()));
         }
         // The receiver's own error names the cause better than the sender's view of it.

@@ -4,9 +4,16 @@
 //! a sequence of frames. Every frame starts with a fixed 8-byte [`Header`]:
 //! `kind: u16, flags: u16, payload_len: u32`, all little-endian, followed by
 //! exactly `payload_len` payload bytes. Control frames are decoded whole into a
-//! [`Message`]; the two bulk frames (`Pages`, `Digests`) are returned by
-//! [`read_frame`] as a [`Frame`] carrying only their 16-byte run header, so the
-//! caller reads the page bytes (or digests) straight into their destination.
+//! [`Message`]; the bulk frames are returned by [`read_frame`] as a [`Frame`]
+//! carrying only their 16-byte run header (`first_page: u64, count: u32,
+//! field: u32`), so the caller reads the page bytes (or digests) straight
+//! into their destination.
+//!
+//! A run of pages travels in one of four forms (see [`crate::datapath`]):
+//! `Pages` (raw bytes), `ZeroPages` (a marker, no bytes: QEMU's duplicate
+//! pages), `CompressedPages` (the run compressed as one block; `field` names
+//! the codec; always smaller than the raw run) and `XbzrlePages` (per page a
+//! u16 length and an XBZRLE delta against the version the receiver holds).
 //!
 //! Nothing from the wire is trusted: kind 0 and unknown kinds are rejected,
 //! unknown flag bits and nonzero reserved fields are rejected, fixed-size
@@ -16,8 +23,12 @@
 //!
 //! ```text
 //! sender                                  receiver
-//!   | Hello{magic,version,page_size,mem} ->|  validates magic, version, sizes
+//!   | Hello{magic,version,page_size,mem,  ->|  validates magic, version, sizes
+//!   |       streams,session}               |
 //!   |<- HelloAck{magic,version}  (or Abort)|
+//!   | (streams > 1: N more connections,    |
+//!   |  each opening with StreamHello{magic,|
+//!   |  version,index,session})           ->|  page runs then travel on those
 //!   | RoundStart{0} Pages* RoundEnd{0}   ->|  round 0: every page
 //!   |<- RoundAck{0}                        |  the round's pages have all landed
 //!   | RoundStart{k} Pages* RoundEnd{k}   ->|  round k: pages dirtied in round k-1
@@ -29,6 +40,14 @@
 //!   | Digests* Complete                  ->|  per-page xxh3 of the paused source, in page order
 //!   |<- Verdict{verified, mismatched}      |
 //! ```
+//!
+//! With `streams` = 1 everything travels on the one connection. With N > 1
+//! (QEMU's multifd) the first connection carries only control frames and
+//! digests; page runs of a round are spread over the N data connections,
+//! each of which ends its share of round k with its own `RoundEnd{k, pages}`.
+//! The receiver acknowledges round k (or starts the guest, after the
+//! stop-and-copy round) only once every data connection has ended it, so a
+//! page of round k+1 can never land before its round-k version.
 //!
 //! A pre-copy round ends when its `RoundAck` arrives, so a round's measured
 //! time covers delivery, not just filling the sender's socket buffer (which
@@ -55,16 +74,20 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
+use crate::reduce::Codec;
+
 /// First 8 bytes of every `Hello` and `HelloAck` payload.
 pub const MAGIC: [u8; 8] = *b"LIVEMIG\0";
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Size of the frame header.
 pub const HEADER_LEN: usize = 8;
 /// Cap on the payload of any frame other than `Pages` and `Digests`.
 pub const MAX_CONTROL_PAYLOAD: usize = 1 << 20;
-/// Maximum pages in one `Pages` frame.
+/// Maximum pages in one `Pages`, `CompressedPages` or `XbzrlePages` frame.
 pub const MAX_RUN_PAGES: u32 = 1024;
+/// Most data connections a migration may use.
+pub const MAX_STREAMS: u32 = 64;
 /// Maximum digests in one `Digests` frame.
 pub const MAX_DIGESTS: u32 = 65536;
 /// Run header of `Pages`/`Digests`: first_page u64, count u32, reserved u32.
@@ -149,6 +172,10 @@ pub enum Kind {
     Verdict = 10,
     Abort = 11,
     RoundAck = 12,
+    StreamHello = 13,
+    ZeroPages = 14,
+    CompressedPages = 15,
+    XbzrlePages = 16,
 }
 
 impl TryFrom<u16> for Kind {
@@ -169,6 +196,10 @@ impl TryFrom<u16> for Kind {
             10 => Verdict,
             11 => Abort,
             12 => RoundAck,
+            13 => StreamHello,
+            14 => ZeroPages,
+            15 => CompressedPages,
+            16 => XbzrlePages,
             _ => return Err(ProtocolError::UnknownKind(v)),
         })
     }
@@ -184,7 +215,8 @@ impl Kind {
     /// Exact payload size of fixed-size kinds.
     fn fixed_len(self) -> Option<usize> {
         match self {
-            Kind::Hello | Kind::Verdict => Some(24),
+            Kind::Hello => Some(40),
+            Kind::Verdict | Kind::StreamHello => Some(24),
             Kind::HelloAck | Kind::RoundEnd | Kind::Resumed => Some(16),
             Kind::RoundStart | Kind::RoundAck => Some(8),
             Kind::Complete => Some(0),
@@ -232,6 +264,9 @@ impl Header {
 /// Negotiated limits every page index / count is checked against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Data connections besides the control connection (1: none, pages
+    /// travel on the control connection).
+    pub streams: u32,
     pub page_size: u32,
     pub page_count: u64,
 }
@@ -257,6 +292,10 @@ pub struct Hello {
     pub version: u32,
     pub page_size: u32,
     pub memory_bytes: u64,
+    /// Connections that carry pages (1: the control connection itself).
+    pub streams: u32,
+    /// Ties the data connections to this migration.
+    pub session: u64,
 }
 
 impl Hello {
@@ -277,7 +316,14 @@ impl Hello {
                 "memory size {mem} bytes is not a positive multiple of the page size {ps}"
             )));
         }
+        if !(1..=MAX_STREAMS).contains(&self.streams) {
+            return Err(ProtocolError::BadHello(format!(
+                "{} streams, outside 1..={MAX_STREAMS}",
+                self.streams
+            )));
+        }
         Ok(Limits {
+            streams: self.streams,
             page_size: ps,
             page_count: mem / u64::from(ps),
         })
@@ -302,6 +348,10 @@ pub enum Message {
     RoundAck {
         round: u32,
     },
+    StreamHello {
+        index: u32,
+        session: u64,
+    },
     DeviceState(Vec<u8>),
     Resumed {
         resume_ns: u64,
@@ -317,12 +367,17 @@ pub enum Message {
 }
 
 impl Message {
-    pub fn hello(page_size: u32, memory_bytes: u64) -> Message {
+    pub fn hello(page_size: u32, memory_bytes: u64, streams: u32, session: u64) -> Message {
         Message::Hello(Hello {
             version: VERSION,
             page_size,
             memory_bytes,
+            streams,
+            session,
         })
+    }
+    pub fn stream_hello(index: u32, session: u64) -> Message {
+        Message::StreamHello { index, session }
     }
     pub fn hello_ack() -> Message {
         Message::HelloAck { version: VERSION }
@@ -374,6 +429,7 @@ impl Message {
             Message::RoundStart { .. } => Kind::RoundStart,
             Message::RoundEnd { .. } => Kind::RoundEnd,
             Message::RoundAck { .. } => Kind::RoundAck,
+            Message::StreamHello { .. } => Kind::StreamHello,
             Message::DeviceState(_) => Kind::DeviceState,
             Message::Resumed { .. } => Kind::Resumed,
             Message::Complete => Kind::Complete,
@@ -393,6 +449,15 @@ impl Message {
                 p.extend(h.version.to_le_bytes());
                 p.extend(h.page_size.to_le_bytes());
                 p.extend(h.memory_bytes.to_le_bytes());
+                p.extend(h.streams.to_le_bytes());
+                p.extend([0; 4]);
+                p.extend(h.session.to_le_bytes());
+            }
+            Message::StreamHello { index, session } => {
+                p.extend(MAGIC);
+                p.extend(VERSION.to_le_bytes());
+                p.extend(index.to_le_bytes());
+                p.extend(session.to_le_bytes());
             }
             Message::HelloAck { version } => {
                 p.extend(MAGIC);
@@ -457,8 +522,34 @@ impl Message {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
     Message(Message),
-    Pages { first_page: u64, count: u32 },
-    Digests { first_page: u64, count: u32 },
+    /// `count` raw pages follow.
+    Pages {
+        first_page: u64,
+        count: u32,
+    },
+    /// `count` u64 digests follow.
+    Digests {
+        first_page: u64,
+        count: u32,
+    },
+    /// The run is all zeros; nothing follows.
+    ZeroPages {
+        first_page: u64,
+        count: u32,
+    },
+    /// `len` bytes follow: the run compressed with `codec`.
+    CompressedPages {
+        first_page: u64,
+        count: u32,
+        codec: Codec,
+        len: u32,
+    },
+    /// `len` bytes follow: per page a u16 length and an XBZRLE delta.
+    XbzrlePages {
+        first_page: u64,
+        count: u32,
+        len: u32,
+    },
 }
 
 /// Reads until `buf` is full or EOF; returns the number of bytes read.
@@ -576,8 +667,10 @@ fn check_control_len(h: &Header) -> Result<(), ProtocolError> {
     match h.kind {
         // Magic and version come first in every version: read them even if
         // the rest of the layout differs, so a mismatch reports the version.
-        Kind::Hello | Kind::HelloAck if len < 12 => Err(bad_len(h.kind, h.len, "at least 12")),
-        Kind::Hello | Kind::HelloAck => Ok(()),
+        Kind::Hello | Kind::HelloAck | Kind::StreamHello if len < 12 => {
+            Err(bad_len(h.kind, h.len, "at least 12"))
+        }
+        Kind::Hello | Kind::HelloAck | Kind::StreamHello => Ok(()),
         Kind::DeviceState if len == 0 => Err(bad_len(h.kind, h.len, "at least 1")),
         k => match k.fixed_len() {
             Some(n) if n != len => Err(bad_len(k, h.len, n)),
@@ -589,7 +682,7 @@ fn check_control_len(h: &Header) -> Result<(), ProtocolError> {
 fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Message, ProtocolError> {
     let kind = h.kind;
     let mut c = Cur(&p);
-    if matches!(kind, Kind::Hello | Kind::HelloAck) {
+    if matches!(kind, Kind::Hello | Kind::HelloAck | Kind::StreamHello) {
         let got: [u8; 8] = c.take();
         if got != MAGIC {
             return Err(ProtocolError::NotLivemig { got });
@@ -603,7 +696,12 @@ fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Messag
         }
     }
     Ok(match kind {
-        Kind::Hello => Message::hello(c.u32(), c.u64()),
+        Kind::Hello => {
+            let (page_size, memory_bytes, streams) = (c.u32(), c.u64(), c.u32());
+            reserved(kind, u64::from(c.u32()))?;
+            Message::hello(page_size, memory_bytes, streams, c.u64())
+        }
+        Kind::StreamHello => Message::stream_hello(c.u32(), c.u64()),
         Kind::HelloAck => {
             reserved(kind, u64::from(c.u32()))?;
             Message::hello_ack()
@@ -652,19 +750,35 @@ fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Messag
                 })
                 .collect(),
         ),
-        Kind::Invalid | Kind::Pages | Kind::Digests => {
+        Kind::Invalid
+        | Kind::Pages
+        | Kind::Digests
+        | Kind::ZeroPages
+        | Kind::CompressedPages
+        | Kind::XbzrlePages => {
             return Err(unexpected(kind, "a control frame"));
         }
     })
 }
 
-/// Reads the run header of a `Pages`/`Digests` frame and validates it.
+impl Kind {
+    /// Frames that start with a run header and carry bulk data.
+    fn is_run(self) -> bool {
+        matches!(
+            self,
+            Kind::Pages
+                | Kind::Digests
+                | Kind::ZeroPages
+                | Kind::CompressedPages
+                | Kind::XbzrlePages
+        )
+    }
+}
+
+/// Reads the run header of a run frame and validates it, its payload length
+/// included, against the limits.
 fn read_run(r: &mut impl Read, h: &Header, l: &Limits) -> Result<Frame, ProtocolError> {
     let (kind, len) = (h.kind, u64::from(h.len));
-    let (max, unit) = match kind {
-        Kind::Pages => (MAX_RUN_PAGES, u64::from(l.page_size)),
-        _ => (MAX_DIGESTS, 8),
-    };
     const RUN: u64 = RUN_HEADER_LEN as u64;
     if len < RUN {
         return Err(bad_len(kind, h.len, format!("at least {RUN}")));
@@ -672,30 +786,75 @@ fn read_run(r: &mut impl Read, h: &Header, l: &Limits) -> Result<Frame, Protocol
     let mut b = [0u8; RUN_HEADER_LEN];
     read_in(r, &mut b, kind, len - RUN)?;
     let mut c = Cur(&b);
-    let (first_page, count) = (c.u64(), c.u32());
-    reserved(kind, u64::from(c.u32()))?;
+    let (first_page, count, field) = (c.u64(), c.u32(), c.u32());
+    let codec = match kind {
+        Kind::CompressedPages => Some(Codec::from_wire(field).ok_or_else(|| {
+            let detail = format!("unknown codec {field}");
+            ProtocolError::BadField { kind, detail }
+        })?),
+        _ => {
+            reserved(kind, u64::from(field))?;
+            None
+        }
+    };
+    let max = match kind {
+        Kind::Digests => MAX_DIGESTS,
+        // A marker costs nothing to receive: any run inside memory will do.
+        Kind::ZeroPages => u32::MAX,
+        _ => MAX_RUN_PAGES,
+    };
     if count == 0 || count > max {
         return Err(ProtocolError::BadCount { kind, count, max });
     }
     l.check_run(kind, first_page, count)?;
-    let want = u64::from(count) * unit + RUN;
-    if len != want {
-        return Err(bad_len(
-            kind,
-            h.len,
-            format!("{RUN} + {count}*{unit} = {want}"),
-        ));
+    let (n, ps, body) = (u64::from(count), u64::from(l.page_size), len - RUN);
+    let (fits, expected) = match kind {
+        Kind::Pages => (
+            body == n * ps,
+            format!("{RUN} + {count}*{ps} = {}", RUN + n * ps),
+        ),
+        Kind::Digests => (
+            body == n * 8,
+            format!("{RUN} + {count}*8 = {}", RUN + n * 8),
+        ),
+        Kind::ZeroPages => (body == 0, format!("{RUN}")),
+        // Compressing must pay: a run that does not shrink travels raw.
+        Kind::CompressedPages => (
+            (1..n * ps).contains(&body),
+            format!("{RUN} + 1..{} (less than {count} raw pages)", n * ps),
+        ),
+        // Per page a u16 length and a delta shorter than the page.
+        _ => (
+            (2 * n..=n * (ps + 1)).contains(&body),
+            format!("{RUN} + {}..={}", 2 * n, n * (ps + 1)),
+        ),
+    };
+    if !fits {
+        return Err(bad_len(kind, h.len, expected));
     }
+    let len = h.len - RUN_HEADER_LEN as u32;
     Ok(match kind {
         Kind::Pages => Frame::Pages { first_page, count },
-        _ => Frame::Digests { first_page, count },
+        Kind::Digests => Frame::Digests { first_page, count },
+        Kind::ZeroPages => Frame::ZeroPages { first_page, count },
+        Kind::CompressedPages => Frame::CompressedPages {
+            first_page,
+            count,
+            codec: codec.expect("decoded above"),
+            len,
+        },
+        _ => Frame::XbzrlePages {
+            first_page,
+            count,
+            len,
+        },
     })
 }
 
 fn read_body(r: &mut impl Read, h: Header, lim: Option<&Limits>) -> Result<Frame, ProtocolError> {
     match (h.kind, lim) {
-        (Kind::Pages | Kind::Digests, Some(l)) => return read_run(r, &h, l),
-        (k @ (Kind::Pages | Kind::Digests), None) => {
+        (k, Some(l)) if k.is_run() => return read_run(r, &h, l),
+        (k, None) if k.is_run() => {
             return Err(unexpected(k, "a control frame (no page limits negotiated)"));
         }
         _ => {}
@@ -709,9 +868,10 @@ fn read_body(r: &mut impl Read, h: Header, lim: Option<&Limits>) -> Result<Frame
 
 /// Reads one frame, validating everything. With `limits` None (before the
 /// handshake, or a side that only reads replies) control frames are decoded
-/// and Pages/Digests rejected. For Pages/Digests only the 16-byte run header
-/// is consumed; the caller must then read exactly `count*page_size` (or
-/// `count*8`) bytes, e.g. with [`read_bulk`] / [`read_digests`].
+/// and run frames rejected. For run frames only the 16-byte run header is
+/// consumed; the caller must then read exactly the bulk the [`Frame`] says
+/// (`count*page_size`, `count*8` or `len` bytes), e.g. with [`read_bulk`] /
+/// [`read_digests`].
 pub fn read_frame(r: &mut impl Read, limits: Option<&Limits>) -> Result<Frame, ProtocolError> {
     let h = Header::decode(read_header(r)?)?;
     read_body(r, h, limits)
@@ -723,6 +883,9 @@ impl Frame {
             Frame::Message(m) => m.kind(),
             Frame::Pages { .. } => Kind::Pages,
             Frame::Digests { .. } => Kind::Digests,
+            Frame::ZeroPages { .. } => Kind::ZeroPages,
+            Frame::CompressedPages { .. } => Kind::CompressedPages,
+            Frame::XbzrlePages { .. } => Kind::XbzrlePages,
         }
     }
 }
@@ -770,6 +933,26 @@ fn run_frame_header(kind: Kind, first_page: u64, count: u32, len: u64) -> [u8; 2
     b
 }
 
+/// Header + run header of a ZeroPages marker (the whole frame).
+pub fn zero_frame_header(first_page: u64, count: u32) -> [u8; 24] {
+    run_frame_header(Kind::ZeroPages, first_page, count, RUN_HEADER_LEN as u64)
+}
+
+/// Header + run header of a CompressedPages frame; `len` compressed bytes follow.
+pub fn compressed_frame_header(first_page: u64, count: u32, codec: Codec, len: u32) -> [u8; 24] {
+    let total = u64::from(len) + RUN_HEADER_LEN as u64;
+    let mut b = run_frame_header(Kind::CompressedPages, first_page, count, total);
+    b[20..24].copy_from_slice(&codec.wire_id().to_le_bytes());
+    b
+}
+
+/// Header + run header of an XbzrlePages frame; `len` bytes of (u16 length,
+/// delta) per page follow.
+pub fn xbzrle_frame_header(first_page: u64, count: u32, len: u32) -> [u8; 24] {
+    let total = u64::from(len) + RUN_HEADER_LEN as u64;
+    run_frame_header(Kind::XbzrlePages, first_page, count, total)
+}
+
 /// Header + run header for a Pages frame; `count*page_size` page bytes follow.
 /// Panics if the frame length overflows u32 (impossible within the limits).
 pub fn pages_frame_header(first_page: u64, count: u32, page_size: u32) -> [u8; 24] {
@@ -809,6 +992,7 @@ mod tests {
     use ProtocolError as E;
 
     const L: Limits = Limits {
+        streams: 1,
         page_size: 4096,
         page_count: 65536,
     };
@@ -862,8 +1046,9 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let all = [
-            Message::hello(4096, 1 << 30),
+            Message::hello(4096, 1 << 30, 4, 0x0123_4567_89ab_cdef),
             Message::hello_ack(),
+            Message::stream_hello(3, 0x0123_4567_89ab_cdef),
             Message::round_start(0, false),
             Message::round_start(7, true),
             Message::round_end(3, 12345),
@@ -921,7 +1106,7 @@ mod tests {
 
     #[test]
     fn kinds_and_headers_round_trip() {
-        for v in 1..=11u16 {
+        for v in 1..=16u16 {
             let kind = Kind::try_from(v).unwrap();
             assert_eq!(kind as u16, v);
             let flags = if kind == Kind::RoundStart {
@@ -956,31 +1141,37 @@ mod tests {
 
     #[test]
     fn handshake_rejections() {
-        let mut bad = Message::hello(4096, 1 << 20).encode();
+        let mut bad = Message::hello(4096, 1 << 20, 1, 0).encode();
         bad[8] = b'X';
         let v7 = Message::Hello(Hello {
             version: 7,
             page_size: 4096,
             memory_bytes: 4096,
+            streams: 1,
+            session: 0,
         })
         .encode();
         // A longer (future) Hello still reports the version, not the length.
-        let mut v2 = [&MAGIC[..], &2u32.to_le_bytes(), &[0; 40]].concat();
-        let v2_frame = frame(1, 0, &v2);
-        v2[8] = 1;
+        let mut v3 = [&MAGIC[..], &3u32.to_le_bytes(), &[0; 40]].concat();
+        let v3_frame = frame(1, 0, &v3);
+        v3[8] = 2;
+        let mut reserved_hello = Message::hello(4096, 8192, 1, 0).encode();
+        reserved_hello[8 + 28] = 1;
         let mut ack = Message::hello_ack().encode();
         ack[20] = 1;
         let garbage = b"HTTP/1.1 400 Bad Request\r\n";
-        let hello = Message::hello(4096, 8192).encode();
+        let hello = Message::hello(4096, 8192, 1, 0).encode();
         let abort = Message::abort("no room").encode();
         let end = Message::round_end(0, 0).encode();
         rejects! {
             read(&bad, None) => E::NotLivemig { .. }, "not a livemig peer (bad magic 0x58";
             read(&v7, None) => E::Version { peer: 7 },
-                "peer speaks protocol version 7, this build speaks 1";
-            read(&v2_frame, None) => E::Version { peer: 2 }, "version 2";
-            read(&frame(1, 0, &v2), None) => E::BadLength { .. },
-                "Hello: payload of 52 bytes, expected 24";
+                "peer speaks protocol version 7, this build speaks 2";
+            read(&v3_frame, None) => E::Version { peer: 3 }, "version 3";
+            read(&frame(1, 0, &v3), None) => E::BadLength { .. },
+                "Hello: payload of 52 bytes, expected 40";
+            read(&reserved_hello, None) => E::Reserved { value: 1, .. },
+                "Hello: reserved field is 0x1";
             read(&frame(2, 0, &MAGIC), None) => E::BadLength { .. }, "HelloAck: payload of 8 bytes";
             read(&ack, None) => E::Reserved { value: 1, .. }, "HelloAck: reserved field is 0x1";
             read_handshake(&mut &garbage[..], Kind::HelloAck) => E::NotLivemig { .. },
@@ -1006,6 +1197,8 @@ mod tests {
             version: VERSION,
             page_size,
             memory_bytes,
+            streams: 1,
+            session: 0,
         };
         rejects! {
             h(1000, 4000).limits() => E::BadHello(_), "page size 1000 is not a power of two";
@@ -1014,6 +1207,9 @@ mod tests {
             h(4096, 0).limits() => E::BadHello(_), "memory size 0 bytes";
             h(4096, 5000).limits() => E::BadHello(_), "memory size 5000 bytes";
             Hello { version: 7, ..h(4096, 4096) }.limits() => E::Version { peer: 7 }, "version 7";
+            Hello { streams: 0, ..h(4096, 4096) }.limits() => E::BadHello(_), "0 streams";
+            Hello { streams: 65, ..h(4096, 4096) }.limits() => E::BadHello(_),
+                "65 streams, outside 1..=64";
         }
     }
 
@@ -1064,6 +1260,63 @@ mod tests {
                 "Digests: page run 65535+2";
             read(&run(4, 0, 1, 0, 4096), None) => E::Unexpected { .. }, "unexpected frame Pages";
             read(&run(8, 0, 1, 0, 8), None) => E::Unexpected { .. }, "unexpected frame Digests";
+        }
+    }
+
+    #[test]
+    fn reduced_runs_round_trip_and_are_checked() {
+        let frames = [
+            (
+                zero_frame_header(7, 60_000).to_vec(),
+                Frame::ZeroPages {
+                    first_page: 7,
+                    count: 60_000,
+                },
+            ),
+            (
+                [
+                    &compressed_frame_header(3, 4, Codec::Zstd, 100)[..],
+                    &[0; 100],
+                ]
+                .concat(),
+                Frame::CompressedPages {
+                    first_page: 3,
+                    count: 4,
+                    codec: Codec::Zstd,
+                    len: 100,
+                },
+            ),
+            (
+                [&xbzrle_frame_header(9, 2, 6)[..], &[0; 6]].concat(),
+                Frame::XbzrlePages {
+                    first_page: 9,
+                    count: 2,
+                    len: 6,
+                },
+            ),
+        ];
+        for (bytes, want) in frames {
+            let mut r = &bytes[..];
+            assert_eq!(read_frame(&mut r, LIM).unwrap(), want);
+        }
+        let lz4 = Codec::Lz4.wire_id();
+        rejects! {
+            read(&run(14, 0, 1, 0, 1), LIM) => E::BadLength { .. },
+                "ZeroPages: payload of 17 bytes, expected 16";
+            read(&run(14, 65000, 537, 0, 0), LIM) => E::OutOfRange { .. }, "65000+537";
+            read(&run(14, 0, 1, 2, 0), LIM) => E::Reserved { value: 2, .. }, "reserved";
+            read(&run(15, 0, 1, 0, 10), LIM) => E::BadField { .. },
+                "CompressedPages: unknown codec 0";
+            read(&run(15, 0, 1, 9, 10), LIM) => E::BadField { .. }, "unknown codec 9";
+            read(&run(15, 0, 1, lz4, 4096), LIM) => E::BadLength { .. },
+                "CompressedPages: payload of 4112 bytes, expected 16 + 1..4096";
+            read(&run(15, 0, 1, lz4, 0), LIM) => E::BadLength { .. }, "payload of 16 bytes";
+            read(&run(15, 0, 1025, lz4, 10), LIM) => E::BadCount { .. }, "count 1025";
+            read(&run(16, 0, 2, 0, 3), LIM) => E::BadLength { .. },
+                "XbzrlePages: payload of 19 bytes, expected 16 + 4..=8194";
+            read(&run(16, 0, 1, 0, 4098), LIM) => E::BadLength { .. }, "4114 bytes";
+            read(&run(16, 0, 1, 0, 4), None) => E::Unexpected { .. },
+                "unexpected frame XbzrlePages";
         }
     }
 

@@ -126,6 +126,20 @@ pub struct Report {
     /// verification digests are not counted.
     pub transferred_bytes: u64,
     pub transferred_pages: u64,
+    /// Data connections the pages travelled on (QEMU: multifd channels).
+    pub streams: u32,
+    /// `--compress` codec, if any.
+    pub compress: Option<String>,
+    /// `--xbzrle` cache size, if any.
+    pub xbzrle_cache_bytes: Option<u64>,
+    /// How the transferred pages travelled.
+    #[serde(flatten)]
+    pub forms: crate::datapath::SendStats,
+    /// Raw size of the compressed pages over their compressed size.
+    pub compression_ratio: Option<f64>,
+    /// Destination: time spent preallocating its memory before the
+    /// migration (local runs; null when lazy).
+    pub receiver_prealloc_ms: Option<f64>,
     /// Dirty-set harvests done.
     pub dirty_sync_count: u64,
     /// Time spent harvesting dirty sets, over all harvests and the longest.
@@ -243,6 +257,35 @@ pub fn summary(r: &Report) -> String {
             n => format!(" ({n} identical ones not listed)"),
         }
     );
+    let f = &r.forms;
+    if f.duplicate_pages + f.compressed_pages + f.xbzrle_pages > 0 || r.streams > 1 {
+        let mut parts = vec![
+            match r.streams {
+                0 | 1 => "1 stream".to_string(),
+                n => format!("{n} streams"),
+            },
+            format!("{} normal pages", f.normal_pages),
+            format!("{} zero pages as markers", f.duplicate_pages),
+        ];
+        if let (Some(c), Some(ratio)) = (&r.compress, r.compression_ratio) {
+            parts.push(format!(
+                "{c}: {} pages in {} (ratio {ratio:.1})",
+                f.compressed_pages,
+                fmt_bytes(f.compressed_bytes)
+            ));
+        }
+        if r.xbzrle_cache_bytes.is_some() {
+            parts.push(format!(
+                "xbzrle: {} pages in {}, cache {} hits / {} misses, {} overflows",
+                f.xbzrle_pages,
+                fmt_bytes(f.xbzrle_bytes),
+                f.xbzrle_cache_hits,
+                f.xbzrle_cache_misses,
+                f.xbzrle_overflow
+            ));
+        }
+        s += &format!("data path         {}\n", parts.join(", "));
+    }
     if r.mode == SIMULATED || r.mode == crate::model::MODEL {
         s += &format!(
             "{:<18}no memory moved: rounds, times and bytes are predicted\n",

@@ -14,11 +14,15 @@
 use std::io::{IoSlice, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::control::Control;
+use crate::datapath::{DataPathError, Encoder, Reduction, SendStats};
 use crate::dirty::{DirtyError, DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
 use crate::guest::{DeviceState, Fresh, Guest, GuestError};
 use crate::memory::{GuestMemory, MemoryError};
@@ -64,6 +68,8 @@ pub enum SendError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    #[error(transparent)]
+    DataPath(#[from] DataPathError),
 }
 
 /// Everything `livemig send` / `migrate` needs to know.
@@ -83,6 +89,9 @@ pub struct SenderConfig {
     pub max_time: Duration,
     pub warmup: Duration,
     pub seed: u64,
+    /// TCP connections the pages travel on (QEMU's multifd channels).
+    pub streams: u32,
+    pub reduction: Reduction,
     /// Draw a progress bar (only drawn when stderr is a terminal).
     pub progress: bool,
 }
@@ -104,6 +113,8 @@ impl Default for SenderConfig {
             max_time: Duration::from_secs(120),
             warmup: Duration::from_secs(1),
             seed: 1,
+            streams: 1,
+            reduction: Reduction::default(),
             progress: false,
         }
     }
@@ -142,6 +153,9 @@ impl SenderConfig {
             vcpus: self.vcpus,
             memory_bytes: self.memory_bytes,
             page_size: crate::memory::page_size(),
+            streams: self.streams,
+            compress: self.reduction.compress.map(|c| c.as_str().into()),
+            xbzrle_cache_bytes: self.reduction.xbzrle_cache,
             ..Report::default()
         }
     }
@@ -149,7 +163,8 @@ impl SenderConfig {
 
 /// The source: guest memory, the guest process and its dirty tracker.
 pub struct Source {
-    pub mem: GuestMemory,
+    /// Shared with the data streams' threads.
+    pub mem: Arc<GuestMemory>,
     pub guest: Guest,
     tracker: Box<dyn Tracker>,
     pub workload: Workload,
@@ -170,7 +185,7 @@ impl Source {
             &format!("--mem {}", crate::units::fmt_bytes(memory_bytes)),
             memory_bytes,
         )?;
-        let mem = GuestMemory::create(memory_bytes, page_size)?;
+        let mem = Arc::new(GuestMemory::create(memory_bytes, page_size)?);
         let bitmap = match tracker.uses_bitmap() {
             true => Some(SharedBitmap::create(mem.page_count())?),
             false => None,
@@ -247,6 +262,7 @@ pub fn migrate(
         resumed_at_destination: false,
         progress: progress_bar(cfg.progress),
         start: None,
+        lanes: None,
     };
     let result = run.run(addr);
     run.progress.finish_and_clear();
@@ -304,6 +320,8 @@ struct Run<'a> {
     progress: ProgressBar,
     /// Migration start (after warm-up), once reached.
     start: Option<Instant>,
+    /// Where page runs go, once connected.
+    lanes: Option<Lanes>,
 }
 
 fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) -> SendError {
@@ -321,17 +339,26 @@ impl Run<'_> {
 
         let start = *self.start.insert(Instant::now());
         let mut sock = connect(addr)?;
-        protocol::write_message(
-            &mut sock,
-            &Message::hello(page_size as u32, self.src.mem.len()),
-        )
-        .map_err(proto(format!("sending the handshake to {addr}")))?;
+        // Ties the data connections to this migration.
+        let session =
+            xxhash_rust::xxh3::xxh3_64(format!("{:?} {}", start, std::process::id()).as_bytes());
+        let hello = Message::hello(page_size as u32, self.src.mem.len(), cfg.streams, session);
+        protocol::write_message(&mut sock, &hello)
+            .map_err(proto(format!("sending the handshake to {addr}")))?;
         protocol::read_handshake(&mut sock, Kind::HelloAck)
             .map_err(proto(format!("handshake with {addr}")))?;
-        self.report.setup_time_ms = ms(start.elapsed());
-
         let mut precopy = Precopy::new(cfg.policy_config(page_size));
         let limiter = RateLimiter::new(precopy.limit());
+        self.lanes = Some(Lanes::open(
+            cfg,
+            addr,
+            session,
+            &self.src.mem,
+            &limiter,
+            &self.progress,
+        )?);
+        self.report.setup_time_ms = ms(start.elapsed());
+
         let pages = self.src.mem.page_count();
         // Start tracking afresh: round 0 sends everything anyway.
         let mut dirty = DirtySet::new(pages);
@@ -379,6 +406,8 @@ impl Run<'_> {
         let round = precopy.rounds().len() as u32;
         let (sent, bytes) = self.send_round(&mut sock, round, true, &todo, &limiter)?;
         let t_sent = Instant::now();
+        // Every page is out: close the data connections.
+        self.lanes = None;
         self.push_round(
             &RoundFigures {
                 round,
@@ -409,6 +438,11 @@ impl Run<'_> {
         };
         let t_resumed = Instant::now();
         self.resumed_at_destination = true;
+        let f = &self.report.forms;
+        if f.compressed_bytes > 0 {
+            let raw = f.compressed_pages * page_size;
+            self.report.compression_ratio = Some(raw as f64 / f.compressed_bytes as f64);
+        }
         self.print_last_round();
         // The peer's figure, bounded by what this side waited.
         let resume = Duration::from_nanos(resume_ns).min(t_resumed - t_sent);
@@ -424,6 +458,7 @@ impl Run<'_> {
         self.verify(
             &mut sock,
             Limits {
+                streams: cfg.streams,
                 page_size: page_size as u32,
                 page_count: pages,
             },
@@ -492,28 +527,10 @@ impl Run<'_> {
         self.progress.set_message(label);
         self.progress.set_length(set.count());
         self.progress.set_position(0);
-        let mut pages = 0;
-        for (first, count) in set.runs(chunk) {
-            let header = protocol::pages_frame_header(first, count as u32, page_size as u32);
-            // SAFETY: only handed to the kernel; a page torn by a concurrent
-            // guest write is marked dirty and sent again (see crate::dirty).
-            let data = unsafe { self.src.mem.pages(first, count) };
-            let len = (header.len() + data.len()) as u64;
-            limiter.acquire(len);
-            if let Err(e) =
-                write_all_vectored(sock, &mut [IoSlice::new(&header), IoSlice::new(data)])
-            {
-                return Err(
-                    peer_error(sock, ctx).unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e)))
-                );
-            }
-            if let Some(e) = peer_error(sock, ctx) {
-                return Err(e);
-            }
-            bytes += len;
-            pages += count;
-            self.progress.inc(count);
-        }
+        let lanes = self.lanes.as_mut().expect("connected before the rounds");
+        let (pages, stream_bytes, forms) = lanes.send(sock, round, set, chunk, ctx)?;
+        bytes += stream_bytes;
+        self.report.forms += forms;
         let end = Message::RoundEnd { round, pages };
         bytes += protocol::write_message(sock, &end).map_err(proto(ctx))? as u64;
         if !stop_and_copy {
@@ -580,6 +597,236 @@ impl Run<'_> {
     }
 }
 
+/// What a data connection's thread reports when it ended a round.
+type LaneReport = Result<(u64, u64, SendStats), std::io::Error>;
+
+/// Where page runs go: the control connection itself (one stream), or
+/// data connections, each with a thread that encodes and writes the runs it
+/// takes from a shared queue (QEMU's multifd), paced by the one limiter.
+enum Lanes {
+    One(Box<Lane>),
+    Many {
+        runs: Sender<(u64, u64)>,
+        ends: Vec<Sender<u32>>,
+        done: Receiver<(usize, LaneReport)>,
+        threads: Vec<JoinHandle<()>>,
+    },
+}
+
+impl Lanes {
+    fn open(
+        cfg: &SenderConfig,
+        addr: &str,
+        session: u64,
+        mem: &Arc<GuestMemory>,
+        limiter: &RateLimiter,
+        progress: &ProgressBar,
+    ) -> Result<Lanes, SendError> {
+        let lane = |sock| -> Result<Lane, SendError> {
+            Ok(Lane {
+                sock,
+                encoder: Encoder::new(cfg.reduction, mem.page_size())?,
+                mem: Arc::clone(mem),
+                limiter: limiter.clone(),
+                progress: progress.clone(),
+                pages: 0,
+                bytes: 0,
+                failed: None,
+            })
+        };
+        if cfg.streams <= 1 {
+            return Ok(Lanes::One(Box::new(lane(None)?)));
+        }
+        let n = cfg.streams as usize;
+        let (runs, queue) = crossbeam_channel::bounded::<(u64, u64)>(2 * n);
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let (mut ends, mut threads) = (Vec::new(), Vec::new());
+        for index in 0..n {
+            let mut sock = connect(addr)?;
+            protocol::write_message(&mut sock, &Message::stream_hello(index as u32, session))
+                .map_err(proto(format!("opening data connection {index} to {addr}")))?;
+            let (end_tx, end_rx) = crossbeam_channel::unbounded();
+            ends.push(end_tx);
+            let lane = lane(Some(sock))?;
+            let (queue, done_tx) = (queue.clone(), done_tx.clone());
+            threads.push(std::thread::spawn(move || {
+                lane.run(index, &queue, &end_rx, &done_tx)
+            }));
+        }
+        Ok(Lanes::Many {
+            runs,
+            ends,
+            done,
+            threads,
+        })
+    }
+
+    /// Send the pages of `set` in runs of at most `chunk` pages. Returns
+    /// (pages, bytes on the data connections, forms).
+    fn send(
+        &mut self,
+        sock: &mut TcpStream,
+        round: u32,
+        set: &DirtySet,
+        chunk: u64,
+        ctx: &str,
+    ) -> Result<(u64, u64, SendStats), SendError> {
+        let mem_err = |sock: &mut TcpStream, e: std::io::Error| {
+            peer_error(sock, ctx).unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e)))
+        };
+        match self {
+            Lanes::One(lane) => {
+                lane.encoder.start_round(round);
+                for run in set.runs(chunk) {
+                    if let Err(e) = lane.send(sock, run) {
+                        return Err(mem_err(sock, e));
+                    }
+                    if let Some(e) = peer_error(sock, ctx) {
+                        return Err(e);
+                    }
+                }
+                let (pages, bytes) = (lane.pages, lane.bytes);
+                (lane.pages, lane.bytes) = (0, 0);
+                Ok((pages, bytes, std::mem::take(&mut lane.encoder.stats)))
+            }
+            Lanes::Many {
+                runs, ends, done, ..
+            } => {
+                for run in set.runs(chunk) {
+                    if runs.send(run).is_err() {
+                        break; // every thread is gone: its report says why
+                    }
+                    if let Some(e) = peer_error(sock, ctx) {
+                        return Err(e);
+                    }
+                }
+                for end in ends.iter() {
+                    let _ = end.send(round);
+                }
+                let (mut pages, mut bytes, mut forms) = (0, 0, SendStats::default());
+                for _ in 0..ends.len() {
+                    match done.recv() {
+                        Ok((_, Ok((p, b, f)))) => {
+                            pages += p;
+                            bytes += b;
+                            forms += f;
+                        }
+                        Ok((index, Err(e))) => {
+                            // A receiver that gave up closes the data
+                            // connections and says why on the control one.
+                            let ctx = format!("{ctx} on data connection {index}");
+                            return Err(peer_reason(sock, Duration::from_secs(2))
+                                .unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e))));
+                        }
+                        Err(_) => unreachable!("the lanes live as long as this sender"),
+                    }
+                }
+                Ok((pages, bytes, forms))
+            }
+        }
+    }
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        if let Lanes::Many { ends, threads, .. } = self {
+            // Closing the queues ends the threads, which close their connections.
+            ends.clear();
+            for t in threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// One stream's sending state: its encoder, and this round's figures.
+struct Lane {
+    /// A data connection (None: the control connection, passed in).
+    sock: Option<TcpStream>,
+    encoder: Encoder,
+    mem: Arc<GuestMemory>,
+    limiter: RateLimiter,
+    progress: ProgressBar,
+    pages: u64,
+    bytes: u64,
+    /// A write failed: later runs of the round are dropped.
+    failed: Option<std::io::Error>,
+}
+
+impl Lane {
+    fn send(&mut self, w: &mut impl Write, (first, count): (u64, u64)) -> std::io::Result<()> {
+        let b = self
+            .encoder
+            .send_run(w, &self.mem, first, count, &self.limiter)?;
+        self.bytes += b;
+        self.pages += count;
+        self.progress.inc(count);
+        Ok(())
+    }
+
+    /// A data connection's run; failures are kept for the round's end.
+    fn take(&mut self, run: (u64, u64)) {
+        if self.failed.is_none() {
+            let mut sock = self.sock.take().expect("a data connection");
+            if let Err(e) = self.send(&mut sock, run) {
+                self.failed = Some(e);
+            }
+            self.sock = Some(sock);
+        }
+    }
+
+    /// End round `round` on the data connection: its RoundEnd, then the
+    /// round's figures (or failure) for the sender.
+    fn end(&mut self, round: u32) -> LaneReport {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let end = Message::round_end(round, self.pages);
+        let sock = self.sock.as_mut().expect("a data connection");
+        let n = protocol::write_message(sock, &end).map_err(|e| match e {
+            ProtocolError::Io(e) => e,
+            e => std::io::Error::other(e.to_string()),
+        })?;
+        let report = (
+            self.pages,
+            self.bytes + n as u64,
+            std::mem::take(&mut self.encoder.stats),
+        );
+        (self.pages, self.bytes) = (0, 0);
+        Ok(report)
+    }
+
+    /// A data connection's thread: runs from the shared queue until the
+    /// sender drops it.
+    fn run(
+        mut self,
+        index: usize,
+        queue: &Receiver<(u64, u64)>,
+        ends: &Receiver<u32>,
+        done: &Sender<(usize, LaneReport)>,
+    ) {
+        loop {
+            crossbeam_channel::select! {
+                recv(queue) -> run => match run {
+                    Ok(run) => self.take(run),
+                    Err(_) => return,
+                },
+                recv(ends) -> end => {
+                    let Ok(round) = end else { return };
+                    // Every run of the round was queued before its end:
+                    // take what is left, so none is sent after it.
+                    while let Ok(run) = queue.try_recv() {
+                        self.take(run);
+                    }
+                    if done.send((index, self.end(round))).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Pages per Pages frame under rate limit `limit`: slices of about 5 ms of
 /// the limit, so rounds are paced smoothly.
 pub fn chunk_pages(limit: Option<u64>, page_size: u64) -> u64 {
@@ -622,6 +869,17 @@ pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> s
         }
     }
     Ok(())
+}
+
+/// The receiver's reason for giving up, if it sends one within `wait`.
+fn peer_reason(sock: &mut TcpStream, wait: Duration) -> Option<SendError> {
+    let _ = sock.set_read_timeout(Some(wait));
+    let reason = match protocol::read_frame(sock, None) {
+        Ok(Frame::Message(Message::Abort(reason))) => Some(SendError::Refused(reason)),
+        _ => None,
+    };
+    let _ = sock.set_read_timeout(Some(IO_TIMEOUT));
+    reason
 }
 
 /// The receiver speaks during rounds only to give up (Abort) or by closing.

@@ -122,11 +122,11 @@ fn peer_speaking_another_protocol() {
 #[test]
 fn peer_speaking_another_version() {
     let addr = fake_receiver(|mut s| {
-        let mut hello = [0u8; 32];
+        let mut hello = [0u8; 48];
         let _ = s.read_exact(&mut hello);
-        // A HelloAck of version 2, framed by hand.
+        // A HelloAck of version 3, framed by hand.
         let mut payload = protocol::MAGIC.to_vec();
-        payload.extend_from_slice(&2u32.to_le_bytes());
+        payload.extend_from_slice(&3u32.to_le_bytes());
         payload.extend_from_slice(&0u32.to_le_bytes());
         let header = protocol::Header {
             kind: Kind::HelloAck,
@@ -137,7 +137,7 @@ fn peer_speaking_another_version() {
         let _ = s.write_all(&payload);
         std::thread::sleep(std::time::Duration::from_millis(500));
     });
-    send_to(&addr, &[]).assert_fails_with(&["version 2"]);
+    send_to(&addr, &[]).assert_fails_with(&["version 3"]);
 }
 
 /// A receiver that plays the protocol honestly up to the verdict, then
@@ -297,6 +297,8 @@ fn hello(version: u32, mem: u64) -> Vec<u8> {
     payload.extend_from_slice(&version.to_le_bytes());
     payload.extend_from_slice(&4096u32.to_le_bytes());
     payload.extend_from_slice(&mem.to_le_bytes());
+    payload.extend_from_slice(&1u32.to_le_bytes()); // streams
+    payload.extend_from_slice(&[0; 12]); // reserved, session
     let header = protocol::Header {
         kind: Kind::Hello,
         flags: 0,
@@ -321,7 +323,7 @@ fn receiver_writes_its_report_when_it_fails() {
     let json = dir.path().join("rx.json");
     let (mut child, addr) = receiver(&["--json".as_ref(), json.as_os_str()]);
     let mut s = TcpStream::connect(&addr).unwrap();
-    s.write_all(&hello(1, 1 << 20)).unwrap();
+    s.write_all(&hello(protocol::VERSION, 1 << 20)).unwrap();
     drop(s); // vanish after the handshake
     assert!(!child.wait().unwrap().success());
     let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -332,12 +334,12 @@ fn receiver_writes_its_report_when_it_fails() {
 
 #[test]
 fn receiver_rejects_memory_it_cannot_hold() {
-    receiver_fed(&hello(1, 1 << 46)).assert_fails_with(&["available"]);
+    receiver_fed(&hello(protocol::VERSION, 1 << 46)).assert_fails_with(&["available"]);
 }
 
 #[test]
 fn receiver_rejects_a_page_run_out_of_range() {
-    let mut bytes = hello(1, 1 << 20); // 256 pages
+    let mut bytes = hello(protocol::VERSION, 1 << 20); // 256 pages
     bytes.extend(
         Message::RoundStart {
             round: 0,
@@ -352,7 +354,7 @@ fn receiver_rejects_a_page_run_out_of_range() {
 
 #[test]
 fn receiver_wants_digests_in_page_order() {
-    let mut bytes = hello(1, 1 << 20); // 256 pages
+    let mut bytes = hello(protocol::VERSION, 1 << 20); // 256 pages
     for (round, stop_and_copy, pages) in [(0, false, 256), (1, true, 0)] {
         bytes.extend(Message::round_start(round, stop_and_copy).encode());
         if pages > 0 {
@@ -379,7 +381,7 @@ fn receiver_wants_digests_in_page_order() {
 
 #[test]
 fn receiver_reports_a_truncated_stream() {
-    let mut bytes = hello(1, 1 << 20);
+    let mut bytes = hello(protocol::VERSION, 1 << 20);
     bytes.extend(
         Message::RoundStart {
             round: 0,
@@ -420,5 +422,89 @@ fn dirtyrate_refuses_bad_flags_naming_them() {
         let mut all = vec!["dirtyrate", "--quiet"];
         all.extend_from_slice(args);
         run(&all).assert_fails_with(needles);
+    }
+}
+
+/// A proxy to the receiver at `to` (every connection, data streams too)
+/// that spoils the payload (after the run header) of the first frame of
+/// kind `kind` the sender sends.
+fn spoiling_proxy(to: String, kind: Kind, spoil: fn(&mut [u8])) -> String {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let spoiled = Arc::new(AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for from in l.incoming() {
+            let (Ok(mut from), Ok(mut to)) = (from, TcpStream::connect(&to)) else {
+                return;
+            };
+            let spoiled = Arc::clone(&spoiled);
+            let (mut back_from, mut back_to) = (to.try_clone().unwrap(), from.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+            std::thread::spawn(move || {
+                loop {
+                    let mut h = [0u8; 8];
+                    if from.read_exact(&mut h).is_err() {
+                        break;
+                    }
+                    let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+                    let mut p = vec![0u8; len];
+                    if from.read_exact(&mut p).is_err() {
+                        break;
+                    }
+                    if u16::from_le_bytes([h[0], h[1]]) == kind as u16
+                        && !spoiled.swap(true, Ordering::SeqCst)
+                    {
+                        spoil(&mut p[16..]);
+                    }
+                    if to.write_all(&h).and_then(|_| to.write_all(&p)).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn corrupt_reduced_payloads_fail_cleanly_and_keep_the_source() {
+    type Spoil = fn(&mut [u8]);
+    let cases: [(Kind, Spoil, &[&str]); 4] = [
+        (
+            Kind::CompressedPages,
+            |p| p.fill(0xff),
+            &["--compress", "lz4"],
+        ),
+        (
+            Kind::CompressedPages,
+            |p| p.fill(0xff),
+            &["--compress", "lz4", "--streams", "3"],
+        ),
+        (
+            Kind::CompressedPages,
+            |p| p[..4].copy_from_slice(b"junk"),
+            &["--compress", "zstd"],
+        ),
+        (
+            Kind::XbzrlePages,
+            |p| p[..2].copy_from_slice(&u16::MAX.to_le_bytes()),
+            &["--xbzrle", "1M", "--policy", "fixed:6"],
+        ),
+    ];
+    for (kind, spoil, flags) in cases {
+        let (rx, addr) = receiver(&[]);
+        let proxy = spoiling_proxy(addr, kind, spoil);
+        let mut args = vec!["--workload", "hotset:wws=64K,rate=20k,hot=1,random=0.1"];
+        args.extend_from_slice(flags);
+        let r = send_to(&proxy, &args);
+        r.assert_fails_with(&["refused", "corrupt", &kind.to_string()]);
+        assert_source_resumed_and_reaped(&r);
+        let out = rx.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("corrupt payload"), "{err}");
     }
 }

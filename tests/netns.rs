@@ -71,6 +71,15 @@ impl Testbed {
 
     /// Receive in host 1, send from host 0; both reports.
     fn migrate(&self, send_args: &[&str]) -> (serde_json::Value, serde_json::Value) {
+        self.migrate_with(&[], send_args)
+    }
+
+    /// As [`Testbed::migrate`], with extra arguments for the receiver.
+    fn migrate_with(
+        &self,
+        recv_args: &[&str],
+        send_args: &[&str],
+    ) -> (serde_json::Value, serde_json::Value) {
         let dir = tempfile::tempdir().unwrap();
         let (rj, sj) = (dir.path().join("recv.json"), dir.path().join("send.json"));
         let listen = format!("{}:4444", self.addr(1));
@@ -78,6 +87,7 @@ impl Testbed {
             .livemig(1)
             .args(["receive", "--listen", &listen, "--json"])
             .arg(&rj)
+            .args(recv_args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -179,4 +189,37 @@ fn the_dynamic_limit_follows_clarks_rule_over_a_real_link() {
             "{tput} Mbit/s at a {limit} Mbit/s limit"
         );
     }
+}
+
+#[test]
+fn streams_share_a_shaped_link_and_its_rate() {
+    let Some(bed) = Testbed::up(3, "200mbit") else {
+        return;
+    };
+    let (sent, received) = bed.migrate_with(
+        &["--mem", "16M"],
+        &[
+            "--mem",
+            "16M",
+            "--workload",
+            "idle",
+            "--streams",
+            "4",
+            "--warmup",
+            "100ms",
+        ],
+    );
+    assert_eq!(sent["status"], "completed");
+    assert_eq!(
+        (sent["streams"].as_u64(), received["streams"].as_u64()),
+        (Some(4), Some(4))
+    );
+    assert_eq!(received["verified_pages"], 4096);
+    // Memory was made before the sender connected.
+    assert!(received["prealloc_ms"].as_f64().unwrap() > 0.0);
+    let goodput = sent["rounds"][0]["throughput_mbps"].as_f64().unwrap();
+    assert!(
+        goodput > 180.0 && goodput <= 202.0,
+        "{goodput} Mbit/s over a 200 Mbit/s link with 4 streams"
+    );
 }

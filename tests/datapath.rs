@@ -1,0 +1,158 @@
+//! The data path over loopback: several streams, zero pages as markers,
+//! compression and XBZRLE; every page still verified at the destination.
+
+mod common;
+use common::*;
+
+fn u(rep: &serde_json::Value, key: &str) -> u64 {
+    rep[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing: {rep:#}"))
+}
+
+#[test]
+fn zero_pages_travel_as_markers_and_the_rest_whole() {
+    // 16 MiB = 4096 pages, about half of them zero.
+    let r = migrate(&["--workload", "idle:zero=0.5", "--policy", "fixed:1"]);
+    let rep = assert_verified(&r);
+    let zero = u(rep, "duplicate_pages");
+    assert!((1700..2400).contains(&zero), "{zero} zero pages");
+    let round0 = &rep["rounds"][0];
+    assert_eq!(round0["pages"], 4096);
+    // A marker is 24 bytes: round 0 carries only the other pages' bytes.
+    let normal = u(rep, "normal_pages");
+    let bytes = round0["bytes"].as_u64().unwrap();
+    assert!(
+        bytes < (normal + 200) * 4096,
+        "{bytes} bytes for {normal} pages"
+    );
+    assert_eq!(rep["streams"], 1);
+
+    // Without markers, every page goes whole.
+    let r = migrate(&[
+        "--workload",
+        "idle:zero=0.5",
+        "--policy",
+        "fixed:1",
+        "--no-zero-pages",
+    ]);
+    let rep = assert_verified(&r);
+    assert_eq!(u(rep, "duplicate_pages"), 0);
+    assert!(rep["rounds"][0]["bytes"].as_u64().unwrap() > 4096 * 4096);
+}
+
+#[test]
+fn streams_share_the_pages_and_lose_none_under_heavy_writes() {
+    for tracker in available_trackers() {
+        let r = migrate(&[
+            "--tracker",
+            tracker.as_str(),
+            "--streams",
+            "3",
+            "--vcpus",
+            "2",
+            "--workload",
+            "uniform:rate=max,bytes=64",
+            "--policy",
+            "fixed:3",
+        ]);
+        let rep = assert_verified(&r);
+        assert_eq!(rep["streams"], 3);
+        assert_eq!(rep["rounds"][0]["pages"], 4096, "{}", tracker.as_str());
+    }
+}
+
+#[test]
+fn a_rate_limit_holds_across_streams() {
+    let r = migrate(&[
+        "--streams",
+        "4",
+        "--workload",
+        "idle",
+        "--bandwidth",
+        "200mbit",
+        "--policy",
+        "fixed:1",
+    ]);
+    let rep = assert_verified(&r);
+    let mbps = rep["rounds"][0]["throughput_mbps"].as_f64().unwrap();
+    assert!((150.0..215.0).contains(&mbps), "{mbps} Mbit/s");
+}
+
+#[test]
+fn compression_shrinks_what_compresses() {
+    for codec in ["lz4", "zstd"] {
+        let r = migrate(&[
+            "--compress",
+            codec,
+            "--streams",
+            "2",
+            "--workload",
+            "hotset:wws=2M,rate=20k,random=0.25",
+        ]);
+        let rep = assert_verified(&r);
+        assert_eq!(rep["compress"], codec);
+        assert!(u(rep, "compressed_pages") > 3000, "{rep:#}");
+        let ratio = rep["compression_ratio"].as_f64().unwrap();
+        // A quarter of each page is random: at best about 4x.
+        assert!((2.0..5.0).contains(&ratio), "{codec}: ratio {ratio}");
+        assert!(u(rep, "transferred_bytes") < u(rep, "transferred_pages") * 4096 / 2);
+    }
+}
+
+#[test]
+fn xbzrle_sends_small_changes_as_deltas() {
+    let r = migrate(&[
+        "--xbzrle",
+        "4M",
+        "--workload",
+        "hotset:wws=1M,rate=20k,hot=1,bytes=64",
+        "--policy",
+        "fixed:5",
+    ]);
+    let rep = assert_verified(&r);
+    let (pages, bytes) = (u(rep, "xbzrle_pages"), u(rep, "xbzrle_bytes"));
+    assert!(pages > 30, "{rep:#}");
+    // 64 changed bytes per write: deltas are far smaller than pages.
+    assert!(bytes < pages * 1024, "{bytes} bytes for {pages} deltas");
+    assert!(u(rep, "xbzrle_cache_hits") >= pages);
+    assert!(u(rep, "xbzrle_cache_misses") > 0);
+    assert_eq!(rep["xbzrle_cache_bytes"], 4 << 20);
+
+    // Whole-page rewrites overflow: the delta is not smaller than the page.
+    let r = migrate(&[
+        "--xbzrle",
+        "4M",
+        "--workload",
+        "hotset:wws=1M,rate=20k,hot=1,bytes=4K",
+        "--policy",
+        "fixed:4",
+    ]);
+    let rep = assert_verified(&r);
+    assert!(u(rep, "xbzrle_overflow") > 20, "{rep:#}");
+}
+
+#[test]
+fn reduction_flags_are_checked() {
+    for (args, needles) in [
+        (
+            &["--streams", "0"][..],
+            &["--streams 0", "between 1 and 64"][..],
+        ),
+        (&["--streams", "65"], &["--streams 65"]),
+        (&["--compress", "gzip"], &["--compress", "gzip"]),
+        (&["--xbzrle", "1K"], &["--xbzrle", "at least one"]),
+        (&["--xbzrle", "big"], &["--xbzrle", "\"big\""]),
+        (
+            &["--xbzrle", "64M", "--streams", "2"],
+            &["--xbzrle", "one stream"],
+        ),
+        (
+            &["--workload", "idle:zero=2"],
+            &["--workload", "zero=\"2\""],
+        ),
+        (&["--workload", "uniform:rate=1k,bytes=7"], &["bytes=7"]),
+    ] {
+        migrate(args).assert_fails_with(needles);
+    }
+}
