@@ -110,6 +110,9 @@ enum Cmd {
         /// Allocate each page at its first arrival instead of up front.
         #[arg(long)]
         no_prealloc: bool,
+        /// Post-copy: with each demand fault, also ask for the N pages after it.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        prepage: u32,
     },
     /// The guest emulator process (started by send/receive, not by hand).
     #[command(hide = true)]
@@ -169,6 +172,10 @@ struct SendOpts {
     /// After each round, print why the policy went on or stopped, with its numbers.
     #[arg(long)]
     explain: bool,
+    /// How memory moves: precopy | postcopy | hybrid[:rounds=N] (N pre-copy
+    /// rounds, then post-copy; N defaults to 2) | cold (suspend, copy, resume).
+    #[arg(long, default_value = "precopy")]
+    mode: String,
     /// TCP connections the pages travel on, sharing one rate limit (QEMU's multifd).
     #[arg(long, default_value_t = 1, value_name = "N")]
     streams: u32,
@@ -191,6 +198,9 @@ struct MigrateOpts {
     /// before the migration (which QEMU's -mem-prealloc does).
     #[arg(long)]
     no_prealloc: bool,
+    /// Post-copy: with each demand fault, also ask for the N pages after it.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    prepage: u32,
 }
 
 #[derive(Args)]
@@ -379,6 +389,7 @@ impl SendOpts {
             warmup: g.warmup,
             seed: g.fresh.seed,
             streams: self.streams,
+            mode: livemig::postcopy::Mode::parse(&self.mode).map_err(anyhow::Error::msg)?,
             reduction: self.reduction()?,
             progress: !self.quiet,
         })
@@ -508,7 +519,7 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
     let mut migrate_one = |c: &SenderConfig| -> Result<Report, String> {
         let (report, result) = match &opts.to {
             None => {
-                let (r, res) = migrate::run(c, true, &mut |_| {});
+                let (r, res) = migrate::run(c, migrate::Destination::default(), &mut |_| {});
                 (r, res.map_err(anyhow::Error::from))
             }
             Some(to) => match Source::start(c.tracker, c.memory_bytes, &c.fresh()) {
@@ -658,10 +669,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Migrate(MigrateOpts {
             send: opts,
             no_prealloc,
+            prepage,
         }) => {
             let cfg = opts.config()?;
             let mut print = row_printer(&opts);
-            let (report, result) = migrate::run(&cfg, !no_prealloc, &mut print);
+            let rx = migrate::Destination {
+                prealloc: !no_prealloc,
+                prepage,
+            };
+            let (report, result) = migrate::run(&cfg, rx, &mut print);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Send { to, opts } => {
@@ -688,10 +704,11 @@ fn run(cli: Cli) -> Result<()> {
             json,
             mem,
             no_prealloc,
+            prepage,
         } => {
             let listener = receiver::bind(&listen)?;
             let mem = mem.map(|m| units::parse_bytes("--mem", &m)).transpose()?;
-            let prepared = receiver::Prepared::new(mem, !no_prealloc)?;
+            let prepared = receiver::Prepared::new(mem, !no_prealloc, prepage)?;
             eprintln!(
                 "livemig: waiting for a migration on {}",
                 listener.local_addr()?

@@ -27,7 +27,7 @@ pub const MAX_WORKLOAD_LEN: usize = 256;
 pub const CONTROL_NAME: &str = "livemig-control";
 
 /// "livemig" and the layout's version, in [`ControlBlock::magic`].
-pub const MAGIC: u64 = u64::from_le_bytes(*b"livemig\x01");
+pub const MAGIC: u64 = u64::from_le_bytes(*b"livemig\x02");
 
 /// Values of [`ControlBlock::pause`].
 pub const RUN: u32 = 0;
@@ -80,6 +80,13 @@ pub struct ControlBlock {
     /// `mprotect` tracker: faults that unprotected more than their page
     /// because `vm.max_map_count` was reached.
     pub tracker_coalesced: AtomicU64,
+    /// Post-copy: the owner asks an incoming guest (before `start`) to
+    /// register its memory for missing-page faults...
+    pub postcopy: AtomicU32,
+    /// ...futex: 1 once it did (or failed), before its vCPUs run...
+    pub uffd_ready: AtomicU32,
+    /// ...and the userfaultfd's fd number in the guest (-1: it failed).
+    pub uffd_fd: std::sync::atomic::AtomicI32,
     pub slots: [VcpuSlot; MAX_VCPUS as usize],
 }
 
@@ -186,6 +193,39 @@ impl Control {
             .map(|c| c.load(Ordering::Relaxed))
             .collect();
         (String::from_utf8_lossy(&bytes).into_owned(), vcpus)
+    }
+
+    /// Owner side, before [`Control::start`]: have the incoming guest
+    /// register its memory for missing-page faults (post-copy).
+    pub fn request_postcopy(&self) {
+        self.block().postcopy.store(1, Ordering::Release);
+    }
+
+    pub fn postcopy_requested(&self) -> bool {
+        self.block().postcopy.load(Ordering::Acquire) == 1
+    }
+
+    /// Guest side: the userfaultfd is registered (`Some(fd)`) or failed.
+    pub fn publish_uffd(&self, fd: Option<i32>) {
+        let b = self.block();
+        b.uffd_fd.store(fd.unwrap_or(-1), Ordering::Relaxed);
+        b.uffd_ready.store(1, Ordering::Release);
+        wake(&b.uffd_ready);
+    }
+
+    /// Owner side: the guest's userfaultfd fd number, once published
+    /// (None: it failed, or did not say within `timeout`).
+    pub fn wait_uffd(&self, timeout: Duration) -> Option<i32> {
+        let b = self.block();
+        let deadline = Instant::now() + timeout;
+        while b.uffd_ready.load(Ordering::Acquire) == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            wait(&b.uffd_ready, 0, left.min(Duration::from_millis(100)));
+        }
+        Some(b.uffd_fd.load(Ordering::Relaxed)).filter(|&fd| fd >= 0)
     }
 
     /// Guest side: wait for [`Control::start`], then read what it handed over.

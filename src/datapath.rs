@@ -368,7 +368,7 @@ impl Landed {
         self.digests[page as usize].load(Ordering::Relaxed)
     }
 
-    fn set(&self, page: u64, digest: u64) {
+    pub fn set(&self, page: u64, digest: u64) {
         self.digests[page as usize].store(digest, Ordering::Relaxed);
     }
 

@@ -61,6 +61,8 @@ pub enum GuestError {
     Vcpus(u32),
     #[error("device state: {0}")]
     DeviceState(String),
+    #[error("post-copy: the guest cannot register its memory for missing-page faults: {0}")]
+    Postcopy(String),
     #[error(transparent)]
     Workload(#[from] WorkloadError),
     #[error(transparent)]
@@ -197,6 +199,18 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
             (f.workload, f.vcpus)
         }
         None => control.wait_start(),
+    };
+    // Post-copy: missing pages fault to the receiver, which must hear of
+    // the registration before any vCPU runs. The fd lives as long as we do.
+    let _uffd = match resume && control.postcopy_requested() {
+        true => {
+            let (ptr, len) = mem.pages_ptr(0, mem.page_count());
+            let uffd = crate::uffd::Uffd::open(crate::uffd::FEATURE_MISSING_SHMEM)
+                .and_then(|u| u.register_missing(ptr, len as u64).map(|()| u));
+            control.publish_uffd(uffd.as_ref().ok().map(|u| u.raw_fd()));
+            Some(uffd.map_err(|e| GuestError::Postcopy(e.to_string()))?)
+        }
+        false => None,
     };
     let workload = check_config(&spec, args.memory_bytes, page_size, vcpus)?;
     // An incoming guest is not tracked: nothing migrates it onwards.

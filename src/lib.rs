@@ -16,6 +16,7 @@ pub mod migrate;
 pub mod model;
 pub mod plot;
 pub mod policy;
+pub mod postcopy;
 pub mod protocol;
 pub mod ratelimit;
 pub mod receiver;

@@ -259,6 +259,24 @@ impl GuestMemory {
         Ok(t.elapsed())
     }
 
+    /// Drop the contents of pages `first..first+count` (punch a hole in
+    /// the memfd): every mapping sees them missing again, until written.
+    pub fn discard(&self, first: u64, count: u64) -> Result<(), MemoryError> {
+        let (off, len) = (first * self.page_size, count * self.page_size);
+        let err = |source: std::io::Error| MemoryError::Map {
+            name: "discarding guest pages".into(),
+            len,
+            source,
+        };
+        let int =
+            |v: u64| i64::try_from(v).map_err(|_| err(std::io::ErrorKind::InvalidInput.into()));
+        let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        nix::fcntl::fallocate(self.region.as_fd(), flags, int(off)?, int(len)?)
+            .map_err(|e| err(e.into()))?;
+        Ok(())
+    }
+
     /// [`page_digest`] of one page.
     ///
     /// # Safety

@@ -16,12 +16,28 @@ pub enum MigrateError {
     Memory(#[from] crate::memory::MemoryError),
 }
 
-/// Run a local migration; `prealloc`: the receiver allocates its memory
-/// before the migration starts (see [`receiver`]). The report is filled in
-/// as far as it got.
+/// The destination's options in a local migration.
+#[derive(Clone, Copy, Debug)]
+pub struct Destination {
+    /// Allocate its memory before the migration starts (see [`receiver`]).
+    pub prealloc: bool,
+    /// Post-copy: pages asked for after each faulted one.
+    pub prepage: u32,
+}
+
+impl Default for Destination {
+    fn default() -> Self {
+        Self {
+            prealloc: true,
+            prepage: 0,
+        }
+    }
+}
+
+/// Run a local migration. The report is filled in as far as it got.
 pub fn run(
     cfg: &SenderConfig,
-    prealloc: bool,
+    dest: Destination,
     on_round: &mut dyn FnMut(&RoundReport),
 ) -> (Report, Result<(), MigrateError>) {
     let failed = |e: MigrateError| {
@@ -50,7 +66,10 @@ pub fn run(
         Ok(s) => s,
         Err(e) => return failed(e.into()),
     };
-    let prepared = match receiver::Prepared::new(Some(cfg.memory_bytes), prealloc) {
+    // Post-copy discards what it has not received: preallocating all of
+    // it first would only add the discard to the downtime.
+    let prealloc = dest.prealloc && cfg.mode != crate::postcopy::Mode::Postcopy;
+    let prepared = match receiver::Prepared::new(Some(cfg.memory_bytes), prealloc, dest.prepage) {
         Ok(p) => p,
         Err(e) => return failed(e.into()),
     };
@@ -67,6 +86,14 @@ pub fn run(
         (Ok(()), Ok(())) => {
             report.destination_guest_rate_pps = Some(rr.destination_guest_rate_pps);
             report.receiver_prealloc_ms = prealloc.then_some(rr.prealloc_ms);
+            // What only the destination sees of post-copy.
+            if let Some(p) = rr.postcopy {
+                let r = &mut report.postcopy;
+                r.postcopy_faults = p.postcopy_faults;
+                r.fault_latency_us = p.fault_latency_us;
+                r.postcopy_populated_ms = p.postcopy_populated_ms;
+                r.guest_rate_postcopy_pps = p.guest_rate_postcopy_pps;
+            }
             return (report, Ok(()));
         }
         // The receiver's own error names the cause better than the sender's view of it.

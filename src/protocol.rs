@@ -49,6 +49,24 @@
 //! stop-and-copy round) only once every data connection has ended it, so a
 //! page of round k+1 can never land before its round-k version.
 //!
+//! Post-copy and hybrid (Hello flag `POSTCOPY`) open one more connection,
+//! `StreamHello{index: REQUEST_STREAM}`, for page requests only, so a
+//! demand fault is never queued behind the bulk push:
+//!
+//! ```text
+//!   | (hybrid: pre-copy rounds as above)   |
+//!   |   ... guest paused ...               |
+//!   | Discard{run}*                      ->|  pages the destination must fetch
+//!   | DeviceState{blob}                  ->|  starts the guest, its memory
+//!   |<- Resumed{resume_ns}                 |    registered for missing faults
+//!   | RoundStart{k} Pages*               ->|  the background push
+//!   |<- PageRequest{run}  (request conn.)  |  a guest fault
+//!   | Pages{run}          (request conn.)->|  placed at once (UFFDIO_COPY)
+//!   | RoundEnd{k}                        ->|
+//!   |<- RoundAck{k}                        |  every page is present
+//!   | Digests* Complete / Verdict          |  as above
+//! ```
+//!
 //! A pre-copy round ends when its `RoundAck` arrives, so a round's measured
 //! time covers delivery, not just filling the sender's socket buffer (which
 //! on loopback holds megabytes); it costs one round trip per round.
@@ -96,6 +114,10 @@ pub const RUN_HEADER_LEN: usize = 16;
 pub const MAX_ABORT_REASON: usize = 4096;
 /// `RoundStart` flag: this round runs with the guest paused.
 pub const FLAG_STOP_AND_COPY: u16 = 1;
+/// `Hello` flag: a post-copy migration (a request connection follows).
+pub const HELLO_POSTCOPY: u32 = 1;
+/// `StreamHello` index of the post-copy request connection.
+pub const REQUEST_STREAM: u32 = u32::MAX;
 /// Smallest accepted page size (page sizes are powers of two).
 pub const MIN_PAGE_SIZE: u32 = 4096;
 /// Largest accepted page size.
@@ -176,6 +198,8 @@ pub enum Kind {
     ZeroPages = 14,
     CompressedPages = 15,
     XbzrlePages = 16,
+    Discard = 17,
+    PageRequest = 18,
 }
 
 impl TryFrom<u16> for Kind {
@@ -200,6 +224,8 @@ impl TryFrom<u16> for Kind {
             14 => ZeroPages,
             15 => CompressedPages,
             16 => XbzrlePages,
+            17 => Discard,
+            18 => PageRequest,
             _ => return Err(ProtocolError::UnknownKind(v)),
         })
     }
@@ -219,6 +245,7 @@ impl Kind {
             Kind::Verdict | Kind::StreamHello => Some(24),
             Kind::HelloAck | Kind::RoundEnd | Kind::Resumed => Some(16),
             Kind::RoundStart | Kind::RoundAck => Some(8),
+            Kind::PageRequest => Some(16),
             Kind::Complete => Some(0),
             _ => None,
         }
@@ -296,6 +323,8 @@ pub struct Hello {
     pub streams: u32,
     /// Ties the data connections to this migration.
     pub session: u64,
+    /// Post-copy or hybrid: a request connection follows the data ones.
+    pub postcopy: bool,
 }
 
 impl Hello {
@@ -341,6 +370,11 @@ pub enum Message {
         round: u32,
         stop_and_copy: bool,
     },
+    /// The destination asks for pages its guest faulted on.
+    PageRequest {
+        first_page: u64,
+        count: u32,
+    },
     RoundEnd {
         round: u32,
         pages: u64,
@@ -374,7 +408,11 @@ impl Message {
             memory_bytes,
             streams,
             session,
+            postcopy: false,
         })
+    }
+    pub fn page_request(first_page: u64, count: u32) -> Message {
+        Message::PageRequest { first_page, count }
     }
     pub fn stream_hello(index: u32, session: u64) -> Message {
         Message::StreamHello { index, session }
@@ -427,6 +465,7 @@ impl Message {
             Message::Hello(_) => Kind::Hello,
             Message::HelloAck { .. } => Kind::HelloAck,
             Message::RoundStart { .. } => Kind::RoundStart,
+            Message::PageRequest { .. } => Kind::PageRequest,
             Message::RoundEnd { .. } => Kind::RoundEnd,
             Message::RoundAck { .. } => Kind::RoundAck,
             Message::StreamHello { .. } => Kind::StreamHello,
@@ -450,7 +489,8 @@ impl Message {
                 p.extend(h.page_size.to_le_bytes());
                 p.extend(h.memory_bytes.to_le_bytes());
                 p.extend(h.streams.to_le_bytes());
-                p.extend([0; 4]);
+                let flags = if h.postcopy { HELLO_POSTCOPY } else { 0 };
+                p.extend(flags.to_le_bytes());
                 p.extend(h.session.to_le_bytes());
             }
             Message::StreamHello { index, session } => {
@@ -470,6 +510,11 @@ impl Message {
             } => {
                 flags = if s { FLAG_STOP_AND_COPY } else { 0 };
                 p.extend(round.to_le_bytes());
+                p.extend([0; 4]);
+            }
+            Message::PageRequest { first_page, count } => {
+                p.extend(first_page.to_le_bytes());
+                p.extend(count.to_le_bytes());
                 p.extend([0; 4]);
             }
             Message::RoundEnd { round, pages } => {
@@ -534,6 +579,11 @@ pub enum Frame {
     },
     /// The run is all zeros; nothing follows.
     ZeroPages {
+        first_page: u64,
+        count: u32,
+    },
+    /// Post-copy: the destination must fetch this run (nothing follows).
+    Discard {
         first_page: u64,
         count: u32,
     },
@@ -697,9 +747,25 @@ fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Messag
     }
     Ok(match kind {
         Kind::Hello => {
-            let (page_size, memory_bytes, streams) = (c.u32(), c.u64(), c.u32());
+            let (page_size, memory_bytes, streams, flags) = (c.u32(), c.u64(), c.u32(), c.u32());
+            reserved(kind, u64::from(flags & !HELLO_POSTCOPY))?;
+            let mut m = Message::hello(page_size, memory_bytes, streams, c.u64());
+            if let Message::Hello(h) = &mut m {
+                h.postcopy = flags & HELLO_POSTCOPY != 0;
+            }
+            m
+        }
+        Kind::PageRequest => {
+            let (first_page, count) = (c.u64(), c.u32());
             reserved(kind, u64::from(c.u32()))?;
-            Message::hello(page_size, memory_bytes, streams, c.u64())
+            if count == 0 || count > MAX_RUN_PAGES {
+                let max = MAX_RUN_PAGES;
+                return Err(ProtocolError::BadCount { kind, count, max });
+            }
+            if let Some(l) = lim {
+                l.check_run(kind, first_page, count)?;
+            }
+            Message::page_request(first_page, count)
         }
         Kind::StreamHello => Message::stream_hello(c.u32(), c.u64()),
         Kind::HelloAck => {
@@ -755,7 +821,8 @@ fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Messag
         | Kind::Digests
         | Kind::ZeroPages
         | Kind::CompressedPages
-        | Kind::XbzrlePages => {
+        | Kind::XbzrlePages
+        | Kind::Discard => {
             return Err(unexpected(kind, "a control frame"));
         }
     })
@@ -771,6 +838,7 @@ impl Kind {
                 | Kind::ZeroPages
                 | Kind::CompressedPages
                 | Kind::XbzrlePages
+                | Kind::Discard
         )
     }
 }
@@ -800,7 +868,7 @@ fn read_run(r: &mut impl Read, h: &Header, l: &Limits) -> Result<Frame, Protocol
     let max = match kind {
         Kind::Digests => MAX_DIGESTS,
         // A marker costs nothing to receive: any run inside memory will do.
-        Kind::ZeroPages => u32::MAX,
+        Kind::ZeroPages | Kind::Discard => u32::MAX,
         _ => MAX_RUN_PAGES,
     };
     if count == 0 || count > max {
@@ -817,7 +885,7 @@ fn read_run(r: &mut impl Read, h: &Header, l: &Limits) -> Result<Frame, Protocol
             body == n * 8,
             format!("{RUN} + {count}*8 = {}", RUN + n * 8),
         ),
-        Kind::ZeroPages => (body == 0, format!("{RUN}")),
+        Kind::ZeroPages | Kind::Discard => (body == 0, format!("{RUN}")),
         // Compressing must pay: a run that does not shrink travels raw.
         Kind::CompressedPages => (
             (1..n * ps).contains(&body),
@@ -837,6 +905,7 @@ fn read_run(r: &mut impl Read, h: &Header, l: &Limits) -> Result<Frame, Protocol
         Kind::Pages => Frame::Pages { first_page, count },
         Kind::Digests => Frame::Digests { first_page, count },
         Kind::ZeroPages => Frame::ZeroPages { first_page, count },
+        Kind::Discard => Frame::Discard { first_page, count },
         Kind::CompressedPages => Frame::CompressedPages {
             first_page,
             count,
@@ -884,6 +953,7 @@ impl Frame {
             Frame::Pages { .. } => Kind::Pages,
             Frame::Digests { .. } => Kind::Digests,
             Frame::ZeroPages { .. } => Kind::ZeroPages,
+            Frame::Discard { .. } => Kind::Discard,
             Frame::CompressedPages { .. } => Kind::CompressedPages,
             Frame::XbzrlePages { .. } => Kind::XbzrlePages,
         }
@@ -936,6 +1006,11 @@ fn run_frame_header(kind: Kind, first_page: u64, count: u32, len: u64) -> [u8; 2
 /// Header + run header of a ZeroPages marker (the whole frame).
 pub fn zero_frame_header(first_page: u64, count: u32) -> [u8; 24] {
     run_frame_header(Kind::ZeroPages, first_page, count, RUN_HEADER_LEN as u64)
+}
+
+/// Header + run header of a Discard frame (the whole frame).
+pub fn discard_frame_header(first_page: u64, count: u32) -> [u8; 24] {
+    run_frame_header(Kind::Discard, first_page, count, RUN_HEADER_LEN as u64)
 }
 
 /// Header + run header of a CompressedPages frame; `len` compressed bytes follow.
@@ -1049,6 +1124,18 @@ mod tests {
             Message::hello(4096, 1 << 30, 4, 0x0123_4567_89ab_cdef),
             Message::hello_ack(),
             Message::stream_hello(3, 0x0123_4567_89ab_cdef),
+            Message::Hello(Hello {
+                postcopy: true,
+                ..Hello {
+                    version: VERSION,
+                    page_size: 4096,
+                    memory_bytes: 8192,
+                    streams: 1,
+                    session: 9,
+                    postcopy: false,
+                }
+            }),
+            Message::page_request(65535, 1),
             Message::round_start(0, false),
             Message::round_start(7, true),
             Message::round_end(3, 12345),
@@ -1106,7 +1193,7 @@ mod tests {
 
     #[test]
     fn kinds_and_headers_round_trip() {
-        for v in 1..=16u16 {
+        for v in 1..=18u16 {
             let kind = Kind::try_from(v).unwrap();
             assert_eq!(kind as u16, v);
             let flags = if kind == Kind::RoundStart {
@@ -1149,6 +1236,7 @@ mod tests {
             memory_bytes: 4096,
             streams: 1,
             session: 0,
+            postcopy: false,
         })
         .encode();
         // A longer (future) Hello still reports the version, not the length.
@@ -1156,7 +1244,7 @@ mod tests {
         let v3_frame = frame(1, 0, &v3);
         v3[8] = 2;
         let mut reserved_hello = Message::hello(4096, 8192, 1, 0).encode();
-        reserved_hello[8 + 28] = 1;
+        reserved_hello[8 + 28] = 2; // flag bits other than POSTCOPY
         let mut ack = Message::hello_ack().encode();
         ack[20] = 1;
         let garbage = b"HTTP/1.1 400 Bad Request\r\n";
@@ -1170,8 +1258,8 @@ mod tests {
             read(&v3_frame, None) => E::Version { peer: 3 }, "version 3";
             read(&frame(1, 0, &v3), None) => E::BadLength { .. },
                 "Hello: payload of 52 bytes, expected 40";
-            read(&reserved_hello, None) => E::Reserved { value: 1, .. },
-                "Hello: reserved field is 0x1";
+            read(&reserved_hello, None) => E::Reserved { value: 2, .. },
+                "Hello: reserved field is 0x2";
             read(&frame(2, 0, &MAGIC), None) => E::BadLength { .. }, "HelloAck: payload of 8 bytes";
             read(&ack, None) => E::Reserved { value: 1, .. }, "HelloAck: reserved field is 0x1";
             read_handshake(&mut &garbage[..], Kind::HelloAck) => E::NotLivemig { .. },
@@ -1199,6 +1287,7 @@ mod tests {
             memory_bytes,
             streams: 1,
             session: 0,
+            postcopy: false,
         };
         rejects! {
             h(1000, 4000).limits() => E::BadHello(_), "page size 1000 is not a power of two";

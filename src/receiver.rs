@@ -77,6 +77,8 @@ pub struct ReceiveReport {
     pub resume_ms: f64,
     pub verified_pages: u64,
     pub mismatched_pages: u64,
+    /// Post-copy and hybrid: what the destination saw of demand paging.
+    pub postcopy: Option<crate::postcopy::PostcopyStats>,
     /// Write rate of the resumed guest, measured over `DEST_RATE_WINDOW`.
     pub destination_guest_rate_pps: f64,
     pub destination_guest_pid: i32,
@@ -97,16 +99,24 @@ pub struct Prepared {
     mem: Option<GuestMemory>,
     prealloc: bool,
     prealloc_ms: f64,
+    /// Post-copy: pages asked for after each faulted one.
+    prepage: u32,
 }
 
 impl Prepared {
     /// `memory_bytes`: the size to make now (None: when the Hello says);
     /// `prealloc`: allocate every page up front rather than at first arrival.
-    pub fn new(memory_bytes: Option<u64>, prealloc: bool) -> Result<Self, ReceiveError> {
+    /// `prepage`: in post-copy, pages asked for after each faulted one.
+    pub fn new(
+        memory_bytes: Option<u64>,
+        prealloc: bool,
+        prepage: u32,
+    ) -> Result<Self, ReceiveError> {
         let mut p = Prepared {
             mem: None,
             prealloc,
             prealloc_ms: 0.0,
+            prepage,
         };
         if let Some(bytes) = memory_bytes {
             p.mem = Some(p.make(bytes)?);
@@ -303,10 +313,10 @@ impl Receiving {
         // and waits for its device state: start-up is not downtime.
         let mut guest = Guest::spawn(&mem, Control::create()?, None, TrackerKind::Bitmap, None)?;
         protocol::write_message(sock, &Message::hello_ack()).map_err(|e| self.err(e))?;
-        let streams = match hello.streams {
-            1 => None,
-            n => Some(self.accept_streams(listener, n, hello.session)?),
-        };
+        let data = if hello.streams > 1 { hello.streams } else { 0 };
+        let (streams, requests) =
+            self.accept_streams(listener, data, hello.postcopy, hello.session)?;
+        let mut requests = requests;
         let result = std::thread::scope(|scope| {
             if let Some(st) = &streams {
                 for (index, s) in st.socks.iter().enumerate() {
@@ -333,8 +343,15 @@ impl Receiving {
                     });
                 }
             }
-            let r =
-                self.rounds_and_resume(sock, &mem, &landed, &mut guest, &limits, streams.as_ref());
+            let r = self.rounds_and_resume(
+                sock,
+                &mem,
+                &landed,
+                &mut guest,
+                &limits,
+                streams.as_ref(),
+                &mut requests,
+            );
             if let Some(st) = &streams {
                 st.close();
             }
@@ -347,14 +364,27 @@ impl Receiving {
         Ok(())
     }
 
-    /// Accept the `n` data connections of session `session`.
+    /// Accept the `n` data connections of session `session`, and its
+    /// post-copy request connection if `request`.
     fn accept_streams(
         &mut self,
         listener: &TcpListener,
         n: u32,
+        request: bool,
         session: u64,
-    ) -> Result<Streams, ReceiveError> {
-        self.context = format!("accepting {n} data connections");
+    ) -> Result<(Option<Streams>, Option<TcpStream>), ReceiveError> {
+        if n == 0 && !request {
+            return Ok((None, None));
+        }
+        self.context = format!(
+            "accepting {n} data connections{}",
+            if request {
+                " and a request connection"
+            } else {
+                ""
+            }
+        );
+        let mut req: Option<TcpStream> = None;
         let deadline = Instant::now() + STREAMS_TIMEOUT;
         let mut socks: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
         let listen_err = |source| ReceiveError::Listen {
@@ -365,7 +395,7 @@ impl Receiving {
             source,
         };
         listener.set_nonblocking(true).map_err(listen_err)?;
-        let mut left = n;
+        let mut left = n + u32::from(request);
         while left > 0 {
             let mut s = match listener.accept() {
                 Ok((s, _)) => s,
@@ -390,6 +420,11 @@ impl Receiving {
             else {
                 unreachable!("read_handshake returns the kind asked for")
             };
+            if index == protocol::REQUEST_STREAM && request && req.is_none() && got == session {
+                req = Some(s);
+                left -= 1;
+                continue;
+            }
             let slot = socks.get_mut(index as usize).filter(|_| got == session);
             match slot {
                 Some(slot @ None) => {
@@ -405,12 +440,16 @@ impl Receiving {
             }
         }
         listener.set_nonblocking(false).map_err(listen_err)?;
+        if n == 0 {
+            return Ok((None, req));
+        }
         let (tx, reports) = crossbeam_channel::unbounded();
-        Ok(Streams {
+        let streams = Streams {
             socks: socks.into_iter().flatten().collect(),
             reports,
             tx,
-        })
+        };
+        Ok((Some(streams), req))
     }
 
     /// The rounds, then the guest's start here.
@@ -423,7 +462,11 @@ impl Receiving {
         guest: &mut Guest,
         limits: &Limits,
         streams: Option<&Streams>,
+        requests: &mut Option<TcpStream>,
     ) -> Result<(), ReceiveError> {
+        let postcopy = requests.is_some();
+        // Post-copy: the pages to fetch, announced before the device state.
+        let mut missing = crate::dirty::DirtySet::new(limits.page_count);
         let hello_bytes = self.report.memory_bytes;
         let page_size = self.report.page_size;
         let mut decoder = Decoder::new(page_size);
@@ -484,8 +527,19 @@ impl Receiving {
                         protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
                     }
                 }
-                Frame::Message(Message::DeviceState(blob)) if round.is_none() && stop_and_copy => {
+                Frame::Message(Message::DeviceState(blob))
+                    if round.is_none() && (stop_and_copy || postcopy) =>
+                {
                     break blob
+                }
+                Frame::Discard { first_page, count } if round.is_none() && postcopy => {
+                    self.context = "post-copy switch".into();
+                    // Stale or never sent: drop what is there, so the guest
+                    // faults and the page is fetched.
+                    mem.discard(first_page, u64::from(count))?;
+                    for p in first_page..first_page + u64::from(count) {
+                        missing.set(p);
+                    }
                 }
                 Frame::Message(Message::Abort(reason)) => {
                     return Err(self.err(ProtocolError::Aborted(reason)))
@@ -498,8 +552,15 @@ impl Receiving {
         self.context = "resuming the guest".into();
         let t0 = Instant::now();
         let state = DeviceState::from_bytes(&state, hello_bytes, page_size)?;
+        if postcopy {
+            guest.control().request_postcopy();
+        }
         guest.start_incoming(&state);
         guest.wait_running()?;
+        let dest = match postcopy {
+            true => Some(self.take_faults(guest, limits, &missing)?),
+            false => None,
+        };
         let resume = t0.elapsed();
         self.report.resume_ms = resume.as_secs_f64() * 1e3;
         self.report.destination_guest_pid = guest.pid();
@@ -508,7 +569,136 @@ impl Receiving {
             pages_received: self.report.pages_received,
         };
         protocol::write_message(sock, &resumed).map_err(|e| self.err(e))?;
+        if let (Some(dest), Some(req)) = (dest, requests.take()) {
+            self.postcopy_phase(sock, landed, guest, limits, &dest, req)?;
+        }
         Ok(())
+    }
+
+    /// Take the post-copy guest's userfaultfd: its missing pages fault to us.
+    fn take_faults(
+        &mut self,
+        guest: &mut Guest,
+        limits: &Limits,
+        missing: &crate::dirty::DirtySet,
+    ) -> Result<crate::postcopy::Destination, ReceiveError> {
+        let pid = guest.pid();
+        let Some(fd) = guest.control().wait_uffd(Duration::from_secs(5)) else {
+            guest.check_alive()?;
+            return Err(ReceiveError::Invalid(
+                "post-copy: the destination guest could not register its memory for missing-page faults".into(),
+            ));
+        };
+        let uffd = crate::uffd::Uffd::take_from(pid, fd)
+            .map_err(|e| ReceiveError::Invalid(format!("post-copy: {e}")))?;
+        Ok(crate::postcopy::Destination::new(
+            uffd,
+            guest.mem_addr(),
+            limits,
+            missing,
+            self.prepared.prepage,
+        ))
+    }
+
+    /// The guest runs; its missing pages arrive by request and by the
+    /// source's push. Done when every page is present.
+    fn postcopy_phase(
+        &mut self,
+        sock: &mut TcpStream,
+        landed: &Landed,
+        guest: &mut Guest,
+        limits: &Limits,
+        dest: &crate::postcopy::Destination,
+        req: TcpStream,
+    ) -> Result<(), ReceiveError> {
+        use crate::postcopy::Path;
+        self.context = "the source's post-copy push".into();
+        let (t0, ops0) = (Instant::now(), guest.ops());
+        let io = |e: std::io::Error| ReceiveError::Protocol {
+            context: "post-copy: the request connection".into(),
+            source: ProtocolError::Io(e),
+        };
+        let reader = req.try_clone().map_err(io)?;
+        let closer = req.try_clone().map_err(io)?;
+        let result = std::thread::scope(|scope| {
+            scope.spawn(|| dest.serve_faults(req));
+            scope.spawn(|| dest.serve_replies(reader, limits, landed));
+            let r = self.push_phase(sock, landed, limits, dest, Path::Pushed);
+            let populated = t0.elapsed();
+            dest.stop();
+            let _ = closer.shutdown(Shutdown::Both);
+            r.map(|()| populated)
+        });
+        let mut stats = dest.stats();
+        if let Err(e) = &result {
+            // The guest cannot run on without its missing pages.
+            self.report.postcopy = Some(stats);
+            let why = dest.failure().map_or(String::new(), |f| format!(" ({f})"));
+            return Err(ReceiveError::Invalid(format!(
+                "post-copy failed with {} pages still missing, so the destination guest cannot continue and is stopped: {}{why}",
+                dest.remaining(),
+                crate::report::error_chain(e),
+            )));
+        }
+        let took = result.expect("failures returned above");
+        stats.postcopy_populated_ms = Some(crate::report::ms(took));
+        stats.guest_rate_postcopy_pps =
+            Some((guest.ops() - ops0) as f64 / took.as_secs_f64().max(1e-9));
+        self.report.postcopy = Some(stats);
+        Ok(())
+    }
+
+    /// The source's push on the control connection: one round of pages,
+    /// then wait until every page is present and acknowledge it.
+    fn push_phase(
+        &mut self,
+        sock: &mut TcpStream,
+        landed: &Landed,
+        limits: &Limits,
+        dest: &crate::postcopy::Destination,
+        path: crate::postcopy::Path,
+    ) -> Result<(), ReceiveError> {
+        let failed = |why: String| ReceiveError::Invalid(why);
+        let mut buf = Vec::new();
+        let mut round = None;
+        loop {
+            if let Some(why) = dest.failure() {
+                return Err(failed(why));
+            }
+            match self.next(sock, limits)? {
+                Frame::Message(Message::RoundStart {
+                    round: r,
+                    stop_and_copy: false,
+                }) if round.is_none() => round = Some(r),
+                Frame::Pages { first_page, count } if round.is_some() => {
+                    buf.resize(count as usize * limits.page_size as usize, 0);
+                    protocol::read_bulk(sock, &mut buf, Kind::Pages).map_err(|e| self.err(e))?;
+                    dest.place(first_page, &buf, landed, path).map_err(failed)?;
+                }
+                Frame::Message(Message::RoundEnd { round: r, .. }) if round == Some(r) => {
+                    let deadline = Instant::now() + crate::postcopy::REQUEST_TIMEOUT;
+                    while dest.remaining() > 0 {
+                        if let Some(why) = dest.failure() {
+                            return Err(failed(why));
+                        }
+                        if Instant::now() > deadline {
+                            return Err(failed(format!(
+                                "the push ended with {} pages still missing",
+                                dest.remaining()
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    let ack = Message::round_ack(r);
+                    protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
+                    return Ok(());
+                }
+                Frame::Message(Message::Abort(reason)) => {
+                    return Err(self.err(ProtocolError::Aborted(reason)))
+                }
+                other => return Err(self.err(unexpected_frame(&self.context, other))),
+            }
+        }
     }
 
     /// Verification, off the downtime path: the source's digests against

@@ -38,6 +38,8 @@ pub struct RoundReport {
     /// Time spent harvesting the dirty set at the end of this round.
     pub harvest_ms: f64,
     pub stop_and_copy: bool,
+    /// The post-copy push (the guest running at the destination).
+    pub postcopy: bool,
     /// The policy's decision after this round, with its numbers (empty for
     /// stop-and-copy).
     pub decision: String,
@@ -66,6 +68,7 @@ impl RoundReport {
             rate_limit_bps: f.rate_limit.map(|b| b.saturating_mul(8)),
             harvest_ms: ms(harvest),
             stop_and_copy,
+            postcopy: false,
             decision,
         }
     }
@@ -137,6 +140,10 @@ pub struct Report {
     pub forms: crate::datapath::SendStats,
     /// Raw size of the compressed pages over their compressed size.
     pub compression_ratio: Option<f64>,
+    /// Post-copy and hybrid: requests, pulled and pushed pages, fault
+    /// latency (local runs), time to populate, guest rate meanwhile.
+    #[serde(flatten)]
+    pub postcopy: crate::postcopy::PostcopyStats,
     /// Destination: time spent preallocating its memory before the
     /// migration (local runs; null when lazy).
     pub receiver_prealloc_ms: Option<f64>,
@@ -199,6 +206,8 @@ pub fn round_header() -> String {
 pub fn round_row(r: &RoundReport) -> String {
     let round = if r.stop_and_copy {
         "stop".to_string()
+    } else if r.postcopy {
+        "post".to_string()
     } else {
         r.round.to_string()
     };
@@ -285,6 +294,26 @@ pub fn summary(r: &Report) -> String {
             ));
         }
         s += &format!("data path         {}\n", parts.join(", "));
+    }
+    let p = &r.postcopy;
+    if p.pages_pushed + p.pages_pulled > 0 {
+        s += &format!(
+            "post-copy         {} requests; {} pages pulled, {} pushed",
+            p.postcopy_requests, p.pages_pulled, p.pages_pushed
+        );
+        if let Some(l) = p.fault_latency_us {
+            s += &format!(
+                "; {} faults waited p50 {} us, p99 {} us, max {} us",
+                l.count, l.p50, l.p99, l.max
+            );
+        }
+        if let Some(t) = p.postcopy_populated_ms {
+            s += &format!("; all present {t:.1} ms after resume");
+        }
+        if let Some(g) = p.guest_rate_postcopy_pps {
+            s += &format!("; guest {g:.0} pages/s meanwhile");
+        }
+        s.push('\n');
     }
     if r.mode == SIMULATED || r.mode == crate::model::MODEL {
         s += &format!(

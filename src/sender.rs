@@ -27,6 +27,7 @@ use crate::dirty::{DirtyError, DirtySet, SharedBitmap, Target, Tracker, TrackerK
 use crate::guest::{DeviceState, Fresh, Guest, GuestError};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::policy::{Decision, Policy, PolicyConfig, Precopy, RoundFigures};
+use crate::postcopy::{self, Mode};
 use crate::protocol::{
     self, Frame, Kind, Limits, Message, ProtocolError, MAX_DIGESTS, MAX_RUN_PAGES,
 };
@@ -91,6 +92,7 @@ pub struct SenderConfig {
     pub seed: u64,
     /// TCP connections the pages travel on (QEMU's multifd channels).
     pub streams: u32,
+    pub mode: Mode,
     pub reduction: Reduction,
     /// Draw a progress bar (only drawn when stderr is a terminal).
     pub progress: bool,
@@ -114,6 +116,7 @@ impl Default for SenderConfig {
             warmup: Duration::from_secs(1),
             seed: 1,
             streams: 1,
+            mode: Mode::Precopy,
             reduction: Reduction::default(),
             progress: false,
         }
@@ -124,7 +127,11 @@ impl SenderConfig {
     /// What the convergence policy decides on, for `page_size`-byte pages.
     pub fn policy_config(&self, page_size: u64) -> PolicyConfig {
         PolicyConfig {
-            policy: self.policy,
+            policy: match self.mode {
+                // Hybrid runs its pre-copy rounds, then switches.
+                Mode::Hybrid { rounds } => Policy::Fixed(rounds),
+                _ => self.policy,
+            },
             bandwidth: self.bandwidth,
             page_size,
             memory_bytes: self.memory_bytes,
@@ -145,7 +152,7 @@ impl SenderConfig {
     /// A report describing this configuration, its figures still to come.
     pub fn report(&self) -> Report {
         Report {
-            mode: "precopy",
+            mode: self.mode.as_str(),
             tracker: self.tracker.as_str().into(),
             policy: self.policy_spec.clone(),
             bandwidth: self.bandwidth_spec.clone(),
@@ -263,6 +270,7 @@ pub fn migrate(
         progress: progress_bar(cfg.progress),
         start: None,
         lanes: None,
+        requests: None,
     };
     let result = run.run(addr);
     run.progress.finish_and_clear();
@@ -322,6 +330,8 @@ struct Run<'a> {
     start: Option<Instant>,
     /// Where page runs go, once connected.
     lanes: Option<Lanes>,
+    /// Post-copy: the connection the destination asks for pages on.
+    requests: Option<TcpStream>,
 }
 
 fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) -> SendError {
@@ -342,7 +352,10 @@ impl Run<'_> {
         // Ties the data connections to this migration.
         let session =
             xxhash_rust::xxh3::xxh3_64(format!("{:?} {}", start, std::process::id()).as_bytes());
-        let hello = Message::hello(page_size as u32, self.src.mem.len(), cfg.streams, session);
+        let mut hello = Message::hello(page_size as u32, self.src.mem.len(), cfg.streams, session);
+        if let Message::Hello(h) = &mut hello {
+            h.postcopy = cfg.mode.is_postcopy();
+        }
         protocol::write_message(&mut sock, &hello)
             .map_err(proto(format!("sending the handshake to {addr}")))?;
         protocol::read_handshake(&mut sock, Kind::HelloAck)
@@ -357,6 +370,13 @@ impl Run<'_> {
             &limiter,
             &self.progress,
         )?);
+        if cfg.mode.is_postcopy() {
+            let mut conn = connect(addr)?;
+            let hello = Message::stream_hello(protocol::REQUEST_STREAM, session);
+            protocol::write_message(&mut conn, &hello)
+                .map_err(proto(format!("opening the request connection to {addr}")))?;
+            self.requests = Some(conn);
+        }
         self.report.setup_time_ms = ms(start.elapsed());
 
         let pages = self.src.mem.page_count();
@@ -365,45 +385,58 @@ impl Run<'_> {
         self.harvest(&mut dirty, false)?;
         let ops0 = (Instant::now(), self.src.guest.ops());
         let mut todo = DirtySet::all(pages);
-        let stop = loop {
-            let round = precopy.rounds().len() as u32;
-            let t0 = Instant::now();
-            let (sent, bytes) = self.send_round(&mut sock, round, false, &todo, &limiter)?;
-            dirty.clear();
-            let harvest = self.harvest(&mut dirty, false)?;
-            // A dead guest writes nothing: no point iterating over it.
-            self.src.guest.check_alive()?;
-            let f = RoundFigures {
-                round,
-                pages: sent,
-                bytes,
-                duration: t0.elapsed(),
-                dirty_pages: dirty.count(),
-                rate_limit: limiter.limit(),
-            };
-            std::mem::swap(&mut todo, &mut dirty);
-            let elapsed = start.elapsed();
-            let decision = precopy.end_round(f.clone(), elapsed);
-            self.push_round(&f, harvest, false, precopy.explain(decision, elapsed));
-            limiter.set_limit(precopy.limit());
-            if let Decision::Stop(reason) = decision {
-                break reason;
+        let iterate = matches!(cfg.mode, Mode::Precopy | Mode::Hybrid { .. });
+        if iterate {
+            loop {
+                let round = precopy.rounds().len() as u32;
+                let t0 = Instant::now();
+                let (sent, bytes) = self.send_round(&mut sock, round, false, &todo, &limiter)?;
+                dirty.clear();
+                let harvest = self.harvest(&mut dirty, false)?;
+                // A dead guest writes nothing: no point iterating over it.
+                self.src.guest.check_alive()?;
+                let f = RoundFigures {
+                    round,
+                    pages: sent,
+                    bytes,
+                    duration: t0.elapsed(),
+                    dirty_pages: dirty.count(),
+                    rate_limit: limiter.limit(),
+                };
+                std::mem::swap(&mut todo, &mut dirty);
+                let elapsed = start.elapsed();
+                let decision = precopy.end_round(f.clone(), elapsed);
+                self.push_round(&f, harvest, false, precopy.explain(decision, elapsed));
+                limiter.set_limit(precopy.limit());
+                if let Decision::Stop(stop) = decision {
+                    self.report.stop_reason = Some(stop.as_str().into());
+                    self.report.converged = stop.converged();
+                    break;
+                }
             }
-        };
-        self.report.stop_reason = Some(stop.as_str().into());
-        self.report.converged = stop.converged();
+        }
 
         // Stop-and-copy at the highest rate allowed (Clark et al.: the final
         // phase runs at max). The downtime starts now.
         limiter.set_limit(precopy.final_limit());
-        self.report.guest_rate_precopy_pps =
-            Some((self.src.guest.ops() - ops0.1) as f64 / ops0.0.elapsed().as_secs_f64());
+        self.report.guest_rate_precopy_pps = iterate
+            .then(|| (self.src.guest.ops() - ops0.1) as f64 / ops0.0.elapsed().as_secs_f64());
         let t_pause = Instant::now();
         self.src.guest.pause()?;
         let t_paused = Instant::now();
         let harvest = self.harvest(&mut todo, true)?;
         let t_harvested = Instant::now();
         let round = precopy.rounds().len() as u32;
+        if cfg.mode.is_postcopy() {
+            return self.postcopy(
+                &mut sock,
+                round,
+                &todo,
+                &limiter,
+                (t_pause, t_paused, t_harvested),
+                harvest,
+            );
+        }
         let (sent, bytes) = self.send_round(&mut sock, round, true, &todo, &limiter)?;
         let t_sent = Instant::now();
         // Every page is out: close the data connections.
@@ -464,6 +497,180 @@ impl Run<'_> {
             },
         )?;
         self.report.status = Status::Completed;
+        Ok(())
+    }
+
+    /// Post-copy from the paused source: tell the destination which pages
+    /// it lacks, hand it the device state, and once it runs push those
+    /// pages while serving its requests; then verify.
+    #[allow(clippy::too_many_arguments)]
+    fn postcopy(
+        &mut self,
+        sock: &mut TcpStream,
+        round: u32,
+        missing: &DirtySet,
+        limiter: &RateLimiter,
+        (t_pause, t_paused, t_harvested): (Instant, Instant, Instant),
+        harvest: Duration,
+    ) -> Result<(), SendError> {
+        let start = self.start.expect("started");
+        let page_size = self.src.mem.page_size();
+        let limits = Limits {
+            streams: self.cfg.streams,
+            page_size: page_size as u32,
+            page_count: self.src.mem.page_count(),
+        };
+        // The pre-copy rounds are over: close their data connections.
+        self.lanes = None;
+        let mut bytes = 0u64;
+        for (first, count) in missing.runs(u64::from(u32::MAX)) {
+            let frame = protocol::discard_frame_header(first, count as u32);
+            sock.write_all(&frame)
+                .map_err(|e| proto("sending the pages to fetch")(ProtocolError::Io(e)))?;
+            bytes += frame.len() as u64;
+        }
+        let t_sent = Instant::now();
+        let state = DeviceState {
+            workload: self.cfg.workload.clone(),
+            memory_bytes: self.src.mem.len(),
+            page_size,
+            vcpus: self.src.guest.vcpu_states(),
+        };
+        bytes += protocol::write_message(sock, &Message::DeviceState(state.to_bytes()))
+            .map_err(proto("sending the device state"))? as u64;
+        self.report.transferred_bytes += bytes;
+        let resume_ns = match protocol::expect_message(sock, None, Kind::Resumed)
+            .map_err(proto("waiting for the destination to resume"))?
+        {
+            Message::Resumed { resume_ns, .. } => resume_ns,
+            _ => unreachable!("expect_message returns the kind asked for"),
+        };
+        // The guest runs at the destination: from here on the source must
+        // never resume (it would fork the guest).
+        let t_resumed = Instant::now();
+        self.resumed_at_destination = true;
+        let resume = Duration::from_nanos(resume_ns).min(t_resumed - t_sent);
+        self.report.downtime_ms = Some(ms(t_resumed - t_pause));
+        let b = &mut self.report.downtime_breakdown_ms;
+        b.pause = ms(t_paused - t_pause);
+        b.final_harvest = ms(t_harvested - t_paused);
+        // The pages to fetch, as Discard runs.
+        b.last_pages = ms(t_sent - t_harvested);
+        b.resume = ms(resume);
+        b.device_state = ms((t_resumed - t_sent) - resume);
+
+        // Serve requests on their own connection while pushing the rest here.
+        limiter.set_limit(self.cfg.bandwidth.max());
+        let server = postcopy::Server::new(limits.page_count);
+        let conn = self.requests.take().expect("opened with the handshake");
+        let closer = conn
+            .try_clone()
+            .map_err(|e| proto("serving page requests")(ProtocolError::Io(e)))?;
+        let mem = Arc::clone(&self.src.mem);
+        let served = std::thread::scope(|scope| {
+            let serving = scope.spawn(|| server.serve(conn, &mem, &limits));
+            // The destination closes the request connection once it has
+            // every page; on a failure here, do not wait for that.
+            self.push(sock, round, missing, limiter, &server, harvest)
+                .inspect_err(|_| {
+                    let _ = closer.shutdown(std::net::Shutdown::Both);
+                })?;
+            match serving.join() {
+                Ok(Err(e)) => Err(proto("serving page requests")(e)),
+                _ => Ok(()),
+            }
+        });
+        served?;
+        let p = &mut self.report.postcopy;
+        p.postcopy_requests = server.requests.load(Ordering::Relaxed);
+        p.pages_pulled = server.pulled.load(Ordering::Relaxed);
+        self.report.transferred_pages += p.pages_pulled;
+        self.report.transferred_bytes += p.pages_pulled * (page_size + 24);
+        self.report.migration_time_ms = Some(ms(start.elapsed()));
+        self.print_last_round();
+        self.verify(sock, limits)?;
+        self.report.status = Status::Completed;
+        Ok(())
+    }
+
+    /// The background push of post-copy: the missing pages the server has
+    /// not sent yet, then wait until the destination has every page.
+    fn push(
+        &mut self,
+        sock: &mut TcpStream,
+        round: u32,
+        missing: &DirtySet,
+        limiter: &RateLimiter,
+        server: &postcopy::Server,
+        harvest: Duration,
+    ) -> Result<(), SendError> {
+        let t0 = Instant::now();
+        let ctx = "pushing post-copy pages";
+        let page_size = self.src.mem.page_size();
+        let mut bytes = protocol::write_message(sock, &Message::round_start(round, false))
+            .map_err(proto(ctx))? as u64;
+        let mut pushed = 0u64;
+        self.progress.set_message("post-copy");
+        self.progress.set_length(missing.count());
+        self.progress.set_position(0);
+        for (first, count) in missing.runs(chunk_pages(limiter.limit(), page_size)) {
+            // Skip what a request already took; send the rest in sub-runs.
+            let mut p = first;
+            while p < first + count {
+                if !server.sent.mark(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut end = p + 1;
+                while end < first + count && server.sent.mark(end) {
+                    end += 1;
+                }
+                let n = end - p;
+                let header = protocol::pages_frame_header(p, n as u32, page_size as u32);
+                // SAFETY: the source guest is paused: nothing writes its memory.
+                let data = unsafe { self.src.mem.pages(p, n) };
+                limiter.acquire((header.len() + data.len()) as u64);
+                write_all_vectored(sock, &mut [IoSlice::new(&header), IoSlice::new(data)])
+                    .map_err(|e| {
+                        peer_error(sock, ctx).unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e)))
+                    })?;
+                bytes += (header.len() + data.len()) as u64;
+                pushed += n;
+                self.progress.inc(n);
+                p = end;
+            }
+        }
+        bytes += protocol::write_message(sock, &Message::round_end(round, pushed))
+            .map_err(proto(ctx))? as u64;
+        // Acknowledged once every page is present at the destination.
+        match protocol::expect_message(sock, None, Kind::RoundAck).map_err(proto(ctx))? {
+            Message::RoundAck { round: r } if r == round => {}
+            other => {
+                return Err(proto(ctx)(ProtocolError::BadField {
+                    kind: Kind::RoundAck,
+                    detail: format!("acknowledges {other:?}, not round {round}"),
+                }))
+            }
+        }
+        self.report.postcopy.pages_pushed = pushed;
+        let f = RoundFigures {
+            round,
+            pages: pushed,
+            bytes,
+            duration: t0.elapsed(),
+            dirty_pages: 0,
+            rate_limit: limiter.limit(),
+        };
+        let mut r = RoundReport::new(
+            &f,
+            harvest,
+            false,
+            "post-copy: pushed while the destination ran".into(),
+        );
+        r.postcopy = true;
+        self.report.transferred_bytes += f.bytes;
+        self.report.transferred_pages += f.pages;
+        self.report.rounds.push(r);
         Ok(())
     }
 

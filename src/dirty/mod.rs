@@ -309,7 +309,9 @@ impl Iterator for Runs<'_> {
 
     fn next(&mut self) -> Option<(u64, u64)> {
         let first = self.set.next_set_from(self.next)?;
-        let end = self.set.next_clear_from(first, first + self.max_run);
+        let end = self
+            .set
+            .next_clear_from(first, first.saturating_add(self.max_run));
         self.next = end;
         Some((first, end - first))
     }

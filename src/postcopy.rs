@@ -1,0 +1,478 @@
+//! Post-copy, hybrid and cold migration: the modes, the destination's
+//! demand paging and the source's page server.
+//!
+//! In post-copy the guest resumes at the destination before its memory has
+//! arrived. Its memory is registered for missing-page faults
+//! ([`crate::uffd`]); a fault thread reads the faults and asks the source for
+//! the page (and, with `--prepage N`, the N pages after it) on a connection
+//! of its own, so a request is never queued behind the bulk push (QEMU's
+//! postcopy-preempt). Pages arriving either way are placed atomically with
+//! `UFFDIO_COPY`, which wakes the faulting vCPU; a page that is there
+//! already (`EEXIST`) was placed by the other path. Each page is hashed as
+//! it is placed, before the guest can touch it, for verification.
+//!
+//! Nothing waits forever: a requested page that does not arrive within
+//! [`REQUEST_TIMEOUT`], or a source that closes its connections, fails the
+//! migration at the destination with the count of pages still missing; its
+//! guest, which cannot run on without them, is stopped.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::datapath::Landed;
+use crate::dirty::DirtySet;
+use crate::memory::GuestMemory;
+use crate::protocol::{self, Frame, Kind, Limits, Message, ProtocolError, MAX_RUN_PAGES};
+use crate::uffd::Uffd;
+
+/// How long a requested page may take before the source counts as gone.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a migration moves memory (`--mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Iterate, then stop and copy what is left.
+    Precopy,
+    /// Resume at the destination at once; fetch pages on demand while the
+    /// source pushes the rest.
+    Postcopy,
+    /// `rounds` pre-copy rounds, then post-copy for what they left dirty.
+    Hybrid { rounds: u32 },
+    /// Suspend, copy everything, resume (the stop-and-copy baseline).
+    Cold,
+}
+
+impl Mode {
+    /// `precopy` | `postcopy` | `hybrid[:rounds=N]` | `cold`.
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        let bad = |why: &str| {
+            format!("invalid --mode \"{s}\": {why} (precopy, postcopy, hybrid[:rounds=N], cold)")
+        };
+        Ok(match s.trim() {
+            "precopy" => Mode::Precopy,
+            "postcopy" => Mode::Postcopy,
+            "cold" => Mode::Cold,
+            "hybrid" => Mode::Hybrid { rounds: 2 },
+            other => {
+                let Some(n) = other.strip_prefix("hybrid:rounds=") else {
+                    return Err(bad("unknown mode"));
+                };
+                match n.parse::<u32>() {
+                    Ok(rounds @ 1..=1000) => Mode::Hybrid { rounds },
+                    _ => return Err(bad("rounds must be a whole number from 1 to 1000")),
+                }
+            }
+        })
+    }
+
+    /// The report's `mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid { .. } => "hybrid",
+            Mode::Cold => "cold",
+        }
+    }
+
+    /// Whether the guest resumes before all of its memory has arrived.
+    pub fn is_postcopy(self) -> bool {
+        matches!(self, Mode::Postcopy | Mode::Hybrid { .. })
+    }
+}
+
+/// Post-copy figures, in the reports of both ends.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PostcopyStats {
+    /// Page requests the destination sent (one per demand fault it could
+    /// not find already requested).
+    pub postcopy_requests: u64,
+    /// Pages that arrived first by request, and by the background push.
+    pub pages_pulled: u64,
+    pub pages_pushed: u64,
+    /// Missing-page faults the destination's guest took.
+    pub postcopy_faults: u64,
+    /// Fault -> page placed, over the faults that waited (destination only).
+    pub fault_latency_us: Option<Latency>,
+    /// Destination resumed -> every page present.
+    pub postcopy_populated_ms: Option<f64>,
+    /// The destination guest's write rate while pages were still missing.
+    pub guest_rate_postcopy_pps: Option<f64>,
+}
+
+/// A latency distribution in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// Pages as an atomic bitset.
+struct Bits(Vec<AtomicU64>);
+
+impl Bits {
+    fn new(pages: u64) -> Self {
+        Bits((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+    fn set(&self, p: u64) -> bool {
+        let bit = 1 << (p % 64);
+        self.0[(p / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+    fn clear(&self, p: u64) -> bool {
+        let bit = 1 << (p % 64);
+        self.0[(p / 64) as usize].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+    fn get(&self, p: u64) -> bool {
+        self.0[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+    }
+}
+
+/// Which path placed a page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Pushed,
+    Pulled,
+}
+
+/// The destination's post-copy state, shared by the control thread (the
+/// push), the fault thread and the request connection's reader.
+pub struct Destination {
+    uffd: Uffd,
+    mem_addr: u64,
+    page_size: u64,
+    page_count: u64,
+    prepage: u32,
+    /// Pages still to place.
+    missing: Bits,
+    remaining: AtomicU64,
+    /// Pages requested and not yet placed, with their first fault's time
+    /// (None: pre-paged, not faulted on).
+    pending: Mutex<HashMap<u64, Option<Instant>>>,
+    latencies: Mutex<hdrhistogram::Histogram<u64>>,
+    requests: AtomicU64,
+    faults: AtomicU64,
+    pulled: AtomicU64,
+    pushed: AtomicU64,
+    failed: Mutex<Option<String>>,
+    stop: AtomicBool,
+    zeros: Vec<u8>,
+}
+
+impl Destination {
+    /// `missing`: the pages the source will send; `mem_addr`: where the
+    /// guest mapped its memory (the uffd's address space).
+    pub fn new(
+        uffd: Uffd,
+        mem_addr: u64,
+        limits: &Limits,
+        missing: &DirtySet,
+        prepage: u32,
+    ) -> Self {
+        let bits = Bits::new(limits.page_count);
+        let mut n = 0;
+        for (first, count) in missing.runs(u64::MAX) {
+            for p in first..first + count {
+                bits.set(p);
+                n += 1;
+            }
+        }
+        Self {
+            uffd,
+            mem_addr,
+            page_size: u64::from(limits.page_size),
+            page_count: limits.page_count,
+            prepage,
+            missing: bits,
+            remaining: AtomicU64::new(n),
+            pending: Mutex::new(HashMap::new()),
+            latencies: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            ),
+            requests: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            pulled: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            failed: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            zeros: vec![0; usize::try_from(limits.page_size).expect("fits")],
+        }
+    }
+
+    pub fn remaining(&self) -> u64 {
+        self.remaining.load(Ordering::Acquire)
+    }
+
+    /// Why another thread gave up, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, why: String) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+        self.stop.store(true, Ordering::Release);
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Place the pages in `data` from page `first` on, where still missing;
+    /// record their digests.
+    pub fn place(
+        &self,
+        first: u64,
+        data: &[u8],
+        landed: &Landed,
+        path: Path,
+    ) -> Result<(), String> {
+        let ps = self.page_size as usize;
+        let mut at = 0usize;
+        while at < data.len() {
+            let page = first + (at / ps) as u64;
+            let dst = self.mem_addr + page * self.page_size;
+            let copied = self
+                .uffd
+                .copy(dst, &data[at..])
+                .map_err(|e| format!("placing page {page}: {e}"))?;
+            let placed = usize::try_from(copied).expect("at most the run") / ps;
+            for (i, bytes) in data[at..at + placed * ps].chunks_exact(ps).enumerate() {
+                self.placed(page + i as u64, bytes, landed, path);
+            }
+            // None placed: the first page was there already (EEXIST).
+            at += placed.max(1) * ps;
+        }
+        Ok(())
+    }
+
+    fn placed(&self, page: u64, bytes: &[u8], landed: &Landed, path: Path) {
+        landed.set(page, crate::memory::page_digest(bytes));
+        if self.missing.clear(page) {
+            self.remaining.fetch_sub(1, Ordering::AcqRel);
+            match path {
+                Path::Pushed => self.pushed.fetch_add(1, Ordering::Relaxed),
+                Path::Pulled => self.pulled.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+        let waited = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&page);
+        if let Some(Some(t)) = waited {
+            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let _ = self
+                .latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(us.max(1));
+        }
+    }
+
+    /// The fault thread: read faults, request what is missing, until
+    /// stopped. Writes requests on `requests`.
+    pub fn serve_faults(&self, mut requests: TcpStream) {
+        if let Err(why) = self.fault_loop(&mut requests) {
+            self.fail(why);
+        }
+        let _ = requests.shutdown(std::net::Shutdown::Write);
+    }
+
+    fn fault_loop(&self, requests: &mut TcpStream) -> Result<(), String> {
+        let mut addrs = Vec::new();
+        while !self.stop.load(Ordering::Acquire) {
+            addrs.clear();
+            self.uffd
+                .faults(Duration::from_millis(50), &mut addrs)
+                .map_err(|e| e.to_string())?;
+            let now = Instant::now();
+            for &addr in &addrs {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                let page = addr.saturating_sub(self.mem_addr) / self.page_size;
+                if page >= self.page_count {
+                    return Err(format!("a fault at {addr:#x}, outside guest memory"));
+                }
+                if !self.missing.get(page) {
+                    // Placed meanwhile, or never sent because it is zero
+                    // and was never allocated here: make it present.
+                    let dst = self.mem_addr + page * self.page_size;
+                    self.uffd
+                        .copy(dst, &self.zeros)
+                        .map_err(|e| e.to_string())?;
+                    self.uffd
+                        .wake(dst, self.page_size)
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
+                self.request(requests, page, now)?;
+            }
+            self.check_timeout()?;
+        }
+        Ok(())
+    }
+
+    /// Ask for `page` (and the pages after it, pre-paging) unless asked already.
+    fn request(&self, w: &mut TcpStream, page: u64, now: Instant) -> Result<(), String> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = pending.get_mut(&page) {
+            // Asked for already (pre-paged, or a second vCPU): time it from this fault.
+            t.get_or_insert(now);
+            return Ok(());
+        }
+        pending.insert(page, Some(now));
+        let end = (page + 1 + u64::from(self.prepage))
+            .min(self.page_count)
+            .min(page + u64::from(MAX_RUN_PAGES));
+        let mut last = page + 1;
+        for p in page + 1..end {
+            if !self.missing.get(p) || pending.contains_key(&p) {
+                break;
+            }
+            pending.insert(p, None);
+            last = p + 1;
+        }
+        drop(pending);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let m = Message::page_request(page, (last - page) as u32);
+        protocol::write_message(w, &m)
+            .map(|_| ())
+            .map_err(|e| format!("asking the source for page {page}: {e}"))
+    }
+
+    fn check_timeout(&self) -> Result<(), String> {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = pending.iter().filter_map(|(p, t)| t.map(|t| (t, *p))).min();
+        match oldest {
+            Some((t, page)) if t.elapsed() > REQUEST_TIMEOUT => Err(format!(
+                "page {page} was asked for {} s ago and has not arrived: the source is gone",
+                REQUEST_TIMEOUT.as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The request connection's reader: place the pages that answer requests.
+    pub fn serve_replies(&self, mut r: TcpStream, limits: &Limits, landed: &Landed) {
+        let mut buf = Vec::new();
+        loop {
+            match protocol::read_frame(&mut r, Some(limits)) {
+                Ok(Frame::Pages { first_page, count }) => {
+                    buf.resize(count as usize * self.page_size as usize, 0);
+                    if let Err(e) = protocol::read_bulk(&mut r, &mut buf, Kind::Pages) {
+                        return self.fail_unless_stopped(format!("reading requested pages: {e}"));
+                    }
+                    if let Err(e) = self.place(first_page, &buf, landed, Path::Pulled) {
+                        return self.fail(e);
+                    }
+                }
+                Ok(f) => {
+                    return self.fail(format!("unexpected {} on the request connection", f.kind()))
+                }
+                Err(e) => return self.fail_unless_stopped(format!("the request connection: {e}")),
+            }
+        }
+    }
+
+    fn fail_unless_stopped(&self, why: String) {
+        if !self.stop.load(Ordering::Acquire) && self.remaining() > 0 {
+            self.fail(why);
+        }
+    }
+
+    /// The figures so far.
+    pub fn stats(&self) -> PostcopyStats {
+        let h = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        PostcopyStats {
+            postcopy_requests: self.requests.load(Ordering::Relaxed),
+            pages_pulled: self.pulled.load(Ordering::Relaxed),
+            pages_pushed: self.pushed.load(Ordering::Relaxed),
+            postcopy_faults: self.faults.load(Ordering::Relaxed),
+            fault_latency_us: (!h.is_empty()).then(|| Latency {
+                count: h.len(),
+                p50: h.value_at_quantile(0.5),
+                p99: h.value_at_quantile(0.99),
+                max: h.max(),
+            }),
+            postcopy_populated_ms: None,
+            guest_rate_postcopy_pps: None,
+        }
+    }
+}
+
+/// The source's page server: answer each request with the pages asked for,
+/// straight from the paused guest's memory, and note them as sent so the
+/// push skips them.
+pub struct Server {
+    pub sent: Arc<SentPages>,
+    pub requests: Arc<AtomicU64>,
+    pub pulled: Arc<AtomicU64>,
+}
+
+/// Pages already sent during post-copy (by either path).
+pub struct SentPages(Bits);
+
+impl SentPages {
+    pub fn new(pages: u64) -> Self {
+        SentPages(Bits::new(pages))
+    }
+    /// Mark `page` sent; false if it was already.
+    pub fn mark(&self, page: u64) -> bool {
+        self.0.set(page)
+    }
+}
+
+impl Server {
+    pub fn new(pages: u64) -> Self {
+        Self {
+            sent: Arc::new(SentPages::new(pages)),
+            requests: Arc::new(AtomicU64::new(0)),
+            pulled: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Serve requests on `conn` until the destination closes it.
+    pub fn serve(
+        &self,
+        mut conn: TcpStream,
+        mem: &GuestMemory,
+        limits: &Limits,
+    ) -> Result<(), ProtocolError> {
+        loop {
+            let (first, count) = match protocol::read_frame(&mut conn, Some(limits)) {
+                Ok(Frame::Message(Message::PageRequest { first_page, count })) => {
+                    (first_page, count)
+                }
+                Ok(f) => {
+                    return Err(ProtocolError::Unexpected {
+                        got: f.kind(),
+                        expected: "a page request".into(),
+                    })
+                }
+                Err(ProtocolError::Closed) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            for p in first..first + u64::from(count) {
+                self.sent.mark(p);
+            }
+            let header = protocol::pages_frame_header(first, count, limits.page_size);
+            // SAFETY: the source guest is paused: nothing writes its memory.
+            let data = unsafe { mem.pages(first, u64::from(count)) };
+            let mut bufs = [std::io::IoSlice::new(&header), std::io::IoSlice::new(data)];
+            crate::sender::write_all_vectored(&mut conn, &mut bufs).map_err(ProtocolError::Io)?;
+            conn.flush().map_err(ProtocolError::Io)?;
+            self.pulled.fetch_add(u64::from(count), Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Post-copy, hybrid and cold migrations over loopback, every page verified;
+//! and what post-copy does when the source dies after the switch.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn u(rep: &serde_json::Value, key: &str) -> u64 {
+    rep[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing: {rep:#}"))
+}
+
+fn rounds(rep: &serde_json::Value) -> &Vec<serde_json::Value> {
+    rep["rounds"].as_array().unwrap()
+}
+
+#[test]
+fn postcopy_resumes_at_once_and_fetches_what_the_guest_touches() {
+    let r = migrate(&["--mode", "postcopy", "--workload", "uniform:rate=max"]);
+    let rep = assert_verified(&r);
+    assert_eq!(rep["mode"], "postcopy");
+    // No pre-copy round, no stop-and-copy: one post-copy push.
+    let rs = rounds(rep);
+    assert_eq!(rs.len(), 1, "{rep:#}");
+    assert_eq!(rs[0]["postcopy"], true);
+    // Every page came once by one path or the other (both may race).
+    let (pulled, pushed) = (u(rep, "pages_pulled"), u(rep, "pages_pushed"));
+    assert!(pulled + pushed >= 4096, "{rep:#}");
+    assert!(pushed <= 4096);
+    // A guest writing flat out faults at once and waits for its pages.
+    assert!(u(rep, "postcopy_requests") > 0, "{rep:#}");
+    assert!(u(rep, "postcopy_faults") > 0);
+    let l = &rep["fault_latency_us"];
+    let (p50, p99, max) = (u(l, "p50"), u(l, "p99"), u(l, "max"));
+    assert!(u(l, "count") > 0 && p50 <= p99 && p99 <= max, "{l}");
+    assert!(rep["postcopy_populated_ms"].as_f64().unwrap() > 0.0);
+    assert!(rep["guest_rate_postcopy_pps"].as_f64().unwrap() > 0.0);
+    // The guest ran at the destination long before its memory was all there.
+    let downtime = rep["downtime_ms"].as_f64().unwrap();
+    assert!(
+        downtime < rep["migration_time_ms"].as_f64().unwrap(),
+        "{rep:#}"
+    );
+    assert!(rep["guest_rate_precopy_pps"].is_null());
+}
+
+#[test]
+fn prepaging_fetches_more_pages_per_request() {
+    let pulled_per_request = |extra: &[&str]| {
+        let mut args = vec![
+            "--mode",
+            "postcopy",
+            "--workload",
+            "sweep:from=0,to=16M,rate=max",
+            "--bandwidth",
+            "50mbit",
+        ];
+        args.extend_from_slice(extra);
+        let r = migrate(&args);
+        let rep = assert_verified(&r);
+        u(rep, "pages_pulled") as f64 / u(rep, "postcopy_requests").max(1) as f64
+    };
+    // A sweep faults page after page; pushing at 50 Mbit/s leaves it to requests.
+    let one = pulled_per_request(&[]);
+    assert!((1.0..1.1).contains(&one), "{one} pages per request");
+    let many = pulled_per_request(&["--prepage", "15"]);
+    assert!(many > 8.0, "{many} pages per request with --prepage 15");
+}
+
+#[test]
+fn hybrid_runs_its_precopy_rounds_then_switches() {
+    let r = migrate(&[
+        "--mode",
+        "hybrid:rounds=2",
+        "--workload",
+        "hotset:wws=2M,rate=20k",
+    ]);
+    let rep = assert_verified(&r);
+    assert_eq!(rep["mode"], "hybrid");
+    let rs = rounds(rep);
+    assert_eq!(rs.len(), 3, "{rep:#}");
+    assert_eq!(rs[0]["pages"], 4096);
+    assert_eq!(
+        (rs[1]["postcopy"].as_bool(), rs[2]["postcopy"].as_bool()),
+        (Some(false), Some(true))
+    );
+    // Only what the last round left dirty goes after the switch.
+    assert!(u(&rs[2], "pages") < 1024, "{rep:#}");
+}
+
+#[test]
+fn cold_copies_everything_with_the_guest_stopped() {
+    let r = migrate(&["--mode", "cold", "--workload", "hotset:wws=2M,rate=20k"]);
+    let rep = assert_verified(&r);
+    assert_eq!(rep["mode"], "cold");
+    let rs = rounds(rep);
+    assert_eq!(rs.len(), 1, "{rep:#}");
+    assert_eq!(
+        (rs[0]["stop_and_copy"].as_bool(), u(&rs[0], "pages")),
+        (Some(true), 4096)
+    );
+    // Downtime is most of the migration.
+    let (down, total) = (
+        rep["downtime_ms"].as_f64().unwrap(),
+        rep["migration_time_ms"].as_f64().unwrap(),
+    );
+    assert!(down > 0.5 * total, "downtime {down} of {total} ms");
+}
+
+#[test]
+fn modes_are_checked() {
+    for (mode, needle) in [
+        ("warp", "unknown mode"),
+        ("hybrid:rounds=0", "rounds must be"),
+        ("hybrid:rounds=x", "rounds must be"),
+    ] {
+        migrate(&["--mode", mode]).assert_fails_with(&["--mode", needle]);
+    }
+}
+
+/// The source vanishes while the destination runs in post-copy: the
+/// destination says so with the pages it lacks, exits 1, and leaves no
+/// guest behind waiting on a fault.
+#[test]
+fn postcopy_destination_fails_cleanly_when_the_source_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx_json = dir.path().join("rx.json");
+    let mut rx = livemig()
+        .args(["receive", "--listen", "127.0.0.1:0", "--json"])
+        .arg(&rx_json)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(rx.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    // 16 MiB pushed at 20 Mbit/s: about 7 s of post-copy to die in.
+    let mut tx = livemig()
+        .args([
+            "send", "--to", &addr, "--quiet", "--mem", "16M", "--warmup", "100ms",
+        ])
+        .args(["--mode", "postcopy", "--bandwidth", "20mbit"])
+        .args(["--workload", "hotset:wws=1M,rate=10k"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    tx.kill().unwrap();
+    let _ = tx.wait();
+    let t = Instant::now();
+    let status = rx.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
+    let lines: Vec<_> = err.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("post-copy failed with") && lines[0].contains("pages still missing"),
+        "{err}"
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&rx_json).unwrap()).unwrap();
+    assert_eq!(rep["status"], "failed");
+    assert_gone(&rep["destination_guest_pid"]);
+}
