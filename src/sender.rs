@@ -454,39 +454,14 @@ impl Run<'_> {
             true,
             String::new(),
         );
-        let state = DeviceState {
-            workload: cfg.workload.clone(),
-            memory_bytes: self.src.mem.len(),
-            page_size,
-            vcpus: self.src.guest.vcpu_states(),
-        };
-        self.report.transferred_bytes +=
-            protocol::write_message(&mut sock, &Message::DeviceState(state.to_bytes()))
-                .map_err(proto("sending the device state"))? as u64;
-        let resume_ns = match protocol::expect_message(&mut sock, None, Kind::Resumed)
-            .map_err(proto("waiting for the destination to resume"))?
-        {
-            Message::Resumed { resume_ns, .. } => resume_ns,
-            _ => unreachable!("expect_message returns the kind asked for"),
-        };
-        let t_resumed = Instant::now();
-        self.resumed_at_destination = true;
+        let t_resumed = self.hand_over(&mut sock, [t_pause, t_paused, t_harvested, t_sent])?;
+        self.report.migration_time_ms = Some(ms(t_resumed - start));
         let f = &self.report.forms;
         if f.compressed_bytes > 0 {
             let raw = f.compressed_pages * page_size;
             self.report.compression_ratio = Some(raw as f64 / f.compressed_bytes as f64);
         }
         self.print_last_round();
-        // The peer's figure, bounded by what this side waited.
-        let resume = Duration::from_nanos(resume_ns).min(t_resumed - t_sent);
-        self.report.downtime_ms = Some(ms(t_resumed - t_pause));
-        self.report.migration_time_ms = Some(ms(t_resumed - start));
-        let b = &mut self.report.downtime_breakdown_ms;
-        b.pause = ms(t_paused - t_pause);
-        b.final_harvest = ms(t_harvested - t_paused);
-        b.last_pages = ms(t_sent - t_harvested);
-        b.resume = ms(resume);
-        b.device_state = ms((t_resumed - t_sent) - resume);
 
         self.verify(
             &mut sock,
@@ -529,35 +504,10 @@ impl Run<'_> {
                 .map_err(|e| proto("sending the pages to fetch")(ProtocolError::Io(e)))?;
             bytes += frame.len() as u64;
         }
-        let t_sent = Instant::now();
-        let state = DeviceState {
-            workload: self.cfg.workload.clone(),
-            memory_bytes: self.src.mem.len(),
-            page_size,
-            vcpus: self.src.guest.vcpu_states(),
-        };
-        bytes += protocol::write_message(sock, &Message::DeviceState(state.to_bytes()))
-            .map_err(proto("sending the device state"))? as u64;
         self.report.transferred_bytes += bytes;
-        let resume_ns = match protocol::expect_message(sock, None, Kind::Resumed)
-            .map_err(proto("waiting for the destination to resume"))?
-        {
-            Message::Resumed { resume_ns, .. } => resume_ns,
-            _ => unreachable!("expect_message returns the kind asked for"),
-        };
-        // The guest runs at the destination: from here on the source must
-        // never resume (it would fork the guest).
-        let t_resumed = Instant::now();
-        self.resumed_at_destination = true;
-        let resume = Duration::from_nanos(resume_ns).min(t_resumed - t_sent);
-        self.report.downtime_ms = Some(ms(t_resumed - t_pause));
-        let b = &mut self.report.downtime_breakdown_ms;
-        b.pause = ms(t_paused - t_pause);
-        b.final_harvest = ms(t_harvested - t_paused);
-        // The pages to fetch, as Discard runs.
-        b.last_pages = ms(t_sent - t_harvested);
-        b.resume = ms(resume);
-        b.device_state = ms((t_resumed - t_sent) - resume);
+        // The pages to fetch (Discard runs) count as the last pages.
+        let t_sent = Instant::now();
+        self.hand_over(sock, [t_pause, t_paused, t_harvested, t_sent])?;
 
         // Serve requests on their own connection while pushing the rest here.
         limiter.set_limit(self.cfg.bandwidth.max());
@@ -591,6 +541,41 @@ impl Run<'_> {
         self.verify(sock, limits)?;
         self.report.status = Status::Completed;
         Ok(())
+    }
+
+    /// Send the device state and wait until the destination guest runs;
+    /// the downtime and its phases, from the pause (`t`: paused, harvested,
+    /// last pages sent). From then on the source must never resume: the
+    /// guest runs at the destination.
+    fn hand_over(&mut self, sock: &mut TcpStream, t: [Instant; 4]) -> Result<Instant, SendError> {
+        let [t_pause, t_paused, t_harvested, t_sent] = t;
+        let state = DeviceState {
+            workload: self.cfg.workload.clone(),
+            memory_bytes: self.src.mem.len(),
+            page_size: self.src.mem.page_size(),
+            vcpus: self.src.guest.vcpu_states(),
+        };
+        self.report.transferred_bytes +=
+            protocol::write_message(sock, &Message::DeviceState(state.to_bytes()))
+                .map_err(proto("sending the device state"))? as u64;
+        let resume_ns = match protocol::expect_message(sock, None, Kind::Resumed)
+            .map_err(proto("waiting for the destination to resume"))?
+        {
+            Message::Resumed { resume_ns, .. } => resume_ns,
+            _ => unreachable!("expect_message returns the kind asked for"),
+        };
+        let t_resumed = Instant::now();
+        self.resumed_at_destination = true;
+        // The peer's figure, bounded by what this side waited.
+        let resume = Duration::from_nanos(resume_ns).min(t_resumed - t_sent);
+        self.report.downtime_ms = Some(ms(t_resumed - t_pause));
+        let b = &mut self.report.downtime_breakdown_ms;
+        b.pause = ms(t_paused - t_pause);
+        b.final_harvest = ms(t_harvested - t_paused);
+        b.last_pages = ms(t_sent - t_harvested);
+        b.resume = ms(resume);
+        b.device_state = ms((t_resumed - t_sent) - resume);
+        Ok(t_resumed)
     }
 
     /// The background push of post-copy: the missing pages the server has
