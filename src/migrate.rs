@@ -92,6 +92,7 @@ pub fn run(
                 r.postcopy_faults = p.postcopy_faults;
                 r.fault_latency_us = p.fault_latency_us;
                 r.postcopy_populated_ms = p.postcopy_populated_ms;
+                r.postcopy_discard_ms = p.postcopy_discard_ms;
                 r.guest_rate_postcopy_pps = p.guest_rate_postcopy_pps;
             }
             return (report, Ok(()));

@@ -27,6 +27,7 @@ use crate::datapath::Landed;
 use crate::dirty::DirtySet;
 use crate::memory::GuestMemory;
 use crate::protocol::{self, Frame, Kind, Limits, Message, ProtocolError, MAX_RUN_PAGES};
+use crate::ratelimit::RateLimiter;
 use crate::uffd::Uffd;
 
 /// How long a requested page may take before the source counts as gone.
@@ -100,6 +101,9 @@ pub struct PostcopyStats {
     pub fault_latency_us: Option<Latency>,
     /// Destination resumed -> every page present.
     pub postcopy_populated_ms: Option<f64>,
+    /// Destination: dropping its stale copies of the pages to fetch (punching
+    /// them out of its memory), inside the downtime.
+    pub postcopy_discard_ms: Option<f64>,
     /// The destination guest's write rate while pages were still missing.
     pub guest_rate_postcopy_pps: Option<f64>,
 }
@@ -405,6 +409,7 @@ impl Destination {
                 max: h.max(),
             }),
             postcopy_populated_ms: None,
+            postcopy_discard_ms: None,
             guest_rate_postcopy_pps: None,
         }
     }
@@ -441,12 +446,14 @@ impl Server {
         }
     }
 
-    /// Serve requests on `conn` until the destination closes it.
+    /// Serve requests on `conn` until the destination closes it, within
+    /// the migration's one rate limit.
     pub fn serve(
         &self,
         mut conn: TcpStream,
         mem: &GuestMemory,
         limits: &Limits,
+        limiter: &RateLimiter,
     ) -> Result<(), ProtocolError> {
         loop {
             let (first, count) = match protocol::read_frame(&mut conn, Some(limits)) {
@@ -463,16 +470,33 @@ impl Server {
                 Err(e) => return Err(e),
             };
             self.requests.fetch_add(1, Ordering::Relaxed);
-            for p in first..first + u64::from(count) {
-                self.sent.mark(p);
+            // The faulted page goes whatever the push did (it may still be
+            // queued behind the push); pre-paged pages only if unsent.
+            let end = first + u64::from(count);
+            self.sent.mark(first);
+            let mut p = first;
+            while p < end {
+                let mut q = p + 1;
+                while q < end && self.sent.mark(q) {
+                    q += 1;
+                }
+                let n = q - p;
+                let header = protocol::pages_frame_header(p, n as u32, limits.page_size);
+                // SAFETY: the source guest is paused: nothing writes its memory.
+                let data = unsafe { mem.pages(p, n) };
+                limiter.acquire((header.len() + data.len()) as u64);
+                let mut bufs = [std::io::IoSlice::new(&header), std::io::IoSlice::new(data)];
+                crate::sender::write_all_vectored(&mut conn, &mut bufs)
+                    .map_err(ProtocolError::Io)?;
+                self.pulled.fetch_add(n, Ordering::Relaxed);
+                // Page q (if any) was sent already: skip it and the sent
+                // pages after it; the loop stops on an unsent page, now ours.
+                p = q + 1;
+                while p < end && !self.sent.mark(p) {
+                    p += 1;
+                }
             }
-            let header = protocol::pages_frame_header(first, count, limits.page_size);
-            // SAFETY: the source guest is paused: nothing writes its memory.
-            let data = unsafe { mem.pages(first, u64::from(count)) };
-            let mut bufs = [std::io::IoSlice::new(&header), std::io::IoSlice::new(data)];
-            crate::sender::write_all_vectored(&mut conn, &mut bufs).map_err(ProtocolError::Io)?;
             conn.flush().map_err(ProtocolError::Io)?;
-            self.pulled.fetch_add(u64::from(count), Ordering::Relaxed);
         }
     }
 }

@@ -467,6 +467,7 @@ impl Receiving {
         let postcopy = requests.is_some();
         // Post-copy: the pages to fetch, announced before the device state.
         let mut missing = crate::dirty::DirtySet::new(limits.page_count);
+        let mut discard = Duration::ZERO;
         let hello_bytes = self.report.memory_bytes;
         let page_size = self.report.page_size;
         let mut decoder = Decoder::new(page_size);
@@ -536,7 +537,9 @@ impl Receiving {
                     self.context = "post-copy switch".into();
                     // Stale or never sent: drop what is there, so the guest
                     // faults and the page is fetched.
+                    let t = Instant::now();
                     mem.discard(first_page, u64::from(count))?;
+                    discard += t.elapsed();
                     for p in first_page..first_page + u64::from(count) {
                         missing.set(p);
                     }
@@ -571,6 +574,9 @@ impl Receiving {
         protocol::write_message(sock, &resumed).map_err(|e| self.err(e))?;
         if let (Some(dest), Some(req)) = (dest, requests.take()) {
             self.postcopy_phase(sock, landed, guest, limits, &dest, req)?;
+            if let Some(p) = &mut self.report.postcopy {
+                p.postcopy_discard_ms = Some(crate::report::ms(discard));
+            }
         }
         Ok(())
     }

@@ -518,7 +518,7 @@ impl Run<'_> {
             .map_err(|e| proto("serving page requests")(ProtocolError::Io(e)))?;
         let mem = Arc::clone(&self.src.mem);
         let served = std::thread::scope(|scope| {
-            let serving = scope.spawn(|| server.serve(conn, &mem, &limits));
+            let serving = scope.spawn(|| server.serve(conn, &mem, &limits, limiter));
             // The destination closes the request connection once it has
             // every page; on a failure here, do not wait for that.
             self.push(sock, round, missing, limiter, &server, harvest)
