@@ -341,6 +341,8 @@ impl Encoder {
 /// reduced payloads, capped by the protocol's run limits.
 pub struct Decoder {
     page_size: usize,
+    /// Write zero pages even where memory holds zeros already (allocating them).
+    populate_zeros: bool,
     lz4: Option<Decompressor>,
     zstd: Option<Decompressor>,
     buf: Vec<u8>,
@@ -384,10 +386,18 @@ impl Decoder {
         let page_size = usize::try_from(page_size).expect("page size fits");
         Self {
             page_size,
+            populate_zeros: false,
             lz4: None,
             zstd: None,
             buf: Vec::new(),
         }
+    }
+
+    /// Also write zero pages that are zero already, so that every page is
+    /// allocated (post-copy: only pages it fetches may be missing).
+    pub fn populating_zeros(mut self, yes: bool) -> Self {
+        self.populate_zeros = yes;
+        self
     }
 
     /// Read the bulk of run frame `frame` from `r` into `mem`, recording the
@@ -418,7 +428,7 @@ impl Decoder {
                 for page in first_page..first_page + u64::from(count) {
                     // Only a page that holds data needs clearing: untouched
                     // memory is zero and is left unallocated.
-                    if landed.get(page) != landed.zero_digest {
+                    if self.populate_zeros || landed.get(page) != landed.zero_digest {
                         // SAFETY: exclusive per this function's contract.
                         unsafe { mem.pages_mut(page, 1) }.fill(0);
                         landed.set(page, landed.zero_digest);

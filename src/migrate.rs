@@ -90,6 +90,9 @@ pub fn run(
             if let Some(p) = rr.postcopy {
                 let r = &mut report.postcopy;
                 r.postcopy_faults = p.postcopy_faults;
+                // Placed first, so pulled + pushed = pages fetched.
+                r.pages_pulled = p.pages_pulled;
+                r.pages_pushed = p.pages_pushed;
                 r.fault_latency_us = p.fault_latency_us;
                 r.postcopy_populated_ms = p.postcopy_populated_ms;
                 r.postcopy_discard_ms = p.postcopy_discard_ms;

@@ -92,12 +92,13 @@ pub struct PostcopyStats {
     /// Page requests the destination sent (one per demand fault it could
     /// not find already requested).
     pub postcopy_requests: u64,
-    /// Pages that arrived first by request, and by the background push.
+    /// Pages by request and by the background push: as sent (the source's
+    /// report), or as first placed (the destination's, and `migrate`'s).
     pub pages_pulled: u64,
     pub pages_pushed: u64,
     /// Missing-page faults the destination's guest took.
     pub postcopy_faults: u64,
-    /// Fault -> page placed, over the faults that waited (destination only).
+    /// Fault read -> page placed, over the faults that waited (destination only).
     pub fault_latency_us: Option<Latency>,
     /// Destination resumed -> every page present.
     pub postcopy_populated_ms: Option<f64>,
@@ -262,6 +263,8 @@ impl Destination {
 
     fn placed(&self, page: u64, bytes: &[u8], landed: &Landed, path: Path) {
         landed.set(page, crate::memory::page_digest(bytes));
+        // Clear, then drop the request under the lock: `request` checks
+        // `missing` under the same lock, so no entry outlives its page.
         if self.missing.clear(page) {
             self.remaining.fetch_sub(1, Ordering::AcqRel);
             match path {
@@ -329,6 +332,10 @@ impl Destination {
     /// Ask for `page` (and the pages after it, pre-paging) unless asked already.
     fn request(&self, w: &mut TcpStream, page: u64, now: Instant) -> Result<(), String> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.missing.get(page) {
+            // Placed since the fault was read (which woke the vCPU).
+            return Ok(());
+        }
         if let Some(t) = pending.get_mut(&page) {
             // Asked for already (pre-paged, or a second vCPU): time it from this fault.
             t.get_or_insert(now);
@@ -421,7 +428,9 @@ impl Destination {
 pub struct Server {
     pub sent: Arc<SentPages>,
     pub requests: Arc<AtomicU64>,
+    /// Pages and bytes sent in answer to requests.
     pub pulled: Arc<AtomicU64>,
+    pub bytes: Arc<AtomicU64>,
 }
 
 /// Pages already sent during post-copy (by either path).
@@ -443,11 +452,12 @@ impl Server {
             sent: Arc::new(SentPages::new(pages)),
             requests: Arc::new(AtomicU64::new(0)),
             pulled: Arc::new(AtomicU64::new(0)),
+            bytes: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Serve requests on `conn` until the destination closes it, within
-    /// the migration's one rate limit.
+    /// Serve requests on `conn` until the destination closes it. Replies
+    /// count against the migration's one rate limit without waiting on it.
     pub fn serve(
         &self,
         mut conn: TcpStream,
@@ -484,11 +494,15 @@ impl Server {
                 let header = protocol::pages_frame_header(p, n as u32, limits.page_size);
                 // SAFETY: the source guest is paused: nothing writes its memory.
                 let data = unsafe { mem.pages(p, n) };
-                limiter.acquire((header.len() + data.len()) as u64);
+                // Within the migration's rate limit, but ahead of the push:
+                // a vCPU waits on this page.
+                limiter.charge((header.len() + data.len()) as u64);
                 let mut bufs = [std::io::IoSlice::new(&header), std::io::IoSlice::new(data)];
                 crate::sender::write_all_vectored(&mut conn, &mut bufs)
                     .map_err(ProtocolError::Io)?;
                 self.pulled.fetch_add(n, Ordering::Relaxed);
+                let len = (header.len() + data.len()) as u64;
+                self.bytes.fetch_add(len, Ordering::Relaxed);
                 // Page q (if any) was sent already: skip it and the sent
                 // pages after it; the loop stops on an unsent page, now ours.
                 p = q + 1;

@@ -198,6 +198,17 @@ impl RateLimiter {
         self.lock().limit
     }
 
+    /// Books `bytes` sent without waiting (priority traffic: post-copy's
+    /// demand pages); whoever acquires next waits for the debt instead.
+    pub fn charge(&self, bytes: u64) {
+        let mut b = self.lock();
+        if b.rate().is_some() {
+            b.refill(Instant::now());
+            // u64 -> f64: as in acquire.
+            b.tokens -= bytes as f64;
+        }
+    }
+
     /// Blocks until `bytes` may be sent. Sends larger than the bucket are
     /// allowed and paid for as debt (the caller sleeps until tokens are back
     /// to 0), so the long-run rate is exact for any chunk size. The debt is
@@ -224,6 +235,19 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn charged_bytes_delay_the_next_acquire() {
+        // 1 MB/s; the bucket holds 64 KiB. A charge of 100 KB is not waited
+        // for, but the next acquire waits for the debt.
+        let l = RateLimiter::new(Some(1_000_000));
+        let t = Instant::now();
+        l.charge(64 * 1024 + 100_000);
+        assert!(t.elapsed() < Duration::from_millis(20));
+        l.acquire(1);
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(90), "{waited:?}");
+    }
 
     #[test]
     fn parses_forms() {

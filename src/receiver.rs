@@ -224,25 +224,72 @@ struct Receiving {
 
 /// What a data connection's thread tells the control thread: it ended its
 /// share of a round (round, pages), or it failed.
-type StreamReport = Result<(u32, u64), ReceiveError>;
+type StreamReport = Result<(usize, u32, u64), ReceiveError>;
 
 /// The data connections of a multi-stream migration.
 struct Streams {
     socks: Vec<TcpStream>,
     reports: Receiver<StreamReport>,
     tx: Sender<StreamReport>,
+    /// Their threads still running.
+    live: std::sync::atomic::AtomicUsize,
+    /// When a data connection last delivered a frame (ms since `born`).
+    progress: std::sync::atomic::AtomicU64,
+    born: Instant,
 }
 
 impl Streams {
-    /// Wait until every data connection has ended `round`; the pages they carried.
+    /// A data connection delivered a frame.
+    fn progressed(&self) {
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.progress
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Wait until the control connection has a frame to read. During a
+    /// round it is silent while the data connections carry the pages, so
+    /// it only times out when they have been silent too.
+    fn wait_control(&self, sock: &TcpStream) -> Result<(), ReceiveError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        loop {
+            let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(0) | Err(nix::Error::EINTR) => {}
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    return Err(ReceiveError::Protocol {
+                        context: "waiting on the control connection".into(),
+                        source: ProtocolError::Io(e.into()),
+                    })
+                }
+            }
+            let last = self.progress.load(std::sync::atomic::Ordering::Relaxed);
+            let idle = self
+                .born
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last));
+            if idle > IO_TIMEOUT {
+                return Err(ReceiveError::Timeout {
+                    context: "the control and data connections".into(),
+                });
+            }
+        }
+    }
+
+    /// Wait until every data connection has ended `round`, each once; the
+    /// pages they carried.
     fn end_round(&self, round: u32) -> Result<u64, ReceiveError> {
-        let mut total = 0;
-        for _ in 0..self.socks.len() {
+        let (mut total, mut ended) = (0, vec![false; self.socks.len()]);
+        while ended.iter().any(|e| !e) {
             match self.reports.recv_timeout(IO_TIMEOUT) {
-                Ok(Ok((r, pages))) if r == round => total += pages,
-                Ok(Ok((r, _))) => {
+                Ok(Ok((i, r, pages))) if r == round && !ended[i] => {
+                    ended[i] = true;
+                    total += pages;
+                }
+                Ok(Ok((i, r, _))) => {
                     return Err(ReceiveError::Invalid(format!(
-                        "a data connection ended round {r} while round {round} was ending"
+                        "data connection {i} ended round {r} while round {round} was ending"
                     )))
                 }
                 Ok(Err(e)) => return Err(e),
@@ -261,10 +308,22 @@ impl Streams {
         self.reports.try_iter().find_map(Result::err)
     }
 
-    fn close(&self) {
+    /// Close the data connections and wait until their threads are done,
+    /// so none writes guest memory once the guest may run.
+    fn close(&self) -> Result<(), ReceiveError> {
         for s in &self.socks {
             let _ = s.shutdown(Shutdown::Both);
         }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.live.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            if Instant::now() > deadline {
+                return Err(ReceiveError::Timeout {
+                    context: "closing the data connections".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 }
 
@@ -319,12 +378,15 @@ impl Receiving {
         let mut requests = requests;
         let result = std::thread::scope(|scope| {
             if let Some(st) = &streams {
+                st.live
+                    .store(st.socks.len(), std::sync::atomic::Ordering::Release);
                 for (index, s) in st.socks.iter().enumerate() {
                     let (s, tx) = (s.try_clone(), st.tx.clone());
                     let (mem, landed, ctl) = (&mem, &landed, sock.try_clone());
+                    let postcopy = hello.postcopy;
                     scope.spawn(move || {
                         let r = match s {
-                            Ok(s) => data_stream(s, index, &limits, mem, landed, &tx),
+                            Ok(s) => data_stream(s, index, &limits, mem, landed, st, postcopy),
                             Err(e) => Err(ReceiveError::Protocol {
                                 context: "setting up a data connection".into(),
                                 source: ProtocolError::Io(e),
@@ -340,6 +402,7 @@ impl Receiving {
                                 let _ = ctl.shutdown(Shutdown::Read);
                             }
                         }
+                        st.live.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                     });
                 }
             }
@@ -353,7 +416,7 @@ impl Receiving {
                 &mut requests,
             );
             if let Some(st) = &streams {
-                st.close();
+                let _ = st.close();
             }
             r
         });
@@ -448,6 +511,9 @@ impl Receiving {
             socks: socks.into_iter().flatten().collect(),
             reports,
             tx,
+            live: 0.into(),
+            progress: 0.into(),
+            born: Instant::now(),
         };
         Ok((Some(streams), req))
     }
@@ -470,7 +536,9 @@ impl Receiving {
         let mut discard = Duration::ZERO;
         let hello_bytes = self.report.memory_bytes;
         let page_size = self.report.page_size;
-        let mut decoder = Decoder::new(page_size);
+        // Post-copy: a page left unallocated would fault with nobody to
+        // serve it once post-copy is over, so zero pages are written too.
+        let mut decoder = Decoder::new(page_size).populating_zeros(postcopy);
         self.context = "waiting for round 0".into();
 
         // Rounds until the device state arrives.
@@ -478,6 +546,9 @@ impl Receiving {
         let mut next_round = 0u32;
         let mut stop_and_copy = false;
         let state = loop {
+            if let Some(st) = streams {
+                st.wait_control(sock)?;
+            }
             let frame = match self.next(sock, limits) {
                 Ok(f) => f,
                 // A data connection's failure names the cause better.
@@ -531,7 +602,11 @@ impl Receiving {
                 Frame::Message(Message::DeviceState(blob))
                     if round.is_none() && (stop_and_copy || postcopy) =>
                 {
-                    break blob
+                    // No data connection may write memory once the guest runs.
+                    if let Some(st) = streams {
+                        st.close()?;
+                    }
+                    break blob;
                 }
                 Frame::Discard { first_page, count } if round.is_none() && postcopy => {
                     self.context = "post-copy switch".into();
@@ -632,7 +707,15 @@ impl Receiving {
             let r = self.push_phase(sock, landed, limits, dest, Path::Pushed);
             let populated = t0.elapsed();
             dest.stop();
-            let _ = closer.shutdown(Shutdown::Both);
+            // Done: close our side and let the reader drain replies still
+            // in flight until the source closes (a reset there would fail a
+            // finished migration). Failed: close both at once.
+            let how = if r.is_ok() {
+                Shutdown::Write
+            } else {
+                Shutdown::Both
+            };
+            let _ = closer.shutdown(how);
             r.map(|()| populated)
         });
         let mut stats = dest.stats();
@@ -774,9 +857,10 @@ fn data_stream(
     limits: &Limits,
     mem: &GuestMemory,
     landed: &Landed,
-    tx: &Sender<StreamReport>,
+    streams: &Streams,
+    postcopy: bool,
 ) -> Result<(), ReceiveError> {
-    let mut decoder = Decoder::new(u64::from(limits.page_size));
+    let mut decoder = Decoder::new(u64::from(limits.page_size)).populating_zeros(postcopy);
     let mut pages = 0u64;
     let fail = |source: ProtocolError| ReceiveError::Protocol {
         context: format!("data connection {index}"),
@@ -790,7 +874,8 @@ fn data_stream(
                         "data connection {index}: round {round}: the sender says it sent {p} pages, {pages} arrived"
                     )));
                 }
-                let _ = tx.send(Ok((round, pages)));
+                streams.progressed();
+                let _ = streams.tx.send(Ok((index, round, pages)));
                 pages = 0;
             }
             Ok(Frame::Message(Message::Abort(why))) => {
@@ -802,7 +887,8 @@ fn data_stream(
             // SAFETY: within a round the sender sends each page once, on one
             // connection (see Decoder::receive); the guest has not started.
             Ok(f) => {
-                pages += unsafe { decoder.receive(&mut sock, &f, mem, landed) }.map_err(fail)?
+                pages += unsafe { decoder.receive(&mut sock, &f, mem, landed) }.map_err(fail)?;
+                streams.progressed();
             }
             // The sender closes its data connections after the last round,
             // and the control thread shuts them once the rounds are over.

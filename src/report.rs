@@ -123,6 +123,7 @@ pub struct Report {
     pub downtime_ms: Option<f64>,
     /// Migration start -> destination guest running (total time less the
     /// verification that follows): what models and simulations predict.
+    /// Post-copy and hybrid: until every page is present at the destination.
     pub migration_time_ms: Option<f64>,
     pub downtime_breakdown_ms: DowntimeBreakdown,
     /// Bytes of the migration stream (pages, headers, device state); the

@@ -71,6 +71,8 @@ pub enum SendError {
     Dirty(#[from] DirtyError),
     #[error(transparent)]
     DataPath(#[from] DataPathError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Everything `livemig send` / `migrate` needs to know.
@@ -517,7 +519,7 @@ impl Run<'_> {
             .try_clone()
             .map_err(|e| proto("serving page requests")(ProtocolError::Io(e)))?;
         let mem = Arc::clone(&self.src.mem);
-        let served = std::thread::scope(|scope| {
+        let served: Result<(), SendError> = std::thread::scope(|scope| {
             let serving = scope.spawn(|| server.serve(conn, &mem, &limits, limiter));
             // The destination closes the request connection once it has
             // every page; on a failure here, do not wait for that.
@@ -525,17 +527,20 @@ impl Run<'_> {
                 .inspect_err(|_| {
                     let _ = closer.shutdown(std::net::Shutdown::Both);
                 })?;
-            match serving.join() {
-                Ok(Err(e)) => Err(proto("serving page requests")(e)),
-                _ => Ok(()),
-            }
+            // Every page is present (acknowledged): how the request
+            // connection ends no longer matters.
+            let _ = serving.join();
+            // The clone kept the connection open: close it, so the
+            // destination's reader sees the end.
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+            Ok(())
         });
         served?;
         let p = &mut self.report.postcopy;
         p.postcopy_requests = server.requests.load(Ordering::Relaxed);
         p.pages_pulled = server.pulled.load(Ordering::Relaxed);
         self.report.transferred_pages += p.pages_pulled;
-        self.report.transferred_bytes += p.pages_pulled * (page_size + 24);
+        self.report.transferred_bytes += server.bytes.load(Ordering::Relaxed);
         self.report.migration_time_ms = Some(ms(start.elapsed()));
         self.print_last_round();
         self.verify(sock, limits)?;
@@ -829,6 +834,13 @@ impl Lanes {
         if cfg.streams <= 1 {
             return Ok(Lanes::One(Box::new(lane(None)?)));
         }
+        if cfg.reduction.xbzrle_cache.is_some() {
+            // Runs go to whichever stream is free: a stream's cache would
+            // not hold the version the receiver has.
+            return Err(SendError::Config(
+                "--xbzrle works on one stream (--streams 1): its cache must see every send of a page in order".into(),
+            ));
+        }
         let n = cfg.streams as usize;
         let (runs, queue) = crossbeam_channel::bounded::<(u64, u64)>(2 * n);
         let (done_tx, done) = crossbeam_channel::unbounded();
@@ -897,7 +909,8 @@ impl Lanes {
                 }
                 let (mut pages, mut bytes, mut forms) = (0, 0, SendStats::default());
                 for _ in 0..ends.len() {
-                    match done.recv() {
+                    // A lane ends its round within its socket timeout.
+                    match done.recv_timeout(IO_TIMEOUT + Duration::from_secs(5)) {
                         Ok((_, Ok((p, b, f)))) => {
                             pages += p;
                             bytes += b;
@@ -910,7 +923,11 @@ impl Lanes {
                             return Err(peer_reason(sock, Duration::from_secs(2))
                                 .unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e))));
                         }
-                        Err(_) => unreachable!("the lanes live as long as this sender"),
+                        Err(_) => {
+                            return Err(SendError::Config(format!(
+                                "{ctx}: a data connection's thread stopped answering"
+                            )))
+                        }
                     }
                 }
                 Ok((pages, bytes, forms))

@@ -204,15 +204,25 @@ impl Uffd {
             mode: 0,
             copy: 0,
         };
-        // SAFETY: a valid uffd; `src` is readable for `len` bytes; the
-        // kernel writes only into the target process's registered range.
-        match unsafe { uffdio_copy(self.fd.as_raw_fd(), &mut c) } {
-            Ok(_) => Ok(len),
-            // A partial copy: `copy` holds the bytes placed.
-            Err(Errno::EAGAIN) if c.copy > 0 => Ok(c.copy as u64),
-            Err(Errno::EEXIST) => Ok(0),
-            Err(errno) => Err(UffdError::Copy { dst, len, errno }),
+        for _ in 0..1000 {
+            c.copy = 0;
+            // SAFETY: a valid uffd; `src` is readable for `len` bytes; the
+            // kernel writes only into the target process's registered range.
+            match unsafe { uffdio_copy(self.fd.as_raw_fd(), &mut c) } {
+                Ok(_) => return Ok(len),
+                // A partial copy: `copy` holds the bytes placed.
+                Err(Errno::EAGAIN) if c.copy > 0 => return Ok(c.copy as u64),
+                // The target's mappings are changing: try again.
+                Err(Errno::EAGAIN) => std::thread::yield_now(),
+                Err(Errno::EEXIST) => return Ok(0),
+                Err(errno) => return Err(UffdError::Copy { dst, len, errno }),
+            }
         }
+        Err(UffdError::Copy {
+            dst,
+            len,
+            errno: Errno::EAGAIN,
+        })
     }
 
     /// Wake the threads waiting on `[start, start+len)` (a page placed by

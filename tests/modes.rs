@@ -93,6 +93,25 @@ fn hybrid_runs_its_precopy_rounds_then_switches() {
 }
 
 #[test]
+fn hybrid_leaves_no_page_that_can_fault_after_the_switch() {
+    // Zero pages go as markers and, without preallocation, would stay
+    // unallocated; once post-copy is over nobody would serve their fault.
+    let r = migrate(&[
+        "--mode",
+        "hybrid:rounds=1",
+        "--workload",
+        "uniform:rate=20k,zero=1",
+        "--no-prealloc",
+    ]);
+    let rep = assert_verified(&r);
+    let rate = rep["destination_guest_rate_pps"].as_f64().unwrap();
+    assert!(
+        rate > 10_000.0,
+        "destination guest writes {rate} pages/s: {rep:#}"
+    );
+}
+
+#[test]
 fn cold_copies_everything_with_the_guest_stopped() {
     let r = migrate(&["--mode", "cold", "--workload", "hotset:wws=2M,rate=20k"]);
     let rep = assert_verified(&r);
