@@ -111,16 +111,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM HUP
 
-# A command run in the background and waited for, so that a signal ends the
-# script (and its cleanup ends the command) at once.
-run_fg() {
-  local rc=0
-  "$@" &
-  fg_pid=$!
-  wait "$fg_pid" || rc=$?
-  fg_pid=""
-  return "$rc"
-}
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 
 # Wait up to $2 seconds for server $1 to exit; its status, or 124.
 wait_server() {
@@ -149,20 +141,7 @@ if ! command -v iperf3 >/dev/null; then
 fi
 command -v ss >/dev/null || die "needs ss (Debian: apt-get install iproute2)"
 
-# 2. livemig: $LIVEMIG, or a release build. Run a private copy: livemig
-# re-executes itself to start guests, so a concurrent rebuild would otherwise
-# break a run mid-way.
-if [[ -n ${LIVEMIG:-} ]]; then
-  [[ -x $LIVEMIG ]] || die "LIVEMIG=$LIVEMIG is not an executable"
-  cp "$LIVEMIG" "$tmp/livemig"
-else
-  say "building livemig (cargo build --release)"
-  (cd "$root" && cargo build --release --quiet)
-  target_dir=$(cd "$root" && cargo metadata --no-deps --format-version 1 |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-  cp "$target_dir/release/livemig" "$tmp/livemig"
-fi
-livemig=$tmp/livemig
+livemig=$(private_livemig)
 # What this livemig can do: --streams (N > 1 needs it), and receive --mem
 # (the destination preallocates its memory before it accepts).
 migrate_help=$("$livemig" migrate --help)

@@ -86,31 +86,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM HUP
 
-# A command run in the background and waited for, so that a signal ends the
-# script (and its cleanup ends the command) at once.
-run_fg() {
-  local rc=0
-  "$@" &
-  fg_pid=$!
-  wait "$fg_pid" || rc=$?
-  fg_pid=""
-  return "$rc"
-}
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 
-# livemig: $LIVEMIG, or a release build found through cargo metadata (which
-# honours CARGO_TARGET_DIR). Run a private copy: livemig re-executes itself to
-# start guests, so a concurrent rebuild would otherwise break a run mid-way.
-if [[ -n ${LIVEMIG:-} ]]; then
-  [[ -x $LIVEMIG ]] || die "LIVEMIG=$LIVEMIG is not an executable"
-  cp "$LIVEMIG" "$tmp/livemig"
-else
-  say "building livemig (cargo build --release)"
-  (cd "$root" && cargo build --release --quiet)
-  target_dir=$(cd "$root" && cargo metadata --no-deps --format-version 1 |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-  cp "$target_dir/release/livemig" "$tmp/livemig"
-fi
-livemig=$tmp/livemig
+livemig=$(private_livemig)
 [[ $("$livemig" migrate --help) == *--mode* ]] || die "this livemig has no --mode option (post-copy, hybrid, cold)"
 
 # Let livemig judge --mem, --bandwidth, --policy and each workload before any

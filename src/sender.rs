@@ -633,15 +633,7 @@ impl Run<'_> {
         bytes += protocol::write_message(sock, &Message::round_end(round, pushed))
             .map_err(proto(ctx))? as u64;
         // Acknowledged once every page is present at the destination.
-        match protocol::expect_message(sock, None, Kind::RoundAck).map_err(proto(ctx))? {
-            Message::RoundAck { round: r } if r == round => {}
-            other => {
-                return Err(proto(ctx)(ProtocolError::BadField {
-                    kind: Kind::RoundAck,
-                    detail: format!("acknowledges {other:?}, not round {round}"),
-                }))
-            }
-        }
+        expect_ack(sock, round, ctx)?;
         self.report.postcopy.pages_pushed = pushed;
         let f = RoundFigures {
             round,
@@ -732,15 +724,7 @@ impl Run<'_> {
         bytes += protocol::write_message(sock, &end).map_err(proto(ctx))? as u64;
         if !stop_and_copy {
             // The round ends when its pages have landed (see crate::protocol).
-            match protocol::expect_message(sock, None, Kind::RoundAck).map_err(proto(ctx))? {
-                Message::RoundAck { round: r } if r == round => {}
-                other => {
-                    return Err(proto(ctx)(ProtocolError::BadField {
-                        kind: Kind::RoundAck,
-                        detail: format!("acknowledges {other:?}, not round {round}"),
-                    }))
-                }
-            }
+            expect_ack(sock, round, ctx)?;
         }
         Ok((pages, bytes))
     }
@@ -1078,6 +1062,17 @@ pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> s
         }
     }
     Ok(())
+}
+
+/// Wait for the receiver's acknowledgement of `round`.
+fn expect_ack(sock: &mut TcpStream, round: u32, ctx: &str) -> Result<(), SendError> {
+    match protocol::expect_message(sock, None, Kind::RoundAck).map_err(proto(ctx))? {
+        Message::RoundAck { round: r } if r == round => Ok(()),
+        other => Err(proto(ctx)(ProtocolError::BadField {
+            kind: Kind::RoundAck,
+            detail: format!("acknowledges {other:?}, not round {round}"),
+        })),
+    }
 }
 
 /// The receiver's reason for giving up, if it sends one within `wait`.
