@@ -259,6 +259,23 @@ impl GuestMemory {
         Ok(t.elapsed())
     }
 
+    /// Map every page into this process's page tables now (reading), so the
+    /// first pass over memory takes no page faults here.
+    pub fn populate(&self) -> Result<(), MemoryError> {
+        let (ptr, bytes) = self.pages_ptr(0, self.page_count());
+        // SAFETY: the range is exactly this mapping; MADV_POPULATE_READ only
+        // faults pages in, changing no contents.
+        let rc = unsafe { libc::madvise(ptr.cast(), bytes, libc::MADV_POPULATE_READ) };
+        if rc != 0 {
+            return Err(MemoryError::Map {
+                name: "mapping guest memory".into(),
+                len: self.len(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Drop the contents of pages `first..first+count` (punch a hole in
     /// the memfd): every mapping sees them missing again, until written.
     pub fn discard(&self, first: u64, count: u64) -> Result<(), MemoryError> {

@@ -203,6 +203,11 @@ impl Source {
         let mut guest = Guest::spawn(&mem, control.clone(), bitmap.as_ref(), tracker, Some(fresh))?;
         // The guest publishes where its memory is mapped before it runs.
         guest.wait_running()?;
+        // Map all of guest memory here now, as a hypervisor's own mapping
+        // of guest RAM is: otherwise round 0 takes a page fault per page in
+        // this process (measured: round 0 of 1 GiB at 16-30 Gbit/s without,
+        // 27-36 with).
+        mem.populate()?;
         // A new guest: nobody else can have claimed it yet.
         let _ = control.claim(std::process::id());
         let target = Target {
