@@ -110,7 +110,7 @@ enum Cmd {
         /// Allocate each page at its first arrival instead of up front.
         #[arg(long)]
         no_prealloc: bool,
-        /// Post-copy: with each demand fault, also ask for the N pages after it.
+        /// Post-copy: with each demand fault, also ask for the N pages around it.
         #[arg(long, default_value_t = 0, value_name = "N")]
         prepage: u32,
     },
@@ -198,7 +198,7 @@ struct MigrateOpts {
     /// before the migration (which QEMU's -mem-prealloc does).
     #[arg(long)]
     no_prealloc: bool,
-    /// Post-copy: with each demand fault, also ask for the N pages after it.
+    /// Post-copy: with each demand fault, also ask for the N pages around it.
     #[arg(long, default_value_t = 0, value_name = "N")]
     prepage: u32,
 }

@@ -4,7 +4,7 @@
 //! In post-copy the guest resumes at the destination before its memory has
 //! arrived. Its memory is registered for missing-page faults
 //! ([`crate::uffd`]); a fault thread reads the faults and asks the source for
-//! the page (and, with `--prepage N`, the N pages after it) on a connection
+//! the page (and, with `--prepage N`, the N pages around it) on a connection
 //! of its own, so a request is never queued behind the bulk push (QEMU's
 //! postcopy-preempt). Pages arriving either way are placed atomically with
 //! `UFFDIO_COPY`, which wakes the faulting vCPU; a page that is there
@@ -329,7 +329,7 @@ impl Destination {
         Ok(())
     }
 
-    /// Ask for `page` (and the pages after it, pre-paging) unless asked already.
+    /// Ask for `page` (and the pages around it, pre-paging) unless asked already.
     fn request(&self, w: &mut TcpStream, page: u64, now: Instant) -> Result<(), String> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if !self.missing.get(page) {
@@ -342,20 +342,24 @@ impl Destination {
             return Ok(());
         }
         pending.insert(page, Some(now));
-        let end = (page + 1 + u64::from(self.prepage))
-            .min(self.page_count)
-            .min(page + u64::from(MAX_RUN_PAGES));
-        let mut last = page + 1;
-        for p in page + 1..end {
-            if !self.missing.get(p) || pending.contains_key(&p) {
-                break;
-            }
-            pending.insert(p, None);
-            last = p + 1;
+        // Pre-paging: the bubble of N pages around the fault, half before,
+        // half after, as far as they are missing and not asked for yet.
+        let wanted = |p: u64, pending: &HashMap<u64, Option<Instant>>| {
+            self.missing.get(p) && !pending.contains_key(&p)
+        };
+        let n = u64::from(self.prepage.min(MAX_RUN_PAGES - 1));
+        let (mut first, mut end) = (page, page + 1);
+        while end < self.page_count && end - page <= n - n / 2 && wanted(end, &pending) {
+            pending.insert(end, None);
+            end += 1;
+        }
+        while first > 0 && page - first < n / 2 && wanted(first - 1, &pending) {
+            first -= 1;
+            pending.insert(first, None);
         }
         drop(pending);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let m = Message::page_request(page, (last - page) as u32);
+        let m = Message::page_request(first, (end - first) as u32, (page - first) as u32);
         protocol::write_message(w, &m)
             .map(|_| ())
             .map_err(|e| format!("asking the source for page {page}: {e}"))
@@ -433,6 +437,31 @@ pub struct Server {
     pub bytes: Arc<AtomicU64>,
 }
 
+impl Server {
+    /// Send pages `first..first+n` on `conn`, charged to the rate limit
+    /// without waiting on it: a vCPU waits on this reply.
+    fn reply(
+        &self,
+        conn: &mut TcpStream,
+        mem: &GuestMemory,
+        limits: &Limits,
+        limiter: &RateLimiter,
+        first: u64,
+        n: u64,
+    ) -> Result<(), ProtocolError> {
+        let header = protocol::pages_frame_header(first, n as u32, limits.page_size);
+        // SAFETY: the source guest is paused: nothing writes its memory.
+        let data = unsafe { mem.pages(first, n) };
+        let len = (header.len() + data.len()) as u64;
+        limiter.charge(len);
+        let mut bufs = [std::io::IoSlice::new(&header), std::io::IoSlice::new(data)];
+        crate::sender::write_all_vectored(conn, &mut bufs).map_err(ProtocolError::Io)?;
+        self.pulled.fetch_add(n, Ordering::Relaxed);
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// Pages already sent during post-copy (by either path).
 pub struct SentPages(Bits);
 
@@ -466,10 +495,12 @@ impl Server {
         limiter: &RateLimiter,
     ) -> Result<(), ProtocolError> {
         loop {
-            let (first, count) = match protocol::read_frame(&mut conn, Some(limits)) {
-                Ok(Frame::Message(Message::PageRequest { first_page, count })) => {
-                    (first_page, count)
-                }
+            let (first, count, fault) = match protocol::read_frame(&mut conn, Some(limits)) {
+                Ok(Frame::Message(Message::PageRequest {
+                    first_page,
+                    count,
+                    fault,
+                })) => (first_page, count, fault),
                 Ok(f) => {
                     return Err(ProtocolError::Unexpected {
                         got: f.kind(),
@@ -480,35 +511,25 @@ impl Server {
                 Err(e) => return Err(e),
             };
             self.requests.fetch_add(1, Ordering::Relaxed);
-            // The faulted page goes whatever the push did (it may still be
-            // queued behind the push); pre-paged pages only if unsent.
-            let end = first + u64::from(count);
-            self.sent.mark(first);
+            // The faulted page goes first, whatever the push did (it may
+            // still be queued behind the push); the bubble around it only
+            // where the push has not sent it.
+            let faulted = first + u64::from(fault);
+            self.sent.mark(faulted);
+            self.reply(&mut conn, mem, limits, limiter, faulted, 1)?;
             let mut p = first;
+            let end = first + u64::from(count);
             while p < end {
+                if p == faulted || !self.sent.mark(p) {
+                    p += 1;
+                    continue;
+                }
                 let mut q = p + 1;
-                while q < end && self.sent.mark(q) {
+                while q < end && q != faulted && self.sent.mark(q) {
                     q += 1;
                 }
-                let n = q - p;
-                let header = protocol::pages_frame_header(p, n as u32, limits.page_size);
-                // SAFETY: the source guest is paused: nothing writes its memory.
-                let data = unsafe { mem.pages(p, n) };
-                // Within the migration's rate limit, but ahead of the push:
-                // a vCPU waits on this page.
-                limiter.charge((header.len() + data.len()) as u64);
-                let mut bufs = [std::io::IoSlice::new(&header), std::io::IoSlice::new(data)];
-                crate::sender::write_all_vectored(&mut conn, &mut bufs)
-                    .map_err(ProtocolError::Io)?;
-                self.pulled.fetch_add(n, Ordering::Relaxed);
-                let len = (header.len() + data.len()) as u64;
-                self.bytes.fetch_add(len, Ordering::Relaxed);
-                // Page q (if any) was sent already: skip it and the sent
-                // pages after it; the loop stops on an unsent page, now ours.
-                p = q + 1;
-                while p < end && !self.sent.mark(p) {
-                    p += 1;
-                }
+                self.reply(&mut conn, mem, limits, limiter, p, q - p)?;
+                p = q;
             }
             conn.flush().map_err(ProtocolError::Io)?;
         }

@@ -370,10 +370,12 @@ pub enum Message {
         round: u32,
         stop_and_copy: bool,
     },
-    /// The destination asks for pages its guest faulted on.
+    /// The destination asks for a run of pages around one its guest
+    /// faulted on, `fault` pages into the run (that one first, please).
     PageRequest {
         first_page: u64,
         count: u32,
+        fault: u32,
     },
     RoundEnd {
         round: u32,
@@ -411,8 +413,12 @@ impl Message {
             postcopy: false,
         })
     }
-    pub fn page_request(first_page: u64, count: u32) -> Message {
-        Message::PageRequest { first_page, count }
+    pub fn page_request(first_page: u64, count: u32, fault: u32) -> Message {
+        Message::PageRequest {
+            first_page,
+            count,
+            fault,
+        }
     }
     pub fn stream_hello(index: u32, session: u64) -> Message {
         Message::StreamHello { index, session }
@@ -512,10 +518,14 @@ impl Message {
                 p.extend(round.to_le_bytes());
                 p.extend([0; 4]);
             }
-            Message::PageRequest { first_page, count } => {
+            Message::PageRequest {
+                first_page,
+                count,
+                fault,
+            } => {
                 p.extend(first_page.to_le_bytes());
                 p.extend(count.to_le_bytes());
-                p.extend([0; 4]);
+                p.extend(fault.to_le_bytes());
             }
             Message::RoundEnd { round, pages } => {
                 p.extend(round.to_le_bytes());
@@ -756,16 +766,19 @@ fn decode_control(h: &Header, p: Vec<u8>, lim: Option<&Limits>) -> Result<Messag
             m
         }
         Kind::PageRequest => {
-            let (first_page, count) = (c.u64(), c.u32());
-            reserved(kind, u64::from(c.u32()))?;
+            let (first_page, count, fault) = (c.u64(), c.u32(), c.u32());
             if count == 0 || count > MAX_RUN_PAGES {
                 let max = MAX_RUN_PAGES;
                 return Err(ProtocolError::BadCount { kind, count, max });
             }
+            if fault >= count {
+                let detail = format!("faulted page {fault} outside the run of {count}");
+                return Err(ProtocolError::BadField { kind, detail });
+            }
             if let Some(l) = lim {
                 l.check_run(kind, first_page, count)?;
             }
-            Message::page_request(first_page, count)
+            Message::page_request(first_page, count, fault)
         }
         Kind::StreamHello => Message::stream_hello(c.u32(), c.u64()),
         Kind::HelloAck => {
@@ -1135,7 +1148,8 @@ mod tests {
                     postcopy: false,
                 }
             }),
-            Message::page_request(65535, 1),
+            Message::page_request(65535, 1, 0),
+            Message::page_request(100, 31, 15),
             Message::round_start(0, false),
             Message::round_start(7, true),
             Message::round_end(3, 12345),
@@ -1406,6 +1420,12 @@ mod tests {
             read(&run(16, 0, 1, 0, 4098), LIM) => E::BadLength { .. }, "4114 bytes";
             read(&run(16, 0, 1, 0, 4), None) => E::Unexpected { .. },
                 "unexpected frame XbzrlePages";
+            read(&Message::page_request(0, 4, 4).encode(), LIM) => E::BadField { .. },
+                "PageRequest: faulted page 4 outside the run of 4";
+            read(&Message::page_request(65534, 4, 0).encode(), LIM) => E::OutOfRange { .. },
+                "PageRequest: page run 65534+4";
+            read(&Message::page_request(0, 1025, 0).encode(), LIM) => E::BadCount { .. },
+                "count 1025";
         }
     }
 
