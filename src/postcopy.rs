@@ -12,7 +12,7 @@
 //! it is placed, before the guest can touch it, for verification.
 //!
 //! Nothing waits forever: a requested page that does not arrive within
-//! [`REQUEST_TIMEOUT`], or a source that closes its connections, fails the
+//! [`request_timeout`], or a source that closes its connections, fails the
 //! migration at the destination with the count of pages still missing; its
 //! guest, which cannot run on without them, is stopped.
 
@@ -30,8 +30,14 @@ use crate::protocol::{self, Frame, Kind, Limits, Message, ProtocolError, MAX_RUN
 use crate::ratelimit::RateLimiter;
 use crate::uffd::Uffd;
 
-/// How long a requested page may take before the source counts as gone.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a requested page may take before the source counts as gone:
+/// 10 s, or `LIVEMIG_REQUEST_TIMEOUT_MS` (for tests).
+pub fn request_timeout() -> Duration {
+    std::env::var("LIVEMIG_REQUEST_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis)
+}
 
 /// How a migration moves memory (`--mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,6 +173,9 @@ pub struct Destination {
     failed: Mutex<Option<String>>,
     stop: AtomicBool,
     zeros: Vec<u8>,
+    timeout: Duration,
+    /// Shut for reading on a failure, to wake the thread waiting on it.
+    wake: Mutex<Option<TcpStream>>,
 }
 
 impl Destination {
@@ -206,6 +215,8 @@ impl Destination {
             failed: Mutex::new(None),
             stop: AtomicBool::new(false),
             zeros: vec![0; usize::try_from(limits.page_size).expect("fits")],
+            timeout: request_timeout(),
+            wake: Mutex::new(None),
         }
     }
 
@@ -222,11 +233,25 @@ impl Destination {
     }
 
     fn fail(&self, why: String) {
+        if self.stop.swap(true, Ordering::AcqRel) {
+            // Over already (done, or failed before): an error of a thread
+            // winding down changes nothing, and must not shut the push's
+            // connection, which verification still uses.
+            return;
+        }
         self.failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert(why);
-        self.stop.store(true, Ordering::Release);
+        if let Some(s) = &*self.wake.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+    }
+
+    /// On a failure, shut `conn` for reading (the push's connection, whose
+    /// reader then finds the cause here rather than waiting on the source).
+    pub fn wake_on_failure(&self, conn: TcpStream) {
+        *self.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
     }
 
     pub fn stop(&self) {
@@ -369,9 +394,9 @@ impl Destination {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let oldest = pending.iter().filter_map(|(p, t)| t.map(|t| (t, *p))).min();
         match oldest {
-            Some((t, page)) if t.elapsed() > REQUEST_TIMEOUT => Err(format!(
-                "page {page} was asked for {} s ago and has not arrived: the source is gone",
-                REQUEST_TIMEOUT.as_secs()
+            Some((t, page)) if t.elapsed() > self.timeout => Err(format!(
+                "page {page} was asked for {:.1} s ago and has not arrived: the source is gone",
+                self.timeout.as_secs_f64()
             )),
             _ => Ok(()),
         }

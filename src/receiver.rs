@@ -701,6 +701,7 @@ impl Receiving {
         };
         let reader = req.try_clone().map_err(io)?;
         let closer = req.try_clone().map_err(io)?;
+        dest.wake_on_failure(sock.try_clone().map_err(io)?);
         let result = std::thread::scope(|scope| {
             scope.spawn(|| dest.serve_faults(req));
             scope.spawn(|| dest.serve_replies(reader, limits, landed));
@@ -765,7 +766,7 @@ impl Receiving {
                     dest.place(first_page, &buf, landed, path).map_err(failed)?;
                 }
                 Frame::Message(Message::RoundEnd { round: r, .. }) if round == Some(r) => {
-                    let deadline = Instant::now() + crate::postcopy::REQUEST_TIMEOUT;
+                    let deadline = Instant::now() + crate::postcopy::request_timeout();
                     while dest.remaining() > 0 {
                         if let Some(why) = dest.failure() {
                             return Err(failed(why));

@@ -508,3 +508,75 @@ fn corrupt_reduced_payloads_fail_cleanly_and_keep_the_source() {
         assert!(err.contains("corrupt payload"), "{err}");
     }
 }
+
+/// A source that switches to post-copy, then answers no page request and
+/// pushes nothing: the destination must not wait on its guest's faults
+/// forever, but give up after the request timeout, naming the page.
+#[test]
+fn postcopy_requests_that_are_never_answered_time_out() {
+    use livemig::protocol::{Hello, REQUEST_STREAM, VERSION};
+    let mut child = livemig()
+        .args(["receive", "--listen", "127.0.0.1:0"])
+        .env("LIVEMIG_REQUEST_TIMEOUT_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mem, session) = (1u64 << 20, 7u64); // 256 pages
+    let mut ctl = TcpStream::connect(&addr).unwrap();
+    let hello = Message::Hello(Hello {
+        version: VERSION,
+        page_size: 4096,
+        memory_bytes: mem,
+        streams: 1,
+        session,
+        postcopy: true,
+    });
+    protocol::write_message(&mut ctl, &hello).unwrap();
+    protocol::read_handshake(&mut ctl, Kind::HelloAck).unwrap();
+    let mut req = TcpStream::connect(&addr).unwrap();
+    protocol::write_message(&mut req, &Message::stream_hello(REQUEST_STREAM, session)).unwrap();
+    // Every page is missing; the guest writes at once.
+    ctl.write_all(&protocol::discard_frame_header(0, 256))
+        .unwrap();
+    let state = livemig::guest::DeviceState {
+        workload: "uniform:rate=max".into(),
+        memory_bytes: mem,
+        page_size: 4096,
+        vcpus: vec![livemig::guest::VcpuState {
+            seed: 1,
+            ops: 0,
+            cursor: 0,
+        }],
+    };
+    protocol::write_message(&mut ctl, &Message::device_state(state.to_bytes())).unwrap();
+    assert!(matches!(
+        protocol::expect_message(&mut ctl, None, Kind::Resumed),
+        Ok(Message::Resumed { .. })
+    ));
+    // A request arrives, and is left unanswered.
+    assert!(matches!(
+        protocol::read_frame(&mut req, None),
+        Ok(protocol::Frame::Message(Message::PageRequest { .. }))
+    ));
+    let t = std::time::Instant::now();
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        err.contains("post-copy failed with 256 pages still missing")
+            && err.contains("has not arrived: the source is gone"),
+        "{err}"
+    );
+    drop((ctl, req));
+}
