@@ -692,7 +692,6 @@ impl Receiving {
         dest: &crate::postcopy::Destination,
         req: TcpStream,
     ) -> Result<(), ReceiveError> {
-        use crate::postcopy::Path;
         self.context = "the source's post-copy push".into();
         let (t0, ops0) = (Instant::now(), guest.ops());
         let io = |e: std::io::Error| ReceiveError::Protocol {
@@ -705,7 +704,7 @@ impl Receiving {
         let result = std::thread::scope(|scope| {
             scope.spawn(|| dest.serve_faults(req));
             scope.spawn(|| dest.serve_replies(reader, limits, landed));
-            let r = self.push_phase(sock, landed, limits, dest, Path::Pushed);
+            let r = self.push_phase(sock, landed, limits, dest);
             let populated = t0.elapsed();
             dest.stop();
             // Done: close our side and let the reader drain replies still
@@ -746,8 +745,8 @@ impl Receiving {
         landed: &Landed,
         limits: &Limits,
         dest: &crate::postcopy::Destination,
-        path: crate::postcopy::Path,
     ) -> Result<(), ReceiveError> {
+        use crate::postcopy::Path;
         let failed = |why: String| ReceiveError::Invalid(why);
         let mut buf = Vec::new();
         let mut round = None;
@@ -763,7 +762,8 @@ impl Receiving {
                 Frame::Pages { first_page, count } if round.is_some() => {
                     buf.resize(count as usize * limits.page_size as usize, 0);
                     protocol::read_bulk(sock, &mut buf, Kind::Pages).map_err(|e| self.err(e))?;
-                    dest.place(first_page, &buf, landed, path).map_err(failed)?;
+                    dest.place(first_page, &buf, landed, Path::Pushed)
+                        .map_err(failed)?;
                 }
                 Frame::Message(Message::RoundEnd { round: r, .. }) if round == Some(r) => {
                     let deadline = Instant::now() + crate::postcopy::request_timeout();
