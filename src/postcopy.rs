@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::datapath::Landed;
@@ -455,11 +455,11 @@ impl Destination {
 /// straight from the paused guest's memory, and note them as sent so the
 /// push skips them.
 pub struct Server {
-    pub sent: Arc<SentPages>,
-    pub requests: Arc<AtomicU64>,
+    pub sent: SentPages,
+    pub requests: AtomicU64,
     /// Pages and bytes sent in answer to requests.
-    pub pulled: Arc<AtomicU64>,
-    pub bytes: Arc<AtomicU64>,
+    pub pulled: AtomicU64,
+    pub bytes: AtomicU64,
 }
 
 impl Server {
@@ -503,10 +503,10 @@ impl SentPages {
 impl Server {
     pub fn new(pages: u64) -> Self {
         Self {
-            sent: Arc::new(SentPages::new(pages)),
-            requests: Arc::new(AtomicU64::new(0)),
-            pulled: Arc::new(AtomicU64::new(0)),
-            bytes: Arc::new(AtomicU64::new(0)),
+            sent: SentPages::new(pages),
+            requests: AtomicU64::new(0),
+            pulled: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
         }
     }
 

@@ -381,11 +381,10 @@ impl Receiving {
                 st.live
                     .store(st.socks.len(), std::sync::atomic::Ordering::Release);
                 for (index, s) in st.socks.iter().enumerate() {
-                    let (s, tx) = (s.try_clone(), st.tx.clone());
                     let (mem, landed, ctl) = (&mem, &landed, sock.try_clone());
                     let postcopy = hello.postcopy;
                     scope.spawn(move || {
-                        let r = match s {
+                        let r = match s.try_clone() {
                             Ok(s) => data_stream(s, index, &limits, mem, landed, st, postcopy),
                             Err(e) => Err(ReceiveError::Protocol {
                                 context: "setting up a data connection".into(),
@@ -397,7 +396,7 @@ impl Receiving {
                             // wait, so it finds this cause when it wakes up
                             // (the control connection's write side stays
                             // open for the Abort).
-                            let _ = tx.send(Err(e));
+                            let _ = st.tx.send(Err(e));
                             if let Ok(ctl) = ctl {
                                 let _ = ctl.shutdown(Shutdown::Read);
                             }

@@ -485,7 +485,6 @@ impl Run<'_> {
     /// Post-copy from the paused source: tell the destination which pages
     /// it lacks, hand it the device state, and once it runs push those
     /// pages while serving its requests; then verify.
-    #[allow(clippy::too_many_arguments)]
     fn postcopy(
         &mut self,
         sock: &mut TcpStream,

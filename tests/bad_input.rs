@@ -4,9 +4,9 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
 use livemig::protocol::{self, Kind, Message};
 
@@ -260,26 +260,9 @@ fn peer_vanishing_mid_round() {
     assert_source_resumed_and_reaped(&r);
 }
 
-/// A real `livemig receive ARGS` on an ephemeral port, and that port.
-fn receiver(args: &[&std::ffi::OsStr]) -> (Child, String) {
-    let mut child = livemig()
-        .args(["receive", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    (child, addr)
-}
-
 /// Feed `bytes` to a fresh receiver and return how it ended.
 fn receiver_fed(bytes: &[u8]) -> Run {
-    let (child, addr) = receiver(&[]);
+    let (child, addr) = receiver(&[], &[]);
     let mut s = TcpStream::connect(&addr).unwrap();
     let _ = s.write_all(bytes);
     let _ = s.shutdown(std::net::Shutdown::Write);
@@ -321,7 +304,7 @@ fn receiver_rejects_another_version() {
 fn receiver_writes_its_report_when_it_fails() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("rx.json");
-    let (mut child, addr) = receiver(&["--json".as_ref(), json.as_os_str()]);
+    let (mut child, addr) = receiver(&["--json".as_ref(), json.as_os_str()], &[]);
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(&hello(protocol::VERSION, 1 << 20)).unwrap();
     drop(s); // vanish after the handshake
@@ -495,7 +478,7 @@ fn corrupt_reduced_payloads_fail_cleanly_and_keep_the_source() {
         ),
     ];
     for (kind, spoil, flags) in cases {
-        let (rx, addr) = receiver(&[]);
+        let (rx, addr) = receiver(&[], &[]);
         let proxy = spoiling_proxy(addr, kind, spoil);
         let mut args = vec!["--workload", "hotset:wws=64K,rate=20k,hot=1,random=0.1"];
         args.extend_from_slice(flags);
@@ -515,18 +498,7 @@ fn corrupt_reduced_payloads_fail_cleanly_and_keep_the_source() {
 #[test]
 fn postcopy_requests_that_are_never_answered_time_out() {
     use livemig::protocol::{Hello, REQUEST_STREAM, VERSION};
-    let mut child = livemig()
-        .args(["receive", "--listen", "127.0.0.1:0"])
-        .env("LIVEMIG_REQUEST_TIMEOUT_MS", "1000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (child, addr) = receiver(&[], &[("LIVEMIG_REQUEST_TIMEOUT_MS", "1000")]);
     let (mem, session) = (1u64 << 20, 7u64); // 256 pages
     let mut ctl = TcpStream::connect(&addr).unwrap();
     let hello = Message::Hello(Hello {

@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -148,17 +147,7 @@ fn modes_are_checked() {
 fn postcopy_destination_fails_cleanly_when_the_source_dies() {
     let dir = tempfile::tempdir().unwrap();
     let rx_json = dir.path().join("rx.json");
-    let mut rx = livemig()
-        .args(["receive", "--listen", "127.0.0.1:0", "--json"])
-        .arg(&rx_json)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(rx.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (rx, addr) = receiver(&["--json".as_ref(), rx_json.as_os_str()], &[]);
     // 16 MiB pushed at 20 Mbit/s: about 7 s of post-copy to die in.
     let mut tx = livemig()
         .args([
@@ -174,10 +163,9 @@ fn postcopy_destination_fails_cleanly_when_the_source_dies() {
     tx.kill().unwrap();
     let _ = tx.wait();
     let t = Instant::now();
-    let status = rx.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
-    assert_eq!(status.code(), Some(1), "{err}");
+    let out = rx.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         t.elapsed() < Duration::from_secs(15),
         "took {:?}",

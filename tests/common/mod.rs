@@ -2,8 +2,10 @@
 //! JSON report.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use livemig::dirty::TrackerKind;
 
@@ -72,6 +74,25 @@ pub fn run(args: &[&str]) -> Run {
         .ok()
         .map(|b| serde_json::from_slice(&b).unwrap());
     Run { output, report }
+}
+
+/// A real `livemig receive ARGS` (with `env` set) on an ephemeral port,
+/// and that port; its stderr past the first line is left in the child.
+pub fn receiver(args: &[&OsStr], env: &[(&str, &str)]) -> (Child, String) {
+    let mut child = livemig()
+        .args(["receive", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    (child, addr)
 }
 
 /// A local migration with small, fast defaults; `extra` overrides them.
