@@ -7,8 +7,8 @@ use std::hint::black_box;
 use std::io::Cursor;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use livemig::dirty::DirtySet;
-use livemig::protocol::{pages_frame_header, read_frame, Frame, Limits, Message};
+use livemig::guest::dirty::DirtySet;
+use livemig::wire::protocol::{pages_frame_header, read_frame, Frame, Limits, Message};
 
 const PAGE_SIZE: u32 = 4096;
 /// 1 GiB of 4 KiB pages: 262144.

@@ -9,9 +9,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use livemig::model::{self, Variant};
-use livemig::sender::SenderConfig;
-use livemig::simulate::{self, SimConfig};
+use livemig::migration::source::SenderConfig;
+use livemig::predict::model::{self, Variant};
+use livemig::predict::simulate::{self, SimConfig};
 
 fn config(memory_bytes: u64, workload: &str, seed: u64) -> SimConfig {
     SimConfig {

@@ -7,8 +7,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use livemig::reduce::{is_zero, Codec, Compressor, Decompressor};
-use livemig::xbzrle;
+use livemig::wire::reduce::{is_zero, Codec, Compressor, Decompressor};
+use livemig::wire::xbzrle;
 use xxhash_rust::xxh3::xxh3_64;
 
 const PAGE: usize = 4096;

@@ -11,10 +11,10 @@ use std::os::fd::{AsFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use livemig::control::Control;
-use livemig::dirty::{self, DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
-use livemig::memory::{page_size, SharedRegion};
-use livemig::uffd::{Uffd, WP_ASYNC_FEATURES};
+use livemig::guest::control::Control;
+use livemig::guest::dirty::{self, DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
+use livemig::guest::memory::{page_size, SharedRegion};
+use livemig::guest::uffd::{Uffd, WP_ASYNC_FEATURES};
 
 /// The page size everything here assumes (checked in [`beds`]).
 const PAGE: u64 = 4096;

@@ -6,10 +6,14 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use livemig::dirty::TrackerKind;
+use livemig::guest::dirty::TrackerKind;
+use livemig::guest::process as guest;
+use livemig::migration::source::{self, SenderConfig, Source};
+use livemig::migration::{destination as receiver, dirtyrate, local as migrate, policy};
+use livemig::predict::{model, simulate};
 use livemig::report::{self, Report, Status};
-use livemig::sender::{self, SenderConfig, Source};
-use livemig::{dirtyrate, guest, migrate, model, policy, ratelimit, receiver, simulate, units};
+use livemig::util::units;
+use livemig::wire::ratelimit;
 
 /// `print!` for a command line tool. When stdout fails (its reader has
 /// gone, as in a pipe into `head`, or a full disk), printing stops but the
@@ -351,7 +355,7 @@ fn choose_tracker(given: Option<&str>) -> Result<TrackerKind> {
 impl GuestFlags {
     fn config(&self) -> Result<GuestConfig> {
         let memory_bytes = units::parse_bytes("--mem", &self.mem)?;
-        let page = livemig::memory::page_size();
+        let page = livemig::guest::memory::page_size();
         if memory_bytes == 0 || !memory_bytes.is_multiple_of(page) {
             anyhow::bail!(
                 "invalid --mem \"{}\": must be a non-zero multiple of the {page}-byte page size",
@@ -389,14 +393,15 @@ impl SendOpts {
             warmup: g.warmup,
             seed: g.fresh.seed,
             streams: self.streams,
-            mode: livemig::postcopy::Mode::parse(&self.mode).map_err(anyhow::Error::msg)?,
+            mode: livemig::migration::postcopy::Mode::parse(&self.mode)
+                .map_err(anyhow::Error::msg)?,
             reduction: self.reduction()?,
             progress: !self.quiet,
         })
     }
 
-    fn reduction(&self) -> Result<livemig::datapath::Reduction> {
-        let max = livemig::protocol::MAX_STREAMS;
+    fn reduction(&self) -> Result<livemig::wire::datapath::Reduction> {
+        let max = livemig::wire::protocol::MAX_STREAMS;
         if !(1..=max).contains(&self.streams) {
             anyhow::bail!(
                 "invalid --streams {}: must be between 1 and {max}",
@@ -412,7 +417,7 @@ impl SendOpts {
                     );
                 }
                 let bytes = units::parse_bytes("--xbzrle", v)?;
-                let page = livemig::memory::page_size();
+                let page = livemig::guest::memory::page_size();
                 if bytes < page {
                     anyhow::bail!(
                         "invalid --xbzrle \"{v}\": the cache must hold at least one {page}-byte page"
@@ -422,12 +427,12 @@ impl SendOpts {
             }
             None => None,
         };
-        Ok(livemig::datapath::Reduction {
+        Ok(livemig::wire::datapath::Reduction {
             zero_pages: !self.no_zero_pages,
             compress: self
                 .compress
                 .as_deref()
-                .map(livemig::reduce::Codec::parse)
+                .map(livemig::wire::reduce::Codec::parse)
                 .transpose()?,
             xbzrle_cache,
         })
@@ -439,7 +444,7 @@ impl SimulateOpts {
         let d = |flag: &str, v: &str| units::parse_duration(flag, v);
         Ok(simulate::SimConfig {
             migration: self.migration.config()?,
-            page_size: livemig::memory::page_size(),
+            page_size: livemig::guest::memory::page_size(),
             link_bytes_per_s: units::parse_rate("--link", &self.link)? as f64,
             round_overhead: d("--round-overhead", &self.round_overhead)?,
             downtime_overhead: d("--downtime-overhead", &self.downtime_overhead)?,
@@ -467,7 +472,7 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
         .map(|m| units::parse_bytes("--mem", m))
         .collect::<Result<Vec<_>, _>>()?;
     let d = |flag: &str, v: &str| units::parse_duration(flag, v);
-    let cfg = livemig::sweep::SweepConfig {
+    let cfg = livemig::predict::sweep::SweepConfig {
         mems,
         workloads: or(
             &opts.workloads,
@@ -505,7 +510,7 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
             .map(|v| d("--downtime-overhead", v))
             .transpose()?,
     };
-    let n = livemig::sweep::grid_size(&cfg)?;
+    let n = livemig::predict::sweep::grid_size(&cfg)?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let bar = match opts.quiet {
@@ -524,7 +529,7 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
             }
             Some(to) => match Source::start(c.tracker, c.memory_bytes, &c.fresh()) {
                 Ok(mut src) => {
-                    let (r, res) = sender::migrate(c, &mut src, to, &mut |_| {});
+                    let (r, res) = source::migrate(c, &mut src, to, &mut |_| {});
                     (r, res.map_err(anyhow::Error::from))
                 }
                 Err(e) => return Err(format!("{:#}", anyhow::Error::from(e))),
@@ -532,20 +537,20 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
         };
         result.map(|()| report).map_err(|e| format!("{e:#}"))
     };
-    let sweep = livemig::sweep::run(&cfg, &mut migrate_one, &mut |row| {
+    let sweep = livemig::predict::sweep::run(&cfg, &mut migrate_one, &mut |row| {
         bar.set_message(row.label.clone());
         bar.inc(1);
     })?;
     bar.finish_and_clear();
     let out = |name: &str| opts.out.join(name);
-    std::fs::write(out("sweep.csv"), livemig::sweep::csv(&sweep))
+    std::fs::write(out("sweep.csv"), livemig::predict::sweep::csv(&sweep))
         .with_context(|| format!("writing {}", out("sweep.csv").display()))?;
     for path in std::iter::once(out("sweep.json")).chain(opts.json.clone()) {
         let f =
             std::fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
         serde_json::to_writer_pretty(f, &sweep)?;
     }
-    let plots = livemig::plot::draw(&sweep.rows, &opts.out)?;
+    let plots = livemig::predict::plot::draw(&sweep.rows, &opts.out)?;
     for c in &sweep.calibration {
         outln!(
             "calibrated at {}: link {:.0} Mbit/s, round overhead {:.3} ms, downtime overhead {:.3} ms",
@@ -571,7 +576,7 @@ fn sweep(opts: &SweepOpts) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    out!("{}", livemig::sweep::accuracy_table(&sweep));
+    out!("{}", livemig::predict::sweep::accuracy_table(&sweep));
     Ok(())
 }
 
@@ -684,7 +689,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = opts.config()?;
             let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
             let mut print = row_printer(&opts);
-            let (report, result) = sender::migrate(&cfg, &mut src, &to, &mut print);
+            let (report, result) = source::migrate(&cfg, &mut src, &to, &mut print);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Dirtyrate(opts) => dirtyrate(&opts),

@@ -1,31 +1,21 @@
 //! livemig: a live-migration emulator that moves real memory over real TCP.
 //!
-//! A guest emulator process ([`guest`]) writes into a memfd-backed region;
-//! the [`sender`] harvests dirty pages ([`dirty`]), streams pre-copy rounds
-//! paced by a [`ratelimit`] until a [`policy`] says stop, pauses the guest and
-//! copies the rest; the [`receiver`] rebuilds the memory, resumes the guest and
-//! verifies every page. [`protocol`] is the wire format, [`report`] the figures.
+//! The folders are the layers of the design, lowest first; a module imports
+//! only from its own folder and the folders above it in this list:
+//!
+//! - [`util`]: units, page sizes, processes, errors and socket helpers.
+//! - [`guest`]: the guest emulator process, its memory, workload, control
+//!   block and the dirty-page trackers.
+//! - [`wire`]: the protocol, the data path (page runs, codecs, XBZRLE) and
+//!   the rate limiter.
+//! - [`report`]: the report of a migration, as JSON and as a human table.
+//! - [`migration`]: the phases of a migration, the source and destination
+//!   sides, post-copy, the convergence policy.
+//! - [`predict`]: the analytical model, the simulator, sweeps and their plots.
 
-pub mod control;
-pub mod datapath;
-pub mod dirty;
-pub mod dirtyrate;
 pub mod guest;
-pub mod memory;
-pub mod migrate;
-pub mod model;
-pub mod plot;
-pub mod policy;
-pub mod postcopy;
-pub mod protocol;
-pub mod ratelimit;
-pub mod receiver;
-pub mod reduce;
+pub mod migration;
+pub mod predict;
 pub mod report;
-pub mod sender;
-pub mod simulate;
-pub mod sweep;
-pub mod uffd;
-pub mod units;
-pub mod workload;
-pub mod xbzrle;
+pub mod util;
+pub mod wire;

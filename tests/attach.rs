@@ -4,8 +4,8 @@
 
 mod common;
 
-use livemig::control::{block_len, Control, CONTROL_NAME};
-use livemig::memory::{SharedRegion, GUEST_RAM_NAME};
+use livemig::guest::control::{block_len, Control, CONTROL_NAME};
+use livemig::guest::memory::{SharedRegion, GUEST_RAM_NAME};
 
 fn attach(pid: &str) -> common::Run {
     common::run(&["dirtyrate", "--quiet", "--pid", pid])

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Stdio;
 
-use livemig::protocol::{self, Kind, Message};
+use livemig::wire::protocol::{self, Kind, Message};
 
 #[test]
 fn unparsable_flags_name_the_value() {
@@ -144,7 +144,7 @@ fn peer_speaking_another_version() {
 /// claims it verified only 5 pages: the sender must not call that success.
 #[test]
 fn a_verdict_that_skips_pages_is_refused() {
-    use livemig::protocol::{read_frame, Frame, Limits};
+    use livemig::wire::protocol::{read_frame, Frame, Limits};
     let addr = fake_receiver(|mut s| {
         let Ok(Message::Hello(h)) = protocol::read_handshake(&mut s, Kind::Hello) else {
             return;
@@ -346,11 +346,11 @@ fn receiver_wants_digests_in_page_order() {
         }
         bytes.extend(Message::round_end(round, u64::from(pages)).encode());
     }
-    let state = livemig::guest::DeviceState {
+    let state = livemig::guest::process::DeviceState {
         workload: "idle".into(),
         memory_bytes: 1 << 20,
         page_size: 4096,
-        vcpus: vec![livemig::guest::VcpuState {
+        vcpus: vec![livemig::guest::process::VcpuState {
             seed: 1,
             ops: 0,
             cursor: 0,
@@ -382,7 +382,7 @@ fn a_tracker_the_kernel_lacks_is_refused_with_the_reason() {
     // soft-dirty needs CONFIG_MEM_SOFT_DIRTY; where the kernel has it, the
     // tracker must work instead.
     let r = migrate(&["--tracker", "soft-dirty", "--workload", "uniform:rate=20k"]);
-    match livemig::dirty::TrackerKind::SoftDirty.check_kernel() {
+    match livemig::guest::dirty::TrackerKind::SoftDirty.check_kernel() {
         Err(_) => r.assert_fails_with(&[
             "--tracker soft-dirty",
             "CONFIG_MEM_SOFT_DIRTY",
@@ -497,7 +497,7 @@ fn corrupt_reduced_payloads_fail_cleanly_and_keep_the_source() {
 /// forever, but give up after the request timeout, naming the page.
 #[test]
 fn postcopy_requests_that_are_never_answered_time_out() {
-    use livemig::protocol::{Hello, REQUEST_STREAM, VERSION};
+    use livemig::wire::protocol::{Hello, REQUEST_STREAM, VERSION};
     let (child, addr) = receiver(&[], &[("LIVEMIG_REQUEST_TIMEOUT_MS", "1000")]);
     let (mem, session) = (1u64 << 20, 7u64); // 256 pages
     let mut ctl = TcpStream::connect(&addr).unwrap();
@@ -516,11 +516,11 @@ fn postcopy_requests_that_are_never_answered_time_out() {
     // Every page is missing; the guest writes at once.
     ctl.write_all(&protocol::discard_frame_header(0, 256))
         .unwrap();
-    let state = livemig::guest::DeviceState {
+    let state = livemig::guest::process::DeviceState {
         workload: "uniform:rate=max".into(),
         memory_bytes: mem,
         page_size: 4096,
-        vcpus: vec![livemig::guest::VcpuState {
+        vcpus: vec![livemig::guest::process::VcpuState {
             seed: 1,
             ops: 0,
             cursor: 0,

@@ -11,11 +11,11 @@ use std::time::Duration;
 mod common;
 use common::available_trackers;
 
-use livemig::control::Control;
-use livemig::dirty::{self, DirtySet, SharedBitmap, Target, TrackerKind};
-use livemig::guest::{Fresh, Guest, VcpuState, BATCH};
-use livemig::memory::{page_size, GuestMemory};
-use livemig::workload::{Stream, Workload};
+use livemig::guest::control::Control;
+use livemig::guest::dirty::{self, DirtySet, SharedBitmap, Target, TrackerKind};
+use livemig::guest::memory::{page_size, GuestMemory};
+use livemig::guest::process::{Fresh, Guest, VcpuState, BATCH};
+use livemig::guest::workload::{Stream, Workload};
 
 /// Pages vCPUs write going from states `from` to `to`, and among them those
 /// of the writes from op `late[vcpu]` on.
@@ -310,7 +310,7 @@ fn dirtyrate_attaches_to_a_running_guest_one_harvester_at_a_time() {
     let guest: i32 = pid.parse().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert!(
-        livemig::guest::process_gone(guest),
+        livemig::util::process::process_gone(guest),
         "guest {guest} outlived livemig run"
     );
 }

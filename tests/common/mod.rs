@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
-use livemig::dirty::TrackerKind;
+use livemig::guest::dirty::TrackerKind;
 
 pub fn livemig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_livemig"))

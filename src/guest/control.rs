@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use linux_futex::{AsFutex, Shared};
 
-use crate::memory::{MemoryError, SharedRegion};
+use crate::guest::memory::{MemoryError, SharedRegion};
 
 /// Most vCPUs a guest may have (slots are fixed in the block).
 pub const MAX_VCPUS: u32 = 64;
@@ -252,7 +252,7 @@ impl Control {
                 Err(holder) if holder == pid => return Ok(()),
                 // A holder that died without releasing does not count; it
                 // may have died with the vCPUs parked for a harvest.
-                Err(holder) if crate::guest::process_gone(holder as i32) => {
+                Err(holder) if crate::util::process::process_gone(holder as i32) => {
                     if owner
                         .compare_exchange(holder, 0, Ordering::SeqCst, Ordering::SeqCst)
                         .is_ok()

@@ -23,10 +23,10 @@
 //! vCPU's whole state is its seed, its operation count and its cursor: the
 //! device state that lets a migrated guest continue exactly where it stopped.
 
-use crate::units::{parse_bytes, parse_page_rate, PageRate};
+use crate::util::units::{parse_bytes, parse_page_rate, PageRate};
 
 /// Longest spec: it travels in the device state and the control block.
-pub const MAX_SPEC_LEN: usize = crate::control::MAX_WORKLOAD_LEN;
+pub const MAX_SPEC_LEN: usize = crate::guest::control::MAX_WORKLOAD_LEN;
 
 /// Errors in a `--workload` spec.
 #[derive(Debug, thiserror::Error)]

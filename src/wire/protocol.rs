@@ -9,7 +9,7 @@
 //! field: u32`), so the caller reads the page bytes (or digests) straight
 //! into their destination.
 //!
-//! A run of pages travels in one of four forms (see [`crate::datapath`]):
+//! A run of pages travels in one of four forms (see [`crate::wire::datapath`]):
 //! `Pages` (raw bytes), `ZeroPages` (a marker, no bytes: QEMU's duplicate
 //! pages), `CompressedPages` (the run compressed as one block; `field` names
 //! the codec; always smaller than the raw run) and `XbzrlePages` (per page a
@@ -92,7 +92,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
-use crate::reduce::Codec;
+use crate::wire::reduce::Codec;
 
 /// First 8 bytes of every `Hello` and `HelloAck` payload.
 pub const MAGIC: [u8; 8] = *b"LIVEMIG\0";

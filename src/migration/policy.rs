@@ -1,8 +1,9 @@
 //! When to stop pre-copy iterating. Pure functions of the completed rounds,
 //! so the real sender, the simulator and the analytical model decide alike.
 
-use crate::ratelimit::Bandwidth;
-use crate::units::UnitError;
+use crate::report::{ms, RoundReport};
+use crate::util::units::UnitError;
+use crate::wire::ratelimit::Bandwidth;
 use std::time::Duration;
 
 /// Xen stops after this many rounds...
@@ -305,7 +306,7 @@ impl Precopy {
     /// The decision after the last round in words, with the numbers the
     /// policy weighed (for teaching: `--explain`).
     pub fn explain(&self, decision: Decision, elapsed: Duration) -> String {
-        use crate::units::{fmt_bytes, fmt_rate_bits};
+        use crate::util::units::{fmt_bytes, fmt_rate_bits};
         let Some(last) = self.rounds.last() else {
             return String::new();
         };
@@ -363,6 +364,30 @@ impl Precopy {
             Decision::Stop(r) => format!("Stop-and-copy ({}): {}", r.as_str(), r.describe()),
         };
         why
+    }
+}
+
+impl RoundFigures {
+    /// This round's row in the report.
+    pub fn to_report(
+        &self,
+        harvest: std::time::Duration,
+        stop_and_copy: bool,
+        decision: String,
+    ) -> RoundReport {
+        RoundReport {
+            round: self.round,
+            pages: self.pages,
+            bytes: self.bytes,
+            duration_ms: ms(self.duration),
+            throughput_mbps: self.throughput_bytes_per_s() * 8.0 / 1e6,
+            dirty_rate_pps: self.dirty_rate_pps(),
+            rate_limit_bps: self.rate_limit.map(|b| b.saturating_mul(8)),
+            harvest_ms: ms(harvest),
+            stop_and_copy,
+            postcopy: false,
+            decision,
+        }
     }
 }
 

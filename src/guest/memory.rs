@@ -69,8 +69,8 @@ pub fn check_fits(what: &str, needed: u64) -> Result<(), MemoryError> {
         if needed > avail {
             return Err(MemoryError::TooLarge {
                 what: what.to_string(),
-                needed: crate::units::fmt_bytes(needed),
-                available: crate::units::fmt_bytes(avail),
+                needed: crate::util::units::fmt_bytes(needed),
+                available: crate::util::units::fmt_bytes(avail),
             });
         }
     }
@@ -85,7 +85,7 @@ pub struct SharedRegion {
 
 impl SharedRegion {
     /// A new zero-filled memfd of `len` bytes. The fd is close-on-exec;
-    /// [`crate::guest`] hands it to the guest process explicitly.
+    /// [`crate::guest::process`] hands it to the guest process explicitly.
     pub fn create(name: &str, len: u64) -> Result<Self, MemoryError> {
         let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC).map_err(|e| MemoryError::Create {
             name: name.into(),

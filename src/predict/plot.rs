@@ -20,7 +20,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::sweep::{Figures, Row};
+use crate::predict::sweep::{Figures, Row};
 
 /// Size of every plot, in pixels.
 const SIZE: (u32, u32) = (800, 600);

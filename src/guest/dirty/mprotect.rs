@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{DirtyError, DirtySet, SharedBitmap, Tracker};
-use crate::control::{Control, ControlBlock};
+use crate::guest::control::{Control, ControlBlock};
 
 /// Pages in the block unprotected when single pages run out of VMAs.
 const COALESCE_PAGES: usize = 512;
@@ -57,14 +57,17 @@ static CONTROL: AtomicPtr<ControlBlock> = AtomicPtr::new(std::ptr::null_mut());
 /// mapping and `control`'s must stay mapped for as long as any thread may
 /// write to the region (the guest maps them for its whole life).
 pub unsafe fn install(base: *mut u8, len: usize, bitmap: &SharedBitmap, control: &Control) {
-    let pages = len as u64 / crate::memory::page_size();
+    let pages = len as u64 / crate::guest::memory::page_size();
     assert!(
         bitmap.region().len() as u64 * 8 >= pages,
         "the bitmap has fewer bits than guest memory has pages"
     );
     BASE.store(base as usize, Ordering::Relaxed);
     LEN.store(len, Ordering::Relaxed);
-    PAGE.store(crate::memory::page_size() as usize, Ordering::Relaxed);
+    PAGE.store(
+        crate::guest::memory::page_size() as usize,
+        Ordering::Relaxed,
+    );
     BITMAP.store(bitmap.region().as_ptr().cast(), Ordering::Relaxed);
     CONTROL.store(
         (control.block() as *const ControlBlock).cast_mut(),
@@ -178,7 +181,7 @@ impl Tracker for MprotectTracker {
         }
         let t = Instant::now();
         while !self.control.request_protect(Duration::from_millis(100)) {
-            let gone = crate::guest::process_gone(self.pid);
+            let gone = crate::util::process::process_gone(self.pid);
             if gone || t.elapsed() > PROTECT_TIMEOUT {
                 let what = if gone {
                     "exited".into()

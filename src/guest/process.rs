@@ -3,8 +3,8 @@
 //! start, pause, resume and stop it.
 //!
 //! The guest inherits up to three memfds from its owner: its RAM, the control
-//! block ([`crate::control`]) and, for the `bitmap` and `mprotect` trackers,
-//! the dirty bitmap. It sets up its tracker itself ([`crate::dirty`]). A
+//! block ([`crate::guest::control`]) and, for the `bitmap` and `mprotect` trackers,
+//! the dirty bitmap. It sets up its tracker itself ([`crate::guest::dirty`]). A
 //! fresh guest stamps every page (so a page lost in transit cannot pass
 //! verification by being zero) and starts its workload. An incoming guest
 //! (`--incoming`, on the destination) is started before migration, like
@@ -23,10 +23,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::control::{Control, CONTROL_NAME, MAX_VCPUS};
-use crate::dirty::{DirtyError, SharedBitmap, TrackerKind};
-use crate::memory::{GuestMemory, MemoryError, SharedRegion, GUEST_RAM_NAME};
-use crate::workload::{fill_word, Content, Stream, Workload, WorkloadError, Write};
+use crate::guest::control::{Control, CONTROL_NAME, MAX_VCPUS};
+use crate::guest::dirty::{DirtyError, SharedBitmap, TrackerKind};
+use crate::guest::memory::{GuestMemory, MemoryError, SharedRegion, GUEST_RAM_NAME};
+use crate::guest::workload::{fill_word, Content, Stream, Workload, WorkloadError, Write};
 
 /// How long a guest may take to start or to park its vCPUs.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -163,14 +163,14 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     // Fine-grained sleeps pace the workload accurately.
     // SAFETY: PR_SET_TIMERSLACK takes an integer argument and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64) };
-    let page_size = crate::memory::page_size();
+    let page_size = crate::guest::memory::page_size();
     // SAFETY: these fds were handed to this process by its owner for this use.
     let (mem, control, bitmap) = unsafe {
         let mem = SharedRegion::from_raw_fd("guest RAM", args.mem_fd, args.memory_bytes)?;
         let control = Control::from_region(SharedRegion::from_raw_fd(
             "control",
             args.control_fd,
-            crate::control::block_len(),
+            crate::guest::control::block_len(),
         )?);
         let pages = args.memory_bytes / page_size;
         let bitmap = match args.dirty_fd {
@@ -192,7 +192,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
                     .store(vcpu_seed(f.seed, i as u32), Ordering::Relaxed);
                 slot.ops.store(0, Ordering::Relaxed);
             }
-            if f.workload.len() <= crate::control::MAX_WORKLOAD_LEN {
+            if f.workload.len() <= crate::guest::control::MAX_WORKLOAD_LEN {
                 // For whoever attaches later (`livemig dirtyrate --pid`).
                 control.publish(&f.workload, f.vcpus);
             }
@@ -205,7 +205,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     let _uffd = match resume && control.postcopy_requested() {
         true => {
             let (ptr, len) = mem.pages_ptr(0, mem.page_count());
-            let uffd = crate::uffd::Uffd::open(crate::uffd::FEATURE_MISSING_SHMEM)
+            let uffd = crate::guest::uffd::Uffd::open(crate::guest::uffd::FEATURE_MISSING_SHMEM)
                 .and_then(|u| u.register_missing(ptr, len as u64).map(|()| u));
             control.publish_uffd(uffd.as_ref().ok().map(|u| u.raw_fd()));
             Some(uffd.map_err(|e| GuestError::Postcopy(e.to_string()))?)
@@ -222,7 +222,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     // Held for the process's life: closing it would end the write protection.
     let _uffd = match tracker {
         Some(TrackerKind::UffdWp) => {
-            let uffd = crate::uffd::Uffd::open(crate::uffd::WP_ASYNC_FEATURES)
+            let uffd = crate::guest::uffd::Uffd::open(crate::guest::uffd::WP_ASYNC_FEATURES)
                 .map_err(|e| tracker_err(e.into()))?;
             uffd.register_wp(mem.region().as_ptr(), mem.len())
                 .map_err(|e| tracker_err(e.into()))?;
@@ -235,7 +235,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
             // SAFETY: guest RAM, the bitmap and the control block stay
             // mapped until this process exits.
             unsafe {
-                crate::dirty::mprotect::install(
+                crate::guest::dirty::mprotect::install(
                     mem.region().as_ptr(),
                     mem.len() as usize,
                     b,
@@ -268,7 +268,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     };
     std::thread::scope(|s| {
         if protect {
-            s.spawn(|| crate::dirty::mprotect::serve(&control));
+            s.spawn(|| crate::guest::dirty::mprotect::serve(&control));
         }
         for id in 0..vcpus {
             let vcpu = &vcpu;
@@ -367,7 +367,7 @@ impl Vcpu<'_> {
         }
     }
 
-    /// Write, then mark (see [`crate::dirty`] for why this order).
+    /// Write, then mark (see [`crate::guest::dirty`] for why this order).
     #[inline]
     fn apply(&self, w: Write) {
         let (ptr, _) = self.mem.pages_ptr(w.page(), 1);
@@ -402,7 +402,7 @@ pub fn park(control: &Control, vcpus: u32, pid: i32) -> Result<(), GuestError> {
     let start = Instant::now();
     while !control.request_pause(vcpus, Duration::from_millis(50)) {
         let timeout = start.elapsed() > PAUSE_TIMEOUT;
-        if timeout || process_gone(pid) {
+        if timeout || crate::util::process::process_gone(pid) {
             control.release();
             return Err(match timeout {
                 true => GuestError::Timeout {
@@ -418,17 +418,6 @@ pub fn park(control: &Control, vcpus: u32, pid: i32) -> Result<(), GuestError> {
         }
     }
     Ok(())
-}
-
-/// Whether process `pid` has exited (gone, or a zombie not yet reaped).
-pub fn process_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_none_or(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
-        Err(_) => true,
-    }
 }
 
 /// CPU time all of process `pid`'s threads have run so far (the kernel's
@@ -494,13 +483,13 @@ pub fn find(pid: i32) -> Result<Found, GuestError> {
         .write(true)
         .open(control.path())
         .map_err(|e| not(format!("cannot open its control block ({e})")))?;
-    let len = crate::control::block_len();
+    let len = crate::guest::control::block_len();
     if file.metadata().map_or(0, |m| m.len()) < len {
         return Err(not(format!("its {CONTROL_NAME} memfd is too small")));
     }
     let control = Control::from_region(SharedRegion::map(CONTROL_NAME, file, len)?);
     let b = control.block();
-    if b.magic.load(Ordering::Acquire) != crate::control::MAGIC {
+    if b.magic.load(Ordering::Acquire) != crate::guest::control::MAGIC {
         return Err(not(format!(
             "its {CONTROL_NAME} memfd is not a control block of this livemig version"
         )));
@@ -766,7 +755,7 @@ impl Drop for Guest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dirty::DirtySet;
+    use crate::guest::dirty::DirtySet;
 
     /// The invariant the pause race would break: once a vCPU is parked,
     /// every page it wrote since a harvest is in the next harvest. The
@@ -775,7 +764,7 @@ mod tests {
     /// to the exact count published at the park must all be marked.
     #[test]
     fn a_parked_vcpu_has_marked_every_page_it_wrote() {
-        let page_size = crate::memory::page_size();
+        let page_size = crate::guest::memory::page_size();
         let pages = 16384;
         let bytes = pages * page_size;
         // Leaked: the vCPU thread outlives the test body (it stays parked).

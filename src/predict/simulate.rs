@@ -15,14 +15,15 @@
 
 use std::time::Duration;
 
-use crate::dirty::DirtySet;
-use crate::policy::{Decision, Precopy, RoundFigures, StopReason};
-use crate::protocol::{self, Message};
-use crate::ratelimit::RateLimiter;
-use crate::report::{ms, DowntimeBreakdown, Report, RoundReport, Status};
-use crate::sender::{chunk_pages, SenderConfig};
-use crate::units::PageRate;
-use crate::workload::{Pattern, Stream, Workload, WorkloadError};
+use crate::guest::dirty::DirtySet;
+use crate::guest::workload::{Pattern, Stream, Workload, WorkloadError};
+use crate::migration::policy::{Decision, Precopy, RoundFigures, StopReason};
+use crate::migration::source::SenderConfig;
+use crate::report::{ms, DowntimeBreakdown, Report, Status};
+use crate::util::units::PageRate;
+use crate::wire::datapath::chunk_pages;
+use crate::wire::protocol::{self, Message};
+use crate::wire::ratelimit::RateLimiter;
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +31,9 @@ pub enum SimulateError {
     #[error(transparent)]
     Workload(#[from] WorkloadError),
     #[error(transparent)]
-    Guest(#[from] crate::guest::GuestError),
+    Guest(#[from] crate::guest::process::GuestError),
     #[error(transparent)]
-    Memory(#[from] crate::memory::MemoryError),
+    Memory(#[from] crate::guest::memory::MemoryError),
     #[error("--workload \"{0}\": a simulation needs a numeric rate (rate=max depends on the machine: measure it with livemig dirtyrate)")]
     MaxRate(String),
     #[error("--link must be a positive rate")]
@@ -71,10 +72,10 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
     let workload = check(cfg)?;
     let pages = m.memory_bytes / cfg.page_size;
     // Two page bitmaps are all a simulation holds.
-    crate::memory::check_fits(
+    crate::guest::memory::check_fits(
         &format!(
             "--mem {} (two page bitmaps)",
-            crate::units::fmt_bytes(m.memory_bytes)
+            crate::util::units::fmt_bytes(m.memory_bytes)
         ),
         pages.div_ceil(8).saturating_mul(2),
     )?;
@@ -181,14 +182,14 @@ pub(crate) fn finish(
 pub(crate) fn check(cfg: &SimConfig) -> Result<Workload, SimulateError> {
     let m = &cfg.migration;
     if m.memory_bytes > MAX_MEMORY {
-        return Err(SimulateError::TooLarge(crate::units::fmt_bytes(
+        return Err(SimulateError::TooLarge(crate::util::units::fmt_bytes(
             m.memory_bytes,
         )));
     }
     if cfg.link_bytes_per_s.is_nan() || cfg.link_bytes_per_s <= 0.0 {
         return Err(SimulateError::Link);
     }
-    Ok(crate::guest::check_config(
+    Ok(crate::guest::process::check_config(
         &m.workload,
         m.memory_bytes,
         cfg.page_size,
@@ -254,7 +255,7 @@ pub(crate) fn push_round(
 ) {
     report
         .rounds
-        .push(RoundReport::new(f, Duration::ZERO, stop_and_copy, decision));
+        .push(f.to_report(Duration::ZERO, stop_and_copy, decision));
     report.transferred_bytes = report.transferred_bytes.saturating_add(f.bytes);
     report.transferred_pages = report.transferred_pages.saturating_add(f.pages);
 }
@@ -282,7 +283,7 @@ impl<'a> SimGuest<'a> {
         let streams = (0..m.vcpus)
             .map(|i| {
                 // The seeds the guest process gives its vCPUs.
-                let seed = crate::guest::vcpu_seed(m.seed, i);
+                let seed = crate::guest::process::vcpu_seed(m.seed, i);
                 Stream::new(workload, i, m.vcpus, seed, 0, None)
             })
             .collect();

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::model::{self, Variant};
-use crate::policy::Policy;
-use crate::ratelimit::Bandwidth;
+use crate::migration::policy::Policy;
+use crate::migration::source::SenderConfig;
+use crate::predict::model::{self, Variant};
+use crate::predict::simulate::{self, SimConfig};
 use crate::report::Report;
-use crate::sender::SenderConfig;
-use crate::simulate::{self, SimConfig};
+use crate::wire::ratelimit::Bandwidth;
 
 /// Errors of a sweep (each point's own failures are recorded, not raised).
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +143,7 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
             return Err(SweepError::Empty(name));
         }
     }
-    let page = crate::memory::page_size();
+    let page = crate::guest::memory::page_size();
     let mut out = Vec::new();
     for &mem in &cfg.mems {
         for workload in &cfg.workloads {
@@ -151,7 +151,7 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                 for policy in &cfg.policies {
                     let label = format!(
                         "{} {workload} {bandwidth} {policy}",
-                        crate::units::fmt_bytes(mem)
+                        crate::util::units::fmt_bytes(mem)
                     );
                     let bad = |why: String| SweepError::Point {
                         label: label.clone(),
@@ -163,7 +163,7 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                             "--mem {mem}: not a non-zero multiple of the {page}-byte page size"
                         )));
                     }
-                    crate::guest::check_config(workload, mem, page, cfg.base.vcpus)
+                    crate::guest::process::check_config(workload, mem, page, cfg.base.vcpus)
                         .map_err(|e| bad(e.to_string()))?;
                     let point_cfg = SenderConfig {
                         memory_bytes: mem,
@@ -199,7 +199,7 @@ pub fn run(
     on_point: &mut dyn FnMut(&Row),
 ) -> Result<Sweep, SweepError> {
     let points = points(cfg)?;
-    let page_size = crate::memory::page_size();
+    let page_size = crate::guest::memory::page_size();
     let mut calibration: Vec<Calibration> = Vec::new();
     let mut rows = Vec::new();
     for (i, p) in points.into_iter().enumerate() {
@@ -248,7 +248,7 @@ fn calibrate(
     migrate: &mut dyn FnMut(&SenderConfig) -> Result<Report, String>,
 ) -> Result<Calibration, SweepError> {
     let fail = |why: String| SweepError::Calibration {
-        mem: crate::units::fmt_bytes(mem),
+        mem: crate::util::units::fmt_bytes(mem),
         why,
     };
     let idle = SenderConfig {

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::control::Control;
-use crate::datapath::{Decoder, Landed};
-use crate::dirty::TrackerKind;
-use crate::guest::{DeviceState, Guest, GuestError};
-use crate::memory::{check_fits, GuestMemory, MemoryError};
-use crate::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
-use crate::sender::IO_TIMEOUT;
+use crate::guest::control::Control;
+use crate::guest::dirty::TrackerKind;
+use crate::guest::memory::{check_fits, GuestMemory, MemoryError};
+use crate::guest::process::{DeviceState, Guest, GuestError};
+use crate::util::netio::IO_TIMEOUT;
+use crate::wire::datapath::{Decoder, Landed};
+use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
 
 /// How long the sender has to open its data connections.
 const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,7 +78,7 @@ pub struct ReceiveReport {
     pub verified_pages: u64,
     pub mismatched_pages: u64,
     /// Post-copy and hybrid: what the destination saw of demand paging.
-    pub postcopy: Option<crate::postcopy::PostcopyStats>,
+    pub postcopy: Option<crate::report::PostcopyStats>,
     /// Write rate of the resumed guest, measured over `DEST_RATE_WINDOW`.
     pub destination_guest_rate_pps: f64,
     pub destination_guest_pid: i32,
@@ -125,9 +125,12 @@ impl Prepared {
     }
 
     fn make(&mut self, bytes: u64) -> Result<GuestMemory, ReceiveError> {
-        let what = format!("receiving a guest of {}", crate::units::fmt_bytes(bytes));
+        let what = format!(
+            "receiving a guest of {}",
+            crate::util::units::fmt_bytes(bytes)
+        );
         check_fits(&what, bytes)?;
-        let mem = GuestMemory::create(bytes, crate::memory::page_size())?;
+        let mem = GuestMemory::create(bytes, crate::guest::memory::page_size())?;
         if self.prealloc {
             self.prealloc_ms = crate::report::ms(mem.prealloc()?);
         }
@@ -140,8 +143,8 @@ impl Prepared {
             Some(m) if m.len() == bytes => Ok(m),
             Some(m) => Err(ReceiveError::Invalid(format!(
                 "the sender's guest has {}, this receiver was prepared for {} (--mem)",
-                crate::units::fmt_bytes(bytes),
-                crate::units::fmt_bytes(m.len())
+                crate::util::units::fmt_bytes(bytes),
+                crate::util::units::fmt_bytes(m.len())
             ))),
             None => self.make(bytes),
         }
@@ -162,7 +165,7 @@ pub fn receive(
     let result = rx.accept_and_run(listener);
     match &result {
         Ok(()) => rx.report.status = crate::report::Status::Completed,
-        Err(e) => rx.report.error = Some(crate::report::error_chain(e)),
+        Err(e) => rx.report.error = Some(crate::util::error::error_chain(e)),
     }
     (rx.report, result)
 }
@@ -199,7 +202,7 @@ fn setup(sock: &TcpStream) -> Result<(), ReceiveError> {
 /// Tell the sender why, then drain briefly so the reason is not lost to a
 /// reset (closing with unread data would send RST).
 fn give_up(sock: &mut TcpStream, e: &ReceiveError) {
-    let _ = protocol::write_message(sock, &Message::abort(crate::report::error_chain(e)));
+    let _ = protocol::write_message(sock, &Message::abort(crate::util::error::error_chain(e)));
     let _ = sock.shutdown(Shutdown::Write);
     let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -355,10 +358,10 @@ impl Receiving {
         };
         let limits = hello.limits().map_err(|e| self.err(e))?;
         let page_size = u64::from(limits.page_size);
-        if page_size != crate::memory::page_size() {
+        if page_size != crate::guest::memory::page_size() {
             return Err(ReceiveError::Invalid(format!(
                 "sender uses {page_size}-byte pages, this host {}",
-                crate::memory::page_size()
+                crate::guest::memory::page_size()
             )));
         }
         self.report.memory_bytes = hello.memory_bytes;
@@ -531,7 +534,7 @@ impl Receiving {
     ) -> Result<(), ReceiveError> {
         let postcopy = requests.is_some();
         // Post-copy: the pages to fetch, announced before the device state.
-        let mut missing = crate::dirty::DirtySet::new(limits.page_count);
+        let mut missing = crate::guest::dirty::DirtySet::new(limits.page_count);
         let mut discard = Duration::ZERO;
         let hello_bytes = self.report.memory_bytes;
         let page_size = self.report.page_size;
@@ -660,8 +663,8 @@ impl Receiving {
         &mut self,
         guest: &mut Guest,
         limits: &Limits,
-        missing: &crate::dirty::DirtySet,
-    ) -> Result<crate::postcopy::Destination, ReceiveError> {
+        missing: &crate::guest::dirty::DirtySet,
+    ) -> Result<crate::migration::postcopy::Destination, ReceiveError> {
         let pid = guest.pid();
         let Some(fd) = guest.control().wait_uffd(Duration::from_secs(5)) else {
             guest.check_alive()?;
@@ -669,9 +672,9 @@ impl Receiving {
                 "post-copy: the destination guest could not register its memory for missing-page faults".into(),
             ));
         };
-        let uffd = crate::uffd::Uffd::take_from(pid, fd)
+        let uffd = crate::guest::uffd::Uffd::take_from(pid, fd)
             .map_err(|e| ReceiveError::Invalid(format!("post-copy: {e}")))?;
-        Ok(crate::postcopy::Destination::new(
+        Ok(crate::migration::postcopy::Destination::new(
             uffd,
             guest.mem_addr(),
             limits,
@@ -688,7 +691,7 @@ impl Receiving {
         landed: &Landed,
         guest: &mut Guest,
         limits: &Limits,
-        dest: &crate::postcopy::Destination,
+        dest: &crate::migration::postcopy::Destination,
         req: TcpStream,
     ) -> Result<(), ReceiveError> {
         self.context = "the source's post-copy push".into();
@@ -725,7 +728,7 @@ impl Receiving {
             return Err(ReceiveError::Invalid(format!(
                 "post-copy failed with {} pages still missing, so the destination guest cannot continue and is stopped: {}{why}",
                 dest.remaining(),
-                crate::report::error_chain(e),
+                crate::util::error::error_chain(e),
             )));
         }
         let took = result.expect("failures returned above");
@@ -743,9 +746,9 @@ impl Receiving {
         sock: &mut TcpStream,
         landed: &Landed,
         limits: &Limits,
-        dest: &crate::postcopy::Destination,
+        dest: &crate::migration::postcopy::Destination,
     ) -> Result<(), ReceiveError> {
-        use crate::postcopy::Path;
+        use crate::migration::postcopy::Path;
         let failed = |why: String| ReceiveError::Invalid(why);
         let mut buf = Vec::new();
         let mut round = None;
@@ -765,7 +768,7 @@ impl Receiving {
                         .map_err(failed)?;
                 }
                 Frame::Message(Message::RoundEnd { round: r, .. }) if round == Some(r) => {
-                    let deadline = Instant::now() + crate::postcopy::request_timeout();
+                    let deadline = Instant::now() + crate::migration::postcopy::request_timeout();
                     while dest.remaining() > 0 {
                         if let Some(why) = dest.failure() {
                             return Err(failed(why));

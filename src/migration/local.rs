@@ -1,9 +1,9 @@
 //! `livemig migrate`: both ends on this machine over loopback, the receiver
 //! on a thread of this process, each guest in its own process.
 
-use crate::receiver::{self, ReceiveError};
+use crate::migration::destination::{self, ReceiveError};
+use crate::migration::source::{self, SendError, SenderConfig, Source};
 use crate::report::{Report, RoundReport, Status};
-use crate::sender::{self, SendError, SenderConfig, Source};
 
 /// Errors of a local migration: whichever end saw the cause.
 #[derive(Debug, thiserror::Error)]
@@ -13,7 +13,7 @@ pub enum MigrateError {
     #[error("receiver")]
     Receive(#[from] ReceiveError),
     #[error(transparent)]
-    Memory(#[from] crate::memory::MemoryError),
+    Memory(#[from] crate::guest::memory::MemoryError),
 }
 
 /// The destination's options in a local migration.
@@ -42,22 +42,22 @@ pub fn run(
 ) -> (Report, Result<(), MigrateError>) {
     let failed = |e: MigrateError| {
         let report = Report {
-            error: Some(crate::report::error_chain(&e)),
+            error: Some(crate::util::error::error_chain(&e)),
             ..cfg.report()
         };
         (report, Err(e))
     };
     // Both ends' guest memory lives on this machine.
-    if let Err(e) = crate::memory::check_fits(
+    if let Err(e) = crate::guest::memory::check_fits(
         &format!(
             "--mem {} (a local migration holds it twice)",
-            crate::units::fmt_bytes(cfg.memory_bytes)
+            crate::util::units::fmt_bytes(cfg.memory_bytes)
         ),
         cfg.memory_bytes.saturating_mul(2),
     ) {
         return failed(e.into());
     }
-    let listener = match receiver::bind("127.0.0.1:0") {
+    let listener = match destination::bind("127.0.0.1:0") {
         Ok(l) => l,
         Err(e) => return failed(e.into()),
     };
@@ -68,13 +68,14 @@ pub fn run(
     };
     // Post-copy discards what it has not received: preallocating all of
     // it first would only add the discard to the downtime.
-    let prealloc = dest.prealloc && cfg.mode != crate::postcopy::Mode::Postcopy;
-    let prepared = match receiver::Prepared::new(Some(cfg.memory_bytes), prealloc, dest.prepage) {
+    let prealloc = dest.prealloc && cfg.mode != crate::migration::postcopy::Mode::Postcopy;
+    let prepared = match destination::Prepared::new(Some(cfg.memory_bytes), prealloc, dest.prepage)
+    {
         Ok(p) => p,
         Err(e) => return failed(e.into()),
     };
-    let rx = std::thread::spawn(move || receiver::receive(&listener, prepared));
-    let (mut report, sent) = sender::migrate(cfg, &mut src, &addr, on_round);
+    let rx = std::thread::spawn(move || destination::receive(&listener, prepared));
+    let (mut report, sent) = source::migrate(cfg, &mut src, &addr, on_round);
     drop(src);
     if sent.is_err() {
         // If the sender failed before connecting, the receiver still waits in
@@ -109,7 +110,7 @@ pub fn run(
     };
     if let Err(e) = &result {
         report.status = Status::Failed;
-        report.error = Some(crate::report::error_chain(e));
+        report.error = Some(crate::util::error::error_chain(e));
     }
     (report, result)
 }

@@ -8,7 +8,7 @@
 //!   again in the next round;
 //! - *a pause between write and mark* would leave a written page unmarked, so
 //!   the guest is paused only at safe points, between complete write-then-mark
-//!   operations ([`crate::control`]), and only then stopped with SIGSTOP.
+//!   operations ([`crate::guest::control`]), and only then stopped with SIGSTOP.
 //!
 //! The `mprotect` tracker ([`super::mprotect`]) reuses the same bitmap,
 //! marked by the guest's fault handler instead of its vCPUs.
@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{DirtyError, DirtySet, Tracker};
-use crate::memory::{MemoryError, SharedRegion};
+use crate::guest::memory::{MemoryError, SharedRegion};
 
 /// A bitmap in shared memory, marked by the guest and harvested by the sender.
 pub struct SharedBitmap {

@@ -1,7 +1,7 @@
 //! Bandwidth policy (what `--bandwidth` asks for) and the token bucket that
 //! enforces it on the wire. Rates are bytes per second throughout.
 
-use crate::units::{parse_rate, UnitError};
+use crate::util::units::{parse_rate, UnitError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::units::fmt_bytes;
+use crate::util::units::fmt_bytes;
 
 /// Whether the migration completed: memory verified and the destination running.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -50,30 +50,6 @@ pub fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-impl RoundReport {
-    /// A round's row from its figures.
-    pub fn new(
-        f: &crate::policy::RoundFigures,
-        harvest: std::time::Duration,
-        stop_and_copy: bool,
-        decision: String,
-    ) -> Self {
-        Self {
-            round: f.round,
-            pages: f.pages,
-            bytes: f.bytes,
-            duration_ms: ms(f.duration),
-            throughput_mbps: f.throughput_bytes_per_s() * 8.0 / 1e6,
-            dirty_rate_pps: f.dirty_rate_pps(),
-            rate_limit_bps: f.rate_limit.map(|b| b.saturating_mul(8)),
-            harvest_ms: ms(harvest),
-            stop_and_copy,
-            postcopy: false,
-            decision,
-        }
-    }
-}
-
 /// Downtime split into its phases, in milliseconds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DowntimeBreakdown {
@@ -89,7 +65,10 @@ pub struct DowntimeBreakdown {
     pub resume: f64,
 }
 
-/// [`Report::mode`] of a simulated migration ([`crate::simulate`]).
+/// [`Report::mode`] of a prediction by the analytical model ([`crate::predict::model`]).
+pub const MODEL: &str = "model";
+
+/// [`Report::mode`] of a simulated migration ([`crate::predict::simulate`]).
 pub const SIMULATED: &str = "simulated";
 
 /// The report of one migration, from the source's point of view.
@@ -138,13 +117,13 @@ pub struct Report {
     pub xbzrle_cache_bytes: Option<u64>,
     /// How the transferred pages travelled.
     #[serde(flatten)]
-    pub forms: crate::datapath::SendStats,
+    pub forms: crate::wire::datapath::SendStats,
     /// Raw size of the compressed pages over their compressed size.
     pub compression_ratio: Option<f64>,
     /// Post-copy and hybrid: requests, pulled and pushed pages, fault
     /// latency (local runs), time to populate, guest rate meanwhile.
     #[serde(flatten)]
-    pub postcopy: crate::postcopy::PostcopyStats,
+    pub postcopy: PostcopyStats,
     /// Destination: time spent preallocating its memory before the
     /// migration (local runs; null when lazy).
     pub receiver_prealloc_ms: Option<f64>,
@@ -173,18 +152,6 @@ pub struct Report {
     /// had been paused; for a writing workload, its writes were seen to go on).
     pub source_guest_kept_running: bool,
     pub rounds: Vec<RoundReport>,
-}
-
-/// An error and its causes on one line, `outer: cause: root cause`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s += ": ";
-        s += &c.to_string();
-        cause = c.source();
-    }
-    s
 }
 
 impl Report {
@@ -316,7 +283,7 @@ pub fn summary(r: &Report) -> String {
         }
         s.push('\n');
     }
-    if r.mode == SIMULATED || r.mode == crate::model::MODEL {
+    if r.mode == SIMULATED || r.mode == MODEL {
         s += &format!(
             "{:<18}no memory moved: rounds, times and bytes are predicted\n",
             r.mode
@@ -360,4 +327,36 @@ pub fn summary(r: &Report) -> String {
     }
     s.push('\n');
     s
+}
+
+/// Post-copy figures, in the reports of both ends.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PostcopyStats {
+    /// Page requests the destination sent (one per demand fault it could
+    /// not find already requested).
+    pub postcopy_requests: u64,
+    /// Pages by request and by the background push: as sent (the source's
+    /// report), or as first placed (the destination's, and `migrate`'s).
+    pub pages_pulled: u64,
+    pub pages_pushed: u64,
+    /// Missing-page faults the destination's guest took.
+    pub postcopy_faults: u64,
+    /// Fault read -> page placed, over the faults that waited (destination only).
+    pub fault_latency_us: Option<Latency>,
+    /// Destination resumed -> every page present.
+    pub postcopy_populated_ms: Option<f64>,
+    /// Destination: dropping its stale copies of the pages to fetch (punching
+    /// them out of its memory), inside the downtime.
+    pub postcopy_discard_ms: Option<f64>,
+    /// The destination guest's write rate while pages were still missing.
+    pub guest_rate_postcopy_pps: Option<f64>,
+}
+
+/// A latency distribution in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
 }

@@ -21,9 +21,9 @@ use std::sync::OnceLock;
 
 use nix::errno::Errno;
 
-use crate::control::Control;
-use crate::memory::MemoryError;
-use crate::uffd::UffdError;
+use crate::guest::control::Control;
+use crate::guest::memory::MemoryError;
+use crate::guest::uffd::UffdError;
 pub use bitmap::{BitmapTracker, SharedBitmap};
 
 /// Errors of dirty tracking.
@@ -123,7 +123,7 @@ impl TrackerKind {
                         "the kernel lacks CONFIG_MEM_SOFT_DIRTY (pagemap bit 55 stays clear after a write)"
                             .into(),
                     ),
-                    Err(e) => Err(crate::report::error_chain(&e)),
+                    Err(e) => Err(crate::util::error::error_chain(&e)),
                 }),
                 "--tracker uffd-wp, bitmap or mprotect",
             ),

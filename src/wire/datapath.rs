@@ -20,11 +20,11 @@
 use std::io::{IoSlice, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::memory::GuestMemory;
-use crate::protocol::{self, Frame, Kind, ProtocolError, MAX_RUN_PAGES};
-use crate::ratelimit::RateLimiter;
-use crate::reduce::{Codec, Compressor, Decompressor};
-use crate::xbzrle;
+use crate::guest::memory::GuestMemory;
+use crate::wire::protocol::{self, Frame, Kind, ProtocolError, MAX_RUN_PAGES};
+use crate::wire::ratelimit::RateLimiter;
+use crate::wire::reduce::{Codec, Compressor, Decompressor};
+use crate::wire::xbzrle;
 
 /// Which data reductions the sender applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +84,7 @@ impl std::ops::AddAssign for SendStats {
 #[derive(Debug, thiserror::Error)]
 pub enum DataPathError {
     #[error(transparent)]
-    Reduce(#[from] crate::reduce::ReduceError),
+    Reduce(#[from] crate::wire::reduce::ReduceError),
     #[error(transparent)]
     Xbzrle(#[from] xbzrle::XbzrleError),
 }
@@ -246,7 +246,7 @@ impl Encoder {
             })
             .collect();
         limiter.acquire(total as u64);
-        crate::sender::write_all_vectored(w, &mut slices)?;
+        crate::util::netio::write_all_vectored(w, &mut slices)?;
         Ok(total as u64)
     }
 
@@ -262,7 +262,7 @@ impl Encoder {
             // is dirty again and resent.
             unsafe { mem.pages(page, 1) }
         };
-        let zero = self.reduction.zero_pages && crate::reduce::is_zero(data);
+        let zero = self.reduction.zero_pages && crate::wire::reduce::is_zero(data);
         let cache = match self.cache.as_mut() {
             Some(c) if !self.bulk => c,
             _ => return if zero { Form::Zero } else { Form::Whole },
@@ -358,7 +358,7 @@ pub struct Landed {
 
 impl Landed {
     pub fn new(pages: u64, page_size: u64) -> Self {
-        let zero_digest = crate::memory::page_digest(&vec![0u8; page_size as usize]);
+        let zero_digest = crate::guest::memory::page_digest(&vec![0u8; page_size as usize]);
         let n = usize::try_from(pages).expect("fits: memory was mapped");
         Self {
             digests: (0..n).map(|_| AtomicU64::new(zero_digest)).collect(),
@@ -376,7 +376,7 @@ impl Landed {
 
     fn set_all(&self, first: u64, pages: &[u8], page_size: usize) {
         for (i, page) in pages.chunks_exact(page_size).enumerate() {
-            self.set(first + i as u64, crate::memory::page_digest(page));
+            self.set(first + i as u64, crate::guest::memory::page_digest(page));
         }
     }
 }
@@ -479,7 +479,7 @@ impl Decoder {
                     let bytes = unsafe { mem.pages_mut(page, 1) };
                     xbzrle::decode(delta, bytes)
                         .map_err(|e| corrupt(frame, format!("page {page}: {e}")))?;
-                    landed.set(page, crate::memory::page_digest(bytes));
+                    landed.set(page, crate::guest::memory::page_digest(bytes));
                     rest = tail;
                 }
                 if !rest.is_empty() {
@@ -523,6 +523,19 @@ fn corrupt(frame: &Frame, why: impl std::fmt::Display) -> ProtocolError {
             first + u64::from(count)
         ),
     }
+}
+
+/// Largest Pages frame the sender builds (1 MiB of 4 KiB pages).
+const CHUNK_PAGES: u64 = 256;
+
+/// Pages per Pages frame under rate limit `limit`: slices of about 5 ms of
+/// the limit, so rounds are paced smoothly.
+pub fn chunk_pages(limit: Option<u64>, page_size: u64) -> u64 {
+    match limit {
+        Some(l) => (l / 200 / page_size).clamp(1, CHUNK_PAGES),
+        None => CHUNK_PAGES,
+    }
+    .min(u64::from(MAX_RUN_PAGES))
 }
 
 #[cfg(test)]
@@ -571,7 +584,11 @@ mod tests {
             // SAFETY: nothing writes either memory meanwhile.
             let (x, y) = unsafe { (a.pages(p, 1), b.pages(p, 1)) };
             assert!(x == y, "page {p} differs");
-            assert_eq!(landed.get(p), crate::memory::page_digest(x), "page {p}");
+            assert_eq!(
+                landed.get(p),
+                crate::guest::memory::page_digest(x),
+                "page {p}"
+            );
         }
     }
 

@@ -20,15 +20,15 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::policy::{Decision, Policy, Precopy, RoundFigures, StopReason};
-use crate::report::ms;
-use crate::report::Report;
-use crate::sender::chunk_pages;
-use crate::simulate::{
+use crate::guest::workload::{Pattern, Workload};
+use crate::migration::policy::{Decision, Policy, Precopy, RoundFigures, StopReason};
+use crate::predict::simulate::{
     check, finish, push_round, round_time, wire_bytes, SimConfig, SimulateError,
 };
-use crate::units::PageRate;
-use crate::workload::{Pattern, Workload};
+use crate::report::ms;
+use crate::report::{Report, MODEL};
+use crate::util::units::PageRate;
+use crate::wire::datapath::chunk_pages;
 
 /// Which dirty-page function the model uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -39,11 +39,11 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub fn parse(s: &str) -> Result<Self, crate::units::UnitError> {
+    pub fn parse(s: &str) -> Result<Self, crate::util::units::UnitError> {
         match s {
             "classic" => Ok(Self::Classic),
             "wws" => Ok(Self::Wws),
-            _ => Err(crate::units::UnitError::new(
+            _ => Err(crate::util::units::UnitError::new(
                 "--variant",
                 s,
                 "expected classic or wws",
@@ -108,9 +108,9 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
     let mut fixed_point = false;
     let stop = loop {
         let round = precopy.rounds().len() as u32;
-        if round as usize >= crate::simulate::MAX_ROUNDS {
+        if round as usize >= crate::predict::simulate::MAX_ROUNDS {
             return Err(SimulateError::Runaway(
-                crate::simulate::MAX_ROUNDS,
+                crate::predict::simulate::MAX_ROUNDS,
                 elapsed.as_secs_f64(),
             ));
         }
@@ -153,7 +153,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
                     .saturating_add(more.saturating_mul(todo));
                 report.rounds_not_listed = more;
                 let last = precopy.rounds().last().expect("a round was recorded");
-                let expected = crate::policy::expected_downtime(precopy.config(), last)
+                let expected = crate::migration::policy::expected_downtime(precopy.config(), last)
                     .map_or(f64::INFINITY, |d| d.as_secs_f64() * 1e3);
                 report.note = Some(format!(
                     "does not converge: every round leaves the same {todo} pages dirty (the guest writes {:.1} MB/s; rounds move {:.1} MB/s), and sending them would take {expected:.1} ms, above --downtime-limit {:.1} ms; only --max-time ends pre-copy ({more} more identical rounds, not listed)",
@@ -175,9 +175,6 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
     }
     Ok(report)
 }
-
-/// [`Report::mode`] of a model's prediction.
-pub const MODEL: &str = "model";
 
 /// Bytes of a round of `pages` pages: RoundStart, the pages with a Pages
 /// header per run, RoundEnd. Round 0 and sweeps are contiguous; otherwise

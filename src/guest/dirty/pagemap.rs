@@ -2,7 +2,7 @@
 //! `/proc/<pid>/pagemap`: the guest is a black box that writes plainly.
 //!
 //! - `uffd-wp`: the guest registered its memory with userfaultfd in
-//!   asynchronous write-protect mode ([`crate::uffd`]). One `PAGEMAP_SCAN`
+//!   asynchronous write-protect mode ([`crate::guest::uffd`]). One `PAGEMAP_SCAN`
 //!   ioctl (Linux 6.7+) returns the ranges written since they were last
 //!   protected and re-protects them under the page-table lock, so a write
 //!   lands either before the scan (and is reported) or after it (and faults,
@@ -247,7 +247,7 @@ impl Tracker for SoftDirtyTracker {
 /// `CONFIG_MEM_SOFT_DIRTY`, `clear_refs` accepts the command and bit 55
 /// simply never appears.
 pub fn soft_dirty_supported() -> Result<bool, DirtyError> {
-    let page_size = crate::memory::page_size();
+    let page_size = crate::guest::memory::page_size();
     let mut page = vec![0u8; page_size as usize * 2];
     let addr = (page.as_ptr() as u64).next_multiple_of(page_size);
     std::fs::write("/proc/self/clear_refs", CLEAR_SOFT_DIRTY).map_err(|source| {
@@ -270,7 +270,7 @@ pub fn soft_dirty_supported() -> Result<bool, DirtyError> {
 /// write protection, register a shared page with it, write the page and
 /// find it with `PAGEMAP_SCAN`, exactly as a guest and its sender will.
 pub fn probe_uffd_wp() -> Result<(), String> {
-    let written = probe_uffd_wp_steps().map_err(|e| crate::report::error_chain(&e))?;
+    let written = probe_uffd_wp_steps().map_err(|e| crate::util::error::error_chain(&e))?;
     match written {
         true => Ok(()),
         false => Err("PAGEMAP_SCAN did not report a page written after protection".into()),
@@ -279,9 +279,9 @@ pub fn probe_uffd_wp() -> Result<(), String> {
 
 /// Whether a page written after protection was reported.
 fn probe_uffd_wp_steps() -> Result<bool, DirtyError> {
-    let page_size = crate::memory::page_size();
-    let region = crate::memory::SharedRegion::create("livemig-probe", page_size)?;
-    let uffd = crate::uffd::Uffd::open(crate::uffd::WP_ASYNC_FEATURES)?;
+    let page_size = crate::guest::memory::page_size();
+    let region = crate::guest::memory::SharedRegion::create("livemig-probe", page_size)?;
+    let uffd = crate::guest::uffd::Uffd::open(crate::guest::uffd::WP_ASYNC_FEATURES)?;
     uffd.register_wp(region.as_ptr(), page_size)?;
     let pm = Pagemap::open(0, region.as_ptr() as u64, 1, page_size)?;
     let (mut set, mut buf) = (DirtySet::new(1), Vec::new());
@@ -296,8 +296,8 @@ fn probe_uffd_wp_steps() -> Result<bool, DirtyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::SharedRegion;
-    use crate::uffd::{Uffd, WP_ASYNC_FEATURES};
+    use crate::guest::memory::SharedRegion;
+    use crate::guest::uffd::{Uffd, WP_ASYNC_FEATURES};
 
     /// Exactly the pages written between two scans, in this process.
     #[test]
@@ -306,7 +306,7 @@ mod tests {
             eprintln!("skipped: {e}");
             return;
         }
-        let ps = crate::memory::page_size();
+        let ps = crate::guest::memory::page_size();
         let pages = 1000;
         let region = SharedRegion::create("test", pages * ps).unwrap();
         let uffd = Uffd::open(WP_ASYNC_FEATURES).unwrap();
@@ -344,7 +344,7 @@ mod tests {
             eprintln!("skipped: {e}");
             return;
         }
-        let ps = crate::memory::page_size();
+        let ps = crate::guest::memory::page_size();
         let region = SharedRegion::create("test", 4 * ps).unwrap();
         let pm = Pagemap::open(0, region.as_ptr() as u64, 4, ps).unwrap();
         let e = pm

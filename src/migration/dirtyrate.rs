@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::control::MAX_VCPUS;
-use crate::dirty::{DirtyError, DirtySet, Target, Tracker, TrackerKind};
-use crate::guest::{Found, Fresh, GuestError};
+use crate::guest::control::MAX_VCPUS;
+use crate::guest::dirty::{DirtyError, DirtySet, Target, Tracker, TrackerKind};
+use crate::guest::process::{Found, Fresh, GuestError};
+use crate::migration::source::{SendError, Source};
 use crate::report::ms;
-use crate::sender::{SendError, Source};
 
 /// How often the tracker harvests; every window is a multiple of it.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -211,19 +211,19 @@ impl Measured {
         if kind.uses_bitmap() {
             return Err(DirtyRateError::AttachTracker(kind.as_str()));
         }
-        let found = crate::guest::find(pid)?;
+        let found = crate::guest::process::find(pid)?;
         found
             .control
             .claim(std::process::id())
             .map_err(|holder| GuestError::Claimed { pid, holder })?;
-        let page_size = crate::memory::page_size();
+        let page_size = crate::guest::memory::page_size();
         let target = Target {
             pid,
             addr: found.mem_addr,
             pages: found.mem_bytes / page_size,
             page_size,
         };
-        let opened = crate::dirty::open(kind, &target, None, &found.control);
+        let opened = crate::guest::dirty::open(kind, &target, None, &found.control);
         let tracker = match opened {
             Ok(t) => t,
             Err(e) => {
@@ -259,7 +259,7 @@ impl Measured {
         match self {
             Self::Own(src) => (src.mem.page_size(), src.mem.page_count()),
             Self::Attached { found, .. } => {
-                let ps = crate::memory::page_size();
+                let ps = crate::guest::memory::page_size();
                 (ps, found.mem_bytes / ps)
             }
         }
@@ -281,13 +281,13 @@ impl Measured {
     }
 
     fn cpu_time(&self) -> Duration {
-        crate::guest::cpu_time(self.pid())
+        crate::guest::process::cpu_time(self.pid())
     }
 
     fn check_alive(&mut self) -> Result<(), DirtyRateError> {
         match self {
             Self::Own(src) => Ok(src.guest.check_alive()?),
-            Self::Attached { found, .. } if crate::guest::process_gone(found.pid) => {
+            Self::Attached { found, .. } if crate::util::process::process_gone(found.pid) => {
                 Err(DirtyError::Guest {
                     pid: found.pid,
                     what: "exited".into(),
@@ -309,7 +309,7 @@ impl Measured {
                 let t = Instant::now();
                 let quiesce = tracker.needs_quiesce();
                 if quiesce {
-                    crate::guest::park(&found.control, *vcpus, found.pid)?;
+                    crate::guest::process::park(&found.control, *vcpus, found.pid)?;
                 }
                 let harvested = tracker.harvest(into, false);
                 if quiesce {
@@ -378,7 +378,7 @@ impl Window {
 
 /// The human form of a report.
 pub fn summary(r: &DirtyRateReport) -> String {
-    use crate::units::fmt_bytes;
+    use crate::util::units::fmt_bytes;
     let ps = r.page_size;
     let mut s = format!(
         "dirtyrate         guest {}, {} tracker, {}, {} vCPU(s), {}, measured {:.0} ms\n",

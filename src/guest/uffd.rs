@@ -6,7 +6,7 @@
 //! registers its memory in write-protect mode with `UFFD_FEATURE_WP_ASYNC`,
 //! so a write to a protected page is resolved by the kernel itself (no fault
 //! handler thread) and leaves the page "written" in its page table entry,
-//! where `PAGEMAP_SCAN` ([`crate::dirty::pagemap`]) finds and re-protects it.
+//! where `PAGEMAP_SCAN` ([`crate::guest::dirty::pagemap`]) finds and re-protects it.
 //!
 //! Post-copy uses missing-page faults: the destination guest registers its
 //! memory in MISSING mode before its vCPUs run; its receiver takes the

@@ -21,27 +21,21 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::control::Control;
-use crate::datapath::{DataPathError, Encoder, Reduction, SendStats};
-use crate::dirty::{DirtyError, DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
-use crate::guest::{DeviceState, Fresh, Guest, GuestError};
-use crate::memory::{GuestMemory, MemoryError};
-use crate::policy::{Decision, Policy, PolicyConfig, Precopy, RoundFigures};
-use crate::postcopy::{self, Mode};
-use crate::protocol::{
-    self, Frame, Kind, Limits, Message, ProtocolError, MAX_DIGESTS, MAX_RUN_PAGES,
-};
-use crate::ratelimit::{Bandwidth, RateLimiter};
+use crate::guest::control::Control;
+use crate::guest::dirty::{DirtyError, DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
+use crate::guest::memory::{GuestMemory, MemoryError};
+use crate::guest::process::{DeviceState, Fresh, Guest, GuestError};
+use crate::guest::workload::Workload;
+use crate::migration::policy::{Decision, Policy, PolicyConfig, Precopy, RoundFigures};
+use crate::migration::postcopy::{self, Mode};
 use crate::report::{ms, Report, RoundReport, Status};
-use crate::units::PageRate;
-use crate::workload::Workload;
+use crate::util::netio::{write_all_vectored, IO_TIMEOUT};
+use crate::util::units::PageRate;
+use crate::wire::datapath::{chunk_pages, DataPathError, Encoder, Reduction, SendStats};
+use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError, MAX_DIGESTS};
+use crate::wire::ratelimit::{Bandwidth, RateLimiter};
 
-/// How long socket reads and writes may block before the peer counts as gone.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest Pages frame the sender builds (1 MiB of 4 KiB pages).
-const CHUNK_PAGES: u64 = 256;
-
 /// Errors of the sending side.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -161,7 +155,7 @@ impl SenderConfig {
             workload: self.workload.clone(),
             vcpus: self.vcpus,
             memory_bytes: self.memory_bytes,
-            page_size: crate::memory::page_size(),
+            page_size: crate::guest::memory::page_size(),
             streams: self.streams,
             compress: self.reduction.compress.map(|c| c.as_str().into()),
             xbzrle_cache_bytes: self.reduction.xbzrle_cache,
@@ -187,11 +181,15 @@ impl Source {
         memory_bytes: u64,
         fresh: &Fresh,
     ) -> Result<Self, SendError> {
-        let page_size = crate::memory::page_size();
-        let workload =
-            crate::guest::check_config(&fresh.workload, memory_bytes, page_size, fresh.vcpus)?;
-        crate::memory::check_fits(
-            &format!("--mem {}", crate::units::fmt_bytes(memory_bytes)),
+        let page_size = crate::guest::memory::page_size();
+        let workload = crate::guest::process::check_config(
+            &fresh.workload,
+            memory_bytes,
+            page_size,
+            fresh.vcpus,
+        )?;
+        crate::guest::memory::check_fits(
+            &format!("--mem {}", crate::util::units::fmt_bytes(memory_bytes)),
             memory_bytes,
         )?;
         let mem = Arc::new(GuestMemory::create(memory_bytes, page_size)?);
@@ -216,7 +214,7 @@ impl Source {
             pages: mem.page_count(),
             page_size,
         };
-        let tracker = crate::dirty::open(tracker, &target, bitmap, &control)?;
+        let tracker = crate::guest::dirty::open(tracker, &target, bitmap, &control)?;
         Ok(Self {
             mem,
             guest,
@@ -294,7 +292,7 @@ pub fn migrate(
             // Pre-copy never loses the source.
             run.report.source_guest_kept_running = src_resume(run.src).unwrap_or(false);
         }
-        report.error = Some(crate::report::error_chain(e));
+        report.error = Some(crate::util::error::error_chain(e));
     }
     (report, result)
 }
@@ -647,8 +645,7 @@ impl Run<'_> {
             dirty_pages: 0,
             rate_limit: limiter.limit(),
         };
-        let mut r = RoundReport::new(
-            &f,
+        let mut r = f.to_report(
             harvest,
             false,
             "post-copy: pushed while the destination ran".into(),
@@ -678,7 +675,7 @@ impl Run<'_> {
         stop_and_copy: bool,
         decision: String,
     ) {
-        let r = RoundReport::new(f, harvest, stop_and_copy, decision);
+        let r = f.to_report(harvest, stop_and_copy, decision);
         self.report.transferred_bytes += f.bytes;
         self.report.transferred_pages += f.pages;
         self.report.rounds.push(r);
@@ -727,7 +724,7 @@ impl Run<'_> {
         let end = Message::RoundEnd { round, pages };
         bytes += protocol::write_message(sock, &end).map_err(proto(ctx))? as u64;
         if !stop_and_copy {
-            // The round ends when its pages have landed (see crate::protocol).
+            // The round ends when its pages have landed (see crate::wire::protocol).
             expect_ack(sock, round, ctx)?;
         }
         Ok((pages, bytes))
@@ -1024,16 +1021,6 @@ impl Lane {
     }
 }
 
-/// Pages per Pages frame under rate limit `limit`: slices of about 5 ms of
-/// the limit, so rounds are paced smoothly.
-pub fn chunk_pages(limit: Option<u64>, page_size: u64) -> u64 {
-    match limit {
-        Some(l) => (l / 200 / page_size).clamp(1, CHUNK_PAGES),
-        None => CHUNK_PAGES,
-    }
-    .min(u64::from(MAX_RUN_PAGES))
-}
-
 fn connect(addr: &str) -> Result<TcpStream, SendError> {
     let err = |source| SendError::Connect {
         addr: addr.into(),
@@ -1052,20 +1039,6 @@ fn connect(addr: &str) -> Result<TcpStream, SendError> {
         }
     }
     Err(err(last))
-}
-
-/// `write_all` for vectored writes (std's is unstable).
-pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Wait for the receiver's acknowledgement of `round`.

@@ -3,7 +3,7 @@
 //!
 //! In post-copy the guest resumes at the destination before its memory has
 //! arrived. Its memory is registered for missing-page faults
-//! ([`crate::uffd`]); a fault thread reads the faults and asks the source for
+//! ([`crate::guest::uffd`]); a fault thread reads the faults and asks the source for
 //! the page (and, with `--prepage N`, the N pages around it) on a connection
 //! of its own, so a request is never queued behind the bulk push (QEMU's
 //! postcopy-preempt). Pages arriving either way are placed atomically with
@@ -23,12 +23,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::datapath::Landed;
-use crate::dirty::DirtySet;
-use crate::memory::GuestMemory;
-use crate::protocol::{self, Frame, Kind, Limits, Message, ProtocolError, MAX_RUN_PAGES};
-use crate::ratelimit::RateLimiter;
-use crate::uffd::Uffd;
+use crate::guest::dirty::DirtySet;
+use crate::guest::memory::GuestMemory;
+use crate::guest::uffd::Uffd;
+use crate::report::{Latency, PostcopyStats};
+use crate::wire::datapath::Landed;
+use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError, MAX_RUN_PAGES};
+use crate::wire::ratelimit::RateLimiter;
 
 /// How long a requested page may take before the source counts as gone:
 /// 10 s, or `LIVEMIG_REQUEST_TIMEOUT_MS` (for tests).
@@ -90,38 +91,6 @@ impl Mode {
     pub fn is_postcopy(self) -> bool {
         matches!(self, Mode::Postcopy | Mode::Hybrid { .. })
     }
-}
-
-/// Post-copy figures, in the reports of both ends.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct PostcopyStats {
-    /// Page requests the destination sent (one per demand fault it could
-    /// not find already requested).
-    pub postcopy_requests: u64,
-    /// Pages by request and by the background push: as sent (the source's
-    /// report), or as first placed (the destination's, and `migrate`'s).
-    pub pages_pulled: u64,
-    pub pages_pushed: u64,
-    /// Missing-page faults the destination's guest took.
-    pub postcopy_faults: u64,
-    /// Fault read -> page placed, over the faults that waited (destination only).
-    pub fault_latency_us: Option<Latency>,
-    /// Destination resumed -> every page present.
-    pub postcopy_populated_ms: Option<f64>,
-    /// Destination: dropping its stale copies of the pages to fetch (punching
-    /// them out of its memory), inside the downtime.
-    pub postcopy_discard_ms: Option<f64>,
-    /// The destination guest's write rate while pages were still missing.
-    pub guest_rate_postcopy_pps: Option<f64>,
-}
-
-/// A latency distribution in microseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
-pub struct Latency {
-    pub count: u64,
-    pub p50: u64,
-    pub p99: u64,
-    pub max: u64,
 }
 
 /// Pages as an atomic bitset.
@@ -287,7 +256,7 @@ impl Destination {
     }
 
     fn placed(&self, page: u64, bytes: &[u8], landed: &Landed, path: Path) {
-        landed.set(page, crate::memory::page_digest(bytes));
+        landed.set(page, crate::guest::memory::page_digest(bytes));
         // Clear, then drop the request under the lock: `request` checks
         // `missing` under the same lock, so no entry outlives its page.
         if self.missing.clear(page) {
@@ -480,7 +449,7 @@ impl Server {
         let len = (header.len() + data.len()) as u64;
         limiter.charge(len);
         let mut bufs = [std::io::IoSlice::new(&header), std::io::IoSlice::new(data)];
-        crate::sender::write_all_vectored(conn, &mut bufs).map_err(ProtocolError::Io)?;
+        crate::util::netio::write_all_vectored(conn, &mut bufs).map_err(ProtocolError::Io)?;
         self.pulled.fetch_add(n, Ordering::Relaxed);
         self.bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())

@@ -1,0 +1,10 @@
+//! One migration: the [`source`] and [`destination`] sides, the
+//! [`postcopy`] demand paging, the convergence [`policy`], both ends in
+//! one process ([`local`]) and the dirty-rate probe ([`dirtyrate`]).
+
+pub mod destination;
+pub mod dirtyrate;
+pub mod local;
+pub mod policy;
+pub mod postcopy;
+pub mod source;
