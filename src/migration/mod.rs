@@ -5,6 +5,9 @@
 pub mod destination;
 pub mod dirtyrate;
 pub mod local;
+pub mod machine;
+pub mod phases;
 pub mod policy;
 pub mod postcopy;
 pub mod source;
+mod streams;
