@@ -795,8 +795,13 @@ mod tests {
             let mut since = DirtySet::new(pages);
             bitmap.take_into(&mut since);
             let first = slot.ops.load(Ordering::SeqCst) + BATCH;
+            // Let the vCPU write past the harvest whatever the machine's
+            // speed: until it has published a few writes beyond `first`.
             let t = Instant::now();
-            while t.elapsed() < Duration::from_micros(300) {}
+            while slot.ops.load(Ordering::SeqCst) < first + 8 {
+                assert!(t.elapsed() < Duration::from_secs(5), "vCPU stopped writing");
+                std::hint::spin_loop();
+            }
             assert!(
                 control.request_pause(1, Duration::from_secs(5)),
                 "vCPU did not park"

@@ -21,11 +21,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::guest::workload::{Pattern, Workload};
-use crate::migration::policy::{Decision, Policy, Precopy, RoundFigures, StopReason};
-use crate::predict::simulate::{
-    check, finish, push_round, round_time, wire_bytes, SimConfig, SimulateError,
-};
-use crate::report::ms;
+use crate::migration::machine::{Backend, Migration, Round};
+use crate::migration::policy::{Policy, Precopy, RoundFigures, StopReason};
+use crate::predict::simulate::{check, runaway, wire_bytes, Clock, SimConfig, SimulateError};
 use crate::report::{Report, MODEL};
 use crate::util::units::PageRate;
 use crate::wire::datapath::chunk_pages;
@@ -87,93 +85,149 @@ pub fn distinct_pages(w: &Workload, writes: f64, variant: Variant) -> f64 {
 /// `mode` "model".
 pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
     let m = &cfg.migration;
-    let ps = cfg.page_size;
     let w = check(cfg)?;
     let rate = match (w.is_idle(), w.rate) {
         (true, _) => 0.0,
         (false, PageRate::PerSec(r)) => r,
         (false, PageRate::Max) => return Err(SimulateError::MaxRate(m.workload.clone())),
     };
-    let mut report = Report {
+    let report = Report {
         mode: MODEL,
         tracker: "none".into(),
-        page_size: ps,
-        setup_time_ms: ms(cfg.setup),
+        page_size: cfg.page_size,
         guest_target_rate_pps: (rate > 0.0).then_some(rate),
         ..m.report()
     };
-    let mut precopy = Precopy::new(m.policy_config(ps));
-    let mut elapsed = cfg.setup;
-    let mut todo = w.page_count;
-    let mut fixed_point = false;
-    let stop = loop {
-        let round = precopy.rounds().len() as u32;
-        if round as usize >= crate::predict::simulate::MAX_ROUNDS {
-            return Err(SimulateError::Runaway(
-                crate::predict::simulate::MAX_ROUNDS,
-                elapsed.as_secs_f64(),
-            ));
-        }
-        let limit = precopy.limit();
-        let bytes = round_bytes(&w, todo, round, limit);
-        let duration = round_time(cfg, bytes, limit, round);
+    let model = Model {
+        cfg,
+        todo: w.page_count,
+        w,
+        variant,
+        rate,
+        clock: Clock::default(),
+        fixed_point: false,
+    };
+    let mut migration = Migration::new(model, m.mode, m.policy_config(cfg.page_size), report);
+    migration.run()?;
+    Ok(migration.report)
+}
+
+/// The model as a migration's backend: expected page counts, no pages.
+struct Model<'a> {
+    cfg: &'a SimConfig,
+    w: Workload,
+    variant: Variant,
+    /// The guest's writes per second.
+    rate: f64,
+    /// Pages the next round sends.
+    todo: u64,
+    clock: Clock,
+    /// Pre-copy reached a fixed point the clock alone ends.
+    fixed_point: bool,
+}
+
+impl Backend for Model<'_> {
+    type Error = SimulateError;
+
+    fn elapsed(&self) -> Duration {
+        self.clock.now
+    }
+
+    fn setup(&mut self, report: &mut Report) -> Result<(), SimulateError> {
+        self.clock.setup(self.cfg, report);
+        Ok(())
+    }
+
+    fn precopy_round(
+        &mut self,
+        round: u32,
+        limit: Option<u64>,
+        report: &mut Report,
+    ) -> Result<Round, SimulateError> {
+        runaway(round, self.clock.now)?;
+        let bytes = round_bytes(&self.w, self.todo, round, limit);
+        let duration = self.clock.round(self.cfg, bytes, limit, round);
         // Expected figures, rounded to whole pages as the sender counts them.
-        let dirty = distinct_pages(&w, rate * duration.as_secs_f64(), variant).round() as u64;
-        elapsed += duration;
-        let f = RoundFigures {
+        let writes = self.rate * duration.as_secs_f64();
+        let dirty = distinct_pages(&self.w, writes, self.variant).round() as u64;
+        report.dirty_sync_count += 1;
+        let figures = RoundFigures {
             round,
-            pages: todo,
+            pages: std::mem::replace(&mut self.todo, dirty),
             bytes,
             duration,
             dirty_pages: dirty,
             rate_limit: limit,
         };
-        let same_limit = f.rate_limit;
-        let (seconds, round_bytes) = (f.duration.as_secs_f64(), f.bytes);
-        let decision = precopy.end_round(f.clone(), elapsed);
-        push_round(&mut report, &f, false, precopy.explain(decision, elapsed));
-        let same = (f.pages, same_limit) == (dirty, precopy.limit());
-        todo = dirty;
-        match decision {
-            Decision::Stop(reason) => break reason,
-            // A fixed point (past round 0, whose limiter credit differs):
-            // every later round is this one again, and a qemu decision
-            // depends on the last round only, so only the clock stops it.
-            Decision::Continue if round >= 1 && same && matches!(m.policy, Policy::Qemu) => {
-                let left = m.max_time.saturating_sub(elapsed).as_secs_f64();
-                let more = (left / seconds).ceil();
-                elapsed += Duration::from_secs_f64(more * seconds);
-                // f64 -> u64 saturates: a count of rounds.
-                let more = more as u64;
-                report.transferred_bytes = report
-                    .transferred_bytes
-                    .saturating_add(more.saturating_mul(round_bytes));
-                report.transferred_pages = report
-                    .transferred_pages
-                    .saturating_add(more.saturating_mul(todo));
-                report.rounds_not_listed = more;
-                let last = precopy.rounds().last().expect("a round was recorded");
-                let expected = crate::migration::policy::expected_downtime(precopy.config(), last)
-                    .map_or(f64::INFINITY, |d| d.as_secs_f64() * 1e3);
-                report.note = Some(format!(
-                    "does not converge: every round leaves the same {todo} pages dirty (the guest writes {:.1} MB/s; rounds move {:.1} MB/s), and sending them would take {expected:.1} ms, above --downtime-limit {:.1} ms; only --max-time ends pre-copy ({more} more identical rounds, not listed)",
-                    rate * ps as f64 / 1e6,
-                    round_bytes as f64 / seconds / 1e6,
-                    m.downtime_limit.as_secs_f64() * 1e3,
-                ));
-                fixed_point = true;
-                break StopReason::MaxTime;
-            }
-            Decision::Continue => {}
-        }
-    };
-    let limit = precopy.final_limit();
-    let bytes = round_bytes(&w, todo, precopy.rounds().len() as u32, limit);
-    finish(&mut report, &precopy, cfg, stop, (todo, bytes), elapsed);
-    if fixed_point {
-        report.converged = Some(false);
+        Ok(Round {
+            figures,
+            harvest: Duration::ZERO,
+        })
     }
-    Ok(report)
+
+    /// A fixed point (past round 0, whose limiter credit differs): every
+    /// later round is this one again, and a qemu decision depends on the
+    /// last round only, so only the clock stops it.
+    fn fast_forward(&mut self, precopy: &Precopy, report: &mut Report) -> Option<StopReason> {
+        let m = &self.cfg.migration;
+        let f = precopy.rounds().last()?;
+        let same = (f.pages, f.rate_limit) == (f.dirty_pages, precopy.limit());
+        if f.round < 1 || !same || !matches!(m.policy, Policy::Qemu) {
+            return None;
+        }
+        let (seconds, round_bytes, todo) = (f.duration.as_secs_f64(), f.bytes, self.todo);
+        let left = m.max_time.saturating_sub(self.clock.now).as_secs_f64();
+        let more = (left / seconds).ceil();
+        self.clock.now += Duration::from_secs_f64(more * seconds);
+        // f64 -> u64 saturates: a count of rounds.
+        let more = more as u64;
+        report.transferred_bytes = report
+            .transferred_bytes
+            .saturating_add(more.saturating_mul(round_bytes));
+        report.transferred_pages = report
+            .transferred_pages
+            .saturating_add(more.saturating_mul(todo));
+        report.rounds_not_listed = more;
+        let expected = crate::migration::policy::expected_downtime(precopy.config(), f)
+            .map_or(f64::INFINITY, |d| d.as_secs_f64() * 1e3);
+        report.note = Some(format!(
+            "does not converge: every round leaves the same {todo} pages dirty (the guest writes {:.1} MB/s; rounds move {:.1} MB/s), and sending them would take {expected:.1} ms, above --downtime-limit {:.1} ms; only --max-time ends pre-copy ({more} more identical rounds, not listed)",
+            self.rate * self.w.page_size as f64 / 1e6,
+            round_bytes as f64 / seconds / 1e6,
+            m.downtime_limit.as_secs_f64() * 1e3,
+        ));
+        self.fixed_point = true;
+        Some(StopReason::MaxTime)
+    }
+
+    fn switchover(
+        &mut self,
+        round: u32,
+        limit: Option<u64>,
+        _postcopy: bool,
+        report: &mut Report,
+    ) -> Result<Option<Round>, SimulateError> {
+        report.dirty_sync_count += 1;
+        let bytes = round_bytes(&self.w, self.todo, round, limit);
+        let last = (self.todo, bytes);
+        Ok(Some(self.clock.stop_and_copy(self.cfg, round, last, limit)))
+    }
+
+    fn hand_over(&mut self, report: &mut Report) -> Result<(), SimulateError> {
+        self.clock.hand_over(self.cfg, report);
+        if self.fixed_point {
+            report.converged = Some(false);
+        }
+        Ok(())
+    }
+
+    fn postcopy(&mut self, _: u32, _: Option<u64>, _: &mut Report) -> Result<Round, SimulateError> {
+        Err(SimulateError::Postcopy)
+    }
+
+    fn verify(&mut self, _report: &mut Report) -> Result<(), SimulateError> {
+        Ok(())
+    }
 }
 
 /// Bytes of a round of `pages` pages: RoundStart, the pages with a Pages

@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use crate::guest::dirty::DirtySet;
 use crate::guest::workload::{Pattern, Stream, Workload, WorkloadError};
-use crate::migration::policy::{Decision, Precopy, RoundFigures, StopReason};
+use crate::migration::machine::{Backend, Migration, Round};
+use crate::migration::policy::RoundFigures;
 use crate::migration::source::SenderConfig;
-use crate::report::{ms, DowntimeBreakdown, Report, Status};
+use crate::report::{ms, DowntimeBreakdown, Report};
 use crate::util::units::PageRate;
 use crate::wire::datapath::chunk_pages;
 use crate::wire::protocol::{self, Message};
@@ -42,6 +43,8 @@ pub enum SimulateError {
     TooManyWrites(u64),
     #[error("--mem {0}: predictions go up to 1 PiB")]
     TooLarge(String),
+    #[error("predictions cover pre-copy and cold migration, not post-copy")]
+    Postcopy,
     #[error("pre-copy does not converge: the policy had not stopped after {0} rounds ({1:.0} s of migration); lower --max-time")]
     Runaway(usize, f64),
 }
@@ -79,102 +82,176 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
         ),
         pages.div_ceil(8).saturating_mul(2),
     )?;
-    let mut guest = SimGuest::new(&workload, m)?;
-    let mut report = Report {
+    let guest = SimGuest::new(&workload, m)?;
+    let report = Report {
         mode: crate::report::SIMULATED,
         tracker: "none".into(),
+        page_size: cfg.page_size,
+        guest_target_rate_pps: guest.rate_pps(),
         ..m.report()
     };
-    report.page_size = cfg.page_size;
-    report.setup_time_ms = ms(cfg.setup);
-    let mut precopy = Precopy::new(m.policy_config(cfg.page_size));
-    let mut elapsed = cfg.setup;
-    let mut todo = DirtySet::all(pages);
-    let mut dirty = DirtySet::new(pages);
-    let stop = loop {
-        let round = precopy.rounds().len() as u32;
-        if round as usize >= MAX_ROUNDS {
-            return Err(SimulateError::Runaway(MAX_ROUNDS, elapsed.as_secs_f64()));
-        }
-        let limit = precopy.limit();
-        let bytes = round_bytes(&todo, round, false, limit, cfg.page_size);
-        let duration = round_time(cfg, bytes, limit, round);
-        dirty.clear();
-        guest.run(duration, &mut dirty)?;
-        elapsed += duration;
-        let f = RoundFigures {
-            round,
-            pages: todo.count(),
-            bytes,
-            duration,
-            dirty_pages: dirty.count(),
-            rate_limit: limit,
-        };
-        std::mem::swap(&mut todo, &mut dirty);
-        let decision = precopy.end_round(f.clone(), elapsed);
-        push_round(&mut report, &f, false, precopy.explain(decision, elapsed));
-        if let Decision::Stop(reason) = decision {
-            break reason;
-        }
-    };
-    let limit = precopy.final_limit();
-    let bytes = round_bytes(
-        &todo,
-        precopy.rounds().len() as u32,
-        true,
-        limit,
-        cfg.page_size,
-    );
-    report.guest_target_rate_pps = guest.rate_pps();
-    finish(
-        &mut report,
-        &precopy,
+    let sim = Sim {
         cfg,
-        stop,
-        (todo.count(), bytes),
-        elapsed,
-    );
-    Ok(report)
+        guest,
+        todo: DirtySet::all(pages),
+        dirty: DirtySet::new(pages),
+        clock: Clock::default(),
+    };
+    let mut migration = Migration::new(sim, m.mode, m.policy_config(cfg.page_size), report);
+    migration.run()?;
+    Ok(migration.report)
 }
 
-/// Close a prediction (simulated or modelled): the stop-and-copy round of
-/// `last` (pages, bytes) at the highest allowed rate, the downtime, totals.
-pub(crate) fn finish(
-    report: &mut Report,
-    precopy: &Precopy,
-    cfg: &SimConfig,
-    stop: StopReason,
-    (pages, bytes): (u64, u64),
-    elapsed: Duration,
-) {
-    report.stop_reason = Some(stop.as_str().into());
-    report.converged = stop.converged();
-    let limit = precopy.final_limit();
-    let last = transfer(cfg, bytes, limit, precopy.rounds().len() as u32);
-    push_round(
-        report,
-        &RoundFigures {
-            round: precopy.rounds().len() as u32,
-            pages,
+/// A prediction's simulated time.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Clock {
+    /// Since the migration started.
+    pub now: Duration,
+    /// The stop-and-copy round's send time, once it is known.
+    last_pages: Duration,
+}
+
+impl Clock {
+    /// Connect and handshake.
+    pub fn setup(&mut self, cfg: &SimConfig, report: &mut Report) {
+        self.now = cfg.setup;
+        report.setup_time_ms = ms(cfg.setup);
+    }
+
+    /// A pre-copy round of `bytes`: its time, which the clock moves by.
+    pub fn round(
+        &mut self,
+        cfg: &SimConfig,
+        bytes: u64,
+        limit: Option<u64>,
+        round: u32,
+    ) -> Duration {
+        let d = round_time(cfg, bytes, limit, round);
+        self.now += d;
+        d
+    }
+
+    /// The stop-and-copy round of `pages` pages in `bytes` at the highest
+    /// allowed rate (`limit`).
+    pub fn stop_and_copy(
+        &mut self,
+        cfg: &SimConfig,
+        round: u32,
+        (pages, bytes): (u64, u64),
+        limit: Option<u64>,
+    ) -> Round {
+        self.last_pages = transfer(cfg, bytes, limit, round);
+        Round {
+            figures: RoundFigures {
+                round,
+                pages,
+                bytes,
+                duration: self.last_pages,
+                dirty_pages: 0,
+                rate_limit: limit,
+            },
+            harvest: Duration::ZERO,
+        }
+    }
+
+    /// The destination runs: the downtime and the totals.
+    pub fn hand_over(&mut self, cfg: &SimConfig, report: &mut Report) {
+        let downtime = self.last_pages + cfg.downtime_overhead;
+        self.now += downtime;
+        report.downtime_ms = Some(ms(downtime));
+        report.downtime_breakdown_ms = DowntimeBreakdown {
+            last_pages: ms(self.last_pages),
+            device_state: ms(cfg.downtime_overhead),
+            ..DowntimeBreakdown::default()
+        };
+        report.migration_time_ms = Some(ms(self.now));
+        report.total_time_ms = ms(self.now);
+    }
+}
+
+/// The simulator as a migration's backend: page bitmaps, a synthetic guest
+/// and a simulated clock.
+struct Sim<'a> {
+    cfg: &'a SimConfig,
+    guest: SimGuest<'a>,
+    /// The pages the next round sends, and those dirtied during this one.
+    todo: DirtySet,
+    dirty: DirtySet,
+    clock: Clock,
+}
+
+impl Backend for Sim<'_> {
+    type Error = SimulateError;
+
+    fn elapsed(&self) -> Duration {
+        self.clock.now
+    }
+
+    fn setup(&mut self, report: &mut Report) -> Result<(), SimulateError> {
+        self.clock.setup(self.cfg, report);
+        Ok(())
+    }
+
+    fn precopy_round(
+        &mut self,
+        round: u32,
+        limit: Option<u64>,
+        report: &mut Report,
+    ) -> Result<Round, SimulateError> {
+        runaway(round, self.clock.now)?;
+        let bytes = round_bytes(&self.todo, round, false, limit, self.cfg.page_size);
+        let duration = self.clock.round(self.cfg, bytes, limit, round);
+        self.dirty.clear();
+        self.guest.run(duration, &mut self.dirty)?;
+        report.dirty_sync_count += 1;
+        let figures = RoundFigures {
+            round,
+            pages: self.todo.count(),
             bytes,
-            duration: last,
-            dirty_pages: 0,
+            duration,
+            dirty_pages: self.dirty.count(),
             rate_limit: limit,
-        },
-        true,
-        String::new(),
-    );
-    let downtime = last + cfg.downtime_overhead;
-    report.downtime_ms = Some(ms(downtime));
-    report.downtime_breakdown_ms = DowntimeBreakdown {
-        last_pages: ms(last),
-        device_state: ms(cfg.downtime_overhead),
-        ..DowntimeBreakdown::default()
-    };
-    report.migration_time_ms = Some(ms(elapsed + downtime));
-    report.total_time_ms = ms(elapsed + downtime);
-    report.dirty_sync_count = precopy.rounds().len() as u64 + 1;
-    report.status = Status::Completed;
+        };
+        std::mem::swap(&mut self.todo, &mut self.dirty);
+        Ok(Round {
+            figures,
+            harvest: Duration::ZERO,
+        })
+    }
+
+    fn switchover(
+        &mut self,
+        round: u32,
+        limit: Option<u64>,
+        _postcopy: bool,
+        report: &mut Report,
+    ) -> Result<Option<Round>, SimulateError> {
+        report.dirty_sync_count += 1;
+        let bytes = round_bytes(&self.todo, round, true, limit, self.cfg.page_size);
+        let last = (self.todo.count(), bytes);
+        Ok(Some(self.clock.stop_and_copy(self.cfg, round, last, limit)))
+    }
+
+    fn hand_over(&mut self, report: &mut Report) -> Result<(), SimulateError> {
+        self.clock.hand_over(self.cfg, report);
+        Ok(())
+    }
+
+    fn postcopy(&mut self, _: u32, _: Option<u64>, _: &mut Report) -> Result<Round, SimulateError> {
+        Err(SimulateError::Postcopy)
+    }
+
+    fn verify(&mut self, _report: &mut Report) -> Result<(), SimulateError> {
+        Ok(())
+    }
+}
+
+/// A prediction gives up on pre-copy after [`MAX_ROUNDS`] rounds.
+pub(crate) fn runaway(round: u32, now: Duration) -> Result<(), SimulateError> {
+    match round as usize >= MAX_ROUNDS {
+        true => Err(SimulateError::Runaway(MAX_ROUNDS, now.as_secs_f64())),
+        false => Ok(()),
+    }
 }
 
 /// What every prediction checks first: the guest's configuration, the
@@ -188,6 +265,9 @@ pub(crate) fn check(cfg: &SimConfig) -> Result<Workload, SimulateError> {
     }
     if cfg.link_bytes_per_s.is_nan() || cfg.link_bytes_per_s <= 0.0 {
         return Err(SimulateError::Link);
+    }
+    if m.mode.is_postcopy() {
+        return Err(SimulateError::Postcopy);
     }
     Ok(crate::guest::process::check_config(
         &m.workload,
@@ -244,20 +324,6 @@ pub(crate) fn transfer(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u
 /// A pre-copy round's time: its fixed overhead, then its bytes.
 pub(crate) fn round_time(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u32) -> Duration {
     cfg.round_overhead + transfer(cfg, bytes, limit, round)
-}
-
-/// Add a predicted round to the report, as the sender adds a real one.
-pub(crate) fn push_round(
-    report: &mut Report,
-    f: &RoundFigures,
-    stop_and_copy: bool,
-    decision: String,
-) {
-    report
-        .rounds
-        .push(f.to_report(Duration::ZERO, stop_and_copy, decision));
-    report.transferred_bytes = report.transferred_bytes.saturating_add(f.bytes);
-    report.transferred_pages = report.transferred_pages.saturating_add(f.pages);
 }
 
 /// The guest's writes without the guest: its vCPUs' streams, advanced by
