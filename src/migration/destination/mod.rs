@@ -21,8 +21,6 @@ use std::io::Read;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-
 use crate::guest::control::Control;
 use crate::guest::dirty::TrackerKind;
 use crate::guest::memory::{check_fits, GuestMemory, MemoryError};
@@ -31,8 +29,9 @@ use crate::util::netio::IO_TIMEOUT;
 use crate::wire::datapath::{Decoder, Landed};
 use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
 
-/// How long the sender has to open its data connections.
-const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
+mod postcopy;
+mod streams;
+use streams::{data_stream, Streams};
 
 /// Errors of the receiving side.
 #[derive(Debug, thiserror::Error)]
@@ -225,111 +224,6 @@ struct Receiving {
     prepared: Prepared,
 }
 
-/// What a data connection's thread tells the control thread: it ended its
-/// share of a round (round, pages), or it failed.
-type StreamReport = Result<(usize, u32, u64), ReceiveError>;
-
-/// The data connections of a multi-stream migration.
-struct Streams {
-    socks: Vec<TcpStream>,
-    reports: Receiver<StreamReport>,
-    tx: Sender<StreamReport>,
-    /// Their threads still running.
-    live: std::sync::atomic::AtomicUsize,
-    /// When a data connection last delivered a frame (ms since `born`).
-    progress: std::sync::atomic::AtomicU64,
-    born: Instant,
-}
-
-impl Streams {
-    /// A data connection delivered a frame.
-    fn progressed(&self) {
-        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.progress
-            .store(now, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Wait until the control connection has a frame to read. During a
-    /// round it is silent while the data connections carry the pages, so
-    /// it only times out when they have been silent too.
-    fn wait_control(&self, sock: &TcpStream) -> Result<(), ReceiveError> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
-        loop {
-            let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(1000u16)) {
-                Ok(0) | Err(nix::Error::EINTR) => {}
-                Ok(_) => return Ok(()),
-                Err(e) => {
-                    return Err(ReceiveError::Protocol {
-                        context: "waiting on the control connection".into(),
-                        source: ProtocolError::Io(e.into()),
-                    })
-                }
-            }
-            let last = self.progress.load(std::sync::atomic::Ordering::Relaxed);
-            let idle = self
-                .born
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last));
-            if idle > IO_TIMEOUT {
-                return Err(ReceiveError::Timeout {
-                    context: "the control and data connections".into(),
-                });
-            }
-        }
-    }
-
-    /// Wait until every data connection has ended `round`, each once; the
-    /// pages they carried.
-    fn end_round(&self, round: u32) -> Result<u64, ReceiveError> {
-        let (mut total, mut ended) = (0, vec![false; self.socks.len()]);
-        while ended.iter().any(|e| !e) {
-            match self.reports.recv_timeout(IO_TIMEOUT) {
-                Ok(Ok((i, r, pages))) if r == round && !ended[i] => {
-                    ended[i] = true;
-                    total += pages;
-                }
-                Ok(Ok((i, r, _))) => {
-                    return Err(ReceiveError::Invalid(format!(
-                        "data connection {i} ended round {r} while round {round} was ending"
-                    )))
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(ReceiveError::Timeout {
-                        context: format!("the data connections of round {round}"),
-                    })
-                }
-            }
-        }
-        Ok(total)
-    }
-
-    /// A data connection's failure, if one was reported.
-    fn failure(&self) -> Option<ReceiveError> {
-        self.reports.try_iter().find_map(Result::err)
-    }
-
-    /// Close the data connections and wait until their threads are done,
-    /// so none writes guest memory once the guest may run.
-    fn close(&self) -> Result<(), ReceiveError> {
-        for s in &self.socks {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.live.load(std::sync::atomic::Ordering::Acquire) > 0 {
-            if Instant::now() > deadline {
-                return Err(ReceiveError::Timeout {
-                    context: "closing the data connections".into(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    }
-}
-
 impl Receiving {
     fn err(&self, source: ProtocolError) -> ReceiveError {
         let context = self.context.clone();
@@ -427,97 +321,6 @@ impl Receiving {
         // Show the migrated guest carries on with its workload.
         self.report.destination_guest_rate_pps = guest.measure_rate(DEST_RATE_WINDOW)?;
         Ok(())
-    }
-
-    /// Accept the `n` data connections of session `session`, and its
-    /// post-copy request connection if `request`.
-    fn accept_streams(
-        &mut self,
-        listener: &TcpListener,
-        n: u32,
-        request: bool,
-        session: u64,
-    ) -> Result<(Option<Streams>, Option<TcpStream>), ReceiveError> {
-        if n == 0 && !request {
-            return Ok((None, None));
-        }
-        self.context = format!(
-            "accepting {n} data connections{}",
-            if request {
-                " and a request connection"
-            } else {
-                ""
-            }
-        );
-        let mut req: Option<TcpStream> = None;
-        let deadline = Instant::now() + STREAMS_TIMEOUT;
-        let mut socks: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-        let listen_err = |source| ReceiveError::Listen {
-            addr: listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            source,
-        };
-        listener.set_nonblocking(true).map_err(listen_err)?;
-        let mut left = n + u32::from(request);
-        while left > 0 {
-            let mut s = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        let _ = listener.set_nonblocking(false);
-                        return Err(ReceiveError::Timeout {
-                            context: format!("{left} of {n} data connections never opened"),
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                Err(e) => return Err(listen_err(e)),
-            };
-            s.set_nonblocking(false).map_err(listen_err)?;
-            setup(&s)?;
-            let Message::StreamHello {
-                index,
-                session: got,
-            } = protocol::read_handshake(&mut s, Kind::StreamHello).map_err(|e| self.err(e))?
-            else {
-                unreachable!("read_handshake returns the kind asked for")
-            };
-            if index == protocol::REQUEST_STREAM && request && req.is_none() && got == session {
-                req = Some(s);
-                left -= 1;
-                continue;
-            }
-            let slot = socks.get_mut(index as usize).filter(|_| got == session);
-            match slot {
-                Some(slot @ None) => {
-                    *slot = Some(s);
-                    left -= 1;
-                }
-                _ => {
-                    return Err(ReceiveError::Invalid(format!(
-                        "a data connection claims stream {index} of session {got:#x}; \
-                         expected one of {n} streams of session {session:#x}, each once"
-                    )))
-                }
-            }
-        }
-        listener.set_nonblocking(false).map_err(listen_err)?;
-        if n == 0 {
-            return Ok((None, req));
-        }
-        let (tx, reports) = crossbeam_channel::unbounded();
-        let streams = Streams {
-            socks: socks.into_iter().flatten().collect(),
-            reports,
-            tx,
-            live: 0.into(),
-            progress: 0.into(),
-            born: Instant::now(),
-        };
-        Ok((Some(streams), req))
     }
 
     /// The rounds, then the guest's start here.
@@ -658,141 +461,6 @@ impl Receiving {
         Ok(())
     }
 
-    /// Take the post-copy guest's userfaultfd: its missing pages fault to us.
-    fn take_faults(
-        &mut self,
-        guest: &mut Guest,
-        limits: &Limits,
-        missing: &crate::guest::dirty::DirtySet,
-    ) -> Result<crate::migration::postcopy::Destination, ReceiveError> {
-        let pid = guest.pid();
-        let Some(fd) = guest.control().wait_uffd(Duration::from_secs(5)) else {
-            guest.check_alive()?;
-            return Err(ReceiveError::Invalid(
-                "post-copy: the destination guest could not register its memory for missing-page faults".into(),
-            ));
-        };
-        let uffd = crate::guest::uffd::Uffd::take_from(pid, fd)
-            .map_err(|e| ReceiveError::Invalid(format!("post-copy: {e}")))?;
-        Ok(crate::migration::postcopy::Destination::new(
-            uffd,
-            guest.mem_addr(),
-            limits,
-            missing,
-            self.prepared.prepage,
-        ))
-    }
-
-    /// The guest runs; its missing pages arrive by request and by the
-    /// source's push. Done when every page is present.
-    fn postcopy_phase(
-        &mut self,
-        sock: &mut TcpStream,
-        landed: &Landed,
-        guest: &mut Guest,
-        limits: &Limits,
-        dest: &crate::migration::postcopy::Destination,
-        req: TcpStream,
-    ) -> Result<(), ReceiveError> {
-        self.context = "the source's post-copy push".into();
-        let (t0, ops0) = (Instant::now(), guest.ops());
-        let io = |e: std::io::Error| ReceiveError::Protocol {
-            context: "post-copy: the request connection".into(),
-            source: ProtocolError::Io(e),
-        };
-        let reader = req.try_clone().map_err(io)?;
-        let closer = req.try_clone().map_err(io)?;
-        dest.wake_on_failure(sock.try_clone().map_err(io)?);
-        let result = std::thread::scope(|scope| {
-            scope.spawn(|| dest.serve_faults(req));
-            scope.spawn(|| dest.serve_replies(reader, limits, landed));
-            let r = self.push_phase(sock, landed, limits, dest);
-            let populated = t0.elapsed();
-            dest.stop();
-            // Done: close our side and let the reader drain replies still
-            // in flight until the source closes (a reset there would fail a
-            // finished migration). Failed: close both at once.
-            let how = if r.is_ok() {
-                Shutdown::Write
-            } else {
-                Shutdown::Both
-            };
-            let _ = closer.shutdown(how);
-            r.map(|()| populated)
-        });
-        let mut stats = dest.stats();
-        if let Err(e) = &result {
-            // The guest cannot run on without its missing pages.
-            self.report.postcopy = Some(stats);
-            let why = dest.failure().map_or(String::new(), |f| format!(" ({f})"));
-            return Err(ReceiveError::Invalid(format!(
-                "post-copy failed with {} pages still missing, so the destination guest cannot continue and is stopped: {}{why}",
-                dest.remaining(),
-                crate::util::error::error_chain(e),
-            )));
-        }
-        let took = result.expect("failures returned above");
-        stats.postcopy_populated_ms = Some(crate::report::ms(took));
-        stats.guest_rate_postcopy_pps =
-            Some((guest.ops() - ops0) as f64 / took.as_secs_f64().max(1e-9));
-        self.report.postcopy = Some(stats);
-        Ok(())
-    }
-
-    /// The source's push on the control connection: one round of pages,
-    /// then wait until every page is present and acknowledge it.
-    fn push_phase(
-        &mut self,
-        sock: &mut TcpStream,
-        landed: &Landed,
-        limits: &Limits,
-        dest: &crate::migration::postcopy::Destination,
-    ) -> Result<(), ReceiveError> {
-        use crate::migration::postcopy::Path;
-        let failed = |why: String| ReceiveError::Invalid(why);
-        let mut buf = Vec::new();
-        let mut round = None;
-        loop {
-            if let Some(why) = dest.failure() {
-                return Err(failed(why));
-            }
-            match self.next(sock, limits)? {
-                Frame::Message(Message::RoundStart {
-                    round: r,
-                    stop_and_copy: false,
-                }) if round.is_none() => round = Some(r),
-                Frame::Pages { first_page, count } if round.is_some() => {
-                    buf.resize(count as usize * limits.page_size as usize, 0);
-                    protocol::read_bulk(sock, &mut buf, Kind::Pages).map_err(|e| self.err(e))?;
-                    dest.place(first_page, &buf, landed, Path::Pushed)
-                        .map_err(failed)?;
-                }
-                Frame::Message(Message::RoundEnd { round: r, .. }) if round == Some(r) => {
-                    let deadline = Instant::now() + crate::migration::postcopy::request_timeout();
-                    while dest.remaining() > 0 {
-                        if let Some(why) = dest.failure() {
-                            return Err(failed(why));
-                        }
-                        if Instant::now() > deadline {
-                            return Err(failed(format!(
-                                "the push ended with {} pages still missing",
-                                dest.remaining()
-                            )));
-                        }
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                    let ack = Message::round_ack(r);
-                    protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
-                    return Ok(());
-                }
-                Frame::Message(Message::Abort(reason)) => {
-                    return Err(self.err(ProtocolError::Aborted(reason)))
-                }
-                other => return Err(self.err(unexpected_frame(&self.context, other))),
-            }
-        }
-    }
-
     /// Verification, off the downtime path: the source's digests against
     /// those of the pages as they landed.
     fn verify(
@@ -851,60 +519,7 @@ impl Receiving {
     }
 }
 
-/// A data connection's thread: decode page runs into memory until the
-/// sender closes the connection; report each round's end to the control
-/// thread.
-fn data_stream(
-    mut sock: TcpStream,
-    index: usize,
-    limits: &Limits,
-    mem: &GuestMemory,
-    landed: &Landed,
-    streams: &Streams,
-    postcopy: bool,
-) -> Result<(), ReceiveError> {
-    let mut decoder = Decoder::new(u64::from(limits.page_size)).populating_zeros(postcopy);
-    let mut pages = 0u64;
-    let fail = |source: ProtocolError| ReceiveError::Protocol {
-        context: format!("data connection {index}"),
-        source,
-    };
-    loop {
-        match protocol::read_frame(&mut sock, Some(limits)) {
-            Ok(Frame::Message(Message::RoundEnd { round, pages: p })) => {
-                if p != pages {
-                    return Err(ReceiveError::Invalid(format!(
-                        "data connection {index}: round {round}: the sender says it sent {p} pages, {pages} arrived"
-                    )));
-                }
-                streams.progressed();
-                let _ = streams.tx.send(Ok((index, round, pages)));
-                pages = 0;
-            }
-            Ok(Frame::Message(Message::Abort(why))) => {
-                return Err(fail(ProtocolError::Aborted(why)))
-            }
-            Ok(f @ Frame::Message(_)) | Ok(f @ Frame::Digests { .. }) => {
-                return Err(fail(unexpected_frame("a data connection", f)))
-            }
-            // SAFETY: within a round the sender sends each page once, on one
-            // connection (see Decoder::receive); the guest has not started.
-            Ok(f) => {
-                pages += unsafe { decoder.receive(&mut sock, &f, mem, landed) }.map_err(fail)?;
-                streams.progressed();
-            }
-            // The sender closes its data connections after the last round,
-            // and the control thread shuts them once the rounds are over.
-            Err(ProtocolError::Closed) => return Ok(()),
-            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                return Ok(())
-            }
-            Err(e) => return Err(fail(e)),
-        }
-    }
-}
-
-fn unexpected_frame(context: &str, got: Frame) -> ProtocolError {
+pub(crate) fn unexpected_frame(context: &str, got: Frame) -> ProtocolError {
     ProtocolError::Unexpected {
         got: got.kind(),
         expected: format!("the next frame of {context}"),

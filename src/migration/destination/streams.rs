@@ -1,0 +1,270 @@
+//! The destination's data connections (`--streams N`): accepting them for
+//! one session, a thread per connection that decodes its page runs into
+//! place, and the control thread's view of their rounds.
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{setup, unexpected_frame, ReceiveError, Receiving};
+use crate::guest::memory::GuestMemory;
+use crate::util::netio::IO_TIMEOUT;
+use crate::wire::datapath::{Decoder, Landed};
+use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
+
+/// How long the sender has to open its data connections.
+const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
+
+
+/// What a data connection's thread tells the control thread: it ended its
+/// share of a round (round, pages), or it failed.
+type StreamReport = Result<(usize, u32, u64), ReceiveError>;
+
+/// The data connections of a multi-stream migration.
+pub(super) struct Streams {
+    pub(super) socks: Vec<TcpStream>,
+    pub(super) reports: Receiver<StreamReport>,
+    pub(super) tx: Sender<StreamReport>,
+    /// Their threads still running.
+    pub(super) live: std::sync::atomic::AtomicUsize,
+    /// When a data connection last delivered a frame (ms since `born`).
+    pub(super) progress: std::sync::atomic::AtomicU64,
+    pub(super) born: Instant,
+}
+
+impl Streams {
+    /// A data connection delivered a frame.
+    pub(super) fn progressed(&self) {
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.progress
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Wait until the control connection has a frame to read. During a
+    /// round it is silent while the data connections carry the pages, so
+    /// it only times out when they have been silent too.
+    pub(super) fn wait_control(&self, sock: &TcpStream) -> Result<(), ReceiveError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        loop {
+            let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(0) | Err(nix::Error::EINTR) => {}
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    return Err(ReceiveError::Protocol {
+                        context: "waiting on the control connection".into(),
+                        source: ProtocolError::Io(e.into()),
+                    })
+                }
+            }
+            let last = self.progress.load(std::sync::atomic::Ordering::Relaxed);
+            let idle = self
+                .born
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last));
+            if idle > IO_TIMEOUT {
+                return Err(ReceiveError::Timeout {
+                    context: "the control and data connections".into(),
+                });
+            }
+        }
+    }
+
+    /// Wait until every data connection has ended `round`, each once; the
+    /// pages they carried.
+    pub(super) fn end_round(&self, round: u32) -> Result<u64, ReceiveError> {
+        let (mut total, mut ended) = (0, vec![false; self.socks.len()]);
+        while ended.iter().any(|e| !e) {
+            match self.reports.recv_timeout(IO_TIMEOUT) {
+                Ok(Ok((i, r, pages))) if r == round && !ended[i] => {
+                    ended[i] = true;
+                    total += pages;
+                }
+                Ok(Ok((i, r, _))) => {
+                    return Err(ReceiveError::Invalid(format!(
+                        "data connection {i} ended round {r} while round {round} was ending"
+                    )))
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(ReceiveError::Timeout {
+                        context: format!("the data connections of round {round}"),
+                    })
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// A data connection's failure, if one was reported.
+    pub(super) fn failure(&self) -> Option<ReceiveError> {
+        self.reports.try_iter().find_map(Result::err)
+    }
+
+    /// Close the data connections and wait until their threads are done,
+    /// so none writes guest memory once the guest may run.
+    pub(super) fn close(&self) -> Result<(), ReceiveError> {
+        for s in &self.socks {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.live.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            if Instant::now() > deadline {
+                return Err(ReceiveError::Timeout {
+                    context: "closing the data connections".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+}
+
+impl Receiving {
+    /// Accept the `n` data connections of session `session`, and its
+    /// post-copy request connection if `request`.
+    pub(super) fn accept_streams(
+        &mut self,
+        listener: &TcpListener,
+        n: u32,
+        request: bool,
+        session: u64,
+    ) -> Result<(Option<Streams>, Option<TcpStream>), ReceiveError> {
+        if n == 0 && !request {
+            return Ok((None, None));
+        }
+        self.context = format!(
+            "accepting {n} data connections{}",
+            if request {
+                " and a request connection"
+            } else {
+                ""
+            }
+        );
+        let mut req: Option<TcpStream> = None;
+        let deadline = Instant::now() + STREAMS_TIMEOUT;
+        let mut socks: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+        let listen_err = |source| ReceiveError::Listen {
+            addr: listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let mut left = n + u32::from(request);
+        while left > 0 {
+            let mut s = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        let _ = listener.set_nonblocking(false);
+                        return Err(ReceiveError::Timeout {
+                            context: format!("{left} of {n} data connections never opened"),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                Err(e) => return Err(listen_err(e)),
+            };
+            s.set_nonblocking(false).map_err(listen_err)?;
+            setup(&s)?;
+            let Message::StreamHello {
+                index,
+                session: got,
+            } = protocol::read_handshake(&mut s, Kind::StreamHello).map_err(|e| self.err(e))?
+            else {
+                unreachable!("read_handshake returns the kind asked for")
+            };
+            if index == protocol::REQUEST_STREAM && request && req.is_none() && got == session {
+                req = Some(s);
+                left -= 1;
+                continue;
+            }
+            let slot = socks.get_mut(index as usize).filter(|_| got == session);
+            match slot {
+                Some(slot @ None) => {
+                    *slot = Some(s);
+                    left -= 1;
+                }
+                _ => {
+                    return Err(ReceiveError::Invalid(format!(
+                        "a data connection claims stream {index} of session {got:#x}; \
+                         expected one of {n} streams of session {session:#x}, each once"
+                    )))
+                }
+            }
+        }
+        listener.set_nonblocking(false).map_err(listen_err)?;
+        if n == 0 {
+            return Ok((None, req));
+        }
+        let (tx, reports) = crossbeam_channel::unbounded();
+        let streams = Streams {
+            socks: socks.into_iter().flatten().collect(),
+            reports,
+            tx,
+            live: 0.into(),
+            progress: 0.into(),
+            born: Instant::now(),
+        };
+        Ok((Some(streams), req))
+    }
+}
+
+/// A data connection's thread: decode page runs into memory until the
+/// sender closes the connection; report each round's end to the control
+/// thread.
+pub(super) fn data_stream(
+    mut sock: TcpStream,
+    index: usize,
+    limits: &Limits,
+    mem: &GuestMemory,
+    landed: &Landed,
+    streams: &Streams,
+    postcopy: bool,
+) -> Result<(), ReceiveError> {
+    let mut decoder = Decoder::new(u64::from(limits.page_size)).populating_zeros(postcopy);
+    let mut pages = 0u64;
+    let fail = |source: ProtocolError| ReceiveError::Protocol {
+        context: format!("data connection {index}"),
+        source,
+    };
+    loop {
+        match protocol::read_frame(&mut sock, Some(limits)) {
+            Ok(Frame::Message(Message::RoundEnd { round, pages: p })) => {
+                if p != pages {
+                    return Err(ReceiveError::Invalid(format!(
+                        "data connection {index}: round {round}: the sender says it sent {p} pages, {pages} arrived"
+                    )));
+                }
+                streams.progressed();
+                let _ = streams.tx.send(Ok((index, round, pages)));
+                pages = 0;
+            }
+            Ok(Frame::Message(Message::Abort(why))) => {
+                return Err(fail(ProtocolError::Aborted(why)))
+            }
+            Ok(f @ Frame::Message(_)) | Ok(f @ Frame::Digests { .. }) => {
+                return Err(fail(unexpected_frame("a data connection", f)))
+            }
+            // SAFETY: within a round the sender sends each page once, on one
+            // connection (see Decoder::receive); the guest has not started.
+            Ok(f) => {
+                pages += unsafe { decoder.receive(&mut sock, &f, mem, landed) }.map_err(fail)?;
+                streams.progressed();
+            }
+            // The sender closes its data connections after the last round,
+            // and the control thread shuts them once the rounds are over.
+            Err(ProtocolError::Closed) => return Ok(()),
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(())
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    }
+}
+
