@@ -29,6 +29,8 @@ use crate::util::netio::IO_TIMEOUT;
 use crate::wire::datapath::{Decoder, Landed};
 use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
 
+use crate::migration::phases::{DestAction, DestEvent, DestPhase, DestStepError};
+
 mod postcopy;
 mod streams;
 use streams::{data_stream, Streams};
@@ -50,6 +52,12 @@ pub enum ReceiveError {
     },
     #[error("no data from the sender for {} s ({context})", IO_TIMEOUT.as_secs())]
     Timeout { context: String },
+    #[error("{context}")]
+    Step {
+        context: String,
+        #[source]
+        source: DestStepError,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -346,10 +354,9 @@ impl Receiving {
         let mut decoder = Decoder::new(page_size).populating_zeros(postcopy);
         self.context = "waiting for round 0".into();
 
-        // Rounds until the device state arrives.
-        let mut round: Option<(u32, u64)> = None; // (round, pages so far)
-        let mut next_round = 0u32;
-        let mut stop_and_copy = false;
+        // Frames until the device state arrives, each checked against the
+        // phase before anything is written (see crate::migration::phases).
+        let mut phase = DestPhase::START;
         let state = loop {
             if let Some(st) = streams {
                 st.wait_control(sock)?;
@@ -359,75 +366,84 @@ impl Receiving {
                 // A data connection's failure names the cause better.
                 Err(e) => return Err(streams.and_then(Streams::failure).unwrap_or(e)),
             };
-            match frame {
+            let event = match &frame {
                 Frame::Message(Message::RoundStart {
-                    round: r,
-                    stop_and_copy: s,
-                }) if round.is_none() && r == next_round && !stop_and_copy => {
-                    self.context = format!("round {r}");
-                    stop_and_copy = s;
-                    round = Some((r, 0));
+                    round,
+                    stop_and_copy,
+                }) => DestEvent::RoundStart {
+                    round: *round,
+                    stop_and_copy: *stop_and_copy,
+                },
+                Frame::Pages { count, .. }
+                | Frame::ZeroPages { count, .. }
+                | Frame::CompressedPages { count, .. }
+                | Frame::XbzrlePages { count, .. } => DestEvent::Pages {
+                    count: u64::from(*count),
+                },
+                Frame::Message(Message::RoundEnd { round, pages }) => DestEvent::RoundEnd {
+                    round: *round,
+                    sent: *pages,
+                    arrived: match (phase, streams) {
+                        // The data connections' count, once the round is this one.
+                        (DestPhase::InRound { round: r, .. }, Some(st)) if r == *round => {
+                            Some(st.end_round(r)?)
+                        }
+                        _ => None,
+                    },
+                },
+                Frame::Discard { .. } => DestEvent::Discard,
+                Frame::Message(Message::DeviceState(_)) => DestEvent::DeviceState,
+                Frame::Message(Message::Abort(reason)) => {
+                    return Err(self.err(ProtocolError::Aborted(reason.clone())))
                 }
-                ref f @ (Frame::Pages { .. }
-                | Frame::ZeroPages { .. }
-                | Frame::CompressedPages { .. }
-                | Frame::XbzrlePages { .. })
-                    if round.is_some() && streams.is_none() =>
-                {
-                    // SAFETY: the waiting destination guest maps this memory
-                    // but touches none of it until it is handed its device
-                    // state, after the last page; with one stream nothing
-                    // else writes it.
-                    let count = unsafe { decoder.receive(sock, f, mem, landed) }
-                        .map_err(|e| self.err(e))?;
-                    if let Some((_, n)) = &mut round {
-                        *n += count;
-                    }
+                _ => return Err(self.err(unexpected_frame(&self.context, frame))),
+            };
+            let (next, action) =
+                phase
+                    .step(event, postcopy, streams.is_some())
+                    .map_err(|source| ReceiveError::Step {
+                        context: self.context.clone(),
+                        source,
+                    })?;
+            phase = next;
+            // The phase allowed the frame: carry it out.
+            match frame {
+                Frame::Message(Message::RoundStart { round, .. }) => {
+                    self.context = format!("round {round}");
                 }
-                Frame::Message(Message::RoundEnd { round: r, pages: p })
-                    if round.map(|x| x.0) == Some(r) =>
-                {
-                    let mut got = round.take().map_or(0, |x| x.1);
-                    if let Some(st) = streams {
-                        got = st.end_round(r)?;
+                Frame::Message(Message::RoundEnd { .. }) => {
+                    if let DestAction::Ack { pages, .. } | DestAction::Stopped { pages } = action {
+                        self.report.round_pages.push(pages);
+                        self.report.pages_received += pages;
                     }
-                    if got != p {
-                        return Err(ReceiveError::Invalid(format!(
-                            "round {r}: the sender says it sent {p} pages, {got} arrived"
-                        )));
-                    }
-                    self.report.round_pages.push(got);
-                    self.report.pages_received += got;
-                    next_round = r + 1;
-                    if !stop_and_copy {
-                        let ack = Message::round_ack(r);
+                    if let DestAction::Ack { round, .. } = action {
+                        let ack = Message::round_ack(round);
                         protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
                     }
                 }
-                Frame::Message(Message::DeviceState(blob))
-                    if round.is_none() && (stop_and_copy || postcopy) =>
-                {
-                    // No data connection may write memory once the guest runs.
-                    if let Some(st) = streams {
-                        st.close()?;
-                    }
-                    break blob;
-                }
-                Frame::Discard { first_page, count } if round.is_none() && postcopy => {
+                Frame::Discard { first_page, count } => {
                     self.context = "post-copy switch".into();
                     // Stale or never sent: drop what is there, so the guest
                     // faults and the page is fetched.
                     let t = Instant::now();
                     mem.discard(first_page, u64::from(count))?;
                     discard += t.elapsed();
-                    for p in first_page..first_page + u64::from(count) {
-                        missing.set(p);
+                    missing.set_range(first_page, u64::from(count));
+                }
+                Frame::Message(Message::DeviceState(blob)) => {
+                    // No data connection may write memory once the guest runs.
+                    if let Some(st) = streams {
+                        st.close()?;
                     }
+                    break blob;
                 }
-                Frame::Message(Message::Abort(reason)) => {
-                    return Err(self.err(ProtocolError::Aborted(reason)))
+                f => {
+                    // SAFETY: the waiting destination guest maps this memory
+                    // but touches none of it until it is handed its device
+                    // state, after the last page; with one stream nothing
+                    // else writes it.
+                    unsafe { decoder.receive(sock, &f, mem, landed) }.map_err(|e| self.err(e))?;
                 }
-                other => return Err(self.err(unexpected_frame(&self.context, other))),
             }
         };
 
