@@ -16,7 +16,6 @@ use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
 /// How long the sender has to open its data connections.
 const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
 
-
 /// What a data connection's thread tells the control thread: it ended its
 /// share of a round (round, pages), or it failed.
 type StreamReport = Result<(usize, u32, u64), ReceiveError>;
@@ -267,4 +266,3 @@ pub(super) fn data_stream(
         }
     }
 }
-
