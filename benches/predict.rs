@@ -17,7 +17,7 @@ fn config(memory_bytes: u64, workload: &str, seed: u64) -> SimConfig {
     SimConfig {
         migration: SenderConfig {
             memory_bytes,
-            workload: workload.into(),
+            workload: workload.parse().expect("a valid spec"),
             max_time: Duration::from_secs(3600),
             seed,
             ..SenderConfig::default()

@@ -347,7 +347,7 @@ fn receiver_wants_digests_in_page_order() {
         bytes.extend(Message::round_end(round, u64::from(pages)).encode());
     }
     let state = livemig::guest::process::DeviceState {
-        workload: "idle".into(),
+        workload: "idle".parse().unwrap(),
         memory_bytes: 1 << 20,
         page_size: 4096,
         vcpus: vec![livemig::guest::process::VcpuState {
@@ -517,7 +517,7 @@ fn postcopy_requests_that_are_never_answered_time_out() {
     ctl.write_all(&protocol::discard_frame_header(0, 256))
         .unwrap();
     let state = livemig::guest::process::DeviceState {
-        workload: "uniform:rate=max".into(),
+        workload: "uniform:rate=max".parse().unwrap(),
         memory_bytes: mem,
         page_size: 4096,
         vcpus: vec![livemig::guest::process::VcpuState {

@@ -15,12 +15,12 @@ use livemig::guest::control::Control;
 use livemig::guest::dirty::{self, DirtySet, SharedBitmap, Target, TrackerKind};
 use livemig::guest::memory::{page_size, GuestMemory};
 use livemig::guest::process::{Fresh, Guest, VcpuState, BATCH};
-use livemig::guest::workload::{Stream, Workload};
+use livemig::guest::workload::{Layout, Stream, Workload};
 
 /// Pages vCPUs write going from states `from` to `to`, and among them those
 /// of the writes from op `late[vcpu]` on.
 fn replay(
-    w: &Workload,
+    w: &Layout,
     from: &[VcpuState],
     to: &[VcpuState],
     late: &[u64],
@@ -52,7 +52,7 @@ fn ground_truth(kind: TrackerKind, spec: &str, vcpus: u32) {
         .then(|| SharedBitmap::create(pages).unwrap());
     let control = Control::create().unwrap();
     let fresh = Fresh {
-        workload: spec.into(),
+        workload: spec.parse().unwrap(),
         vcpus,
         seed: 42,
     };
@@ -66,7 +66,11 @@ fn ground_truth(kind: TrackerKind, spec: &str, vcpus: u32) {
         page_size: ps,
     };
     let mut tracker = dirty::open(kind, &target, bitmap, &control).unwrap();
-    let w = Workload::parse(spec, mem.len(), ps).unwrap();
+    let w = spec
+        .parse::<Workload>()
+        .unwrap()
+        .layout(mem.len(), ps)
+        .unwrap();
     let mut scratch = DirtySet::new(pages);
     let (mut checked, mut extra) = (0, 0);
     for i in 0..20 {

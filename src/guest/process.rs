@@ -23,10 +23,11 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+pub use crate::guest::args::{Fresh, GuestArgs};
 use crate::guest::control::{Control, CONTROL_NAME, MAX_VCPUS};
 use crate::guest::dirty::{DirtyError, SharedBitmap, TrackerKind};
 use crate::guest::memory::{GuestMemory, MemoryError, SharedRegion, GUEST_RAM_NAME};
-use crate::guest::workload::{fill_word, Content, Stream, Workload, WorkloadError, Write};
+use crate::guest::workload::{fill_word, Content, Layout, Stream, Workload, WorkloadError, Write};
 
 /// How long a guest may take to start or to park its vCPUs.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -57,14 +58,18 @@ pub enum GuestError {
         #[source]
         source: nix::Error,
     },
-    #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    #[error("{0} vCPUs: must be between 1 and {MAX_VCPUS}")]
     Vcpus(u32),
     #[error("device state: {0}")]
     DeviceState(String),
     #[error("post-copy: the guest cannot register its memory for missing-page faults: {0}")]
     Postcopy(String),
-    #[error(transparent)]
-    Workload(#[from] WorkloadError),
+    #[error("workload \"{spec}\"")]
+    Workload {
+        spec: String,
+        #[source]
+        source: WorkloadError,
+    },
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error("process {pid} is not a livemig guest: {why}")]
@@ -88,9 +93,9 @@ pub struct VcpuState {
 }
 
 /// The guest's "CPU state", sent during stop-and-copy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceState {
-    pub workload: String,
+    pub workload: Workload,
     pub memory_bytes: u64,
     pub page_size: u64,
     pub vcpus: Vec<VcpuState>,
@@ -119,38 +124,21 @@ impl DeviceState {
 /// Everything a guest's configuration must satisfy, checked wherever one
 /// comes in (flags, a received device state, the guest's own arguments).
 pub fn check_config(
-    spec: &str,
+    workload: &Workload,
     memory_bytes: u64,
     page_size: u64,
     vcpus: u32,
-) -> Result<Workload, GuestError> {
+) -> Result<Layout, GuestError> {
     if !(1..=MAX_VCPUS).contains(&vcpus) {
         return Err(GuestError::Vcpus(vcpus));
     }
-    let workload = Workload::parse(spec, memory_bytes, page_size)?;
-    workload.check_vcpus(vcpus)?;
-    Ok(workload)
-}
-
-/// Arguments of the `livemig guest` process.
-#[derive(Clone, Debug)]
-pub struct GuestArgs {
-    pub mem_fd: RawFd,
-    pub memory_bytes: u64,
-    pub control_fd: RawFd,
-    pub dirty_fd: Option<RawFd>,
-    /// How the owner tracks this guest's writes (a fresh guest sets it up).
-    pub tracker: TrackerKind,
-    /// A fresh guest's workload; None for an incoming guest.
-    pub fresh: Option<Fresh>,
-}
-
-/// How a fresh guest starts (`--workload`, `--vcpus`, `--seed`).
-#[derive(Clone, Debug)]
-pub struct Fresh {
-    pub workload: String,
-    pub vcpus: u32,
-    pub seed: u64,
+    let bad = |source| GuestError::Workload {
+        spec: workload.to_string(),
+        source,
+    };
+    let layout = workload.layout(memory_bytes, page_size).map_err(bad)?;
+    layout.check_vcpus(vcpus).map_err(bad)?;
+    Ok(layout)
 }
 
 /// Body of the `livemig guest` process. Runs until killed.
@@ -182,8 +170,8 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         };
         (GuestMemory::from_region(mem, page_size), control, bitmap)
     };
-    let resume = args.fresh.is_none();
-    let (spec, vcpus) = match args.fresh {
+    let resume = args.incoming;
+    let (workload, vcpus) = match args.fresh() {
         Some(f) => {
             let content = check_config(&f.workload, args.memory_bytes, page_size, f.vcpus)?.content;
             stamp(&mem, f.seed, &content);
@@ -192,13 +180,19 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
                     .store(vcpu_seed(f.seed, i as u32), Ordering::Relaxed);
                 slot.ops.store(0, Ordering::Relaxed);
             }
-            if f.workload.len() <= crate::guest::control::MAX_WORKLOAD_LEN {
+            if f.workload.spec().len() <= crate::guest::control::MAX_WORKLOAD_LEN {
                 // For whoever attaches later (`livemig dirtyrate --pid`).
-                control.publish(&f.workload, f.vcpus);
+                control.publish(f.workload.spec(), f.vcpus);
             }
             (f.workload, f.vcpus)
         }
-        None => control.wait_start(),
+        None => {
+            let (spec, vcpus) = control.wait_start();
+            let workload = spec
+                .parse()
+                .map_err(|source| GuestError::Workload { spec, source })?;
+            (workload, vcpus)
+        }
     };
     // Post-copy: missing pages fault to the receiver, which must hear of
     // the registration before any vCPU runs. The fd lives as long as we do.
@@ -212,7 +206,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         }
         false => None,
     };
-    let workload = check_config(&spec, args.memory_bytes, page_size, vcpus)?;
+    let workload = check_config(&workload, args.memory_bytes, page_size, vcpus)?;
     // An incoming guest is not tracked: nothing migrates it onwards.
     let tracker = (!resume).then_some(args.tracker);
     let tracker_err = |source: DirtyError| GuestError::Tracker {
@@ -311,7 +305,7 @@ struct Vcpu<'a> {
     mem: &'a GuestMemory,
     control: &'a Control,
     bitmap: Option<&'a SharedBitmap>,
-    workload: &'a Workload,
+    workload: &'a Layout,
     vcpus: u32,
     resume: bool,
 }
@@ -540,32 +534,22 @@ impl Guest {
             Some(exe) => exe.into(),
             None => std::env::current_exe().map_err(GuestError::Spawn)?,
         };
-        let fds: Vec<RawFd> = [Some(mem.region().raw_fd()), Some(control.region().raw_fd())]
+        let args = GuestArgs::new(
+            (mem.region().raw_fd(), mem.len()),
+            control.region().raw_fd(),
+            bitmap.map(|b| b.region().raw_fd()),
+            tracker,
+            fresh,
+        );
+        let fds: Vec<RawFd> = [Some(args.mem_fd), Some(args.control_fd), args.dirty_fd]
             .into_iter()
-            .chain([bitmap.map(|b| b.region().raw_fd())])
             .flatten()
             .collect();
         let mut cmd = Command::new(exe);
         cmd.arg("guest")
-            .args([
-                "--mem-fd",
-                &fds[0].to_string(),
-                "--mem-bytes",
-                &mem.len().to_string(),
-            ])
-            .args(["--control-fd", &fds[1].to_string()])
-            .args(["--tracker", tracker.as_str()])
+            .args(args.to_argv())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        if let Some(fd) = fds.get(2) {
-            cmd.args(["--dirty-fd", &fd.to_string()]);
-        }
-        match fresh {
-            Some(f) => cmd
-                .args(["--workload", &f.workload, "--vcpus", &f.vcpus.to_string()])
-                .args(["--seed", &f.seed.to_string()]),
-            None => cmd.arg("--incoming"),
-        };
         // SAFETY: the closure runs between fork and exec and only calls
         // sigemptyset, pthread_sigmask and fcntl, which are async-signal-safe,
         // on a local set and fds this process owns.
@@ -722,7 +706,7 @@ impl Guest {
             slot.cursor.store(s.cursor, Ordering::Relaxed);
         }
         self.vcpus = state.vcpus.len() as u32;
-        self.control.start(&state.workload, self.vcpus);
+        self.control.start(state.workload.spec(), self.vcpus);
     }
 
     /// Write rate over `window`, in pages per second (measured, not the target).
@@ -771,8 +755,9 @@ mod tests {
         let mem = Box::leak(Box::new(GuestMemory::create(bytes, page_size).unwrap()));
         let control = Box::leak(Box::new(Control::create().unwrap()));
         let bitmap = Box::leak(Box::new(SharedBitmap::create(pages).unwrap()));
-        let workload = Workload::parse("uniform:rate=max", bytes, page_size).unwrap();
-        let workload: &'static Workload = Box::leak(Box::new(workload));
+        let workload: Workload = "uniform:rate=max".parse().unwrap();
+        let workload = workload.layout(bytes, page_size).unwrap();
+        let workload: &'static Layout = Box::leak(Box::new(workload));
         let slot = &control.block().slots[0];
         slot.seed.store(7, Ordering::Relaxed);
         let vcpu = Box::leak(Box::new(Vcpu {

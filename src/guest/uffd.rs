@@ -86,7 +86,7 @@ nix::ioctl_read!(uffdio_wake, UFFDIO, 0x02, UffdioRange);
 nix::ioctl_readwrite!(uffdio_copy, UFFDIO, 0x03, UffdioCopy);
 
 /// Errors of userfaultfd, each naming the step that failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UffdError {
     #[error("userfaultfd(2) failed: {0}")]
     Create(Errno),

@@ -23,19 +23,73 @@
 //! vCPU's whole state is its seed, its operation count and its cursor: the
 //! device state that lets a migrated guest continue exactly where it stopped.
 
-use crate::util::units::{parse_bytes, parse_page_rate, PageRate};
+use std::fmt;
+use std::str::FromStr;
+
+use crate::util::units::{parse_bytes, parse_page_rate, PageRate, UnitError};
 
 /// Longest spec: it travels in the device state and the control block.
 pub const MAX_SPEC_LEN: usize = crate::guest::control::MAX_WORKLOAD_LEN;
 
-/// Errors in a `--workload` spec.
-#[derive(Debug, thiserror::Error)]
+/// A workload spec that cannot be read, or cannot be laid over a memory.
+/// Messages name the key at fault; the caller names the spec.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WorkloadError {
-    #[error("invalid --workload \"{spec}\": {why}")]
-    Invalid { spec: String, why: String },
+    #[error("{0} bytes long; at most {MAX_SPEC_LEN} fit in the device state")]
+    TooLong(usize),
+    #[error("\"{0}\" is not key=value")]
+    NotKeyValue(String),
+    #[error("{0} given twice")]
+    Twice(String),
+    #[error("unknown kind \"{0}\" (idle, uniform, hotset, sweep)")]
+    UnknownKind(String),
+    #[error("{kind} takes no \"{key}\" (it takes: {takes})")]
+    UnknownKey {
+        kind: String,
+        key: String,
+        takes: String,
+    },
+    #[error("{key}=\"{value}\" is not a fraction in [0, 1]")]
+    Fraction { key: String, value: String },
+    #[error("{key}=\"{value}\"")]
+    Unit {
+        key: String,
+        value: String,
+        #[source]
+        source: UnitError,
+    },
+    #[error("{0} needs rate=R (pages/s like 50k, or max)")]
+    NeedsRate(String),
+    #[error("hotset needs wws=SIZE")]
+    NeedsWws,
+    #[error("bytes={bytes} must be a multiple of 8 between 8 and the page size ({page_size})")]
+    WriteBytes { bytes: u64, page_size: u64 },
+    #[error("wws must be between one page and the memory size ({memory_bytes} bytes)")]
+    Wws { memory_bytes: u64 },
+    #[error("sweep range is empty: from page {from} to page {to} (memory has {pages} pages)")]
+    EmptySweep { from: u64, to: u64, pages: u64 },
+    /// A sweep splits its range between the vCPUs, so it needs a page each.
+    #[error("the sweep range has {pages} pages, fewer than its {vcpus} vCPUs")]
+    FewerPagesThanVcpus { pages: u64, vcpus: u32 },
 }
 
-/// The shape of a workload's writes.
+/// The shape of a workload's writes, as the spec gives it (in bytes).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kind {
+    Idle,
+    Uniform,
+    HotSet {
+        wws_bytes: u64,
+        hot: f64,
+    },
+    /// None: the default (1 MiB..100 MiB, clipped to memory).
+    Sweep {
+        from_bytes: Option<u64>,
+        to_bytes: Option<u64>,
+    },
+}
+
+/// The shape of a workload's writes over a memory (in pages).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Pattern {
     Idle,
@@ -68,38 +122,32 @@ impl Default for Content {
 /// Keys every kind takes (the content model).
 const CONTENT_KEYS: [&str; 3] = ["zero", "random", "bytes"];
 
-/// A parsed workload over a given memory size.
+/// A workload as its spec says (`--workload`), whatever the memory: parse
+/// it once with [`FromStr`], lay it over a memory with [`Workload::layout`].
+/// It prints as the spec it was read from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
-    pub spec: String,
-    pub pattern: Pattern,
+    spec: String,
+    pub kind: Kind,
     pub rate: PageRate,
     pub content: Content,
-    pub page_count: u64,
-    pub page_size: u64,
 }
 
-impl Workload {
-    pub fn parse(spec: &str, memory_bytes: u64, page_size: u64) -> Result<Self, WorkloadError> {
-        let bad = |why: String| WorkloadError::Invalid {
-            spec: spec.into(),
-            why,
-        };
+impl FromStr for Workload {
+    type Err = WorkloadError;
+
+    fn from_str(spec: &str) -> Result<Self, WorkloadError> {
         if spec.len() > MAX_SPEC_LEN {
-            return Err(bad(format!(
-                "{} bytes long; at most {MAX_SPEC_LEN} fit in the device state",
-                spec.len()
-            )));
+            return Err(WorkloadError::TooLong(spec.len()));
         }
-        let page_count = memory_bytes / page_size;
         let (kind, args) = spec.split_once(':').unwrap_or((spec, ""));
         let mut kv = std::collections::BTreeMap::new();
         for part in args.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = part
                 .split_once('=')
-                .ok_or_else(|| bad(format!("\"{part}\" is not key=value")))?;
+                .ok_or_else(|| WorkloadError::NotKeyValue(part.into()))?;
             if kv.insert(k, v).is_some() {
-                return Err(bad(format!("{k} given twice")));
+                return Err(WorkloadError::Twice(k.into()));
             }
         }
         let allowed: &[&str] = match kind {
@@ -107,67 +155,137 @@ impl Workload {
             "uniform" => &["rate"],
             "hotset" => &["wws", "rate", "hot"],
             "sweep" => &["from", "to", "rate"],
-            _ => {
-                return Err(bad(format!(
-                    "unknown kind \"{kind}\" (idle, uniform, hotset, sweep)"
-                )))
-            }
+            _ => return Err(WorkloadError::UnknownKind(kind.into())),
         };
         if let Some(k) = kv
             .keys()
             .find(|k| !allowed.contains(k) && !CONTENT_KEYS.contains(k))
         {
             let takes: Vec<&str> = allowed.iter().chain(&CONTENT_KEYS).copied().collect();
-            return Err(bad(format!(
-                "{kind} takes no \"{k}\" (it takes: {})",
-                takes.join(", ")
-            )));
+            return Err(WorkloadError::UnknownKey {
+                kind: kind.into(),
+                key: (*k).into(),
+                takes: takes.join(", "),
+            });
         }
+        let unit = |k: &str, v: &str, source| WorkloadError::Unit {
+            key: k.into(),
+            value: v.into(),
+            source,
+        };
         let fraction = |k: &str| -> Result<Option<f64>, WorkloadError> {
             kv.get(k)
                 .map(|v| {
                     v.parse::<f64>()
                         .ok()
                         .filter(|f| (0.0..=1.0).contains(f))
-                        .ok_or_else(|| bad(format!("{k}=\"{v}\" is not a fraction in [0, 1]")))
+                        .ok_or_else(|| WorkloadError::Fraction {
+                            key: k.into(),
+                            value: (*v).into(),
+                        })
                 })
                 .transpose()
         };
         let size = |k: &str| -> Result<Option<u64>, WorkloadError> {
             kv.get(k)
-                .map(|v| parse_bytes(k, v).map_err(|e| bad(e.to_string())))
+                .map(|v| parse_bytes(v).map_err(|e| unit(k, v, e)))
                 .transpose()
         };
         let rate = match kv.get("rate") {
-            Some(v) => parse_page_rate("rate", v).map_err(|e| bad(e.to_string()))?,
+            Some(v) => parse_page_rate(v).map_err(|e| unit("rate", v, e))?,
             None if kind == "uniform" || kind == "hotset" => {
-                return Err(bad(format!(
-                    "{kind} needs rate=R (pages/s like 50k, or max)"
-                )))
+                return Err(WorkloadError::NeedsRate(kind.into()))
             }
             None => PageRate::Max,
         };
         let pattern = match kind {
-            "idle" => Pattern::Idle,
-            "uniform" => Pattern::Uniform,
-            "hotset" => {
-                let wws = size("wws")?.ok_or_else(|| bad("hotset needs wws=SIZE".into()))?;
-                let wws_pages = wws.div_ceil(page_size);
+            "idle" => Kind::Idle,
+            "uniform" => Kind::Uniform,
+            "hotset" => Kind::HotSet {
+                wws_bytes: size("wws")?.ok_or(WorkloadError::NeedsWws)?,
+                hot: fraction("hot")?.unwrap_or(0.95),
+            },
+            _ => Kind::Sweep {
+                from_bytes: size("from")?,
+                to_bytes: size("to")?,
+            },
+        };
+        let write_bytes = size("bytes")?.unwrap_or(8);
+        if write_bytes == 0 || write_bytes % 8 != 0 {
+            return Err(WorkloadError::WriteBytes {
+                bytes: write_bytes,
+                page_size: crate::guest::memory::page_size(),
+            });
+        }
+        Ok(Self {
+            spec: spec.into(),
+            kind: pattern,
+            rate,
+            content: Content {
+                zero: fraction("zero")?.unwrap_or(0.0),
+                random: fraction("random")?.unwrap_or(0.0),
+                write_bytes,
+            },
+        })
+    }
+}
+
+/// The spec as given.
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec)
+    }
+}
+
+/// As its spec: how the device state carries it.
+impl serde::Serialize for Workload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.spec)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Workload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let spec = String::deserialize(d)?;
+        spec.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Workload {
+    /// The spec as given.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.kind == Kind::Idle
+    }
+
+    /// This workload over `memory_bytes` of `page_size`-byte pages.
+    pub fn layout(&self, memory_bytes: u64, page_size: u64) -> Result<Layout, WorkloadError> {
+        let page_count = memory_bytes / page_size;
+        let pattern = match self.kind {
+            Kind::Idle => Pattern::Idle,
+            Kind::Uniform => Pattern::Uniform,
+            Kind::HotSet { wws_bytes, hot } => {
+                let wws_pages = wws_bytes.div_ceil(page_size);
                 if wws_pages == 0 || wws_pages > page_count {
-                    return Err(bad(format!(
-                        "wws must be between one page and the memory size ({memory_bytes} bytes)"
-                    )));
+                    return Err(WorkloadError::Wws { memory_bytes });
                 }
-                let hot = fraction("hot")?.unwrap_or(0.95);
                 Pattern::HotSet { wws_pages, hot }
             }
-            _ => {
-                let from = size("from")?.unwrap_or(1 << 20) / page_size;
-                let to = (size("to")?.unwrap_or(100 << 20) / page_size).min(page_count);
+            Kind::Sweep {
+                from_bytes,
+                to_bytes,
+            } => {
+                let from = from_bytes.unwrap_or(1 << 20) / page_size;
+                let to = (to_bytes.unwrap_or(100 << 20) / page_size).min(page_count);
                 if from >= to {
-                    return Err(bad(format!(
-                        "sweep range is empty: from page {from} to page {to} (memory has {page_count} pages)"
-                    )));
+                    return Err(WorkloadError::EmptySweep {
+                        from,
+                        to,
+                        pages: page_count,
+                    });
                 }
                 Pattern::Sweep {
                     from_page: from,
@@ -175,27 +293,35 @@ impl Workload {
                 }
             }
         };
-        let write_bytes = size("bytes")?.unwrap_or(8);
-        if write_bytes == 0 || write_bytes % 8 != 0 || write_bytes > page_size {
-            return Err(bad(format!(
-                "bytes={write_bytes} must be a multiple of 8 between 8 and the page size ({page_size})"
-            )));
+        if self.content.write_bytes > page_size {
+            return Err(WorkloadError::WriteBytes {
+                bytes: self.content.write_bytes,
+                page_size,
+            });
         }
-        let content = Content {
-            zero: fraction("zero")?.unwrap_or(0.0),
-            random: fraction("random")?.unwrap_or(0.0),
-            write_bytes,
-        };
-        Ok(Self {
-            spec: spec.into(),
+        Ok(Layout {
+            workload: self.clone(),
             pattern,
-            rate,
-            content,
+            rate: self.rate,
+            content: self.content,
             page_count,
             page_size,
         })
     }
+}
 
+/// A workload laid over a memory: the pages it writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub workload: Workload,
+    pub pattern: Pattern,
+    pub rate: PageRate,
+    pub content: Content,
+    pub page_count: u64,
+    pub page_size: u64,
+}
+
+impl Layout {
     pub fn is_idle(&self) -> bool {
         self.pattern == Pattern::Idle
     }
@@ -212,12 +338,9 @@ impl Workload {
     pub fn check_vcpus(&self, vcpus: u32) -> Result<(), WorkloadError> {
         match self.pattern {
             Pattern::Sweep { from_page, to_page } if to_page - from_page < u64::from(vcpus) => {
-                Err(WorkloadError::Invalid {
-                    spec: self.spec.clone(),
-                    why: format!(
-                        "the sweep range has {} pages, fewer than --vcpus {vcpus}",
-                        to_page - from_page
-                    ),
+                Err(WorkloadError::FewerPagesThanVcpus {
+                    pages: to_page - from_page,
+                    vcpus,
                 })
             }
             _ => Ok(()),
@@ -287,7 +410,7 @@ fn unit(r: u64) -> f64 {
 impl Stream {
     /// A stream for vCPU `vcpu`, starting fresh or from a saved state.
     pub fn new(
-        w: &Workload,
+        w: &Layout,
         vcpu: u32,
         vcpus: u32,
         seed: u64,
@@ -305,7 +428,7 @@ impl Stream {
 
     /// Advance past `n` writes without computing them (a simulation of a
     /// stretch that saturates the pattern): the state is as if they ran.
-    pub fn skip(&mut self, w: &Workload, n: u64) {
+    pub fn skip(&mut self, w: &Layout, n: u64) {
         self.ops = self.ops.wrapping_add(n);
         if let Pattern::Sweep { .. } = w.pattern {
             let len = self.slice.1 - self.slice.0;
@@ -314,7 +437,7 @@ impl Stream {
     }
 
     /// The pages this stream can write, as (first, count).
-    pub fn reach(&self, w: &Workload) -> (u64, u64) {
+    pub fn reach(&self, w: &Layout) -> (u64, u64) {
         match w.pattern {
             Pattern::HotSet { wws_pages, hot } if hot >= 1.0 => (0, wws_pages),
             Pattern::Sweep { .. } => (self.slice.0, self.slice.1 - self.slice.0),
@@ -324,7 +447,7 @@ impl Stream {
 
     /// The next write; advances the state.
     #[inline]
-    pub fn next(&mut self, w: &Workload) -> Write {
+    pub fn next(&mut self, w: &Layout) -> Write {
         let n = self.ops;
         self.ops = self.ops.wrapping_add(1);
         let r = rand(self.seed, n, 0);
@@ -388,8 +511,8 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn parse(s: &str) -> Result<Workload, WorkloadError> {
-        Workload::parse(s, 64 * MIB, 4096)
+    fn parse(s: &str) -> Result<Layout, WorkloadError> {
+        s.parse::<Workload>()?.layout(64 * MIB, 4096)
     }
 
     #[test]
@@ -449,10 +572,36 @@ mod tests {
                 "it takes: from, to, rate, zero, random, bytes",
             ),
         ] {
-            let e = parse(spec).unwrap_err().to_string();
+            let e = parse(spec).unwrap_err();
+            let e = crate::util::error::error_chain(&e);
             assert!(e.contains(needle), "{spec}: {e}");
-            assert!(e.contains(spec), "{spec}: {e}");
         }
+    }
+
+    #[test]
+    fn a_spec_prints_as_given_and_reads_back() {
+        for spec in [
+            "idle",
+            "uniform:rate=20k",
+            "hotset:wws=32M,rate=50k,hot=0.9",
+            "sweep:from=0,to=16K,zero=0.5,bytes=64",
+        ] {
+            let w: Workload = spec.parse().unwrap();
+            assert_eq!(w.to_string(), spec);
+            assert_eq!(w.to_string().parse::<Workload>(), Ok(w.clone()));
+            let json = serde_json::to_string(&w).unwrap();
+            assert_eq!(json, format!("\"{spec}\""));
+            assert_eq!(serde_json::from_str::<Workload>(&json).unwrap(), w);
+        }
+        // Memory-free errors come at parse time, the rest when laid out.
+        assert!("busy".parse::<Workload>().is_err());
+        let big: Workload = "hotset:wws=1G,rate=1k".parse().unwrap();
+        assert_eq!(
+            big.layout(64 * MIB, 4096),
+            Err(WorkloadError::Wws {
+                memory_bytes: 64 * MIB
+            })
+        );
     }
 
     #[test]
@@ -490,7 +639,11 @@ mod tests {
     #[test]
     fn skipping_writes_leaves_the_state_they_would() {
         for spec in ["uniform:rate=1k", "sweep:from=4K,to=40K"] {
-            let w = Workload::parse(spec, 1 << 20, 4096).unwrap();
+            let w = spec
+                .parse::<Workload>()
+                .unwrap()
+                .layout(1 << 20, 4096)
+                .unwrap();
             let (mut a, mut b) = (
                 Stream::new(&w, 1, 2, 9, 0, None),
                 Stream::new(&w, 1, 2, 9, 0, None),
@@ -526,7 +679,9 @@ mod tests {
         assert_eq!(parts, vec![(0, 85), (85, 170), (170, 256)]);
         let tiny = parse("sweep:from=0,to=8K").unwrap();
         assert!(tiny.check_vcpus(2).is_ok());
-        let e = tiny.check_vcpus(3).unwrap_err().to_string();
-        assert!(e.contains("2 pages, fewer than --vcpus 3"), "{e}");
+        assert_eq!(
+            tiny.check_vcpus(3),
+            Err(WorkloadError::FewerPagesThanVcpus { pages: 2, vcpus: 3 })
+        );
     }
 }

@@ -32,6 +32,8 @@ pub enum DirtyRateError {
     Guest(#[from] GuestError),
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    #[error("cannot block SIGINT and SIGTERM")]
+    Signals(#[source] nix::Error),
     #[error("--pid works with --tracker uffd-wp or soft-dirty: --tracker {0} needs the guest started by this command")]
     AttachTracker(&'static str),
 }
@@ -54,6 +56,38 @@ pub struct DirtyRateConfig {
     pub warmup: Duration,
     /// How long to measure while tracked.
     pub duration: Duration,
+}
+
+/// `livemig run`: start a guest that another process may harvest
+/// ([`Subject::Attach`]), tell `on_start` its pid, and keep it running
+/// until SIGINT or SIGTERM.
+pub fn serve(
+    tracker: TrackerKind,
+    memory_bytes: u64,
+    fresh: &Fresh,
+    on_start: &mut dyn FnMut(i32),
+) -> Result<(), DirtyRateError> {
+    use nix::sys::signal::{SigSet, Signal};
+    // Block the signals before any thread starts, then wait for them.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGTERM);
+    stop.thread_block().map_err(DirtyRateError::Signals)?;
+    let mut src = Source::start(tracker, memory_bytes, fresh)?;
+    src.release();
+    on_start(src.guest.pid());
+    let timeout = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 200_000_000,
+    };
+    loop {
+        // SAFETY: a valid signal set and timeout; no siginfo wanted.
+        let sig = unsafe { libc::sigtimedwait(stop.as_ref(), std::ptr::null_mut(), &timeout) };
+        if sig > 0 {
+            return Ok(());
+        }
+        src.guest.check_alive()?;
+    }
 }
 
 /// WWS over windows of one length.
@@ -112,7 +146,7 @@ pub fn run(
         Subject::Start {
             memory_bytes,
             guest,
-        } => Measured::Own(Source::start(cfg.tracker, *memory_bytes, guest)?),
+        } => Measured::Own(Box::new(Source::start(cfg.tracker, *memory_bytes, guest)?)),
         Subject::Attach(pid) => Measured::attach(*pid, cfg.tracker)?,
     };
     let result = measure(cfg, &mut guest, on_tick);
@@ -197,7 +231,7 @@ fn per_write(cpu: Duration, writes: u64) -> Option<f64> {
 
 /// The guest being measured: started here, or attached to.
 enum Measured {
-    Own(Source),
+    Own(Box<Source>),
     Attached {
         found: Found,
         tracker: Box<dyn Tracker>,

@@ -2,7 +2,6 @@
 //! so the real sender, the simulator and the analytical model decide alike.
 
 use crate::report::{ms, RoundReport};
-use crate::util::units::UnitError;
 use crate::wire::ratelimit::Bandwidth;
 use std::time::Duration;
 
@@ -24,29 +23,36 @@ pub enum Policy {
     Fixed(u32),
 }
 
-/// Same as [`Policy::parse`].
-pub fn parse(s: &str) -> Result<Policy, UnitError> {
-    Policy::parse(s)
+/// A policy that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("use at least 1 round (round 0 sends every page)")]
+    NoRounds,
+    #[error("fixed:N needs a whole number of rounds, like fixed:5")]
+    Rounds(#[source] std::num::ParseIntError),
+    #[error("expected xen, qemu or fixed:N")]
+    Unknown,
 }
 
-impl Policy {
+impl std::str::FromStr for Policy {
+    type Err = PolicyError;
+
     /// `xen` | `qemu` | `fixed:N` with N >= 1.
-    pub fn parse(s: &str) -> Result<Policy, UnitError> {
-        let bad = |why: &str| UnitError::new("--policy", s, why);
+    fn from_str(s: &str) -> Result<Policy, PolicyError> {
         match s.trim() {
             "xen" => Ok(Policy::Xen),
             "qemu" => Ok(Policy::Qemu),
             t => match t.strip_prefix("fixed:").map(|n| n.trim().parse::<u32>()) {
-                Some(Ok(0)) => Err(bad("use at least 1 round (round 0 sends every page)")),
+                Some(Ok(0)) => Err(PolicyError::NoRounds),
                 Some(Ok(n)) => Ok(Policy::Fixed(n)),
-                Some(Err(_)) => Err(bad("fixed:N needs a whole number of rounds, like fixed:5")),
-                None => Err(bad("expected xen, qemu or fixed:N")),
+                Some(Err(e)) => Err(PolicyError::Rounds(e)),
+                None => Err(PolicyError::Unknown),
             },
         }
     }
 }
 
-/// Prints the form [`Policy::parse`] reads back.
+/// Prints the form [`Policy::from_str`] reads back.
 impl std::fmt::Display for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -427,19 +433,16 @@ mod tests {
 
     #[test]
     fn parses() {
+        let parse = |s: &str| s.parse::<Policy>();
         assert_eq!(parse("xen"), Ok(Policy::Xen));
         assert_eq!(parse("qemu"), Ok(Policy::Qemu));
         assert_eq!(parse("fixed:5"), Ok(Policy::Fixed(5)));
+        for p in [Policy::Xen, Policy::Qemu, Policy::Fixed(5)] {
+            assert_eq!(parse(&p.to_string()), Ok(p));
+        }
         assert_eq!(Policy::Fixed(5).to_string(), "fixed:5");
-        let e = parse("fixed:0").unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "invalid --policy \"fixed:0\": use at least 1 round (round 0 sends every page)"
-        );
-        assert!(parse("fixed:x")
-            .unwrap_err()
-            .to_string()
-            .contains("\"fixed:x\""));
+        assert_eq!(parse("fixed:0"), Err(PolicyError::NoRounds));
+        assert!(matches!(parse("fixed:x"), Err(PolicyError::Rounds(_))));
         assert!(parse("vmware")
             .unwrap_err()
             .to_string()

@@ -20,12 +20,12 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::guest::dirty::DirtySet;
 use crate::guest::memory::GuestMemory;
-use crate::guest::uffd::Uffd;
+use crate::guest::uffd::{Uffd, UffdError};
 use crate::report::{Latency, PostcopyStats};
 use crate::wire::datapath::Landed;
 use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError, MAX_RUN_PAGES};
@@ -38,6 +38,42 @@ pub fn request_timeout() -> Duration {
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(Duration::from_secs(10), Duration::from_millis)
+}
+
+/// Why the destination's post-copy gave up. Clone, so every thread that
+/// asks can be told (protocol errors are shared).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PostcopyError {
+    #[error("placing page {page}")]
+    Place {
+        page: u64,
+        #[source]
+        source: UffdError,
+    },
+    #[error("reading the guest's faults")]
+    Faults(#[source] UffdError),
+    #[error("a fault at {addr:#x}, outside guest memory")]
+    OutsideMemory { addr: u64 },
+    #[error("making page {page} present")]
+    Present {
+        page: u64,
+        #[source]
+        source: UffdError,
+    },
+    #[error("asking the source for page {page}")]
+    Request {
+        page: u64,
+        #[source]
+        source: Arc<ProtocolError>,
+    },
+    #[error("page {page} was asked for {secs:.1} s ago and has not arrived: the source is gone")]
+    NotArrived { page: u64, secs: f64 },
+    #[error("reading requested pages")]
+    ReadPages(#[source] Arc<ProtocolError>),
+    #[error("unexpected {0} on the request connection")]
+    Unexpected(Kind),
+    #[error("the request connection")]
+    Connection(#[source] Arc<ProtocolError>),
 }
 
 /// How a migration moves memory (`--mode`).
@@ -54,29 +90,51 @@ pub enum Mode {
     Cold,
 }
 
-impl Mode {
+/// A mode that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModeError {
+    #[error("unknown mode (precopy, postcopy, hybrid[:rounds=N], cold)")]
+    Unknown,
+    #[error(
+        "rounds must be a whole number from 1 to 1000 (precopy, postcopy, hybrid[:rounds=N], cold)"
+    )]
+    Rounds,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = ModeError;
+
     /// `precopy` | `postcopy` | `hybrid[:rounds=N]` | `cold`.
-    pub fn parse(s: &str) -> Result<Mode, String> {
-        let bad = |why: &str| {
-            format!("invalid --mode \"{s}\": {why} (precopy, postcopy, hybrid[:rounds=N], cold)")
-        };
+    fn from_str(s: &str) -> Result<Mode, ModeError> {
         Ok(match s.trim() {
             "precopy" => Mode::Precopy,
             "postcopy" => Mode::Postcopy,
             "cold" => Mode::Cold,
             "hybrid" => Mode::Hybrid { rounds: 2 },
             other => {
-                let Some(n) = other.strip_prefix("hybrid:rounds=") else {
-                    return Err(bad("unknown mode"));
-                };
+                let n = other
+                    .strip_prefix("hybrid:rounds=")
+                    .ok_or(ModeError::Unknown)?;
                 match n.parse::<u32>() {
                     Ok(rounds @ 1..=1000) => Mode::Hybrid { rounds },
-                    _ => return Err(bad("rounds must be a whole number from 1 to 1000")),
+                    _ => return Err(ModeError::Rounds),
                 }
             }
         })
     }
+}
 
+/// The form [`Mode::from_str`] reads back (`hybrid:rounds=N` in full).
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Hybrid { rounds } => write!(f, "hybrid:rounds={rounds}"),
+            m => f.write_str(m.as_str()),
+        }
+    }
+}
+
+impl Mode {
     /// The report's `mode`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -139,7 +197,7 @@ pub struct Destination {
     faults: AtomicU64,
     pulled: AtomicU64,
     pushed: AtomicU64,
-    failed: Mutex<Option<String>>,
+    failed: Mutex<Option<PostcopyError>>,
     stop: AtomicBool,
     zeros: Vec<u8>,
     timeout: Duration,
@@ -194,14 +252,14 @@ impl Destination {
     }
 
     /// Why another thread gave up, if one did.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<PostcopyError> {
         self.failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    fn fail(&self, why: String) {
+    fn fail(&self, why: PostcopyError) {
         if self.stop.swap(true, Ordering::AcqRel) {
             // Over already (done, or failed before): an error of a thread
             // winding down changes nothing, and must not shut the push's
@@ -235,7 +293,7 @@ impl Destination {
         data: &[u8],
         landed: &Landed,
         path: Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), PostcopyError> {
         let ps = self.page_size as usize;
         let mut at = 0usize;
         while at < data.len() {
@@ -244,7 +302,7 @@ impl Destination {
             let copied = self
                 .uffd
                 .copy(dst, &data[at..])
-                .map_err(|e| format!("placing page {page}: {e}"))?;
+                .map_err(|source| PostcopyError::Place { page, source })?;
             let placed = usize::try_from(copied).expect("at most the run") / ps;
             for (i, bytes) in data[at..at + placed * ps].chunks_exact(ps).enumerate() {
                 self.placed(page + i as u64, bytes, landed, path);
@@ -290,30 +348,27 @@ impl Destination {
         let _ = requests.shutdown(std::net::Shutdown::Write);
     }
 
-    fn fault_loop(&self, requests: &mut TcpStream) -> Result<(), String> {
+    fn fault_loop(&self, requests: &mut TcpStream) -> Result<(), PostcopyError> {
         let mut addrs = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
             addrs.clear();
             self.uffd
                 .faults(Duration::from_millis(50), &mut addrs)
-                .map_err(|e| e.to_string())?;
+                .map_err(PostcopyError::Faults)?;
             let now = Instant::now();
             for &addr in &addrs {
                 self.faults.fetch_add(1, Ordering::Relaxed);
                 let page = addr.saturating_sub(self.mem_addr) / self.page_size;
                 if page >= self.page_count {
-                    return Err(format!("a fault at {addr:#x}, outside guest memory"));
+                    return Err(PostcopyError::OutsideMemory { addr });
                 }
                 if !self.missing.get(page) {
                     // Placed meanwhile, or never sent because it is zero
                     // and was never allocated here: make it present.
                     let dst = self.mem_addr + page * self.page_size;
-                    self.uffd
-                        .copy(dst, &self.zeros)
-                        .map_err(|e| e.to_string())?;
-                    self.uffd
-                        .wake(dst, self.page_size)
-                        .map_err(|e| e.to_string())?;
+                    let present = |source| PostcopyError::Present { page, source };
+                    self.uffd.copy(dst, &self.zeros).map_err(present)?;
+                    self.uffd.wake(dst, self.page_size).map_err(present)?;
                     continue;
                 }
                 self.request(requests, page, now)?;
@@ -324,7 +379,7 @@ impl Destination {
     }
 
     /// Ask for `page` (and the pages around it, pre-paging) unless asked already.
-    fn request(&self, w: &mut TcpStream, page: u64, now: Instant) -> Result<(), String> {
+    fn request(&self, w: &mut TcpStream, page: u64, now: Instant) -> Result<(), PostcopyError> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if !self.missing.get(page) {
             // Placed since the fault was read (which woke the vCPU).
@@ -356,17 +411,20 @@ impl Destination {
         let m = Message::page_request(first, (end - first) as u32, (page - first) as u32);
         protocol::write_message(w, &m)
             .map(|_| ())
-            .map_err(|e| format!("asking the source for page {page}: {e}"))
+            .map_err(|e| PostcopyError::Request {
+                page,
+                source: Arc::new(e),
+            })
     }
 
-    fn check_timeout(&self) -> Result<(), String> {
+    fn check_timeout(&self) -> Result<(), PostcopyError> {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let oldest = pending.iter().filter_map(|(p, t)| t.map(|t| (t, *p))).min();
         match oldest {
-            Some((t, page)) if t.elapsed() > self.timeout => Err(format!(
-                "page {page} was asked for {:.1} s ago and has not arrived: the source is gone",
-                self.timeout.as_secs_f64()
-            )),
+            Some((t, page)) if t.elapsed() > self.timeout => Err(PostcopyError::NotArrived {
+                page,
+                secs: self.timeout.as_secs_f64(),
+            }),
             _ => Ok(()),
         }
     }
@@ -379,21 +437,19 @@ impl Destination {
                 Ok(Frame::Pages { first_page, count }) => {
                     buf.resize(count as usize * self.page_size as usize, 0);
                     if let Err(e) = protocol::read_bulk(&mut r, &mut buf, Kind::Pages) {
-                        return self.fail_unless_stopped(format!("reading requested pages: {e}"));
+                        return self.fail_unless_stopped(PostcopyError::ReadPages(Arc::new(e)));
                     }
                     if let Err(e) = self.place(first_page, &buf, landed, Path::Pulled) {
                         return self.fail(e);
                     }
                 }
-                Ok(f) => {
-                    return self.fail(format!("unexpected {} on the request connection", f.kind()))
-                }
-                Err(e) => return self.fail_unless_stopped(format!("the request connection: {e}")),
+                Ok(f) => return self.fail(PostcopyError::Unexpected(f.kind())),
+                Err(e) => return self.fail_unless_stopped(PostcopyError::Connection(Arc::new(e))),
             }
         }
     }
 
-    fn fail_unless_stopped(&self, why: String) {
+    fn fail_unless_stopped(&self, why: PostcopyError) {
         if !self.stop.load(Ordering::Acquire) && self.remaining() > 0 {
             self.fail(why);
         }
@@ -527,5 +583,26 @@ impl Server {
             }
             conn.flush().map_err(ProtocolError::Io)?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_read_back_and_bad_ones_are_refused() {
+        for m in [
+            Mode::Precopy,
+            Mode::Postcopy,
+            Mode::Cold,
+            Mode::Hybrid { rounds: 7 },
+        ] {
+            assert_eq!(m.to_string().parse(), Ok(m));
+        }
+        assert_eq!("hybrid".parse(), Ok(Mode::Hybrid { rounds: 2 }));
+        assert_eq!("warp".parse::<Mode>(), Err(ModeError::Unknown));
+        assert_eq!("hybrid:rounds=0".parse::<Mode>(), Err(ModeError::Rounds));
+        assert_eq!("hybrid:rounds=x".parse::<Mode>(), Err(ModeError::Rounds));
     }
 }

@@ -23,7 +23,7 @@ use crate::guest::control::Control;
 use crate::guest::dirty::{DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
 use crate::guest::memory::GuestMemory;
 use crate::guest::process::{DeviceState, Fresh, Guest, GuestError};
-use crate::guest::workload::Workload;
+use crate::guest::workload::{Layout, Workload};
 use crate::migration::machine::{Backend, Migration, Round};
 use crate::migration::phases::SourcePhase;
 use crate::migration::policy::{Policy, PolicyConfig, RoundFigures};
@@ -41,15 +41,11 @@ use crate::wire::ratelimit::{Bandwidth, RateLimiter};
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
     pub memory_bytes: u64,
-    pub workload: String,
+    pub workload: Workload,
     pub vcpus: u32,
     pub tracker: TrackerKind,
     pub bandwidth: Bandwidth,
-    /// `--bandwidth` as the user wrote it, for the report.
-    pub bandwidth_spec: String,
     pub policy: Policy,
-    /// `--policy` as the user wrote it, for the report.
-    pub policy_spec: String,
     pub downtime_limit: Duration,
     pub max_time: Duration,
     pub warmup: Duration,
@@ -68,13 +64,11 @@ impl Default for SenderConfig {
     fn default() -> Self {
         Self {
             memory_bytes: 256 << 20,
-            workload: "hotset:wws=32M,rate=50k".into(),
+            workload: "hotset:wws=32M,rate=50k".parse().expect("a valid spec"),
             vcpus: 1,
             tracker: TrackerKind::Bitmap,
             bandwidth: Bandwidth::Unlimited,
-            bandwidth_spec: "unlimited".into(),
             policy: Policy::Xen,
-            policy_spec: "xen".into(),
             downtime_limit: Duration::from_millis(300),
             max_time: Duration::from_secs(120),
             warmup: Duration::from_secs(1),
@@ -118,14 +112,14 @@ impl SenderConfig {
         Report {
             mode: self.mode.as_str(),
             tracker: self.tracker.as_str().into(),
-            policy: self.policy_spec.clone(),
-            bandwidth: self.bandwidth_spec.clone(),
-            workload: self.workload.clone(),
+            policy: self.policy.to_string(),
+            bandwidth: self.bandwidth.to_string(),
+            workload: self.workload.to_string(),
             vcpus: self.vcpus,
             memory_bytes: self.memory_bytes,
             page_size: crate::guest::memory::page_size(),
             streams: self.streams,
-            compress: self.reduction.compress.map(|c| c.as_str().into()),
+            compress: self.reduction.compress.map(|c| c.to_string()),
             xbzrle_cache_bytes: self.reduction.xbzrle_cache,
             ..Report::default()
         }
@@ -138,7 +132,7 @@ pub struct Source {
     pub mem: Arc<GuestMemory>,
     pub guest: Guest,
     tracker: Box<dyn Tracker>,
-    pub workload: Workload,
+    pub workload: Layout,
 }
 
 impl Source {

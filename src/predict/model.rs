@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::guest::workload::{Pattern, Workload};
+use crate::guest::workload::{Layout, Pattern};
 use crate::migration::machine::{Backend, Migration, Round};
 use crate::migration::policy::{Policy, Precopy, RoundFigures, StopReason};
 use crate::predict::simulate::{check, runaway, wire_bytes, Clock, SimConfig, SimulateError};
@@ -36,19 +36,29 @@ pub enum Variant {
     Wws,
 }
 
-impl Variant {
-    pub fn parse(s: &str) -> Result<Self, crate::util::units::UnitError> {
+/// A variant name the model does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected classic or wws")]
+pub struct UnknownVariant;
+
+impl std::str::FromStr for Variant {
+    type Err = UnknownVariant;
+    fn from_str(s: &str) -> Result<Self, UnknownVariant> {
         match s {
             "classic" => Ok(Self::Classic),
             "wws" => Ok(Self::Wws),
-            _ => Err(crate::util::units::UnitError::new(
-                "--variant",
-                s,
-                "expected classic or wws",
-            )),
+            _ => Err(UnknownVariant),
         }
     }
+}
 
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Variant {
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Classic => "classic",
@@ -58,7 +68,7 @@ impl Variant {
 }
 
 /// Expected distinct pages that `writes` writes of workload `w` hit.
-pub fn distinct_pages(w: &Workload, writes: f64, variant: Variant) -> f64 {
+pub fn distinct_pages(w: &Layout, writes: f64, variant: Variant) -> f64 {
     let n = w.page_count as f64;
     let writes = writes.max(0.0);
     if variant == Variant::Classic {
@@ -89,7 +99,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
     let rate = match (w.is_idle(), w.rate) {
         (true, _) => 0.0,
         (false, PageRate::PerSec(r)) => r,
-        (false, PageRate::Max) => return Err(SimulateError::MaxRate(m.workload.clone())),
+        (false, PageRate::Max) => return Err(SimulateError::MaxRate(m.workload.to_string())),
     };
     let report = Report {
         mode: MODEL,
@@ -115,7 +125,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
 /// The model as a migration's backend: expected page counts, no pages.
 struct Model<'a> {
     cfg: &'a SimConfig,
-    w: Workload,
+    w: Layout,
     variant: Variant,
     /// The guest's writes per second.
     rate: f64,
@@ -234,7 +244,7 @@ impl Backend for Model<'_> {
 /// header per run, RoundEnd. Round 0 and sweeps are contiguous; otherwise
 /// the pages are taken as a random subset of the pages the pattern reaches,
 /// which has about k(1 - k/n) runs, cut further into chunks.
-fn round_bytes(w: &Workload, pages: u64, round: u32, limit: Option<u64>) -> u64 {
+fn round_bytes(w: &Layout, pages: u64, round: u32, limit: Option<u64>) -> u64 {
     let ps = w.page_size;
     let chunk = chunk_pages(limit, ps);
     let reach = match w.pattern {
@@ -256,8 +266,17 @@ fn round_bytes(w: &Workload, pages: u64, round: u32, limit: Option<u64>) -> u64 
 mod tests {
     use super::*;
 
-    fn w(spec: &str) -> Workload {
-        Workload::parse(spec, 4096 * 4096, 4096).unwrap()
+    fn w(spec: &str) -> Layout {
+        let w: crate::guest::workload::Workload = spec.parse().unwrap();
+        w.layout(4096 * 4096, 4096).unwrap()
+    }
+
+    #[test]
+    fn variants_read_back() {
+        for v in [Variant::Classic, Variant::Wws] {
+            assert_eq!(v.to_string().parse(), Ok(v));
+        }
+        assert_eq!("exact".parse::<Variant>(), Err(UnknownVariant));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use crate::guest::dirty::DirtySet;
-use crate::guest::workload::{Pattern, Stream, Workload, WorkloadError};
+use crate::guest::workload::{Layout, Pattern, Stream, WorkloadError};
 use crate::migration::machine::{Backend, Migration, Round};
 use crate::migration::policy::RoundFigures;
 use crate::migration::source::SenderConfig;
@@ -256,7 +256,7 @@ pub(crate) fn runaway(round: u32, now: Duration) -> Result<(), SimulateError> {
 
 /// What every prediction checks first: the guest's configuration, the
 /// link, and a memory size arithmetic on bytes cannot overflow.
-pub(crate) fn check(cfg: &SimConfig) -> Result<Workload, SimulateError> {
+pub(crate) fn check(cfg: &SimConfig) -> Result<Layout, SimulateError> {
     let m = &cfg.migration;
     if m.memory_bytes > MAX_MEMORY {
         return Err(SimulateError::TooLarge(crate::util::units::fmt_bytes(
@@ -329,7 +329,7 @@ pub(crate) fn round_time(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round:
 /// The guest's writes without the guest: its vCPUs' streams, advanced by
 /// the number of writes each makes in a stretch of simulated time.
 struct SimGuest<'a> {
-    workload: &'a Workload,
+    workload: &'a Layout,
     streams: Vec<Stream>,
     /// Writes per second per vCPU (0 when idle).
     rate: f64,
@@ -340,11 +340,11 @@ struct SimGuest<'a> {
 }
 
 impl<'a> SimGuest<'a> {
-    fn new(workload: &'a Workload, m: &SenderConfig) -> Result<Self, SimulateError> {
+    fn new(workload: &'a Layout, m: &SenderConfig) -> Result<Self, SimulateError> {
         let rate = match (workload.is_idle(), workload.rate) {
             (true, _) => 0.0,
             (false, PageRate::PerSec(_)) => workload.rate_per_vcpu(m.vcpus).unwrap_or(0.0),
-            (false, PageRate::Max) => return Err(SimulateError::MaxRate(m.workload.clone())),
+            (false, PageRate::Max) => return Err(SimulateError::MaxRate(m.workload.to_string())),
         };
         let streams = (0..m.vcpus)
             .map(|i| {

@@ -9,12 +9,15 @@
 //! two rounds: round 0's goodput is the link, the empty round 1 is the
 //! per-round cost, the downtime less its last pages is the fixed downtime.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::guest::workload::Workload;
+use crate::migration::local::{self, MigrateError};
 use crate::migration::policy::Policy;
-use crate::migration::source::SenderConfig;
+use crate::migration::source::{self, SendError, SenderConfig, Source};
 use crate::predict::model::{self, Variant};
 use crate::predict::simulate::{self, SimConfig};
 use crate::report::Report;
@@ -29,15 +32,62 @@ pub enum SweepError {
     Calibration { mem: String, why: String },
     #[error("invalid grid point \"{label}\": {why}")]
     Point { label: String, why: String },
+    #[error("writing {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// Why one grid point's real migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PointError {
+    #[error(transparent)]
+    Local(Box<MigrateError>),
+    #[error(transparent)]
+    Send(Box<SendError>),
+}
+
+impl From<MigrateError> for PointError {
+    fn from(e: MigrateError) -> Self {
+        PointError::Local(Box::new(e))
+    }
+}
+
+impl From<SendError> for PointError {
+    fn from(e: SendError) -> Self {
+        PointError::Send(Box::new(e))
+    }
+}
+
+/// One real migration of a sweep: over loopback, or (`to`) to a receiver
+/// at that address.
+pub fn migrate(to: Option<&str>, c: &SenderConfig) -> Result<Report, PointError> {
+    let (report, result) = match to {
+        None => {
+            let (r, res) = local::run(c, local::Destination::default(), &mut |_| {});
+            (r, res.map_err(PointError::from))
+        }
+        Some(to) => {
+            let mut src = Source::start(c.tracker, c.memory_bytes, &c.fresh())?;
+            let (r, res) = source::migrate(c, &mut src, to, &mut |_| {});
+            (r, res.map_err(PointError::from))
+        }
+    };
+    result.map(|()| report)
+}
+
+/// A real migration of a sweep (see [`migrate`]; tests pass their own).
+pub type MigrateFn<'a> = dyn FnMut(&SenderConfig) -> Result<Report, PointError> + 'a;
 
 /// The grid and what every point shares.
 #[derive(Clone, Debug)]
 pub struct SweepConfig {
     pub mems: Vec<u64>,
-    pub workloads: Vec<String>,
-    pub bandwidths: Vec<String>,
-    pub policies: Vec<String>,
+    pub workloads: Vec<Workload>,
+    pub bandwidths: Vec<Bandwidth>,
+    pub policies: Vec<Policy>,
     /// Everything else a migration needs (vCPUs, tracker, limits, warm-up,
     /// seed); its memory, workload, bandwidth and policy are the grid's.
     pub base: SenderConfig,
@@ -79,7 +129,7 @@ pub struct Figures {
 }
 
 impl Figures {
-    fn of(result: Result<Report, String>) -> Self {
+    fn of<E: std::error::Error>(result: Result<Report, E>) -> Self {
         match result {
             Ok(r) => Self {
                 total_time_ms: r.migration_time_ms,
@@ -91,7 +141,7 @@ impl Figures {
                 error: r.error,
             },
             Err(e) => Self {
-                error: Some(e),
+                error: Some(crate::util::error::error_chain(&e)),
                 ..Self::default()
             },
         }
@@ -134,10 +184,10 @@ struct Point {
 
 fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
     for (name, empty) in [
-        ("--mem", cfg.mems.is_empty()),
-        ("--workload", cfg.workloads.is_empty()),
-        ("--bandwidth", cfg.bandwidths.is_empty()),
-        ("--policy", cfg.policies.is_empty()),
+        ("memory size", cfg.mems.is_empty()),
+        ("workload", cfg.workloads.is_empty()),
+        ("bandwidth", cfg.bandwidths.is_empty()),
+        ("policy", cfg.policies.is_empty()),
     ] {
         if empty {
             return Err(SweepError::Empty(name));
@@ -160,18 +210,16 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                     // Every point is checked before the first one runs.
                     if mem == 0 || !mem.is_multiple_of(page) {
                         return Err(bad(format!(
-                            "--mem {mem}: not a non-zero multiple of the {page}-byte page size"
+                            "memory of {mem} bytes: not a non-zero multiple of the {page}-byte page size"
                         )));
                     }
                     crate::guest::process::check_config(workload, mem, page, cfg.base.vcpus)
-                        .map_err(|e| bad(e.to_string()))?;
+                        .map_err(|e| bad(crate::util::error::error_chain(&e)))?;
                     let point_cfg = SenderConfig {
                         memory_bytes: mem,
                         workload: workload.clone(),
-                        bandwidth: Bandwidth::parse(bandwidth).map_err(|e| bad(e.to_string()))?,
-                        bandwidth_spec: bandwidth.clone(),
-                        policy: Policy::parse(policy).map_err(|e| bad(e.to_string()))?,
-                        policy_spec: policy.clone(),
+                        bandwidth: *bandwidth,
+                        policy: *policy,
                         progress: false,
                         ..cfg.base.clone()
                     };
@@ -195,7 +243,7 @@ pub fn grid_size(cfg: &SweepConfig) -> Result<usize, SweepError> {
 /// `on_point` sees each finished row (for progress).
 pub fn run(
     cfg: &SweepConfig,
-    migrate: &mut dyn FnMut(&SenderConfig) -> Result<Report, String>,
+    migrate: &mut MigrateFn,
     on_point: &mut dyn FnMut(&Row),
 ) -> Result<Sweep, SweepError> {
     let points = points(cfg)?;
@@ -223,12 +271,12 @@ pub fn run(
             point: i,
             label: p.label,
             memory_bytes: mem,
-            workload: p.cfg.workload.clone(),
-            bandwidth: p.cfg.bandwidth_spec.clone(),
-            policy: p.cfg.policy_spec.clone(),
+            workload: p.cfg.workload.to_string(),
+            bandwidth: p.cfg.bandwidth.to_string(),
+            policy: p.cfg.policy.to_string(),
             measured: Figures::of(migrate(&p.cfg)),
-            model: Figures::of(model::run(&sim, cfg.variant).map_err(|e| e.to_string())),
-            simulated: Figures::of(simulate::run(&sim).map_err(|e| e.to_string())),
+            model: Figures::of(model::run(&sim, cfg.variant)),
+            simulated: Figures::of(simulate::run(&sim)),
         };
         on_point(&row);
         rows.push(row);
@@ -245,7 +293,7 @@ pub fn run(
 fn calibrate(
     cfg: &SweepConfig,
     mem: u64,
-    migrate: &mut dyn FnMut(&SenderConfig) -> Result<Report, String>,
+    migrate: &mut MigrateFn,
 ) -> Result<Calibration, SweepError> {
     let fail = |why: String| SweepError::Calibration {
         mem: crate::util::units::fmt_bytes(mem),
@@ -253,15 +301,13 @@ fn calibrate(
     };
     let idle = SenderConfig {
         memory_bytes: mem,
-        workload: "idle".into(),
+        workload: "idle".parse().expect("a valid spec"),
         bandwidth: Bandwidth::Unlimited,
-        bandwidth_spec: "unlimited".into(),
         policy: Policy::Fixed(2),
-        policy_spec: "fixed:2".into(),
         progress: false,
         ..cfg.base.clone()
     };
-    let r = migrate(&idle).map_err(fail)?;
+    let r = migrate(&idle).map_err(|e| fail(crate::util::error::error_chain(&e)))?;
     let (Some(r0), Some(r1), Some(downtime)) = (r.rounds.first(), r.rounds.get(1), r.downtime_ms)
     else {
         return Err(fail("the calibration run reported no rounds".into()));
@@ -280,6 +326,54 @@ fn calibrate(
             .map_or(downtime - last, |d| d.as_secs_f64() * 1e3),
         setup_ms: r.setup_time_ms,
     })
+}
+
+/// Write a sweep's results into `out` (sweep.csv, sweep.json) and
+/// sweep.json to `json` too.
+pub fn write(sweep: &Sweep, out: &Path, json: Option<&Path>) -> Result<(), SweepError> {
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SweepError::Write { path, source }
+    };
+    let csv_path = out.join("sweep.csv");
+    std::fs::write(&csv_path, csv(sweep)).map_err(fail(&csv_path))?;
+    for path in std::iter::once(out.join("sweep.json")).chain(json.map(Path::to_path_buf)) {
+        let text = serde_json::to_vec_pretty(sweep).expect("a sweep serialises");
+        std::fs::write(&path, text).map_err(fail(&path))?;
+    }
+    Ok(())
+}
+
+/// What to tell the user of a sweep written to `out` with `plots`.
+pub fn summary(sweep: &Sweep, out: &Path, plots: &[PathBuf]) -> String {
+    let mut said = String::new();
+    for c in &sweep.calibration {
+        said += &format!(
+            "calibrated at {}: link {:.0} Mbit/s, round overhead {:.3} ms, downtime overhead {:.3} ms\n",
+            crate::util::units::fmt_bytes(c.memory_bytes),
+            c.link_mbps,
+            c.round_overhead_ms,
+            c.downtime_overhead_ms
+        );
+    }
+    let failed = sweep
+        .rows
+        .iter()
+        .filter(|r| r.measured.error.is_some())
+        .count();
+    let names: Vec<_> = plots
+        .iter()
+        .filter_map(|p| p.file_name())
+        .map(|f| f.to_string_lossy())
+        .collect();
+    said += &format!(
+        "{} points ({failed} failed migrations), results in {}: sweep.csv, sweep.json, {}\n",
+        sweep.rows.len(),
+        out.display(),
+        names.join(", ")
+    );
+    said += &accuracy_table(sweep);
+    said
 }
 
 /// Relative errors of model and simulator against the measurement.
@@ -419,9 +513,9 @@ mod tests {
     fn an_empty_grid_is_refused() {
         let cfg = SweepConfig {
             mems: vec![1 << 24],
-            workloads: vec!["idle".into()],
+            workloads: vec!["idle".parse().unwrap()],
             bandwidths: vec![],
-            policies: vec!["xen".into()],
+            policies: vec![Policy::Xen],
             base: SenderConfig::default(),
             variant: Variant::Wws,
             link_bytes_per_s: None,
@@ -429,7 +523,7 @@ mod tests {
             downtime_overhead: None,
         };
         let e = grid_size(&cfg).unwrap_err().to_string();
-        assert_eq!(e, "empty grid: no --bandwidth given");
+        assert_eq!(e, "empty grid: no bandwidth given");
     }
 
     #[test]

@@ -1,13 +1,41 @@
 //! Bandwidth policy (what `--bandwidth` asks for) and the token bucket that
 //! enforces it on the wire. Rates are bytes per second throughout.
 
-use crate::util::units::{parse_rate, UnitError};
+use crate::util::units::{fmt_rate, parse_rate, UnitError};
+use std::fmt;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-const FLAG: &str = "--bandwidth";
 const EXPECTED: &str =
     "expected unlimited, a rate like 500mbit, 1gbit, 120MiB/s, or dynamic:min=RATE,max=RATE,inc=RATE";
+
+/// A bandwidth that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BandwidthError {
+    /// Not a rate (the unit parser's reason adds nothing to the list).
+    #[error("{EXPECTED}")]
+    Rate,
+    #[error("limits below 1mbit are not supported")]
+    TooSlow,
+    #[error("\"{0}\" is not KEY=RATE ({EXPECTED})")]
+    NotKeyValue(String),
+    #[error("unknown key \"{0}\" ({EXPECTED})")]
+    UnknownKey(String),
+    #[error("{0} given twice ({EXPECTED})")]
+    Twice(String),
+    #[error("{key}=\"{value}\" is not a rate ({EXPECTED})")]
+    KeyRate {
+        key: String,
+        value: String,
+        #[source]
+        source: UnitError,
+    },
+    #[error("{0}=RATE is missing ({EXPECTED})")]
+    Missing(&'static str),
+    #[error("min ({min} B/s) is above max ({max} B/s) ({EXPECTED})")]
+    MinAboveMax { min: u64, max: u64 },
+}
 
 /// What --bandwidth asks for (bytes/s).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -30,51 +58,6 @@ pub enum Bandwidth {
 pub const MIN_RATE: u64 = 125_000;
 
 impl Bandwidth {
-    /// `unlimited` | RATE | `dynamic:min=RATE,max=RATE,inc=RATE` (keys in any order, all required).
-    pub fn parse(s: &str) -> Result<Bandwidth, UnitError> {
-        let t = s.trim();
-        if t.eq_ignore_ascii_case("unlimited") {
-            return Ok(Bandwidth::Unlimited);
-        }
-        let too_slow = || UnitError::new(FLAG, s, "limits below 1mbit are not supported");
-        let Some(spec) = t.strip_prefix("dynamic:") else {
-            let bytes_per_s = parse_rate(FLAG, t).map_err(|_| UnitError::new(FLAG, s, EXPECTED))?;
-            if bytes_per_s < MIN_RATE {
-                return Err(too_slow());
-            }
-            return Ok(Bandwidth::Static { bytes_per_s });
-        };
-        let bad = |why: String| UnitError::new(FLAG, s, format!("{why} ({EXPECTED})"));
-        let mut vals: [Option<u64>; 3] = [None; 3];
-        for kv in spec.split(',') {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| bad(format!("\"{kv}\" is not KEY=RATE")))?;
-            let slot = match k.trim() {
-                "min" => &mut vals[0],
-                "max" => &mut vals[1],
-                "inc" => &mut vals[2],
-                other => return Err(bad(format!("unknown key \"{other}\""))),
-            };
-            if slot.is_some() {
-                return Err(bad(format!("{k} given twice")));
-            }
-            let rate =
-                parse_rate(FLAG, v).map_err(|_| bad(format!("{k}=\"{v}\" is not a rate")))?;
-            *slot = Some(rate);
-        }
-        let [min, max, inc] = vals;
-        let need = |v: Option<u64>, k: &str| v.ok_or_else(|| bad(format!("{k}=RATE is missing")));
-        let (min, max, inc) = (need(min, "min")?, need(max, "max")?, need(inc, "inc")?);
-        if min > max {
-            return Err(bad(format!("min ({min} B/s) is above max ({max} B/s)")));
-        }
-        if min < MIN_RATE {
-            return Err(too_slow());
-        }
-        Ok(Bandwidth::Dynamic { min, max, inc })
-    }
-
     /// Limit for round 0 (None = unlimited). Dynamic starts at min.
     pub fn initial_limit(&self) -> Option<u64> {
         match *self {
@@ -112,6 +95,74 @@ impl Bandwidth {
             Bandwidth::Unlimited => None,
             Bandwidth::Static { bytes_per_s } => Some(bytes_per_s),
             Bandwidth::Dynamic { max, .. } => Some(max),
+        }
+    }
+}
+
+impl FromStr for Bandwidth {
+    type Err = BandwidthError;
+
+    /// `unlimited` | RATE | `dynamic:min=RATE,max=RATE,inc=RATE` (keys in any order, all required).
+    fn from_str(s: &str) -> Result<Bandwidth, BandwidthError> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("unlimited") {
+            return Ok(Bandwidth::Unlimited);
+        }
+        let Some(spec) = t.strip_prefix("dynamic:") else {
+            let bytes_per_s = parse_rate(t).map_err(|_| BandwidthError::Rate)?;
+            if bytes_per_s < MIN_RATE {
+                return Err(BandwidthError::TooSlow);
+            }
+            return Ok(Bandwidth::Static { bytes_per_s });
+        };
+        let mut vals: [Option<u64>; 3] = [None; 3];
+        for kv in spec.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| BandwidthError::NotKeyValue(kv.into()))?;
+            let slot = match k.trim() {
+                "min" => &mut vals[0],
+                "max" => &mut vals[1],
+                "inc" => &mut vals[2],
+                other => return Err(BandwidthError::UnknownKey(other.into())),
+            };
+            if slot.is_some() {
+                return Err(BandwidthError::Twice(k.into()));
+            }
+            let rate = parse_rate(v).map_err(|source| BandwidthError::KeyRate {
+                key: k.into(),
+                value: v.into(),
+                source,
+            })?;
+            *slot = Some(rate);
+        }
+        let [min, max, inc] = vals;
+        let need = |v: Option<u64>, k| v.ok_or(BandwidthError::Missing(k));
+        let (min, max, inc) = (need(min, "min")?, need(max, "max")?, need(inc, "inc")?);
+        if min > max {
+            return Err(BandwidthError::MinAboveMax { min, max });
+        }
+        if min < MIN_RATE {
+            return Err(BandwidthError::TooSlow);
+        }
+        Ok(Bandwidth::Dynamic { min, max, inc })
+    }
+}
+
+/// The form [`Bandwidth::from_str`] reads back: `unlimited`, `1gbit`,
+/// `dynamic:min=100mbit,max=1gbit,inc=50mbit`.
+impl fmt::Display for Bandwidth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Bandwidth::Unlimited => f.write_str("unlimited"),
+            Bandwidth::Static { bytes_per_s } => f.write_str(&fmt_rate(bytes_per_s)),
+            Bandwidth::Dynamic { min, max, inc } => write!(
+                f,
+                "dynamic:min={},max={},inc={}",
+                fmt_rate(min),
+                fmt_rate(max),
+                fmt_rate(inc)
+            ),
         }
     }
 }
@@ -236,6 +287,10 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    fn parse(s: &str) -> Result<Bandwidth, BandwidthError> {
+        s.parse()
+    }
+
     #[test]
     fn charged_bytes_delay_the_next_acquire() {
         // 1 MB/s; the bucket holds 64 KiB. A charge of 100 KB is not waited
@@ -251,21 +306,21 @@ mod tests {
 
     #[test]
     fn parses_forms() {
-        assert_eq!(Bandwidth::parse("unlimited"), Ok(Bandwidth::Unlimited));
+        assert_eq!(parse("unlimited"), Ok(Bandwidth::Unlimited));
         assert_eq!(
-            Bandwidth::parse("500mbit"),
+            parse("500mbit"),
             Ok(Bandwidth::Static {
                 bytes_per_s: 62_500_000
             })
         );
         assert_eq!(
-            Bandwidth::parse("120MiB/s"),
+            parse("120MiB/s"),
             Ok(Bandwidth::Static {
                 bytes_per_s: 120 * MIB
             })
         );
         assert_eq!(
-            Bandwidth::parse("dynamic:inc=50mbit,max=1gbit,min=100mbit"),
+            parse("dynamic:inc=50mbit,max=1gbit,min=100mbit"),
             Ok(Bandwidth::Dynamic {
                 min: 12_500_000,
                 max: 125_000_000,
@@ -275,9 +330,26 @@ mod tests {
     }
 
     #[test]
+    fn display_reads_back() {
+        for s in [
+            "unlimited",
+            "1gbit",
+            "500mbit",
+            "120MiB/s",
+            "dynamic:min=100mbit,max=1gbit,inc=50mbit",
+        ] {
+            let b = parse(s).unwrap();
+            assert_eq!(b.to_string(), s);
+            assert_eq!(parse(&b.to_string()), Ok(b));
+        }
+        let b = parse("dynamic:inc=1000B/s,max=64MiB/s,min=1000000B/s").unwrap();
+        assert_eq!(parse(&b.to_string()), Ok(b));
+    }
+
+    #[test]
     fn rejects_naming_the_problem() {
-        let e = Bandwidth::parse("fast").unwrap_err().to_string();
-        assert_eq!(e, format!("invalid --bandwidth \"fast\": {EXPECTED}"));
+        let e = parse("fast").unwrap_err().to_string();
+        assert_eq!(e, EXPECTED);
         for (s, needle) in [
             (
                 "dynamic:min=1gbit,max=100mbit,inc=1mbit",
@@ -300,11 +372,8 @@ mod tests {
             ("100kbit", "below 1mbit"),
             ("dynamic:min=100kbit,max=2mbit,inc=1mbit", "below 1mbit"),
         ] {
-            let e = Bandwidth::parse(s).unwrap_err().to_string();
-            assert!(
-                e.starts_with(&format!("invalid --bandwidth \"{s}\"")) && e.contains(needle),
-                "{e}"
-            );
+            let e = parse(s).unwrap_err().to_string();
+            assert!(e.contains(needle), "{s}: {e}");
         }
     }
 

@@ -20,8 +20,6 @@ const ZSTD_LEVEL: i32 = 1;
 /// Errors from codec selection, setup, compression and decompression.
 #[derive(Debug, thiserror::Error)]
 pub enum ReduceError {
-    #[error("invalid --compress \"{0}\": expected lz4 or zstd")]
-    UnknownCodec(String),
     #[error("cannot create a {codec} context")]
     Context {
         codec: Codec,
@@ -73,6 +71,27 @@ pub fn is_zero(page: &[u8]) -> bool {
         && bytes.iter().all(|&b| b == 0)
 }
 
+/// A codec name livemig does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected lz4 or zstd")]
+pub struct UnknownCodec;
+
+impl std::str::FromStr for Codec {
+    type Err = UnknownCodec;
+
+    /// `lz4` | `zstd` (ASCII case ignored).
+    fn from_str(s: &str) -> Result<Codec, UnknownCodec> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("lz4") {
+            Ok(Codec::Lz4)
+        } else if t.eq_ignore_ascii_case("zstd") {
+            Ok(Codec::Zstd)
+        } else {
+            Err(UnknownCodec)
+        }
+    }
+}
+
 /// A compression algorithm, as chosen by `--compress` and named on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Codec {
@@ -81,18 +100,6 @@ pub enum Codec {
 }
 
 impl Codec {
-    /// `lz4` | `zstd` (ASCII case ignored).
-    pub fn parse(s: &str) -> Result<Codec, ReduceError> {
-        let t = s.trim();
-        if t.eq_ignore_ascii_case("lz4") {
-            Ok(Codec::Lz4)
-        } else if t.eq_ignore_ascii_case("zstd") {
-            Ok(Codec::Zstd)
-        } else {
-            Err(ReduceError::UnknownCodec(s.to_owned()))
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Codec::Lz4 => "lz4",
@@ -372,15 +379,15 @@ mod tests {
     #[test]
     fn codec_names_and_wire_ids() {
         for codec in CODECS {
-            assert_eq!(Codec::parse(codec.as_str()).unwrap(), codec);
+            assert_eq!(codec.to_string().parse::<Codec>(), Ok(codec));
             assert_eq!(Codec::from_wire(codec.wire_id()), Some(codec));
             assert_eq!(codec.to_string(), codec.as_str());
         }
-        assert_eq!(Codec::parse(" ZSTD ").unwrap(), Codec::Zstd);
+        assert_eq!(" ZSTD ".parse::<Codec>(), Ok(Codec::Zstd));
         assert_eq!(Codec::from_wire(0), None);
         assert_eq!(Codec::from_wire(3), None);
-        let e = Codec::parse("gzip").unwrap_err().to_string();
-        assert_eq!(e, "invalid --compress \"gzip\": expected lz4 or zstd");
+        let e = "gzip".parse::<Codec>().unwrap_err().to_string();
+        assert_eq!(e, "expected lz4 or zstd");
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod bitmap;
 pub mod mprotect;
 pub mod pagemap;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use nix::errno::Errno;
 
@@ -29,14 +29,18 @@ pub use bitmap::{BitmapTracker, SharedBitmap};
 /// Errors of dirty tracking.
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {
-    #[error("unknown --tracker \"{0}\" (available: {list})", list = TrackerKind::NAMES.join(", "))]
-    UnknownTracker(String),
-    #[error("--tracker {tracker} is not available here: {reason}; use {instead}")]
+    /// `reason` is shared: the kernel is probed once per process.
+    #[error("tracker {tracker} is not available here (use {instead})")]
     Unsupported {
         tracker: &'static str,
-        reason: String,
+        #[source]
+        reason: Arc<DirtyError>,
         instead: &'static str,
     },
+    #[error("the kernel lacks CONFIG_MEM_SOFT_DIRTY (pagemap bit 55 stays clear after a write)")]
+    NoSoftDirty,
+    #[error("PAGEMAP_SCAN did not report a page written after protection")]
+    ScanMissedWrite,
     #[error("cannot use {path}")]
     Proc {
         path: String,
@@ -57,6 +61,28 @@ pub enum DirtyError {
     Memory(#[from] MemoryError),
 }
 
+/// A tracker name livemig does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown tracker (available: {list})", list = TrackerKind::NAMES.join(", "))]
+pub struct UnknownTracker;
+
+impl std::str::FromStr for TrackerKind {
+    type Err = UnknownTracker;
+    fn from_str(s: &str) -> Result<Self, UnknownTracker> {
+        Self::NAMES
+            .iter()
+            .position(|&n| n == s)
+            .map(|i| Self::ALL[i])
+            .ok_or(UnknownTracker)
+    }
+}
+
+impl std::fmt::Display for TrackerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Trackers livemig knows (`--tracker`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -71,35 +97,22 @@ impl TrackerKind {
     pub const ALL: [Self; 4] = [Self::UffdWp, Self::Bitmap, Self::Mprotect, Self::SoftDirty];
     pub const NAMES: [&'static str; 4] = ["uffd-wp", "bitmap", "mprotect", "soft-dirty"];
 
-    pub fn parse(s: &str) -> Result<Self, DirtyError> {
-        Self::NAMES
-            .iter()
-            .position(|&n| n == s)
-            .map(|i| Self::ALL[i])
-            .ok_or_else(|| DirtyError::UnknownTracker(s.into()))
-    }
-
     pub fn as_str(&self) -> &'static str {
         Self::NAMES[Self::ALL.iter().position(|k| k == self).expect("in ALL")]
     }
 
-    /// `--tracker` as given, or (None) the default: `uffd-wp` where the
-    /// kernel has it, else `bitmap` with a one-line notice saying why.
-    pub fn choose(given: Option<&str>) -> Result<(Self, Option<String>), DirtyError> {
+    /// `given`, checked against the kernel, or (None) the default:
+    /// `uffd-wp` where the kernel has it, else `bitmap` with the reason
+    /// uffd-wp is not usable (for a notice).
+    pub fn choose(given: Option<Self>) -> Result<(Self, Option<Arc<DirtyError>>), DirtyError> {
         match given {
-            Some(s) => {
-                let kind = Self::parse(s)?;
+            Some(kind) => {
                 kind.check_kernel()?;
                 Ok((kind, None))
             }
             None => match Self::UffdWp.check_kernel() {
                 Ok(()) => Ok((Self::UffdWp, None)),
-                Err(DirtyError::Unsupported { reason, .. }) => Ok((
-                    Self::Bitmap,
-                    Some(format!(
-                        "notice: using --tracker bitmap: uffd-wp is not available here ({reason})"
-                    )),
-                )),
+                Err(DirtyError::Unsupported { reason, .. }) => Ok((Self::Bitmap, Some(reason))),
                 Err(e) => Err(e),
             },
         }
@@ -108,24 +121,22 @@ impl TrackerKind {
     /// Whether this kernel offers what the tracker needs (probed once, in
     /// this process: the guest runs on the same kernel).
     pub fn check_kernel(self) -> Result<(), DirtyError> {
-        static UFFD_WP: OnceLock<Result<(), String>> = OnceLock::new();
-        static SOFT_DIRTY: OnceLock<Result<(), String>> = OnceLock::new();
+        type Probe = OnceLock<Result<(), Arc<DirtyError>>>;
+        static UFFD_WP: Probe = OnceLock::new();
+        static SOFT_DIRTY: Probe = OnceLock::new();
         let (probe, instead) = match self {
             Self::Bitmap | Self::Mprotect => return Ok(()),
             Self::UffdWp => (
-                UFFD_WP.get_or_init(pagemap::probe_uffd_wp),
-                "--tracker bitmap or mprotect",
+                UFFD_WP.get_or_init(|| pagemap::probe_uffd_wp().map_err(Arc::new)),
+                "bitmap or mprotect",
             ),
             Self::SoftDirty => (
                 SOFT_DIRTY.get_or_init(|| match pagemap::soft_dirty_supported() {
                     Ok(true) => Ok(()),
-                    Ok(false) => Err(
-                        "the kernel lacks CONFIG_MEM_SOFT_DIRTY (pagemap bit 55 stays clear after a write)"
-                            .into(),
-                    ),
-                    Err(e) => Err(crate::util::error::error_chain(&e)),
+                    Ok(false) => Err(Arc::new(DirtyError::NoSoftDirty)),
+                    Err(e) => Err(Arc::new(e)),
                 }),
-                "--tracker uffd-wp, bitmap or mprotect",
+                "uffd-wp, bitmap or mprotect",
             ),
         };
         probe.clone().map_err(|reason| DirtyError::Unsupported {
@@ -385,12 +396,9 @@ mod tests {
     #[test]
     fn tracker_names_round_trip() {
         for k in TrackerKind::ALL {
-            assert_eq!(TrackerKind::parse(k.as_str()).unwrap(), k);
+            assert_eq!(k.to_string().parse::<TrackerKind>(), Ok(k));
         }
-        let e = TrackerKind::parse("pml").unwrap_err().to_string();
-        assert!(
-            e.contains("\"pml\"") && e.contains("uffd-wp, bitmap, mprotect, soft-dirty"),
-            "{e}"
-        );
+        let e = "pml".parse::<TrackerKind>().unwrap_err().to_string();
+        assert!(e.contains("uffd-wp, bitmap, mprotect, soft-dirty"), "{e}");
     }
 }

@@ -269,11 +269,10 @@ pub fn soft_dirty_supported() -> Result<bool, DirtyError> {
 /// Whether `uffd-wp` works here: open a userfaultfd with asynchronous
 /// write protection, register a shared page with it, write the page and
 /// find it with `PAGEMAP_SCAN`, exactly as a guest and its sender will.
-pub fn probe_uffd_wp() -> Result<(), String> {
-    let written = probe_uffd_wp_steps().map_err(|e| crate::util::error::error_chain(&e))?;
-    match written {
+pub fn probe_uffd_wp() -> Result<(), DirtyError> {
+    match probe_uffd_wp_steps()? {
         true => Ok(()),
-        false => Err("PAGEMAP_SCAN did not report a page written after protection".into()),
+        false => Err(DirtyError::ScanMissedWrite),
     }
 }
 

@@ -77,7 +77,9 @@ impl Receiving {
         if let Err(e) = &result {
             // The guest cannot run on without its missing pages.
             self.report.postcopy = Some(stats);
-            let why = dest.failure().map_or(String::new(), |f| format!(" ({f})"));
+            let why = dest.failure().map_or(String::new(), |f| {
+                format!(" ({})", crate::util::error::error_chain(&f))
+            });
             return Err(ReceiveError::Invalid(format!(
                 "post-copy failed with {} pages still missing, so the destination guest cannot continue and is stopped: {}{why}",
                 dest.remaining(),
@@ -101,8 +103,9 @@ impl Receiving {
         limits: &Limits,
         dest: &crate::migration::postcopy::Destination,
     ) -> Result<(), ReceiveError> {
-        use crate::migration::postcopy::Path;
-        let failed = |why: String| ReceiveError::Invalid(why);
+        use crate::migration::postcopy::{Path, PostcopyError};
+        let failed =
+            |why: PostcopyError| ReceiveError::Invalid(crate::util::error::error_chain(&why));
         let mut buf = Vec::new();
         let mut round = None;
         loop {
@@ -127,7 +130,7 @@ impl Receiving {
                             return Err(failed(why));
                         }
                         if Instant::now() > deadline {
-                            return Err(failed(format!(
+                            return Err(ReceiveError::Invalid(format!(
                                 "the push ended with {} pages still missing",
                                 dest.remaining()
                             )));

@@ -1,0 +1,460 @@
+//! The command line: clap structs whose flags arrive typed (each through
+//! its type's `FromStr`), the checks that span flags, and the one place
+//! errors are given the name of the flag at fault.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Args, Parser, Subcommand};
+
+use livemig::guest::args::{Fresh, GuestArgs};
+use livemig::guest::control::MAX_VCPUS;
+use livemig::guest::dirty::{DirtyError, TrackerKind};
+use livemig::guest::workload::{Workload, WorkloadError};
+use livemig::migration::policy::Policy;
+use livemig::migration::postcopy::Mode;
+use livemig::migration::source::SenderConfig;
+use livemig::predict::model::Variant;
+use livemig::predict::simulate::SimConfig;
+use livemig::util::error::error_chain;
+use livemig::util::units::{Rate, Size, Span};
+use livemig::wire::datapath::Reduction;
+use livemig::wire::ratelimit::Bandwidth;
+use livemig::wire::reduce::Codec;
+
+/// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
+#[derive(Parser)]
+#[command(
+    name = "livemig",
+    version,
+    about,
+    propagate_version = true,
+    args_override_self = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Migrate a guest between two ends on this machine over loopback (the demo).
+    Migrate(MigrateOpts),
+    /// Source side: start a guest and migrate it to a receiver on another host.
+    Send {
+        /// Address of the receiver (host:port).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        opts: SendOpts,
+    },
+    /// Predict a migration with the analytical pre-copy model.
+    Model {
+        #[command(flatten)]
+        opts: SimulateOpts,
+        /// classic (every write a new page: the λ = D/R model) | wws (distinct pages under the workload's pattern)
+        #[arg(long, default_value = "wws")]
+        variant: Variant,
+    },
+    /// Run a grid of real migrations with the model and the simulator beside each, and compare.
+    Sweep(SweepOpts),
+    /// Simulate a migration with the sender's own policy and rate-limiter code, moving no memory.
+    Simulate(SimulateOpts),
+    /// Start a guest and keep it running until interrupted (to measure with dirtyrate --pid).
+    Run(RunOpts),
+    /// Measure a guest's dirty rate and writable working set (like QEMU's calc-dirty-rate).
+    Dirtyrate(DirtyRateOpts),
+    /// Destination side: accept one migration, resume the guest, verify it.
+    Receive {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:4444")]
+        listen: String,
+        /// Write the receiver's report as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Make (and preallocate) memory for a guest of this size before
+        /// accepting, off the migration's clock; the sender's guest must match.
+        #[arg(long, value_name = "SIZE")]
+        mem: Option<Size>,
+        /// Allocate each page at its first arrival instead of up front.
+        #[arg(long)]
+        no_prealloc: bool,
+        /// Post-copy: with each demand fault, also ask for the N pages around it.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        prepage: u32,
+    },
+    /// The guest emulator process (started by send/receive, not by hand).
+    #[command(hide = true)]
+    Guest(GuestArgs),
+}
+
+/// The guest a command starts.
+#[derive(Args)]
+pub struct GuestFlags {
+    /// Guest memory size (binary units: 256M = 256 MiB).
+    #[arg(long, default_value = "256M")]
+    pub mem: Size,
+    /// Write pattern: idle | uniform:rate=R | hotset:wws=SIZE,rate=R[,hot=F] |
+    /// sweep[:from=SIZE,to=SIZE][,rate=R]; R in pages/s (20k, 1.5M) or max.
+    /// Content keys, for any kind: zero=F (share of pages that start zero),
+    /// random=F (share of each page's bytes that start random),
+    /// bytes=N (bytes per write, default 8).
+    #[arg(long, default_value = "hotset:wws=32M,rate=50k")]
+    pub workload: Workload,
+    /// Guest vCPU threads sharing the workload.
+    #[arg(long, default_value_t = 1, value_parser = vcpus())]
+    pub vcpus: u32,
+    /// Dirty tracker: uffd-wp | bitmap | mprotect | soft-dirty
+    /// [default: uffd-wp where the kernel has it, else bitmap]
+    #[arg(long)]
+    pub tracker: Option<TrackerKind>,
+    /// How long the guest runs, untracked, before migration (or measurement) starts.
+    #[arg(long, default_value = "1s")]
+    pub warmup: Span,
+    /// Seed of the guest's random write stream.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct SendOpts {
+    #[command(flatten)]
+    pub guest: GuestFlags,
+    /// unlimited | RATE (500mbit, 1gbit, 120MiB/s) | dynamic:min=RATE,max=RATE,inc=RATE
+    #[arg(long, default_value = "unlimited")]
+    pub bandwidth: Bandwidth,
+    /// Convergence policy: xen | qemu | fixed:N.
+    #[arg(long, default_value = "xen")]
+    pub policy: Policy,
+    /// Downtime the qemu policy aims for.
+    #[arg(long, default_value = "300ms")]
+    pub downtime_limit: Span,
+    /// Stop iterating after this long, whatever the policy says.
+    #[arg(long, default_value = "120s")]
+    pub max_time: Span,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Print only the summary (no round table, no progress bar).
+    #[arg(long)]
+    pub quiet: bool,
+    /// After each round, print why the policy went on or stopped, with its numbers.
+    #[arg(long)]
+    pub explain: bool,
+    /// How memory moves: precopy | postcopy | hybrid[:rounds=N] (N pre-copy
+    /// rounds, then post-copy; N defaults to 2) | cold (suspend, copy, resume).
+    #[arg(long, default_value = "precopy")]
+    pub mode: Mode,
+    /// TCP connections the pages travel on, sharing one rate limit (QEMU's multifd).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub streams: u32,
+    /// Compress runs of pages that are not zero: lz4 | zstd.
+    #[arg(long, value_name = "CODEC")]
+    pub compress: Option<Codec>,
+    /// Send pages sent before as XBZRLE deltas, with a cache of this size (64M, 1G).
+    #[arg(long, value_name = "CACHE_SIZE")]
+    pub xbzrle: Option<Size>,
+    /// Send zero pages whole instead of as markers.
+    #[arg(long)]
+    pub no_zero_pages: bool,
+}
+
+#[derive(Args)]
+pub struct MigrateOpts {
+    #[command(flatten)]
+    pub send: SendOpts,
+    /// Let the receiver allocate each page at its first arrival instead of
+    /// before the migration (which QEMU's -mem-prealloc does).
+    #[arg(long)]
+    pub no_prealloc: bool,
+    /// Post-copy: with each demand fault, also ask for the N pages around it.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub prepage: u32,
+}
+
+#[derive(Args)]
+pub struct SimulateOpts {
+    #[command(flatten)]
+    pub migration: SendOpts,
+    /// Network rate when the rate limit allows more.
+    #[arg(long, default_value = "10gbit")]
+    pub link: Rate,
+    /// Fixed time each pre-copy round costs besides sending (harvest, acknowledgement).
+    #[arg(long, default_value = "100us")]
+    pub round_overhead: Span,
+    /// Fixed part of the downtime (pause, device state, resume).
+    #[arg(long, default_value = "500us")]
+    pub downtime_overhead: Span,
+    /// Connect and handshake.
+    #[arg(long, default_value = "1ms")]
+    pub setup: Span,
+}
+
+#[derive(Args)]
+pub struct SweepOpts {
+    /// Guest memory sizes (repeat the flag)
+    #[arg(long = "mem", value_name = "SIZE", default_values = ["64M", "128M"])]
+    pub mems: Vec<Size>,
+    /// Workloads (repeat the flag; specs contain commas)
+    #[arg(long = "workload", value_name = "SPEC",
+          default_values = ["hotset:wws=8M,rate=20k", "uniform:rate=10k", "sweep:rate=50k"])]
+    pub workloads: Vec<Workload>,
+    /// Bandwidths (repeat the flag)
+    #[arg(long = "bandwidth", value_name = "RATE", default_values = ["1gbit", "4gbit"])]
+    pub bandwidths: Vec<Bandwidth>,
+    /// Policies (repeat the flag)
+    #[arg(long = "policy", value_name = "POLICY", default_values = ["xen", "qemu"])]
+    pub policies: Vec<Policy>,
+    /// Migrate to a receiver there instead of over loopback (run
+    /// `livemig receive` in a loop on it: each point is one migration).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Directory for sweep.csv, sweep.json and the SVG plots.
+    #[arg(long, default_value = "sweep-out")]
+    pub out: PathBuf,
+    /// The model's variant: classic | wws.
+    #[arg(long, default_value = "wws")]
+    pub variant: Variant,
+    /// Also write the results (sweep.json) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Link goodput for the predictions [default: measured]
+    #[arg(long)]
+    pub link: Option<Rate>,
+    /// Fixed cost of a round for the predictions [default: measured]
+    #[arg(long)]
+    pub round_overhead: Option<Span>,
+    /// Fixed part of the downtime for the predictions [default: measured]
+    #[arg(long)]
+    pub downtime_overhead: Option<Span>,
+    /// Guest vCPU threads sharing each workload.
+    #[arg(long, default_value_t = 1, value_parser = vcpus())]
+    pub vcpus: u32,
+    /// Dirty tracker [default: uffd-wp where the kernel has it, else bitmap]
+    #[arg(long)]
+    pub tracker: Option<TrackerKind>,
+    /// Downtime the qemu policy aims for.
+    #[arg(long, default_value = "300ms")]
+    pub downtime_limit: Span,
+    /// Cap on each migration's pre-copy (shorter than migrate's 120 s, so a
+    /// point that cannot converge does not hold up the sweep).
+    #[arg(long, default_value = "10s")]
+    pub max_time: Span,
+    /// How long each guest runs before its migration starts.
+    #[arg(long, default_value = "200ms")]
+    pub warmup: Span,
+    /// Seed of the guests' random write streams.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args)]
+pub struct RunOpts {
+    #[command(flatten)]
+    pub guest: GuestFlags,
+}
+
+#[derive(Args)]
+pub struct DirtyRateOpts {
+    #[command(flatten)]
+    pub guest: GuestFlags,
+    /// How long to measure, tracked (after the warm-up).
+    #[arg(long, default_value = "3s")]
+    pub duration: Span,
+    /// Measure a running guest (started by `livemig run --tracker uffd-wp`)
+    /// instead of starting one; --mem, --workload, --vcpus, --seed are then unused.
+    #[arg(long)]
+    pub pid: Option<i32>,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn vcpus() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS))
+}
+
+/// A clap error as one line for `Error: ...`: a value that did not parse
+/// as `invalid --flag "value": why`, like every other bad value.
+pub fn one_line(e: &clap::Error) -> String {
+    if e.kind() == ErrorKind::ValueValidation {
+        if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+            e.get(ContextKind::InvalidArg),
+            e.get(ContextKind::InvalidValue),
+        ) {
+            let flag = arg.split_whitespace().next().unwrap_or(arg);
+            let why = std::error::Error::source(e).map_or(String::new(), error_chain);
+            return format!("invalid {flag} \"{value}\": {why}");
+        }
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
+/// A guest's checked flags.
+pub struct GuestConfig {
+    pub memory_bytes: u64,
+    pub fresh: Fresh,
+    pub tracker: TrackerKind,
+    pub warmup: Duration,
+}
+
+/// `--tracker` as given, or the kernel's best, saying so when it falls back.
+pub fn choose_tracker(given: Option<TrackerKind>) -> Result<TrackerKind> {
+    match TrackerKind::choose(given) {
+        Ok((tracker, None)) => Ok(tracker),
+        Ok((tracker, Some(why))) => {
+            eprintln!(
+                "notice: using --tracker {tracker}: uffd-wp is not available here ({})",
+                error_chain(&*why)
+            );
+            Ok(tracker)
+        }
+        Err(DirtyError::Unsupported {
+            tracker,
+            reason,
+            instead,
+        }) => bail!(
+            "--tracker {tracker} is not available here: {}; use --tracker {instead}",
+            error_chain(&*reason)
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `--workload` over the guest's memory and vCPUs, or why not.
+fn check_workload(w: &Workload, memory_bytes: u64, page: u64, vcpus: u32) -> Result<()> {
+    let layout = w
+        .layout(memory_bytes, page)
+        .and_then(|l| l.check_vcpus(vcpus));
+    match layout {
+        Ok(()) => Ok(()),
+        Err(WorkloadError::FewerPagesThanVcpus { pages, vcpus }) => bail!(
+            "invalid --workload \"{w}\": the sweep range has {pages} pages, fewer than --vcpus {vcpus}"
+        ),
+        Err(e) => bail!("invalid --workload \"{w}\": {}", error_chain(&e)),
+    }
+}
+
+impl GuestFlags {
+    pub fn config(&self) -> Result<GuestConfig> {
+        let memory_bytes = self.mem.0;
+        let page = livemig::guest::memory::page_size();
+        if memory_bytes == 0 || !memory_bytes.is_multiple_of(page) {
+            bail!(
+                "invalid --mem \"{}\": must be a non-zero multiple of the {page}-byte page size",
+                self.mem
+            );
+        }
+        let tracker = choose_tracker(self.tracker)?;
+        check_workload(&self.workload, memory_bytes, page, self.vcpus)?;
+        Ok(GuestConfig {
+            memory_bytes,
+            fresh: Fresh {
+                workload: self.workload.clone(),
+                vcpus: self.vcpus,
+                seed: self.seed,
+            },
+            tracker,
+            warmup: self.warmup.0,
+        })
+    }
+}
+
+impl SendOpts {
+    pub fn config(&self) -> Result<SenderConfig> {
+        // The data path's flags first: the workload is checked last, as
+        // the guest starts.
+        let reduction = self.reduction()?;
+        let g = self.guest.config()?;
+        Ok(SenderConfig {
+            memory_bytes: g.memory_bytes,
+            workload: g.fresh.workload,
+            vcpus: g.fresh.vcpus,
+            tracker: g.tracker,
+            bandwidth: self.bandwidth,
+            policy: self.policy,
+            downtime_limit: self.downtime_limit.0,
+            max_time: self.max_time.0,
+            warmup: g.warmup,
+            seed: g.fresh.seed,
+            streams: self.streams,
+            mode: self.mode,
+            reduction,
+            progress: !self.quiet,
+        })
+    }
+
+    fn reduction(&self) -> Result<Reduction> {
+        let max = livemig::wire::protocol::MAX_STREAMS;
+        if !(1..=max).contains(&self.streams) {
+            bail!(
+                "invalid --streams {}: must be between 1 and {max}",
+                self.streams
+            );
+        }
+        if let Some(cache) = self.xbzrle {
+            if self.streams > 1 {
+                bail!(
+                    "--xbzrle works on one stream (--streams 1): its cache must see every \
+                     send of a page in order"
+                );
+            }
+            let page = livemig::guest::memory::page_size();
+            if cache.0 < page {
+                bail!("invalid --xbzrle \"{cache}\": the cache must hold at least one {page}-byte page");
+            }
+        }
+        Ok(Reduction {
+            zero_pages: !self.no_zero_pages,
+            compress: self.compress,
+            xbzrle_cache: self.xbzrle.map(|s| s.0),
+        })
+    }
+}
+
+impl SimulateOpts {
+    pub fn config(&self) -> Result<SimConfig> {
+        Ok(SimConfig {
+            migration: self.migration.config()?,
+            page_size: livemig::guest::memory::page_size(),
+            link_bytes_per_s: self.link.0 as f64,
+            round_overhead: self.round_overhead.0,
+            downtime_overhead: self.downtime_overhead.0,
+            setup: self.setup.0,
+        })
+    }
+}
+
+impl SweepOpts {
+    pub fn config(&self) -> Result<livemig::predict::sweep::SweepConfig> {
+        Ok(livemig::predict::sweep::SweepConfig {
+            mems: self.mems.iter().map(|m| m.0).collect(),
+            workloads: self.workloads.clone(),
+            bandwidths: self.bandwidths.clone(),
+            policies: self.policies.clone(),
+            base: SenderConfig {
+                vcpus: self.vcpus,
+                tracker: choose_tracker(self.tracker)?,
+                downtime_limit: self.downtime_limit.0,
+                max_time: self.max_time.0,
+                warmup: self.warmup.0,
+                seed: self.seed,
+                ..SenderConfig::default()
+            },
+            variant: self.variant,
+            link_bytes_per_s: self.link.map(|l| l.0 as f64),
+            round_overhead: self.round_overhead.map(|d| d.0),
+            downtime_overhead: self.downtime_overhead.map(|d| d.0),
+        })
+    }
+}
