@@ -26,6 +26,7 @@ use crate::guest::dirty::TrackerKind;
 use crate::guest::memory::{check_fits, GuestMemory, MemoryError};
 use crate::guest::process::{DeviceState, Guest, GuestError};
 use crate::util::netio::IO_TIMEOUT;
+use crate::util::units::fmt_bytes;
 use crate::wire::datapath::{Decoder, Landed};
 use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
 
@@ -58,8 +59,41 @@ pub enum ReceiveError {
         #[source]
         source: DestStepError,
     },
-    #[error("{0}")]
-    Invalid(String),
+    #[error("the sender's guest has {}, this receiver was prepared for {}", fmt_bytes(*.sender), fmt_bytes(*.prepared))]
+    PreparedFor { sender: u64, prepared: u64 },
+    #[error("sender uses {sender}-byte pages, this host {host}")]
+    PageSize { sender: u64, host: u64 },
+    #[error("digests for page {got} arrived where page {due} was due")]
+    DigestOrder { got: u64, due: u64 },
+    #[error("{0} pages had no digest")]
+    NoDigest(u64),
+    #[error("data connection {index} ended round {got} while round {ending} was ending")]
+    StreamRound { index: usize, got: u32, ending: u32 },
+    #[error("a data connection claims stream {index} of session {session:#x}; expected one of {streams} streams of session {expected:#x}, each once")]
+    StreamClaim {
+        index: u32,
+        session: u64,
+        streams: u32,
+        expected: u64,
+    },
+    #[error(
+        "post-copy: the destination guest could not register its memory for missing-page faults"
+    )]
+    NoUserfaultfd,
+    #[error("post-copy: taking the guest's userfaultfd")]
+    Userfaultfd(#[source] crate::guest::uffd::UffdError),
+    #[error("post-copy failed with {missing} pages still missing, so the destination guest cannot continue and is stopped{why}")]
+    PostcopyFailed {
+        missing: u64,
+        /// The fault handler's own failure, if it had one, as ` (cause)`.
+        why: String,
+        #[source]
+        source: Box<ReceiveError>,
+    },
+    #[error("post-copy")]
+    Postcopy(#[source] crate::migration::postcopy::PostcopyError),
+    #[error("the push ended with {0} pages still missing")]
+    PushIncomplete(u64),
     #[error(transparent)]
     Guest(#[from] GuestError),
     #[error(transparent)]
@@ -148,11 +182,10 @@ impl Prepared {
     fn take(&mut self, bytes: u64) -> Result<GuestMemory, ReceiveError> {
         match self.mem.take() {
             Some(m) if m.len() == bytes => Ok(m),
-            Some(m) => Err(ReceiveError::Invalid(format!(
-                "the sender's guest has {}, this receiver was prepared for {} (--mem)",
-                crate::util::units::fmt_bytes(bytes),
-                crate::util::units::fmt_bytes(m.len())
-            ))),
+            Some(m) => Err(ReceiveError::PreparedFor {
+                sender: bytes,
+                prepared: m.len(),
+            }),
             None => self.make(bytes),
         }
     }
@@ -261,10 +294,10 @@ impl Receiving {
         let limits = hello.limits().map_err(|e| self.err(e))?;
         let page_size = u64::from(limits.page_size);
         if page_size != crate::guest::memory::page_size() {
-            return Err(ReceiveError::Invalid(format!(
-                "sender uses {page_size}-byte pages, this host {}",
-                crate::guest::memory::page_size()
-            )));
+            return Err(ReceiveError::PageSize {
+                sender: page_size,
+                host: crate::guest::memory::page_size(),
+            });
         }
         self.report.memory_bytes = hello.memory_bytes;
         self.report.page_size = page_size;
@@ -506,9 +539,10 @@ impl Receiving {
                     next_page += u64::from(count);
                 }
                 Frame::Digests { first_page, .. } => {
-                    return Err(ReceiveError::Invalid(format!(
-                        "digests for page {first_page} arrived where page {next_page} was due"
-                    )))
+                    return Err(ReceiveError::DigestOrder {
+                        got: first_page,
+                        due: next_page,
+                    })
                 }
                 Frame::Message(Message::Complete) => break,
                 Frame::Message(Message::Abort(reason)) => {
@@ -518,10 +552,7 @@ impl Receiving {
             }
         }
         if next_page != pages {
-            return Err(ReceiveError::Invalid(format!(
-                "{} pages had no digest",
-                pages - next_page
-            )));
+            return Err(ReceiveError::NoDigest(pages - next_page));
         }
         self.report.verified_pages = verified;
         self.report.mismatched_pages = mismatched;

@@ -21,12 +21,10 @@ impl Receiving {
         let pid = guest.pid();
         let Some(fd) = guest.control().wait_uffd(Duration::from_secs(5)) else {
             guest.check_alive()?;
-            return Err(ReceiveError::Invalid(
-                "post-copy: the destination guest could not register its memory for missing-page faults".into(),
-            ));
+            return Err(ReceiveError::NoUserfaultfd);
         };
-        let uffd = crate::guest::uffd::Uffd::take_from(pid, fd)
-            .map_err(|e| ReceiveError::Invalid(format!("post-copy: {e}")))?;
+        let uffd =
+            crate::guest::uffd::Uffd::take_from(pid, fd).map_err(ReceiveError::Userfaultfd)?;
         Ok(crate::migration::postcopy::Destination::new(
             uffd,
             guest.mem_addr(),
@@ -74,19 +72,21 @@ impl Receiving {
             r.map(|()| populated)
         });
         let mut stats = dest.stats();
-        if let Err(e) = &result {
-            // The guest cannot run on without its missing pages.
-            self.report.postcopy = Some(stats);
-            let why = dest.failure().map_or(String::new(), |f| {
-                format!(" ({})", crate::util::error::error_chain(&f))
-            });
-            return Err(ReceiveError::Invalid(format!(
-                "post-copy failed with {} pages still missing, so the destination guest cannot continue and is stopped: {}{why}",
-                dest.remaining(),
-                crate::util::error::error_chain(e),
-            )));
-        }
-        let took = result.expect("failures returned above");
+        let took = match result {
+            Ok(took) => took,
+            Err(e) => {
+                // The guest cannot run on without its missing pages.
+                self.report.postcopy = Some(stats);
+                let why = dest.failure().map_or(String::new(), |f| {
+                    format!(" ({})", crate::util::error::error_chain(&f))
+                });
+                return Err(ReceiveError::PostcopyFailed {
+                    missing: dest.remaining(),
+                    why,
+                    source: Box::new(e),
+                });
+            }
+        };
         stats.postcopy_populated_ms = Some(crate::report::ms(took));
         stats.guest_rate_postcopy_pps =
             Some((guest.ops() - ops0) as f64 / took.as_secs_f64().max(1e-9));
@@ -103,9 +103,8 @@ impl Receiving {
         limits: &Limits,
         dest: &crate::migration::postcopy::Destination,
     ) -> Result<(), ReceiveError> {
-        use crate::migration::postcopy::{Path, PostcopyError};
-        let failed =
-            |why: PostcopyError| ReceiveError::Invalid(crate::util::error::error_chain(&why));
+        use crate::migration::postcopy::Path;
+        let failed = ReceiveError::Postcopy;
         let mut buf = Vec::new();
         let mut round = None;
         loop {
@@ -130,10 +129,7 @@ impl Receiving {
                             return Err(failed(why));
                         }
                         if Instant::now() > deadline {
-                            return Err(ReceiveError::Invalid(format!(
-                                "the push ended with {} pages still missing",
-                                dest.remaining()
-                            )));
+                            return Err(ReceiveError::PushIncomplete(dest.remaining()));
                         }
                         std::thread::sleep(Duration::from_micros(200));
                     }

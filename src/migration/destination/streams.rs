@@ -9,6 +9,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::{setup, unexpected_frame, ReceiveError, Receiving};
 use crate::guest::memory::GuestMemory;
+use crate::migration::phases::DestStepError;
 use crate::util::netio::IO_TIMEOUT;
 use crate::wire::datapath::{Decoder, Landed};
 use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
@@ -82,9 +83,11 @@ impl Streams {
                     total += pages;
                 }
                 Ok(Ok((i, r, _))) => {
-                    return Err(ReceiveError::Invalid(format!(
-                        "data connection {i} ended round {r} while round {round} was ending"
-                    )))
+                    return Err(ReceiveError::StreamRound {
+                        index: i,
+                        got: r,
+                        ending: round,
+                    })
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
@@ -190,10 +193,12 @@ impl Receiving {
                     left -= 1;
                 }
                 _ => {
-                    return Err(ReceiveError::Invalid(format!(
-                        "a data connection claims stream {index} of session {got:#x}; \
-                         expected one of {n} streams of session {session:#x}, each once"
-                    )))
+                    return Err(ReceiveError::StreamClaim {
+                        index,
+                        session: got,
+                        streams: n,
+                        expected: session,
+                    })
                 }
             }
         }
@@ -236,9 +241,14 @@ pub(super) fn data_stream(
         match protocol::read_frame(&mut sock, Some(limits)) {
             Ok(Frame::Message(Message::RoundEnd { round, pages: p })) => {
                 if p != pages {
-                    return Err(ReceiveError::Invalid(format!(
-                        "data connection {index}: round {round}: the sender says it sent {p} pages, {pages} arrived"
-                    )));
+                    return Err(ReceiveError::Step {
+                        context: format!("data connection {index}"),
+                        source: DestStepError::PageCount {
+                            round,
+                            sent: p,
+                            arrived: pages,
+                        },
+                    });
                 }
                 streams.progressed();
                 let _ = streams.tx.send(Ok((index, round, pages)));
