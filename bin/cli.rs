@@ -17,7 +17,7 @@ use livemig::migration::policy::Policy;
 use livemig::migration::postcopy::Mode;
 use livemig::migration::source::SenderConfig;
 use livemig::predict::model::Variant;
-use livemig::predict::simulate::SimConfig;
+use livemig::predict::simulate::{SimConfig, SimulateError};
 use livemig::util::error::error_chain;
 use livemig::util::units::{Rate, Size, Span};
 use livemig::wire::datapath::Reduction;
@@ -423,6 +423,23 @@ impl SendOpts {
 }
 
 impl SimulateOpts {
+    /// A prediction's error, named after the flag at its origin.
+    pub fn blame(&self, e: SimulateError) -> anyhow::Error {
+        let m = &self.migration;
+        let flag = match e {
+            SimulateError::MaxRate => format!("--workload \"{}\"", m.guest.workload),
+            SimulateError::Link => format!("--link {}", self.link),
+            SimulateError::TooLarge => {
+                format!("--mem {}", livemig::util::units::fmt_bytes(m.guest.mem.0))
+            }
+            SimulateError::TooManyWrites(_) | SimulateError::Runaway(..) => {
+                format!("--max-time {}", m.max_time)
+            }
+            e => return e.into(),
+        };
+        anyhow::Error::new(e).context(flag)
+    }
+
     pub fn config(&self) -> Result<SimConfig> {
         Ok(SimConfig {
             migration: self.migration.config()?,

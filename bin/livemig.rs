@@ -206,11 +206,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run(opts) => run_guest(&opts),
         Cmd::Sweep(opts) => sweep(&opts),
         Cmd::Simulate(opts) => {
-            let report = simulate::run(&opts.config()?)?;
+            let report = simulate::run(&opts.config()?).map_err(|e| opts.blame(e))?;
             print_prediction(&report, &opts)
         }
         Cmd::Model { opts, variant } => {
-            let report = model::run(&opts.config()?, variant)?;
+            let report = model::run(&opts.config()?, variant).map_err(|e| opts.blame(e))?;
             print_prediction(&report, &opts)
         }
         Cmd::Receive {

@@ -99,7 +99,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
     let rate = match (w.is_idle(), w.rate) {
         (true, _) => 0.0,
         (false, PageRate::PerSec(r)) => r,
-        (false, PageRate::Max) => return Err(SimulateError::MaxRate(m.workload.to_string())),
+        (false, PageRate::Max) => return Err(SimulateError::MaxRate),
     };
     let report = Report {
         mode: MODEL,

@@ -35,17 +35,17 @@ pub enum SimulateError {
     Guest(#[from] crate::guest::process::GuestError),
     #[error(transparent)]
     Memory(#[from] crate::guest::memory::MemoryError),
-    #[error("--workload \"{0}\": a simulation needs a numeric rate (rate=max depends on the machine: measure it with livemig dirtyrate)")]
-    MaxRate(String),
-    #[error("--link must be a positive rate")]
+    #[error("a prediction needs a numeric rate (rate=max depends on the machine: measure it with livemig dirtyrate)")]
+    MaxRate,
+    #[error("the link's rate must be positive")]
     Link,
-    #[error("the simulation would compute more than {0} guest writes (a fast writer over long rounds); ask livemig model instead, or lower the rate or --max-time")]
+    #[error("the simulation would compute more than {0} guest writes (a fast writer over long rounds); ask livemig model instead, or lower the rate or the time limit")]
     TooManyWrites(u64),
-    #[error("--mem {0}: predictions go up to 1 PiB")]
-    TooLarge(String),
+    #[error("predictions go up to 1 PiB")]
+    TooLarge,
     #[error("predictions cover pre-copy and cold migration, not post-copy")]
     Postcopy,
-    #[error("pre-copy does not converge: the policy had not stopped after {0} rounds ({1:.0} s of migration); lower --max-time")]
+    #[error("pre-copy does not converge: the policy had not stopped after {0} rounds ({1:.0} s of migration); lower the time limit")]
     Runaway(usize, f64),
 }
 
@@ -259,9 +259,7 @@ pub(crate) fn runaway(round: u32, now: Duration) -> Result<(), SimulateError> {
 pub(crate) fn check(cfg: &SimConfig) -> Result<Layout, SimulateError> {
     let m = &cfg.migration;
     if m.memory_bytes > MAX_MEMORY {
-        return Err(SimulateError::TooLarge(crate::util::units::fmt_bytes(
-            m.memory_bytes,
-        )));
+        return Err(SimulateError::TooLarge);
     }
     if cfg.link_bytes_per_s.is_nan() || cfg.link_bytes_per_s <= 0.0 {
         return Err(SimulateError::Link);
@@ -344,7 +342,7 @@ impl<'a> SimGuest<'a> {
         let rate = match (workload.is_idle(), workload.rate) {
             (true, _) => 0.0,
             (false, PageRate::PerSec(_)) => workload.rate_per_vcpu(m.vcpus).unwrap_or(0.0),
-            (false, PageRate::Max) => return Err(SimulateError::MaxRate(m.workload.to_string())),
+            (false, PageRate::Max) => return Err(SimulateError::MaxRate),
         };
         let streams = (0..m.vcpus)
             .map(|i| {
