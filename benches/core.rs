@@ -8,7 +8,7 @@ use std::io::Cursor;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use livemig::guest::dirty::DirtySet;
-use livemig::wire::protocol::{pages_frame_header, read_frame, Frame, Limits, Message};
+use livemig::wire::protocol::{pages_frame_header, read_frame, Frame, Limits, Message, PageRun};
 
 const PAGE_SIZE: u32 = 4096;
 /// 1 GiB of 4 KiB pages: 262144.
@@ -47,7 +47,10 @@ fn frames(c: &mut Criterion) {
     });
     let hdr = pages_frame_header(PAGES - u64::from(RUN), RUN, PAGE_SIZE);
     let decode = || read_frame(&mut Cursor::new(black_box(&hdr[..])), Some(&LIMITS));
-    assert!(matches!(decode(), Ok(Frame::Pages { count: RUN, .. })));
+    assert!(matches!(
+        decode(),
+        Ok(Frame::Run(PageRun::Pages { count: RUN, .. }))
+    ));
     g.bench_function("decode Pages header", |b| b.iter(|| decode().unwrap()));
     g.finish();
 }

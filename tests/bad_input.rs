@@ -144,9 +144,11 @@ fn peer_speaking_another_version() {
 /// claims it verified only 5 pages: the sender must not call that success.
 #[test]
 fn a_verdict_that_skips_pages_is_refused() {
-    use livemig::wire::protocol::{read_frame, Frame, Limits};
+    use livemig::wire::protocol::{
+        read_frame, Frame, Hello, Limits, PageRun, RoundEnd, RoundStart,
+    };
     let addr = fake_receiver(|mut s| {
-        let Ok(Message::Hello(h)) = protocol::read_handshake(&mut s, Kind::Hello) else {
+        let Ok(h) = protocol::read_handshake::<Hello>(&mut s) else {
             return;
         };
         let limits: Limits = h.limits().unwrap();
@@ -155,7 +157,7 @@ fn a_verdict_that_skips_pages_is_refused() {
         let mut stop_and_copy = false;
         loop {
             match read_frame(&mut s, Some(&limits)) {
-                Ok(Frame::Pages { count, .. }) => {
+                Ok(Frame::Run(PageRun::Pages { count, .. })) => {
                     for _ in 0..count {
                         s.read_exact(&mut page).unwrap();
                     }
@@ -163,17 +165,17 @@ fn a_verdict_that_skips_pages_is_refused() {
                 Ok(Frame::Digests { count, .. }) => {
                     protocol::read_digests(&mut s, count).unwrap();
                 }
-                Ok(Frame::Message(Message::RoundStart {
+                Ok(Frame::Message(Message::RoundStart(RoundStart {
                     stop_and_copy: sc, ..
-                })) => stop_and_copy = sc,
+                }))) => stop_and_copy = sc,
                 // Ack pre-copy rounds; the stop-and-copy round is not acked.
-                Ok(Frame::Message(Message::RoundEnd { round, .. })) if !stop_and_copy => {
+                Ok(Frame::Message(Message::RoundEnd(RoundEnd { round, .. }))) if !stop_and_copy => {
                     protocol::write_message(&mut s, &Message::round_ack(round)).unwrap();
                 }
                 Ok(Frame::Message(Message::DeviceState(_))) => {
                     protocol::write_message(&mut s, &Message::resumed(1000, 0)).unwrap();
                 }
-                Ok(Frame::Message(Message::Complete)) => {
+                Ok(Frame::Message(Message::Complete(_))) => {
                     let lie = Message::verdict(5, 0, None);
                     protocol::write_message(&mut s, &lie).unwrap();
                     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -239,7 +241,7 @@ fn source_guest_dying_mid_migration() {
 #[test]
 fn peer_vanishing_mid_round() {
     let addr = fake_receiver(|mut s| {
-        let _ = protocol::read_handshake(&mut s, Kind::Hello);
+        let _ = protocol::read_handshake::<protocol::Hello>(&mut s);
         let _ = protocol::write_message(&mut s, &Message::hello_ack());
         // Take about 1 MiB of round 0, then vanish.
         let mut buf = vec![0u8; 1 << 20];
@@ -323,13 +325,7 @@ fn receiver_rejects_memory_it_cannot_hold() {
 #[test]
 fn receiver_rejects_a_page_run_out_of_range() {
     let mut bytes = hello(protocol::VERSION, 1 << 20); // 256 pages
-    bytes.extend(
-        Message::RoundStart {
-            round: 0,
-            stop_and_copy: false,
-        }
-        .encode(),
-    );
+    bytes.extend(Message::round_start(0, false).encode());
     bytes.extend(protocol::pages_frame_header(250, 10, 4096));
     bytes.extend(vec![0u8; 10 * 4096]);
     receiver_fed(&bytes).assert_fails_with(&["250", "out of range"]);
@@ -365,13 +361,7 @@ fn receiver_wants_digests_in_page_order() {
 #[test]
 fn receiver_reports_a_truncated_stream() {
     let mut bytes = hello(protocol::VERSION, 1 << 20);
-    bytes.extend(
-        Message::RoundStart {
-            round: 0,
-            stop_and_copy: false,
-        }
-        .encode(),
-    );
+    bytes.extend(Message::round_start(0, false).encode());
     bytes.extend(protocol::pages_frame_header(0, 4, 4096));
     bytes.extend(vec![7u8; 4096]); // 1 of 4 pages, then EOF
     receiver_fed(&bytes).assert_fails_with(&["truncated", "round 0"]);
@@ -510,7 +500,7 @@ fn postcopy_requests_that_are_never_answered_time_out() {
         postcopy: true,
     });
     protocol::write_message(&mut ctl, &hello).unwrap();
-    protocol::read_handshake(&mut ctl, Kind::HelloAck).unwrap();
+    protocol::read_handshake::<protocol::HelloAck>(&mut ctl).unwrap();
     let mut req = TcpStream::connect(&addr).unwrap();
     protocol::write_message(&mut req, &Message::stream_hello(REQUEST_STREAM, session)).unwrap();
     // Every page is missing; the guest writes at once.
@@ -528,13 +518,13 @@ fn postcopy_requests_that_are_never_answered_time_out() {
     };
     protocol::write_message(&mut ctl, &Message::device_state(state.to_bytes())).unwrap();
     assert!(matches!(
-        protocol::expect_message(&mut ctl, None, Kind::Resumed),
-        Ok(Message::Resumed { .. })
+        protocol::expect_message::<protocol::Resumed>(&mut ctl, None),
+        Ok(protocol::Resumed { .. })
     ));
     // A request arrives, and is left unanswered.
     assert!(matches!(
         protocol::read_frame(&mut req, None),
-        Ok(protocol::Frame::Message(Message::PageRequest { .. }))
+        Ok(protocol::Frame::Message(Message::PageRequest(_)))
     ));
     let t = std::time::Instant::now();
     let output = child.wait_with_output().unwrap();

@@ -28,7 +28,9 @@ use crate::guest::memory::GuestMemory;
 use crate::guest::uffd::{Uffd, UffdError};
 use crate::report::{Latency, PostcopyStats};
 use crate::wire::datapath::Landed;
-use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError, MAX_RUN_PAGES};
+use crate::wire::protocol::{
+    self, Frame, Kind, Limits, Message, PageRequest, PageRun, ProtocolError, MAX_RUN_PAGES,
+};
 use crate::wire::ratelimit::RateLimiter;
 
 /// How long a requested page may take before the source counts as gone:
@@ -434,7 +436,7 @@ impl Destination {
         let mut buf = Vec::new();
         loop {
             match protocol::read_frame(&mut r, Some(limits)) {
-                Ok(Frame::Pages { first_page, count }) => {
+                Ok(Frame::Run(PageRun::Pages { first_page, count })) => {
                     buf.resize(count as usize * self.page_size as usize, 0);
                     if let Err(e) = protocol::read_bulk(&mut r, &mut buf, Kind::Pages) {
                         return self.fail_unless_stopped(PostcopyError::ReadPages(Arc::new(e)));
@@ -546,11 +548,11 @@ impl Server {
     ) -> Result<(), ProtocolError> {
         loop {
             let (first, count, fault) = match protocol::read_frame(&mut conn, Some(limits)) {
-                Ok(Frame::Message(Message::PageRequest {
+                Ok(Frame::Message(Message::PageRequest(PageRequest {
                     first_page,
                     count,
                     fault,
-                })) => (first_page, count, fault),
+                }))) => (first_page, count, fault),
                 Ok(f) => {
                     return Err(ProtocolError::Unexpected {
                         got: f.kind(),

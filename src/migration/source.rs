@@ -34,7 +34,9 @@ use crate::report::{ms, Report, RoundReport};
 use crate::util::netio::write_all_vectored;
 use crate::util::units::PageRate;
 use crate::wire::datapath::{chunk_pages, Reduction};
-use crate::wire::protocol::{self, Kind, Limits, Message, ProtocolError, MAX_DIGESTS};
+use crate::wire::protocol::{
+    self, HelloAck, Kind, Limits, Message, ProtocolError, Resumed, RoundAck, Verdict, MAX_DIGESTS,
+};
 use crate::wire::ratelimit::{Bandwidth, RateLimiter};
 
 /// Everything `livemig send` / `migrate` needs to know.
@@ -376,16 +378,13 @@ impl Tcp<'_> {
         self.progress.set_position(0);
         let conn = self.conn.as_mut().expect("connected in setup");
         let sock = &mut conn.control;
-        let start = Message::RoundStart {
-            round,
-            stop_and_copy,
-        };
+        let start = Message::round_start(round, stop_and_copy);
         let mut bytes = protocol::write_message(sock, &start).map_err(proto(ctx))? as u64;
         let lanes = conn.lanes.as_mut().expect("open until the last page");
         let (pages, stream_bytes, forms) = lanes.send(sock, round, &self.todo, chunk, ctx)?;
         bytes += stream_bytes;
         report.forms += forms;
-        let end = Message::RoundEnd { round, pages };
+        let end = Message::round_end(round, pages);
         bytes += protocol::write_message(sock, &end).map_err(proto(ctx))? as u64;
         if !stop_and_copy {
             // The round ends when its pages have landed (see crate::wire::protocol).
@@ -478,7 +477,7 @@ impl Backend for Tcp<'_> {
         }
         protocol::write_message(&mut sock, &hello)
             .map_err(proto(format!("sending the handshake to {addr}")))?;
-        protocol::read_handshake(&mut sock, Kind::HelloAck)
+        protocol::read_handshake::<HelloAck>(&mut sock)
             .map_err(proto(format!("handshake with {addr}")))?;
         let lanes = Lanes::open(
             cfg.streams,
@@ -601,14 +600,10 @@ impl Backend for Tcp<'_> {
         };
         let sock = &mut self.conn.as_mut().expect("connected in setup").control;
         report.transferred_bytes +=
-            protocol::write_message(sock, &Message::DeviceState(state.to_bytes()))
+            protocol::write_message(sock, &Message::device_state(state.to_bytes()))
                 .map_err(proto("sending the device state"))? as u64;
-        let resume_ns = match protocol::expect_message(sock, None, Kind::Resumed)
-            .map_err(proto("waiting for the destination to resume"))?
-        {
-            Message::Resumed { resume_ns, .. } => resume_ns,
-            _ => unreachable!("expect_message returns the kind asked for"),
-        };
+        let Resumed { resume_ns, .. } = protocol::expect_message(sock, None)
+            .map_err(proto("waiting for the destination to resume"))?;
         let t_resumed = Instant::now();
         self.resumed_at_destination = true;
         let d = self.downtime;
@@ -708,17 +703,14 @@ impl Backend for Tcp<'_> {
                 .map_err(|e| proto("sending page digests")(ProtocolError::Io(e)))?;
             first += count;
         }
-        protocol::write_message(sock, &Message::Complete).map_err(proto("sending page digests"))?;
-        let verdict = protocol::expect_message(sock, Some(&limits), Kind::Verdict)
-            .map_err(proto("waiting for the verdict"))?;
-        let Message::Verdict {
+        protocol::write_message(sock, &Message::complete())
+            .map_err(proto("sending page digests"))?;
+        let Verdict {
             verified_pages,
             mismatched_pages,
             first_mismatch,
-        } = verdict
-        else {
-            unreachable!("expect_message returns the kind asked for")
-        };
+        } = protocol::expect_message(sock, Some(&limits))
+            .map_err(proto("waiting for the verdict"))?;
         report.verified_pages = verified_pages;
         report.mismatched_pages = mismatched_pages;
         // Every page must have been compared (the protocol checked the sum fits).
@@ -753,8 +745,8 @@ impl Backend for Tcp<'_> {
 
 /// Wait for the receiver's acknowledgement of `round`.
 fn expect_ack(sock: &mut TcpStream, round: u32, ctx: &str) -> Result<(), SendError> {
-    match protocol::expect_message(sock, None, Kind::RoundAck).map_err(proto(ctx))? {
-        Message::RoundAck { round: r } if r == round => Ok(()),
+    match protocol::expect_message(sock, None).map_err(proto(ctx))? {
+        RoundAck { round: r } if r == round => Ok(()),
         other => Err(proto(ctx)(ProtocolError::BadField {
             kind: Kind::RoundAck,
             detail: format!("acknowledges {other:?}, not round {round}"),

@@ -20,7 +20,7 @@ use crate::guest::process::GuestError;
 use crate::util::netio::IO_TIMEOUT;
 use crate::wire::datapath::{DataPathError, Reduction};
 use crate::wire::datapath::{Encoder, SendStats};
-use crate::wire::protocol::{self, Frame, Message, ProtocolError};
+use crate::wire::protocol::{self, Abort, Frame, Message, ProtocolError};
 use crate::wire::ratelimit::RateLimiter;
 
 /// Errors of the sending side.
@@ -333,7 +333,7 @@ pub(crate) fn connect(addr: &str) -> Result<TcpStream, SendError> {
 pub(crate) fn peer_reason(sock: &mut TcpStream, wait: Duration) -> Option<SendError> {
     let _ = sock.set_read_timeout(Some(wait));
     let reason = match protocol::read_frame(sock, None) {
-        Ok(Frame::Message(Message::Abort(reason))) => Some(SendError::Refused(reason)),
+        Ok(Frame::Message(Message::Abort(Abort(reason)))) => Some(SendError::Refused(reason)),
         _ => None,
     };
     let _ = sock.set_read_timeout(Some(IO_TIMEOUT));
@@ -354,7 +354,7 @@ pub(crate) fn peer_error(sock: &mut TcpStream, context: &str) -> Option<SendErro
         Err(nix::Error::EAGAIN) => None,
         Ok(0) => Some(proto(context)(ProtocolError::Closed)),
         _ => Some(match protocol::read_frame(sock, None) {
-            Ok(Frame::Message(Message::Abort(reason))) => SendError::Refused(reason),
+            Ok(Frame::Message(Message::Abort(Abort(reason)))) => SendError::Refused(reason),
             Ok(other) => proto(context)(ProtocolError::Unexpected {
                 got: other.kind(),
                 expected: "nothing from the receiver during a round".into(),

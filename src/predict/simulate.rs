@@ -289,10 +289,7 @@ fn round_bytes(set: &DirtySet, round: u32, stop: bool, limit: Option<u64>, page_
 /// its RoundStart and RoundEnd, encoded as the sender encodes them.
 pub(crate) fn wire_bytes(round: u32, stop: bool, pages: u64, frames: u64, page_size: u64) -> u64 {
     let frame = protocol::pages_frame_header(0, 1, page_size as u32).len() as u64;
-    let start = Message::RoundStart {
-        round,
-        stop_and_copy: stop,
-    };
+    let start = Message::round_start(round, stop);
     let end = Message::round_end(round, pages);
     ((start.encode().len() + end.encode().len()) as u64)
         .saturating_add(frames.saturating_mul(frame))

@@ -21,7 +21,9 @@ use std::io::{IoSlice, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::guest::memory::GuestMemory;
-use crate::wire::protocol::{self, Frame, Kind, ProtocolError, MAX_RUN_PAGES};
+use crate::wire::protocol::{
+    self, Kind, PageRun, ProtocolError, MAX_RUN_PAGES, RUN_FRAME_HEADER_LEN,
+};
 use crate::wire::ratelimit::RateLimiter;
 use crate::wire::reduce::{Codec, Compressor, Decompressor};
 use crate::wire::xbzrle;
@@ -206,7 +208,7 @@ impl Encoder {
                 }
                 Form::Delta(..) => {
                     let start = self.out.len();
-                    self.out.extend_from_slice(&[0; 24]);
+                    self.out.extend_from_slice(&[0; RUN_FRAME_HEADER_LEN]);
                     for f in &self.forms[i..i + n] {
                         let Form::Delta(a, b) = *f else {
                             unreachable!()
@@ -215,9 +217,10 @@ impl Encoder {
                         self.out.extend_from_slice(&len.to_le_bytes());
                         self.out.extend_from_slice(&self.deltas[a..b]);
                     }
-                    let body = u32::try_from(self.out.len() - start - 24).expect("fits");
+                    let body =
+                        u32::try_from(self.out.len() - start - RUN_FRAME_HEADER_LEN).expect("fits");
                     let h = protocol::xbzrle_frame_header(page, n32, body);
-                    self.out[start..start + 24].copy_from_slice(&h);
+                    self.out[start..start + RUN_FRAME_HEADER_LEN].copy_from_slice(&h);
                     self.pieces.push(Piece::Out(start, self.out.len()));
                     self.stats.xbzrle_pages += n as u64;
                     self.stats.xbzrle_bytes += u64::from(body);
@@ -400,7 +403,7 @@ impl Decoder {
         self
     }
 
-    /// Read the bulk of run frame `frame` from `r` into `mem`, recording the
+    /// Read the bulk of page run `run` from `r` into `mem`, recording the
     /// pages' digests in `landed`. Returns the pages it carried.
     ///
     /// # Safety
@@ -411,20 +414,20 @@ impl Decoder {
     pub unsafe fn receive(
         &mut self,
         r: &mut impl Read,
-        frame: &Frame,
+        run: &PageRun,
         mem: &GuestMemory,
         landed: &Landed,
     ) -> Result<u64, ProtocolError> {
         let ps = self.page_size;
-        match *frame {
-            Frame::Pages { first_page, count } => {
+        match *run {
+            PageRun::Pages { first_page, count } => {
                 // SAFETY: exclusive per this function's contract.
                 let buf = unsafe { mem.pages_mut(first_page, u64::from(count)) };
                 protocol::read_bulk(r, buf, Kind::Pages)?;
                 landed.set_all(first_page, buf, ps);
                 Ok(u64::from(count))
             }
-            Frame::ZeroPages { first_page, count } => {
+            PageRun::ZeroPages { first_page, count } => {
                 for page in first_page..first_page + u64::from(count) {
                     // Only a page that holds data needs clearing: untouched
                     // memory is zero and is left unallocated.
@@ -436,7 +439,7 @@ impl Decoder {
                 }
                 Ok(u64::from(count))
             }
-            Frame::CompressedPages {
+            PageRun::CompressedPages {
                 first_page,
                 count,
                 codec,
@@ -449,16 +452,16 @@ impl Decoder {
                 };
                 let d = match slot {
                     Some(d) => d,
-                    None => slot.insert(Decompressor::new(codec).map_err(|e| corrupt(frame, e))?),
+                    None => slot.insert(Decompressor::new(codec).map_err(|e| corrupt(run, e))?),
                 };
                 // SAFETY: exclusive per this function's contract.
                 let out = unsafe { mem.pages_mut(first_page, u64::from(count)) };
                 d.decompress_into(&self.buf, out)
-                    .map_err(|e| corrupt(frame, e))?;
+                    .map_err(|e| corrupt(run, e))?;
                 landed.set_all(first_page, out, ps);
                 Ok(u64::from(count))
             }
-            Frame::XbzrlePages {
+            PageRun::XbzrlePages {
                 first_page,
                 count,
                 len,
@@ -467,28 +470,27 @@ impl Decoder {
                 let mut rest = &self.buf[..];
                 for page in first_page..first_page + u64::from(count) {
                     let Some((n, tail)) = rest.split_first_chunk::<2>() else {
-                        return Err(corrupt(frame, "the payload ends inside a delta length"));
+                        return Err(corrupt(run, "the payload ends inside a delta length"));
                     };
                     let n = usize::from(u16::from_le_bytes(*n));
                     if n >= ps || n > tail.len() {
                         let why = format!("page {page}: a delta of {n} bytes does not fit");
-                        return Err(corrupt(frame, why));
+                        return Err(corrupt(run, why));
                     }
                     let (delta, tail) = tail.split_at(n);
                     // SAFETY: exclusive per this function's contract.
                     let bytes = unsafe { mem.pages_mut(page, 1) };
                     xbzrle::decode(delta, bytes)
-                        .map_err(|e| corrupt(frame, format!("page {page}: {e}")))?;
+                        .map_err(|e| corrupt(run, format!("page {page}: {e}")))?;
                     landed.set(page, crate::guest::memory::page_digest(bytes));
                     rest = tail;
                 }
                 if !rest.is_empty() {
                     let why = format!("{} bytes left after the last delta", rest.len());
-                    return Err(corrupt(frame, why));
+                    return Err(corrupt(run, why));
                 }
                 Ok(u64::from(count))
             }
-            _ => unreachable!("only run frames of pages are passed in"),
         }
     }
 
@@ -506,18 +508,10 @@ impl Decoder {
     }
 }
 
-fn corrupt(frame: &Frame, why: impl std::fmt::Display) -> ProtocolError {
-    let (first, count) = match *frame {
-        Frame::CompressedPages {
-            first_page, count, ..
-        }
-        | Frame::XbzrlePages {
-            first_page, count, ..
-        } => (first_page, count),
-        _ => (0, 0),
-    };
+fn corrupt(run: &PageRun, why: impl std::fmt::Display) -> ProtocolError {
+    let (first, count) = run.pages();
     ProtocolError::BadField {
-        kind: frame.kind(),
+        kind: run.kind(),
         detail: format!(
             "corrupt payload for pages {first}..{}: {why}",
             first + u64::from(count)
@@ -566,9 +560,12 @@ mod tests {
         };
         let (mut r, mut dec, mut pages) = (&wire[..], Decoder::new(PS), 0);
         while !r.is_empty() {
-            let f = protocol::read_frame(&mut r, Some(&limits)).unwrap();
+            let protocol::Frame::Run(run) = protocol::read_frame(&mut r, Some(&limits)).unwrap()
+            else {
+                panic!("the encoder sends page runs only")
+            };
             // SAFETY: this test is the only user of `dst`.
-            pages += unsafe { dec.receive(&mut r, &f, dst, landed) }.unwrap();
+            pages += unsafe { dec.receive(&mut r, &run, dst, landed) }.unwrap();
         }
         pages
     }

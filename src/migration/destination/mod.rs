@@ -28,7 +28,9 @@ use crate::guest::process::{DeviceState, Guest, GuestError};
 use crate::util::netio::IO_TIMEOUT;
 use crate::util::units::fmt_bytes;
 use crate::wire::datapath::{Decoder, Landed};
-use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
+use crate::wire::protocol::{
+    self, Abort, Frame, Hello, Limits, Message, ProtocolError, RoundEnd, RoundStart,
+};
 
 use crate::migration::phases::{DestAction, DestEvent, DestPhase, DestStepError};
 
@@ -286,11 +288,7 @@ impl Receiving {
     }
 
     fn run(&mut self, sock: &mut TcpStream, listener: &TcpListener) -> Result<(), ReceiveError> {
-        let Message::Hello(hello) =
-            protocol::read_handshake(sock, Kind::Hello).map_err(|e| self.err(e))?
-        else {
-            unreachable!("read_handshake returns the kind asked for")
-        };
+        let hello: Hello = protocol::read_handshake(sock).map_err(|e| self.err(e))?;
         let limits = hello.limits().map_err(|e| self.err(e))?;
         let page_size = u64::from(limits.page_size);
         if page_size != crate::guest::memory::page_size() {
@@ -400,33 +398,32 @@ impl Receiving {
                 Err(e) => return Err(streams.and_then(Streams::failure).unwrap_or(e)),
             };
             let event = match &frame {
-                Frame::Message(Message::RoundStart {
+                Frame::Message(Message::RoundStart(RoundStart {
                     round,
                     stop_and_copy,
-                }) => DestEvent::RoundStart {
+                })) => DestEvent::RoundStart {
                     round: *round,
                     stop_and_copy: *stop_and_copy,
                 },
-                Frame::Pages { count, .. }
-                | Frame::ZeroPages { count, .. }
-                | Frame::CompressedPages { count, .. }
-                | Frame::XbzrlePages { count, .. } => DestEvent::Pages {
-                    count: u64::from(*count),
+                Frame::Run(run) => DestEvent::Pages {
+                    count: u64::from(run.pages().1),
                 },
-                Frame::Message(Message::RoundEnd { round, pages }) => DestEvent::RoundEnd {
-                    round: *round,
-                    sent: *pages,
-                    arrived: match (phase, streams) {
-                        // The data connections' count, once the round is this one.
-                        (DestPhase::InRound { round: r, .. }, Some(st)) if r == *round => {
-                            Some(st.end_round(r)?)
-                        }
-                        _ => None,
-                    },
-                },
+                Frame::Message(Message::RoundEnd(RoundEnd { round, pages })) => {
+                    DestEvent::RoundEnd {
+                        round: *round,
+                        sent: *pages,
+                        arrived: match (phase, streams) {
+                            // The data connections' count, once the round is this one.
+                            (DestPhase::InRound { round: r, .. }, Some(st)) if r == *round => {
+                                Some(st.end_round(r)?)
+                            }
+                            _ => None,
+                        },
+                    }
+                }
                 Frame::Discard { .. } => DestEvent::Discard,
                 Frame::Message(Message::DeviceState(_)) => DestEvent::DeviceState,
-                Frame::Message(Message::Abort(reason)) => {
+                Frame::Message(Message::Abort(Abort(reason))) => {
                     return Err(self.err(ProtocolError::Aborted(reason.clone())))
                 }
                 _ => return Err(self.err(unexpected_frame(&self.context, frame))),
@@ -441,10 +438,10 @@ impl Receiving {
             phase = next;
             // The phase allowed the frame: carry it out.
             match frame {
-                Frame::Message(Message::RoundStart { round, .. }) => {
+                Frame::Message(Message::RoundStart(RoundStart { round, .. })) => {
                     self.context = format!("round {round}");
                 }
-                Frame::Message(Message::RoundEnd { .. }) => {
+                Frame::Message(Message::RoundEnd(_)) => {
                     if let DestAction::Ack { pages, .. } | DestAction::Stopped { pages } = action {
                         self.report.round_pages.push(pages);
                         self.report.pages_received += pages;
@@ -463,20 +460,22 @@ impl Receiving {
                     discard += t.elapsed();
                     missing.set_range(first_page, u64::from(count));
                 }
-                Frame::Message(Message::DeviceState(blob)) => {
+                Frame::Message(Message::DeviceState(protocol::DeviceState(blob))) => {
                     // No data connection may write memory once the guest runs.
                     if let Some(st) = streams {
                         st.close()?;
                     }
                     break blob;
                 }
-                f => {
+                Frame::Run(run) => {
                     // SAFETY: the waiting destination guest maps this memory
                     // but touches none of it until it is handed its device
                     // state, after the last page; with one stream nothing
                     // else writes it.
-                    unsafe { decoder.receive(sock, &f, mem, landed) }.map_err(|e| self.err(e))?;
+                    unsafe { decoder.receive(sock, &run, mem, landed) }.map_err(|e| self.err(e))?;
                 }
+                // Refused above, before the phase step.
+                f => return Err(self.err(unexpected_frame(&self.context, f))),
             }
         };
 
@@ -496,10 +495,10 @@ impl Receiving {
         let resume = t0.elapsed();
         self.report.resume_ms = resume.as_secs_f64() * 1e3;
         self.report.destination_guest_pid = guest.pid();
-        let resumed = Message::Resumed {
-            resume_ns: u64::try_from(resume.as_nanos()).unwrap_or(u64::MAX),
-            pages_received: self.report.pages_received,
-        };
+        let resumed = Message::resumed(
+            u64::try_from(resume.as_nanos()).unwrap_or(u64::MAX),
+            self.report.pages_received,
+        );
         protocol::write_message(sock, &resumed).map_err(|e| self.err(e))?;
         if let (Some(dest), Some(req)) = (dest, requests.take()) {
             self.postcopy_phase(sock, landed, guest, limits, &dest, req)?;
@@ -544,8 +543,8 @@ impl Receiving {
                         due: next_page,
                     })
                 }
-                Frame::Message(Message::Complete) => break,
-                Frame::Message(Message::Abort(reason)) => {
+                Frame::Message(Message::Complete(_)) => break,
+                Frame::Message(Message::Abort(Abort(reason))) => {
                     return Err(self.err(ProtocolError::Aborted(reason)))
                 }
                 other => return Err(self.err(unexpected_frame(&self.context, other))),
@@ -556,11 +555,7 @@ impl Receiving {
         }
         self.report.verified_pages = verified;
         self.report.mismatched_pages = mismatched;
-        let verdict = Message::Verdict {
-            verified_pages: verified,
-            mismatched_pages: mismatched,
-            first_mismatch,
-        };
+        let verdict = Message::verdict(verified, mismatched, first_mismatch);
         protocol::write_message(sock, &verdict).map_err(|e| self.err(e))?;
         Ok(())
     }

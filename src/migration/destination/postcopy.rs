@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use super::{unexpected_frame, ReceiveError, Receiving};
 use crate::guest::process::Guest;
 use crate::wire::datapath::Landed;
-use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
+use crate::wire::protocol::{
+    self, Abort, Frame, Kind, Limits, Message, PageRun, ProtocolError, RoundEnd, RoundStart,
+};
 
 impl Receiving {
     /// Take the post-copy guest's userfaultfd: its missing pages fault to us.
@@ -112,17 +114,19 @@ impl Receiving {
                 return Err(failed(why));
             }
             match self.next(sock, limits)? {
-                Frame::Message(Message::RoundStart {
+                Frame::Message(Message::RoundStart(RoundStart {
                     round: r,
                     stop_and_copy: false,
-                }) if round.is_none() => round = Some(r),
-                Frame::Pages { first_page, count } if round.is_some() => {
+                })) if round.is_none() => round = Some(r),
+                Frame::Run(PageRun::Pages { first_page, count }) if round.is_some() => {
                     buf.resize(count as usize * limits.page_size as usize, 0);
                     protocol::read_bulk(sock, &mut buf, Kind::Pages).map_err(|e| self.err(e))?;
                     dest.place(first_page, &buf, landed, Path::Pushed)
                         .map_err(failed)?;
                 }
-                Frame::Message(Message::RoundEnd { round: r, .. }) if round == Some(r) => {
+                Frame::Message(Message::RoundEnd(RoundEnd { round: r, .. }))
+                    if round == Some(r) =>
+                {
                     let deadline = Instant::now() + crate::migration::postcopy::request_timeout();
                     while dest.remaining() > 0 {
                         if let Some(why) = dest.failure() {
@@ -137,7 +141,7 @@ impl Receiving {
                     protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
                     return Ok(());
                 }
-                Frame::Message(Message::Abort(reason)) => {
+                Frame::Message(Message::Abort(Abort(reason))) => {
                     return Err(self.err(ProtocolError::Aborted(reason)))
                 }
                 other => return Err(self.err(unexpected_frame(&self.context, other))),

@@ -12,7 +12,9 @@ use crate::guest::memory::GuestMemory;
 use crate::migration::phases::DestStepError;
 use crate::util::netio::IO_TIMEOUT;
 use crate::wire::datapath::{Decoder, Landed};
-use crate::wire::protocol::{self, Frame, Kind, Limits, Message, ProtocolError};
+use crate::wire::protocol::{
+    self, Abort, Frame, Limits, Message, ProtocolError, RoundEnd, StreamHello,
+};
 
 /// How long the sender has to open its data connections.
 const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -174,13 +176,10 @@ impl Receiving {
             };
             s.set_nonblocking(false).map_err(listen_err)?;
             setup(&s)?;
-            let Message::StreamHello {
+            let StreamHello {
                 index,
                 session: got,
-            } = protocol::read_handshake(&mut s, Kind::StreamHello).map_err(|e| self.err(e))?
-            else {
-                unreachable!("read_handshake returns the kind asked for")
-            };
+            } = protocol::read_handshake(&mut s).map_err(|e| self.err(e))?;
             if index == protocol::REQUEST_STREAM && request && req.is_none() && got == session {
                 req = Some(s);
                 left -= 1;
@@ -239,7 +238,7 @@ pub(super) fn data_stream(
     };
     loop {
         match protocol::read_frame(&mut sock, Some(limits)) {
-            Ok(Frame::Message(Message::RoundEnd { round, pages: p })) => {
+            Ok(Frame::Message(Message::RoundEnd(RoundEnd { round, pages: p }))) => {
                 if p != pages {
                     return Err(ReceiveError::Step {
                         context: format!("data connection {index}"),
@@ -254,18 +253,16 @@ pub(super) fn data_stream(
                 let _ = streams.tx.send(Ok((index, round, pages)));
                 pages = 0;
             }
-            Ok(Frame::Message(Message::Abort(why))) => {
+            Ok(Frame::Message(Message::Abort(Abort(why)))) => {
                 return Err(fail(ProtocolError::Aborted(why)))
-            }
-            Ok(f @ Frame::Message(_)) | Ok(f @ Frame::Digests { .. }) => {
-                return Err(fail(unexpected_frame("a data connection", f)))
             }
             // SAFETY: within a round the sender sends each page once, on one
             // connection (see Decoder::receive); the guest has not started.
-            Ok(f) => {
-                pages += unsafe { decoder.receive(&mut sock, &f, mem, landed) }.map_err(fail)?;
+            Ok(Frame::Run(run)) => {
+                pages += unsafe { decoder.receive(&mut sock, &run, mem, landed) }.map_err(fail)?;
                 streams.progressed();
             }
+            Ok(f) => return Err(fail(unexpected_frame("a data connection", f))),
             // The sender closes its data connections after the last round,
             // and the control thread shuts them once the rounds are over.
             Err(ProtocolError::Closed) => return Ok(()),
