@@ -358,6 +358,57 @@ fn receiver_wants_digests_in_page_order() {
     receiver_fed(&bytes).assert_fails_with(&["digests for page 5", "page 0 was due"]);
 }
 
+/// A fake sender's handshake for `streams` connections over 1 MiB of
+/// 4 KiB pages: the control connection, then the data connections.
+fn fake_sender(addr: &str, streams: u32) -> (TcpStream, Vec<TcpStream>) {
+    let session = 11;
+    let mut ctl = TcpStream::connect(addr).unwrap();
+    let hello = Message::hello(4096, 1 << 20, streams, session);
+    protocol::write_message(&mut ctl, &hello).unwrap();
+    protocol::read_handshake::<protocol::HelloAck>(&mut ctl).unwrap();
+    let data = (0..streams)
+        .filter(|_| streams > 1)
+        .map(|index| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            protocol::write_message(&mut s, &Message::stream_hello(index, session)).unwrap();
+            s
+        })
+        .collect();
+    (ctl, data)
+}
+
+/// A valid `Discard` where pages belong: on a data connection it once
+/// crashed the receiver (an unreachable! in the data path).
+#[test]
+fn receiver_refuses_a_discard_where_pages_belong() {
+    let (child, addr) = receiver(&[], &[]);
+    let (mut ctl, mut data) = fake_sender(&addr, 2);
+    protocol::write_message(&mut ctl, &Message::round_start(0, false)).unwrap();
+    data[0]
+        .write_all(&protocol::discard_frame_header(0, 1))
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let r = Run {
+        output,
+        report: None,
+    };
+    r.assert_fails_with(&["data connection 0", "unexpected frame Discard"]);
+    drop((ctl, data));
+
+    // On the control connection, in the middle of a round.
+    let mut bytes = Message::round_start(0, false).encode();
+    bytes.extend(protocol::discard_frame_header(0, 1));
+    let (child, addr) = receiver(&[], &[]);
+    let (mut ctl, _) = fake_sender(&addr, 1);
+    ctl.write_all(&bytes).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let r = Run {
+        output,
+        report: None,
+    };
+    r.assert_fails_with(&["round 0", "unexpected discard"]);
+}
+
 #[test]
 fn receiver_reports_a_truncated_stream() {
     let mut bytes = hello(protocol::VERSION, 1 << 20);
