@@ -95,8 +95,8 @@ pub enum DataPathError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Form {
     Zero,
-    /// An XBZRLE delta: its range in `Encoder::deltas`.
-    Delta(usize, usize),
+    /// An XBZRLE delta: the next one in `Encoder::deltas`.
+    Delta,
     Whole,
 }
 
@@ -118,7 +118,9 @@ pub struct Encoder {
     snapshot: Vec<u8>,
     /// Frame bytes built in user space: headers, markers, deltas, blocks.
     out: Vec<u8>,
+    /// The run's XBZRLE deltas back to back, and their lengths in page order.
     deltas: Vec<u8>,
+    delta_lens: Vec<u16>,
     block: Vec<u8>,
     forms: Vec<Form>,
     pieces: Vec<Piece>,
@@ -143,6 +145,7 @@ impl Encoder {
             snapshot: Vec::new(),
             out: Vec::new(),
             deltas: Vec::new(),
+            delta_lens: Vec::new(),
             block: Vec::new(),
             forms: Vec::new(),
             pieces: Vec::new(),
@@ -175,6 +178,7 @@ impl Encoder {
         let ps = self.page_size;
         self.out.clear();
         self.deltas.clear();
+        self.delta_lens.clear();
         self.forms.clear();
         self.pieces.clear();
         if self.copies() {
@@ -188,35 +192,27 @@ impl Encoder {
             self.forms.push(form);
         }
         // Frames for each stretch of pages of one form.
-        let mut i = 0usize;
+        let (mut i, mut delta, mut at) = (0usize, 0usize, 0usize);
         while i < self.forms.len() {
             let form = self.forms[i];
-            let same = |f: &Form| {
-                matches!(
-                    (f, form),
-                    (Form::Zero, Form::Zero)
-                        | (Form::Whole, Form::Whole)
-                        | (Form::Delta(..), Form::Delta(..))
-                )
-            };
-            let n = self.forms[i..].iter().take_while(|f| same(f)).count();
+            let n = self.forms[i..].iter().take_while(|&&f| f == form).count();
             let (page, n32) = (first + i as u64, n as u32);
             match form {
                 Form::Zero => {
                     self.push_out(&protocol::zero_frame_header(page, n32));
                     self.stats.duplicate_pages += n as u64;
                 }
-                Form::Delta(..) => {
+                Form::Delta => {
                     let start = self.out.len();
                     self.out.extend_from_slice(&[0; RUN_FRAME_HEADER_LEN]);
-                    for f in &self.forms[i..i + n] {
-                        let Form::Delta(a, b) = *f else {
-                            unreachable!()
-                        };
-                        let len = u16::try_from(b - a).expect("a delta is shorter than a page");
+                    // One length per Delta form, in page order.
+                    for &len in &self.delta_lens[delta..delta + n] {
+                        let end = at + usize::from(len);
                         self.out.extend_from_slice(&len.to_le_bytes());
-                        self.out.extend_from_slice(&self.deltas[a..b]);
+                        self.out.extend_from_slice(&self.deltas[at..end]);
+                        at = end;
                     }
+                    delta += n;
                     let body =
                         u32::try_from(self.out.len() - start - RUN_FRAME_HEADER_LEN).expect("fits");
                     let h = protocol::xbzrle_frame_header(page, n32, body);
@@ -286,7 +282,12 @@ impl Encoder {
                 self.stats.xbzrle_cache_hits += 1;
                 let start = self.deltas.len();
                 match xbzrle::encode(old, data, &mut self.deltas, ps) {
-                    Some(_) => Form::Delta(start, self.deltas.len()),
+                    Some(_) => {
+                        let len = self.deltas.len() - start;
+                        let len = u16::try_from(len).expect("a delta is shorter than a page");
+                        self.delta_lens.push(len);
+                        Form::Delta
+                    }
                     None => {
                         self.stats.xbzrle_overflow += 1;
                         Form::Whole
