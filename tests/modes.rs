@@ -121,12 +121,16 @@ fn cold_copies_everything_with_the_guest_stopped() {
         (rs[0]["stop_and_copy"].as_bool(), u(&rs[0], "pages")),
         (Some(true), 4096)
     );
-    // Downtime is most of the migration.
-    let (down, total) = (
-        rep["downtime_ms"].as_f64().unwrap(),
-        rep["migration_time_ms"].as_f64().unwrap(),
+    // Every page is copied inside the downtime (a share of the total time
+    // would depend on how long set-up takes on this machine), and there was
+    // no pre-copy phase for the guest to run in.
+    let down = rep["downtime_ms"].as_f64().unwrap();
+    let copy = rs[0]["duration_ms"].as_f64().unwrap();
+    assert!(
+        copy > 0.0 && down >= copy,
+        "downtime {down} ms, copy {copy} ms"
     );
-    assert!(down > 0.5 * total, "downtime {down} of {total} ms");
+    assert!(rep["guest_rate_precopy_pps"].is_null(), "{rep:#}");
 }
 
 #[test]
