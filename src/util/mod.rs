@@ -1,6 +1,7 @@
-//! Small helpers every layer uses: units and their parsing, processes,
-//! error chains and socket I/O.
+//! Small helpers every layer uses: units and their parsing, atomic page
+//! bitmaps, processes, error chains and socket I/O.
 
+pub mod bitmap;
 pub mod error;
 pub mod netio;
 pub mod process;
