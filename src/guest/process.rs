@@ -28,6 +28,7 @@ use crate::guest::control::{Control, CONTROL_NAME, MAX_VCPUS};
 use crate::guest::dirty::{DirtyError, SharedBitmap, TrackerKind};
 use crate::guest::memory::{GuestMemory, MemoryError, SharedRegion, GUEST_RAM_NAME};
 use crate::guest::workload::{fill_word, Content, Layout, Stream, Workload, WorkloadError, Write};
+use crate::util::page::PageSize;
 
 /// How long a guest may take to start or to park its vCPUs.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -107,10 +108,14 @@ impl DeviceState {
     }
 
     /// Decode and check a received blob against the negotiated memory.
-    pub fn from_bytes(b: &[u8], memory_bytes: u64, page_size: u64) -> Result<Self, GuestError> {
+    pub fn from_bytes(
+        b: &[u8],
+        memory_bytes: u64,
+        page_size: PageSize,
+    ) -> Result<Self, GuestError> {
         let s: Self =
             serde_json::from_slice(b).map_err(|e| GuestError::DeviceState(e.to_string()))?;
-        if s.memory_bytes != memory_bytes || s.page_size != page_size {
+        if s.memory_bytes != memory_bytes || s.page_size != page_size.as_u64() {
             return Err(GuestError::DeviceState(format!(
                 "it describes {} bytes of {}-byte pages, the migration {memory_bytes} of {page_size}",
                 s.memory_bytes, s.page_size
@@ -126,7 +131,7 @@ impl DeviceState {
 pub fn check_config(
     workload: &Workload,
     memory_bytes: u64,
-    page_size: u64,
+    page_size: PageSize,
     vcpus: u32,
 ) -> Result<Layout, GuestError> {
     if !(1..=MAX_VCPUS).contains(&vcpus) {
@@ -151,7 +156,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     // Fine-grained sleeps pace the workload accurately.
     // SAFETY: PR_SET_TIMERSLACK takes an integer argument and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64) };
-    let page_size = crate::guest::memory::page_size();
+    let page_size = PageSize::host();
     // SAFETY: these fds were handed to this process by its owner for this use.
     let (mem, control, bitmap) = unsafe {
         let mem = SharedRegion::from_raw_fd("guest RAM", args.mem_fd, args.memory_bytes)?;
@@ -160,7 +165,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
             args.control_fd,
             crate::guest::control::block_len(),
         )?);
-        let pages = args.memory_bytes / page_size;
+        let pages = page_size.pages(args.memory_bytes);
         let bitmap = match args.dirty_fd {
             Some(fd) => Some(SharedBitmap::from_region(
                 SharedRegion::from_raw_fd("dirty bitmap", fd, SharedBitmap::bytes_for(pages))?,
@@ -748,9 +753,9 @@ mod tests {
     /// to the exact count published at the park must all be marked.
     #[test]
     fn a_parked_vcpu_has_marked_every_page_it_wrote() {
-        let page_size = crate::guest::memory::page_size();
+        let page_size = PageSize::host();
         let pages = 16384;
-        let bytes = pages * page_size;
+        let bytes = page_size.bytes(pages);
         // Leaked: the vCPU thread outlives the test body (it stays parked).
         let mem = Box::leak(Box::new(GuestMemory::create(bytes, page_size).unwrap()));
         let control = Box::leak(Box::new(Control::create().unwrap()));

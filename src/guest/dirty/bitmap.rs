@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicU64;
 use super::{DirtyError, DirtySet, Tracker};
 use crate::guest::memory::{MemoryError, SharedRegion};
 use crate::util::bitmap::{words_for, AtomicBitmap};
+use crate::util::page::PageSize;
 
 /// The words of a bitmap in a shared mapping.
 pub struct MappedWords {
@@ -45,7 +46,7 @@ pub struct SharedBitmap {
 
 impl SharedBitmap {
     pub fn bytes_for(pages: u64) -> u64 {
-        (pages.div_ceil(64) * 8).next_multiple_of(4096)
+        (words_for(pages) as u64 * 8).next_multiple_of(PageSize::host().as_u64())
     }
 
     pub fn create(pages: u64) -> Result<Self, MemoryError> {

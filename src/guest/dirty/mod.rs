@@ -25,6 +25,7 @@ use crate::guest::control::Control;
 use crate::guest::memory::MemoryError;
 use crate::guest::uffd::UffdError;
 use crate::util::bitmap::{word_masks, Runs};
+use crate::util::page::PageSize;
 pub use bitmap::{BitmapTracker, SharedBitmap};
 
 /// Errors of dirty tracking.
@@ -159,7 +160,7 @@ pub struct Target {
     /// Where guest memory is mapped in the guest's address space.
     pub addr: u64,
     pub pages: u64,
-    pub page_size: u64,
+    pub page_size: PageSize,
 }
 
 /// Open the sender side of `kind` over `target` (`bitmap` for the trackers

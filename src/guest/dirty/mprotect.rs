@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use super::{DirtyError, DirtySet, SharedBitmap, Tracker};
 use crate::guest::control::{Control, ControlBlock};
 use crate::util::bitmap::{words_for, AtomicBitmap};
+use crate::util::page::PageSize;
 
 /// Pages in the block unprotected when single pages run out of VMAs.
 const COALESCE_PAGES: usize = 512;
@@ -58,17 +59,15 @@ static CONTROL: AtomicPtr<ControlBlock> = AtomicPtr::new(std::ptr::null_mut());
 /// mapping and `control`'s must stay mapped for as long as any thread may
 /// write to the region (the guest maps them for its whole life).
 pub unsafe fn install(base: *mut u8, len: usize, bitmap: &SharedBitmap, control: &Control) {
-    let pages = len as u64 / crate::guest::memory::page_size();
+    let page_size = PageSize::host();
+    let pages = page_size.pages(len as u64);
     assert!(
         bitmap.bits().pages() >= pages,
         "the bitmap has fewer bits than guest memory has pages"
     );
     BASE.store(base as usize, Ordering::Relaxed);
     LEN.store(len, Ordering::Relaxed);
-    PAGE.store(
-        crate::guest::memory::page_size() as usize,
-        Ordering::Relaxed,
-    );
+    PAGE.store(page_size.as_usize(), Ordering::Relaxed);
     BITMAP.store(
         bitmap.bits().storage().as_ptr().cast_mut(),
         Ordering::Relaxed,
