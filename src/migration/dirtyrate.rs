@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::guest::control::MAX_VCPUS;
 use crate::guest::dirty::{DirtyError, DirtySet, Target, Tracker, TrackerKind};
-use crate::guest::process::{Found, Fresh, GuestError};
+use crate::guest::find::Found;
+use crate::guest::process::{Fresh, GuestError};
 use crate::migration::source::{SendError, Source};
 use crate::report::ms;
 use crate::util::page::PageSize;
@@ -246,7 +247,7 @@ impl Measured {
         if kind.uses_bitmap() {
             return Err(DirtyRateError::AttachTracker(kind.as_str()));
         }
-        let found = crate::guest::process::find(pid)?;
+        let found = crate::guest::find::find(pid)?;
         found
             .control
             .claim(std::process::id())
