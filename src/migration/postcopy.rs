@@ -28,6 +28,7 @@ use crate::guest::memory::GuestMemory;
 use crate::guest::uffd::{Uffd, UffdError};
 use crate::report::{Latency, PostcopyStats};
 use crate::util::bitmap::AtomicBitmap;
+use crate::util::page::PageSize;
 use crate::wire::datapath::Landed;
 use crate::wire::protocol::{
     self, Frame, Kind, Limits, Message, PageRequest, PageRun, ProtocolError, MAX_RUN_PAGES,
@@ -166,7 +167,7 @@ pub enum Path {
 pub struct Destination {
     uffd: Uffd,
     mem_addr: u64,
-    page_size: u64,
+    page_size: PageSize,
     page_count: u64,
     prepage: u32,
     /// Pages still to place.
@@ -203,10 +204,12 @@ impl Destination {
             bits.mark_range(first, count);
         }
         let n = bits.count();
+        let page_size =
+            PageSize::try_from(limits.page_size).expect("Hello::limits admits only page sizes");
         Self {
             uffd,
             mem_addr,
-            page_size: u64::from(limits.page_size),
+            page_size,
             page_count: limits.page_count,
             prepage,
             missing: bits,
@@ -221,7 +224,7 @@ impl Destination {
             pushed: AtomicU64::new(0),
             failed: Mutex::new(None),
             stop: AtomicBool::new(false),
-            zeros: vec![0; usize::try_from(limits.page_size).expect("fits")],
+            zeros: vec![0; page_size.as_usize()],
             timeout: request_timeout(),
             wake: Mutex::new(None),
         }
@@ -274,11 +277,11 @@ impl Destination {
         landed: &Landed,
         path: Path,
     ) -> Result<(), PostcopyError> {
-        let ps = self.page_size as usize;
+        let ps = self.page_size.as_usize();
         let mut at = 0usize;
         while at < data.len() {
             let page = first + (at / ps) as u64;
-            let dst = self.mem_addr + page * self.page_size;
+            let dst = self.mem_addr + self.page_size.bytes(page);
             let copied = self
                 .uffd
                 .copy(dst, &data[at..])
@@ -338,17 +341,19 @@ impl Destination {
             let now = Instant::now();
             for &addr in &addrs {
                 self.faults.fetch_add(1, Ordering::Relaxed);
-                let page = addr.saturating_sub(self.mem_addr) / self.page_size;
+                let page = self.page_size.page_of(addr.saturating_sub(self.mem_addr));
                 if page >= self.page_count {
                     return Err(PostcopyError::OutsideMemory { addr });
                 }
                 if !self.missing.is_set(page) {
                     // Placed meanwhile, or never sent because it is zero
                     // and was never allocated here: make it present.
-                    let dst = self.mem_addr + page * self.page_size;
+                    let dst = self.mem_addr + self.page_size.bytes(page);
                     let present = |source| PostcopyError::Present { page, source };
                     self.uffd.copy(dst, &self.zeros).map_err(present)?;
-                    self.uffd.wake(dst, self.page_size).map_err(present)?;
+                    self.uffd
+                        .wake(dst, self.page_size.as_u64())
+                        .map_err(present)?;
                     continue;
                 }
                 self.request(requests, page, now)?;
@@ -415,7 +420,7 @@ impl Destination {
         loop {
             match protocol::read_frame(&mut r, Some(limits)) {
                 Ok(Frame::Run(PageRun::Pages { first_page, count })) => {
-                    buf.resize(count as usize * self.page_size as usize, 0);
+                    buf.resize(count as usize * self.page_size.as_usize(), 0);
                     if let Err(e) = protocol::read_bulk(&mut r, &mut buf, Kind::Pages) {
                         return self.fail_unless_stopped(PostcopyError::ReadPages(Arc::new(e)));
                     }

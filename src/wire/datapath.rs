@@ -134,10 +134,9 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(reduction: Reduction, page_size: PageSize) -> Result<Self, DataPathError> {
-        let page_size = page_size.as_usize();
         Ok(Self {
             reduction,
-            page_size,
+            page_size: page_size.as_usize(),
             compressor: reduction.compress.map(Compressor::new).transpose()?,
             cache: match reduction.xbzrle_cache {
                 Some(bytes) => Some(xbzrle::Cache::new(bytes, page_size)?),
