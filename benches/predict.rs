@@ -22,7 +22,7 @@ fn config(memory_bytes: u64, workload: &str, seed: u64) -> SimConfig {
             seed,
             ..SenderConfig::default()
         },
-        page_size: 4096,
+        page_size: livemig::util::page::PageSize::MIN,
         link_bytes_per_s: 10e9 / 8.0,
         round_overhead: Duration::from_micros(100),
         downtime_overhead: Duration::from_micros(500),

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use livemig::guest::control::Control;
 use livemig::guest::dirty::{self, DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
-use livemig::guest::memory::{page_size, SharedRegion};
+use livemig::guest::memory::SharedRegion;
 use livemig::guest::uffd::{Uffd, WP_ASYNC_FEATURES};
+use livemig::util::page::PageSize;
 
 /// The page size everything here assumes (checked in [`beds`]).
 const PAGE: u64 = 4096;
@@ -75,7 +76,7 @@ impl Bed {
             pid: std::process::id() as i32,
             addr: ptr as u64,
             pages: PAGES,
-            page_size: PAGE,
+            page_size: PageSize::MIN,
         };
         let tracker = kind.map(|k| dirty::open(k, &target, bitmap, &control).expect("tracker"));
         let mut bed = Bed {
@@ -158,7 +159,7 @@ impl Bed {
 /// Untracked memory and each tracker this kernel offers, over 1 GiB each.
 fn beds() -> Vec<Bed> {
     use TrackerKind::*;
-    assert_eq!(page_size(), PAGE, "4 KiB pages assumed");
+    assert_eq!(PageSize::host().as_u64(), PAGE, "4 KiB pages assumed");
     let mut beds = vec![Bed::new(None)];
     for kind in [Bitmap, UffdWp, Mprotect, SoftDirty] {
         match kind.check_kernel() {

@@ -19,6 +19,7 @@ use livemig::migration::source::SenderConfig;
 use livemig::predict::model::Variant;
 use livemig::predict::simulate::{SimConfig, SimulateError};
 use livemig::util::error::error_chain;
+use livemig::util::page::PageSize;
 use livemig::util::units::{Rate, Size, Span};
 use livemig::wire::datapath::Reduction;
 use livemig::wire::ratelimit::Bandwidth;
@@ -332,7 +333,7 @@ pub fn choose_tracker(given: Option<TrackerKind>) -> Result<TrackerKind> {
 }
 
 /// `--workload` over the guest's memory and vCPUs, or why not.
-fn check_workload(w: &Workload, memory_bytes: u64, page: u64, vcpus: u32) -> Result<()> {
+fn check_workload(w: &Workload, memory_bytes: u64, page: PageSize, vcpus: u32) -> Result<()> {
     let layout = w
         .layout(memory_bytes, page)
         .and_then(|l| l.check_vcpus(vcpus));
@@ -348,8 +349,8 @@ fn check_workload(w: &Workload, memory_bytes: u64, page: u64, vcpus: u32) -> Res
 impl GuestFlags {
     pub fn config(&self) -> Result<GuestConfig> {
         let memory_bytes = self.mem.0;
-        let page = livemig::guest::memory::page_size();
-        if memory_bytes == 0 || !memory_bytes.is_multiple_of(page) {
+        let page = PageSize::host();
+        if memory_bytes == 0 || !page.divides(memory_bytes) {
             bail!(
                 "invalid --mem \"{}\": must be a non-zero multiple of the {page}-byte page size",
                 self.mem
@@ -409,8 +410,8 @@ impl SendOpts {
                      send of a page in order"
                 );
             }
-            let page = livemig::guest::memory::page_size();
-            if cache.0 < page {
+            let page = PageSize::host();
+            if cache.0 < page.as_u64() {
                 bail!("invalid --xbzrle \"{cache}\": the cache must hold at least one {page}-byte page");
             }
         }
@@ -443,7 +444,7 @@ impl SimulateOpts {
     pub fn config(&self) -> Result<SimConfig> {
         Ok(SimConfig {
             migration: self.migration.config()?,
-            page_size: livemig::guest::memory::page_size(),
+            page_size: PageSize::host(),
             link_bytes_per_s: self.link.0 as f64,
             round_overhead: self.round_overhead.0,
             downtime_overhead: self.downtime_overhead.0,

@@ -13,9 +13,10 @@ use common::available_trackers;
 
 use livemig::guest::control::Control;
 use livemig::guest::dirty::{self, DirtySet, SharedBitmap, Target, TrackerKind};
-use livemig::guest::memory::{page_size, GuestMemory};
+use livemig::guest::memory::GuestMemory;
 use livemig::guest::process::{Fresh, Guest, VcpuState, BATCH};
 use livemig::guest::workload::{Layout, Stream, Workload};
+use livemig::util::page::PageSize;
 
 /// Pages vCPUs write going from states `from` to `to`, and among them those
 /// of the writes from op `late[vcpu]` on.
@@ -44,7 +45,7 @@ fn replay(
 
 fn ground_truth(kind: TrackerKind, spec: &str, vcpus: u32) {
     std::env::set_var("LIVEMIG_EXE", env!("CARGO_BIN_EXE_livemig"));
-    let ps = page_size();
+    let ps = PageSize::host();
     let mem = GuestMemory::create(8 << 20, ps).unwrap();
     let pages = mem.page_count();
     let bitmap = kind
@@ -151,11 +152,11 @@ fn mprotect_coalesces_when_vm_max_map_count_runs_out() {
         eprintln!("skipped: vm.max_map_count is {max_maps}: exhausting it needs more memory than a test should take");
         return;
     }
-    let ps = page_size();
+    let ps = PageSize::host();
     // Every other page written: about max_maps / 2 writes split the VMA
     // into max_maps maps; go 20% past that.
     let pages = max_maps * 12 / 10;
-    let mem = GuestMemory::create(pages * ps, ps).unwrap();
+    let mem = GuestMemory::create(ps.bytes(pages), ps).unwrap();
     let bitmap = SharedBitmap::create(pages).unwrap();
     let control = Control::create().unwrap();
     // SAFETY: the region, bitmap and control block live until the process ends.

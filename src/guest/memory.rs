@@ -10,6 +10,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use memmap2::{MmapOptions, MmapRaw};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
+use crate::util::page::PageSize;
+
 /// Errors creating or mapping shared memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -35,20 +37,11 @@ pub enum MemoryError {
         available: String,
     },
     #[error("{0} must be a non-zero multiple of the page size ({1} bytes)")]
-    BadSize(String, u64),
+    BadSize(String, PageSize),
 }
 
 /// Name of guest RAM's memfd (how `livemig dirtyrate --pid` finds it).
 pub const GUEST_RAM_NAME: &str = "livemig-guest-ram";
-
-/// The host page size; guest pages are host pages (they are real mappings).
-pub fn page_size() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .and_then(|v| u64::try_from(v).ok())
-        .unwrap_or(4096)
-}
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
 pub fn available_bytes() -> Option<u64> {
@@ -152,12 +145,12 @@ impl AsFd for SharedRegion {
 /// Guest RAM: a shared region seen as `page_count` pages of `page_size` bytes.
 pub struct GuestMemory {
     region: SharedRegion,
-    page_size: u64,
+    page_size: PageSize,
 }
 
 impl GuestMemory {
-    pub fn create(memory_bytes: u64, page_size: u64) -> Result<Self, MemoryError> {
-        if memory_bytes == 0 || !memory_bytes.is_multiple_of(page_size) {
+    pub fn create(memory_bytes: u64, page_size: PageSize) -> Result<Self, MemoryError> {
+        if memory_bytes == 0 || !page_size.divides(memory_bytes) {
             return Err(MemoryError::BadSize("--mem".into(), page_size));
         }
         Ok(Self {
@@ -166,7 +159,7 @@ impl GuestMemory {
         })
     }
 
-    pub fn from_region(region: SharedRegion, page_size: u64) -> Self {
+    pub fn from_region(region: SharedRegion, page_size: PageSize) -> Self {
         Self { region, page_size }
     }
 
@@ -174,7 +167,7 @@ impl GuestMemory {
         &self.region
     }
 
-    pub fn page_size(&self) -> u64 {
+    pub fn page_size(&self) -> PageSize {
         self.page_size
     }
 
@@ -187,7 +180,7 @@ impl GuestMemory {
     }
 
     pub fn page_count(&self) -> u64 {
-        self.len() / self.page_size
+        self.page_size.pages(self.len())
     }
 
     /// Pointer to the first byte of `first`.. and the byte length of `count`
@@ -198,7 +191,7 @@ impl GuestMemory {
             end <= self.page_count(),
             "page run {first}+{count} outside guest memory"
         );
-        let ps = self.page_size as usize;
+        let ps = self.page_size.as_usize();
         // SAFETY: first*page_size + count*page_size <= mapping length (checked above).
         let ptr = unsafe { self.region.as_ptr().add(first as usize * ps) };
         (ptr, count as usize * ps)
@@ -279,7 +272,7 @@ impl GuestMemory {
     /// Drop the contents of pages `first..first+count` (punch a hole in
     /// the memfd): every mapping sees them missing again, until written.
     pub fn discard(&self, first: u64, count: u64) -> Result<(), MemoryError> {
-        let (off, len) = (first * self.page_size, count * self.page_size);
+        let (off, len) = (self.page_size.bytes(first), self.page_size.bytes(count));
         let err = |source: std::io::Error| MemoryError::Map {
             name: "discarding guest pages".into(),
             len,

@@ -1,6 +1,6 @@
 //! The guest emulator: a separate OS process (`livemig guest`) whose vCPU
-//! threads write into guest memory, and the [`Guest`] handle its owner uses to
-//! start, pause, resume and stop it.
+//! threads ([`crate::guest::vcpu`]) write into guest memory, and the [`Guest`]
+//! handle its owner uses to start, pause, resume and stop it.
 //!
 //! The guest inherits up to three memfds from its owner: its RAM, the control
 //! block ([`crate::guest::control`]) and, for the `bitmap` and `mprotect` trackers,
@@ -15,7 +15,7 @@
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -24,20 +24,17 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 pub use crate::guest::args::{Fresh, GuestArgs};
-use crate::guest::control::{Control, CONTROL_NAME, MAX_VCPUS};
+use crate::guest::control::{Control, MAX_VCPUS};
 use crate::guest::dirty::{DirtyError, SharedBitmap, TrackerKind};
-use crate::guest::memory::{GuestMemory, MemoryError, SharedRegion, GUEST_RAM_NAME};
-use crate::guest::workload::{fill_word, Content, Layout, Stream, Workload, WorkloadError, Write};
+use crate::guest::memory::{GuestMemory, MemoryError, SharedRegion};
+use crate::guest::vcpu::{stamp, Vcpu};
+pub use crate::guest::vcpu::{vcpu_seed, BATCH};
+use crate::guest::workload::{Layout, Workload, WorkloadError};
+use crate::util::page::PageSize;
 
 /// How long a guest may take to start or to park its vCPUs.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A vCPU that falls further behind its schedule than this stops trying to
-/// catch up (it cannot reach the rate; the achieved rate is reported).
-const MAX_BACKLOG: Duration = Duration::from_millis(200);
-/// Writes between two looks at the pause flag (and between publications of
-/// a vCPU's write counter).
-pub const BATCH: u64 = 64;
 
 /// Errors of the guest and its handle.
 #[derive(Debug, thiserror::Error)]
@@ -107,10 +104,14 @@ impl DeviceState {
     }
 
     /// Decode and check a received blob against the negotiated memory.
-    pub fn from_bytes(b: &[u8], memory_bytes: u64, page_size: u64) -> Result<Self, GuestError> {
+    pub fn from_bytes(
+        b: &[u8],
+        memory_bytes: u64,
+        page_size: PageSize,
+    ) -> Result<Self, GuestError> {
         let s: Self =
             serde_json::from_slice(b).map_err(|e| GuestError::DeviceState(e.to_string()))?;
-        if s.memory_bytes != memory_bytes || s.page_size != page_size {
+        if s.memory_bytes != memory_bytes || s.page_size != page_size.as_u64() {
             return Err(GuestError::DeviceState(format!(
                 "it describes {} bytes of {}-byte pages, the migration {memory_bytes} of {page_size}",
                 s.memory_bytes, s.page_size
@@ -126,7 +127,7 @@ impl DeviceState {
 pub fn check_config(
     workload: &Workload,
     memory_bytes: u64,
-    page_size: u64,
+    page_size: PageSize,
     vcpus: u32,
 ) -> Result<Layout, GuestError> {
     if !(1..=MAX_VCPUS).contains(&vcpus) {
@@ -151,7 +152,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     // Fine-grained sleeps pace the workload accurately.
     // SAFETY: PR_SET_TIMERSLACK takes an integer argument and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64) };
-    let page_size = crate::guest::memory::page_size();
+    let page_size = PageSize::host();
     // SAFETY: these fds were handed to this process by its owner for this use.
     let (mem, control, bitmap) = unsafe {
         let mem = SharedRegion::from_raw_fd("guest RAM", args.mem_fd, args.memory_bytes)?;
@@ -160,7 +161,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
             args.control_fd,
             crate::guest::control::block_len(),
         )?);
-        let pages = args.memory_bytes / page_size;
+        let pages = page_size.pages(args.memory_bytes);
         let bitmap = match args.dirty_fd {
             Some(fd) => Some(SharedBitmap::from_region(
                 SharedRegion::from_raw_fd("dirty bitmap", fd, SharedBitmap::bytes_for(pages))?,
@@ -272,124 +273,6 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     Ok(())
 }
 
-/// The seed of vCPU `i`'s write stream in a guest seeded with `seed`.
-pub fn vcpu_seed(seed: u64, i: u32) -> u64 {
-    seed ^ u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Give pages their initial content (see [`Content`]): all-zero pages stay
-/// untouched; every other page gets a distinct non-zero stamp and its share
-/// of random words.
-fn stamp(mem: &GuestMemory, seed: u64, content: &Content) {
-    let words = content.random_words(mem.page_size());
-    for page in 0..mem.page_count() {
-        if content.starts_zero(seed, page) {
-            continue;
-        }
-        let (ptr, _) = mem.pages_ptr(page, 1);
-        let ptr = ptr.cast::<u64>();
-        for k in 0..words {
-            // SAFETY: k < page_size / 8 words: inside the page, aligned;
-            // nobody reads the page yet.
-            unsafe {
-                ptr.add(k as usize)
-                    .write_volatile(fill_word(seed ^ page, k))
-            };
-        }
-        // SAFETY: word 1 of the page, as above.
-        unsafe { ptr.add(1).write_volatile(page ^ seed | 1) };
-    }
-}
-
-struct Vcpu<'a> {
-    mem: &'a GuestMemory,
-    control: &'a Control,
-    bitmap: Option<&'a SharedBitmap>,
-    workload: &'a Layout,
-    vcpus: u32,
-    resume: bool,
-}
-
-impl Vcpu<'_> {
-    fn run(&self, id: u32) {
-        let slot = &self.control.block().slots[id as usize];
-        let cursor = self.resume.then(|| slot.cursor.load(Ordering::Relaxed));
-        let (seed, ops) = (
-            slot.seed.load(Ordering::Relaxed),
-            slot.ops.load(Ordering::Relaxed),
-        );
-        let mut stream = Stream::new(self.workload, id, self.vcpus, seed, ops, cursor);
-        let rate = self.workload.rate_per_vcpu(self.vcpus);
-        self.control.mark_running();
-        let (mut t0, mut base) = (Instant::now(), stream.ops);
-        loop {
-            // The safe point: no write is between its store and its mark here.
-            if self.control.pause_requested() {
-                self.control.park(id as usize, stream.ops, stream.cursor);
-                (t0, base) = (Instant::now(), stream.ops);
-                continue;
-            }
-            if self.workload.is_idle() {
-                self.control.sleep_unless_paused(Duration::from_millis(100));
-                continue;
-            }
-            let batch = match rate {
-                None => BATCH,
-                Some(r) => {
-                    let elapsed = t0.elapsed().as_secs_f64();
-                    // Float to int saturates; rates are bounded (units::MAX_PAGE_RATE).
-                    let due = base.saturating_add((elapsed * r) as u64);
-                    if due <= stream.ops {
-                        let next_at = (stream.ops - base + 1) as f64 / r;
-                        let wait =
-                            Duration::try_from_secs_f64(next_at - elapsed).unwrap_or_default();
-                        self.control
-                            .sleep_unless_paused(wait.min(Duration::from_millis(100)));
-                        continue;
-                    }
-                    if (due - stream.ops) as f64 > r * MAX_BACKLOG.as_secs_f64() {
-                        (t0, base) = (Instant::now(), stream.ops);
-                        continue;
-                    }
-                    (due - stream.ops).min(BATCH)
-                }
-            };
-            for _ in 0..batch {
-                self.apply(stream.next(self.workload));
-            }
-            slot.ops.store(stream.ops, Ordering::Relaxed);
-        }
-    }
-
-    /// Write, then mark (see [`crate::guest::dirty`] for why this order).
-    #[inline]
-    fn apply(&self, w: Write) {
-        let (ptr, _) = self.mem.pages_ptr(w.page(), 1);
-        match w {
-            Write::Store {
-                offset, value, len, ..
-            } => {
-                for k in 0..len / 8 {
-                    let v = if k == 0 { value } else { fill_word(value, k) };
-                    // SAFETY: offset + len <= page_size and 8-aligned (Stream),
-                    // so the word is inside this page of the mapping, which
-                    // outlives the vCPUs. Accesses are atomic: two vCPUs may
-                    // hit the same word (a relaxed store is a plain store on x86).
-                    unsafe { AtomicU64::from_ptr(ptr.add((offset + k * 8) as usize).cast()) }
-                        .store(v, Ordering::Relaxed);
-                }
-            }
-            Write::Increment { .. } => {
-                // SAFETY: byte 0 of a page inside the mapping, as above.
-                unsafe { AtomicU8::from_ptr(ptr) }.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if let Some(b) = self.bitmap {
-            b.mark(w.page());
-        }
-    }
-}
-
 /// Park the `vcpus` vCPUs of guest `pid` at a safe point; on failure they
 /// are released again.
 pub fn park(control: &Control, vcpus: u32, pid: i32) -> Result<(), GuestError> {
@@ -426,82 +309,6 @@ pub fn cpu_time(pid: i32) -> Duration {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
     Duration::from_nanos(ns)
-}
-
-/// A guest process found through /proc (`livemig dirtyrate --pid`): where
-/// its memory is mapped, and its control block.
-pub struct Found {
-    pub pid: i32,
-    pub mem_addr: u64,
-    pub mem_bytes: u64,
-    pub control: Control,
-}
-
-/// Find livemig guest `pid`: its RAM mapping in /proc/<pid>/maps and its
-/// control block among its open fds (both are named memfds).
-pub fn find(pid: i32) -> Result<Found, GuestError> {
-    let not = |why: String| GuestError::NotAGuest { pid, why };
-    if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        return Err(not("no such process".into()));
-    }
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| not(format!("cannot read /proc/{pid}/maps ({e})")))?;
-    let ram = maps
-        .lines()
-        .find(|l| l.contains(&format!("/memfd:{GUEST_RAM_NAME} ")))
-        .ok_or_else(|| not(format!("no {GUEST_RAM_NAME} mapping in /proc/{pid}/maps")))?;
-    let (start, end) = ram
-        .split_whitespace()
-        .next()
-        .and_then(|r| r.split_once('-'))
-        .and_then(|(a, b)| {
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            ))
-        })
-        .ok_or_else(|| not(format!("unreadable maps line {ram:?}")))?;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map_err(|e| not(format!("cannot list /proc/{pid}/fd ({e})")))?;
-    let control = fds
-        .flatten()
-        .find(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|t| {
-                t.to_string_lossy()
-                    .starts_with(&format!("/memfd:{CONTROL_NAME} "))
-            })
-        })
-        .ok_or_else(|| not(format!("no {CONTROL_NAME} memfd among its open files")))?;
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(control.path())
-        .map_err(|e| not(format!("cannot open its control block ({e})")))?;
-    let len = crate::guest::control::block_len();
-    if file.metadata().map_or(0, |m| m.len()) < len {
-        return Err(not(format!("its {CONTROL_NAME} memfd is too small")));
-    }
-    let control = Control::from_region(SharedRegion::map(CONTROL_NAME, file, len)?);
-    let b = control.block();
-    if b.magic.load(Ordering::Acquire) != crate::guest::control::MAGIC {
-        return Err(not(format!(
-            "its {CONTROL_NAME} memfd is not a control block of this livemig version"
-        )));
-    }
-    // The owner (livemig run, send) maps the same memfds: point it at its guest.
-    let guest = b.guest_pid.load(Ordering::Acquire);
-    if guest == 0 {
-        return Err(not("its control block names no guest process".into()));
-    }
-    if guest != pid as u32 || b.mem_addr.load(Ordering::Acquire) != start {
-        return Err(not(format!("it runs guest {guest}: use --pid {guest}")));
-    }
-    Ok(Found {
-        pid,
-        mem_addr: start,
-        mem_bytes: end - start,
-        control,
-    })
 }
 
 /// The owner's handle on a guest process. Dropping it kills and reaps the
@@ -733,81 +540,5 @@ impl Drop for Guest {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::guest::dirty::DirtySet;
-
-    /// The invariant the pause race would break: once a vCPU is parked,
-    /// every page it wrote since a harvest is in the next harvest. The
-    /// stream is deterministic, so op `i`'s page is known; ops from the
-    /// counter published after the harvest (plus one unpublished batch) up
-    /// to the exact count published at the park must all be marked.
-    #[test]
-    fn a_parked_vcpu_has_marked_every_page_it_wrote() {
-        let page_size = crate::guest::memory::page_size();
-        let pages = 16384;
-        let bytes = pages * page_size;
-        // Leaked: the vCPU thread outlives the test body (it stays parked).
-        let mem = Box::leak(Box::new(GuestMemory::create(bytes, page_size).unwrap()));
-        let control = Box::leak(Box::new(Control::create().unwrap()));
-        let bitmap = Box::leak(Box::new(SharedBitmap::create(pages).unwrap()));
-        let workload: Workload = "uniform:rate=max".parse().unwrap();
-        let workload = workload.layout(bytes, page_size).unwrap();
-        let workload: &'static Layout = Box::leak(Box::new(workload));
-        let slot = &control.block().slots[0];
-        slot.seed.store(7, Ordering::Relaxed);
-        let vcpu = Box::leak(Box::new(Vcpu {
-            mem,
-            control,
-            bitmap: Some(bitmap),
-            workload,
-            vcpus: 1,
-            resume: false,
-        }));
-        std::thread::spawn(|| vcpu.run(0));
-        assert!(control.wait_running(1, Duration::from_secs(5)));
-        let page_of = |op| {
-            Stream::new(workload, 0, 1, 7, op, None)
-                .next(workload)
-                .page()
-        };
-        let mut checked = 0;
-        for _ in 0..300 {
-            let mut since = DirtySet::new(pages);
-            bitmap.take_into(&mut since);
-            let first = slot.ops.load(Ordering::SeqCst) + BATCH;
-            // Let the vCPU write past the harvest whatever the machine's
-            // speed: until it has published a few writes beyond `first`.
-            let t = Instant::now();
-            while slot.ops.load(Ordering::SeqCst) < first + 8 {
-                assert!(t.elapsed() < Duration::from_secs(5), "vCPU stopped writing");
-                std::hint::spin_loop();
-            }
-            assert!(
-                control.request_pause(1, Duration::from_secs(5)),
-                "vCPU did not park"
-            );
-            let done = slot.ops.load(Ordering::SeqCst);
-            let mut harvest = DirtySet::new(pages);
-            bitmap.take_into(&mut harvest);
-            for op in first..done {
-                assert!(
-                    harvest.contains(page_of(op)),
-                    "op {op} (page {}) unmarked",
-                    page_of(op)
-                );
-                checked += 1;
-            }
-            control.release();
-            // Wait until the vCPU has left park, so the next pause is fresh.
-            while control.block().parked.load(Ordering::SeqCst) != 0 {
-                std::thread::yield_now();
-            }
-        }
-        assert!(checked > 1000, "too few writes checked: {checked}");
     }
 }

@@ -26,6 +26,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::util::page::PageSize;
 use crate::util::units::{parse_bytes, parse_page_rate, PageRate, UnitError};
 
 /// Longest spec: it travels in the device state and the control block.
@@ -214,7 +215,7 @@ impl FromStr for Workload {
         if write_bytes == 0 || write_bytes % 8 != 0 {
             return Err(WorkloadError::WriteBytes {
                 bytes: write_bytes,
-                page_size: crate::guest::memory::page_size(),
+                page_size: PageSize::host().as_u64(),
             });
         }
         Ok(Self {
@@ -262,13 +263,13 @@ impl Workload {
     }
 
     /// This workload over `memory_bytes` of `page_size`-byte pages.
-    pub fn layout(&self, memory_bytes: u64, page_size: u64) -> Result<Layout, WorkloadError> {
-        let page_count = memory_bytes / page_size;
+    pub fn layout(&self, memory_bytes: u64, page_size: PageSize) -> Result<Layout, WorkloadError> {
+        let page_count = page_size.pages(memory_bytes);
         let pattern = match self.kind {
             Kind::Idle => Pattern::Idle,
             Kind::Uniform => Pattern::Uniform,
             Kind::HotSet { wws_bytes, hot } => {
-                let wws_pages = wws_bytes.div_ceil(page_size);
+                let wws_pages = page_size.pages_ceil(wws_bytes);
                 if wws_pages == 0 || wws_pages > page_count {
                     return Err(WorkloadError::Wws { memory_bytes });
                 }
@@ -278,8 +279,10 @@ impl Workload {
                 from_bytes,
                 to_bytes,
             } => {
-                let from = from_bytes.unwrap_or(1 << 20) / page_size;
-                let to = (to_bytes.unwrap_or(100 << 20) / page_size).min(page_count);
+                let from = page_size.pages(from_bytes.unwrap_or(1 << 20));
+                let to = page_size
+                    .pages(to_bytes.unwrap_or(100 << 20))
+                    .min(page_count);
                 if from >= to {
                     return Err(WorkloadError::EmptySweep {
                         from,
@@ -293,10 +296,10 @@ impl Workload {
                 }
             }
         };
-        if self.content.write_bytes > page_size {
+        if self.content.write_bytes > page_size.as_u64() {
             return Err(WorkloadError::WriteBytes {
                 bytes: self.content.write_bytes,
-                page_size,
+                page_size: page_size.as_u64(),
             });
         }
         Ok(Layout {
@@ -318,7 +321,7 @@ pub struct Layout {
     pub rate: PageRate,
     pub content: Content,
     pub page_count: u64,
-    pub page_size: u64,
+    pub page_size: PageSize,
 }
 
 impl Layout {
@@ -471,7 +474,7 @@ impl Stream {
                 return Write::Increment { page };
             }
         };
-        let (slots, words) = (w.page_size / 8, w.content.write_bytes / 8);
+        let (slots, words) = (w.page_size.as_u64() / 8, w.content.write_bytes / 8);
         Write::Store {
             page,
             offset: (r >> 32) % (slots - words + 1) * 8,
@@ -500,8 +503,8 @@ impl Content {
     }
 
     /// Random words at the start of each non-zero page.
-    pub fn random_words(&self, page_size: u64) -> u64 {
-        (self.random * (page_size / 8) as f64).round() as u64
+    pub fn random_words(&self, page_size: PageSize) -> u64 {
+        (self.random * (page_size.as_u64() / 8) as f64).round() as u64
     }
 }
 
@@ -512,7 +515,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn parse(s: &str) -> Result<Layout, WorkloadError> {
-        s.parse::<Workload>()?.layout(64 * MIB, 4096)
+        s.parse::<Workload>()?.layout(64 * MIB, PageSize::MIN)
     }
 
     #[test]
@@ -597,7 +600,7 @@ mod tests {
         assert!("busy".parse::<Workload>().is_err());
         let big: Workload = "hotset:wws=1G,rate=1k".parse().unwrap();
         assert_eq!(
-            big.layout(64 * MIB, 4096),
+            big.layout(64 * MIB, PageSize::MIN),
             Err(WorkloadError::Wws {
                 memory_bytes: 64 * MIB
             })
@@ -630,7 +633,7 @@ mod tests {
     fn content_keys_shape_the_pages() {
         let w = parse("idle:zero=0.25,random=0.5,bytes=64").unwrap();
         assert_eq!(w.content.write_bytes, 64);
-        assert_eq!(w.content.random_words(4096), 256);
+        assert_eq!(w.content.random_words(PageSize::MIN), 256);
         let zero = (0..10_000).filter(|&p| w.content.starts_zero(3, p)).count();
         assert!((2300..2700).contains(&zero), "{zero} of 10000 pages zero");
         assert!(!(0..1000).any(|p| parse("idle").unwrap().content.starts_zero(3, p)));
@@ -642,7 +645,7 @@ mod tests {
             let w = spec
                 .parse::<Workload>()
                 .unwrap()
-                .layout(1 << 20, 4096)
+                .layout(1 << 20, PageSize::MIN)
                 .unwrap();
             let (mut a, mut b) = (
                 Stream::new(&w, 1, 2, 9, 0, None),

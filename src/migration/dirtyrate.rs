@@ -14,9 +14,11 @@ use serde::Serialize;
 
 use crate::guest::control::MAX_VCPUS;
 use crate::guest::dirty::{DirtyError, DirtySet, Target, Tracker, TrackerKind};
-use crate::guest::process::{Found, Fresh, GuestError};
+use crate::guest::find::Found;
+use crate::guest::process::{Fresh, GuestError};
 use crate::migration::source::{SendError, Source};
 use crate::report::ms;
+use crate::util::page::PageSize;
 
 /// How often the tracker harvests; every window is a multiple of it.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -206,11 +208,11 @@ fn measure(
         pid: guest.pid(),
         workload,
         vcpus,
-        memory_bytes: pages * page_size,
-        page_size,
+        memory_bytes: page_size.bytes(pages),
+        page_size: page_size.as_u64(),
         duration_ms: ms(elapsed),
         dirty_rate_pps: rate,
-        dirty_rate_mbps: rate.map(|r| r * page_size as f64 / 1e6),
+        dirty_rate_mbps: rate.map(|r| r * page_size.as_u64() as f64 / 1e6),
         windows,
         distinct_pages: total.count(),
         harvests,
@@ -245,16 +247,16 @@ impl Measured {
         if kind.uses_bitmap() {
             return Err(DirtyRateError::AttachTracker(kind.as_str()));
         }
-        let found = crate::guest::process::find(pid)?;
+        let found = crate::guest::find::find(pid)?;
         found
             .control
             .claim(std::process::id())
             .map_err(|holder| GuestError::Claimed { pid, holder })?;
-        let page_size = crate::guest::memory::page_size();
+        let page_size = PageSize::host();
         let target = Target {
             pid,
             addr: found.mem_addr,
-            pages: found.mem_bytes / page_size,
+            pages: page_size.pages(found.mem_bytes),
             page_size,
         };
         let opened = crate::guest::dirty::open(kind, &target, None, &found.control);
@@ -289,12 +291,12 @@ impl Measured {
     }
 
     /// (page size, pages).
-    fn pages(&self) -> (u64, u64) {
+    fn pages(&self) -> (PageSize, u64) {
         match self {
             Self::Own(src) => (src.mem.page_size(), src.mem.page_count()),
             Self::Attached { found, .. } => {
-                let ps = crate::guest::memory::page_size();
-                (ps, found.mem_bytes / ps)
+                let ps = PageSize::host();
+                (ps, ps.pages(found.mem_bytes))
             }
         }
     }

@@ -435,7 +435,7 @@ mod tests {
         let cfg = PolicyConfig {
             policy,
             bandwidth: Bandwidth::Unlimited,
-            page_size: 4096,
+            page_size: crate::util::page::PageSize::MIN,
             memory_bytes: PAGES as u64 * 4096,
             downtime_limit: Duration::from_millis(300),
             max_time: Duration::from_secs(60),

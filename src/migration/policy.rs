@@ -2,6 +2,7 @@
 //! so the real sender, the simulator and the analytical model decide alike.
 
 use crate::report::{ms, RoundReport};
+use crate::util::page::PageSize;
 use crate::wire::ratelimit::Bandwidth;
 use std::time::Duration;
 
@@ -107,7 +108,7 @@ pub struct PolicyConfig {
     pub policy: Policy,
     pub bandwidth: Bandwidth,
     /// Bytes per page.
-    pub page_size: u64,
+    pub page_size: PageSize,
     /// Guest memory size, bytes.
     pub memory_bytes: u64,
     /// Longest acceptable stop-and-copy pause (QEMU policy).
@@ -192,14 +193,14 @@ pub fn expected_downtime(cfg: &PolicyConfig, last: &RoundFigures) -> Option<Dura
         return None;
     }
     // u64 -> f64: byte counts of a guest, exact far beyond any real memory size.
-    let dirty = last.dirty_pages.saturating_mul(cfg.page_size) as f64;
+    let dirty = last.dirty_pages.saturating_mul(cfg.page_size.as_u64()) as f64;
     Some(Duration::try_from_secs_f64(dirty / bw).unwrap_or(Duration::MAX))
 }
 
 /// Bytes of memory sent so far: Xen counts pages, not framing.
 fn memory_sent(cfg: &PolicyConfig, rounds: &[RoundFigures]) -> u64 {
     rounds.iter().fold(0u64, |acc, r| {
-        acc.saturating_add(r.pages.saturating_mul(cfg.page_size))
+        acc.saturating_add(r.pages.saturating_mul(cfg.page_size.as_u64()))
     })
 }
 
@@ -225,7 +226,7 @@ pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) ->
     // u64 -> f64 of the page size: exact.
     if cfg
         .bandwidth
-        .dirty_rate_above_max(last.dirty_rate_pps() * cfg.page_size as f64)
+        .dirty_rate_above_max(last.dirty_rate_pps() * cfg.page_size.as_u64() as f64)
     {
         return Decision::Stop(DirtyRateAboveMax);
     }
@@ -298,7 +299,7 @@ impl Precopy {
     /// Record a finished round (`elapsed`: since migration start) and decide.
     pub fn end_round(&mut self, f: RoundFigures, elapsed: Duration) -> Decision {
         // u64 -> f64 of the page size: exact.
-        let dirty_bytes_per_s = f.dirty_rate_pps() * self.cfg.page_size as f64;
+        let dirty_bytes_per_s = f.dirty_rate_pps() * self.cfg.page_size.as_u64() as f64;
         self.limit = self.cfg.bandwidth.next_limit(dirty_bytes_per_s);
         self.rounds.push(f);
         decide(&self.cfg, &self.rounds, elapsed)
@@ -341,7 +342,7 @@ impl Precopy {
             Policy::Qemu => match expected_downtime(c, last) {
                 Some(d) => format!(
                     "qemu: expected downtime = {} dirty / {} = {:.1} ms (stops at or below {:.1} ms)",
-                    fmt_bytes(last.dirty_pages.saturating_mul(c.page_size)),
+                    fmt_bytes(last.dirty_pages.saturating_mul(c.page_size.as_u64())),
                     fmt_rate_bits(last.throughput_bytes_per_s()),
                     d.as_secs_f64() * 1e3,
                     c.downtime_limit.as_secs_f64() * 1e3
@@ -350,7 +351,7 @@ impl Precopy {
             },
         };
         if let Bandwidth::Dynamic { inc, max, .. } = c.bandwidth {
-            let dirty = last.dirty_rate_pps() * c.page_size as f64;
+            let dirty = last.dirty_rate_pps() * c.page_size.as_u64() as f64;
             why += &format!(
                 "; dynamic rate: dirtying {} + inc {} -> next limit {} (max {})",
                 fmt_rate_bits(dirty),
@@ -408,7 +409,7 @@ mod tests {
         PolicyConfig {
             policy,
             bandwidth,
-            page_size: PAGE,
+            page_size: PageSize::MIN,
             memory_bytes: 256 * MIB,
             downtime_limit: Duration::from_millis(300),
             max_time: Duration::from_secs(60),

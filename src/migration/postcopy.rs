@@ -27,6 +27,8 @@ use crate::guest::dirty::DirtySet;
 use crate::guest::memory::GuestMemory;
 use crate::guest::uffd::{Uffd, UffdError};
 use crate::report::{Latency, PostcopyStats};
+use crate::util::bitmap::AtomicBitmap;
+use crate::util::page::PageSize;
 use crate::wire::datapath::Landed;
 use crate::wire::protocol::{
     self, Frame, Kind, Limits, Message, PageRequest, PageRun, ProtocolError, MAX_RUN_PAGES,
@@ -153,26 +155,6 @@ impl Mode {
     }
 }
 
-/// Pages as an atomic bitset.
-struct Bits(Vec<AtomicU64>);
-
-impl Bits {
-    fn new(pages: u64) -> Self {
-        Bits((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-    }
-    fn set(&self, p: u64) -> bool {
-        let bit = 1 << (p % 64);
-        self.0[(p / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
-    }
-    fn clear(&self, p: u64) -> bool {
-        let bit = 1 << (p % 64);
-        self.0[(p / 64) as usize].fetch_and(!bit, Ordering::AcqRel) & bit != 0
-    }
-    fn get(&self, p: u64) -> bool {
-        self.0[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
-    }
-}
-
 /// Which path placed a page.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -185,11 +167,11 @@ pub enum Path {
 pub struct Destination {
     uffd: Uffd,
     mem_addr: u64,
-    page_size: u64,
+    page_size: PageSize,
     page_count: u64,
     prepage: u32,
     /// Pages still to place.
-    missing: Bits,
+    missing: AtomicBitmap,
     remaining: AtomicU64,
     /// Pages requested and not yet placed, with their first fault's time
     /// (None: pre-paged, not faulted on).
@@ -217,18 +199,17 @@ impl Destination {
         missing: &DirtySet,
         prepage: u32,
     ) -> Self {
-        let bits = Bits::new(limits.page_count);
-        let mut n = 0;
+        let bits = AtomicBitmap::new(limits.page_count);
         for (first, count) in missing.runs(u64::MAX) {
-            for p in first..first + count {
-                bits.set(p);
-                n += 1;
-            }
+            bits.mark_range(first, count);
         }
+        let n = bits.count();
+        let page_size =
+            PageSize::try_from(limits.page_size).expect("Hello::limits admits only page sizes");
         Self {
             uffd,
             mem_addr,
-            page_size: u64::from(limits.page_size),
+            page_size,
             page_count: limits.page_count,
             prepage,
             missing: bits,
@@ -243,7 +224,7 @@ impl Destination {
             pushed: AtomicU64::new(0),
             failed: Mutex::new(None),
             stop: AtomicBool::new(false),
-            zeros: vec![0; usize::try_from(limits.page_size).expect("fits")],
+            zeros: vec![0; page_size.as_usize()],
             timeout: request_timeout(),
             wake: Mutex::new(None),
         }
@@ -296,11 +277,11 @@ impl Destination {
         landed: &Landed,
         path: Path,
     ) -> Result<(), PostcopyError> {
-        let ps = self.page_size as usize;
+        let ps = self.page_size.as_usize();
         let mut at = 0usize;
         while at < data.len() {
             let page = first + (at / ps) as u64;
-            let dst = self.mem_addr + page * self.page_size;
+            let dst = self.mem_addr + self.page_size.bytes(page);
             let copied = self
                 .uffd
                 .copy(dst, &data[at..])
@@ -360,17 +341,19 @@ impl Destination {
             let now = Instant::now();
             for &addr in &addrs {
                 self.faults.fetch_add(1, Ordering::Relaxed);
-                let page = addr.saturating_sub(self.mem_addr) / self.page_size;
+                let page = self.page_size.page_of(addr.saturating_sub(self.mem_addr));
                 if page >= self.page_count {
                     return Err(PostcopyError::OutsideMemory { addr });
                 }
-                if !self.missing.get(page) {
+                if !self.missing.is_set(page) {
                     // Placed meanwhile, or never sent because it is zero
                     // and was never allocated here: make it present.
-                    let dst = self.mem_addr + page * self.page_size;
+                    let dst = self.mem_addr + self.page_size.bytes(page);
                     let present = |source| PostcopyError::Present { page, source };
                     self.uffd.copy(dst, &self.zeros).map_err(present)?;
-                    self.uffd.wake(dst, self.page_size).map_err(present)?;
+                    self.uffd
+                        .wake(dst, self.page_size.as_u64())
+                        .map_err(present)?;
                     continue;
                 }
                 self.request(requests, page, now)?;
@@ -383,7 +366,7 @@ impl Destination {
     /// Ask for `page` (and the pages around it, pre-paging) unless asked already.
     fn request(&self, w: &mut TcpStream, page: u64, now: Instant) -> Result<(), PostcopyError> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.missing.get(page) {
+        if !self.missing.is_set(page) {
             // Placed since the fault was read (which woke the vCPU).
             return Ok(());
         }
@@ -396,7 +379,7 @@ impl Destination {
         // Pre-paging: the bubble of N pages around the fault, half before,
         // half after, as far as they are missing and not asked for yet.
         let wanted = |p: u64, pending: &HashMap<u64, Option<Instant>>| {
-            self.missing.get(p) && !pending.contains_key(&p)
+            self.missing.is_set(p) && !pending.contains_key(&p)
         };
         let n = u64::from(self.prepage.min(MAX_RUN_PAGES - 1));
         let (mut first, mut end) = (page, page + 1);
@@ -437,7 +420,7 @@ impl Destination {
         loop {
             match protocol::read_frame(&mut r, Some(limits)) {
                 Ok(Frame::Run(PageRun::Pages { first_page, count })) => {
-                    buf.resize(count as usize * self.page_size as usize, 0);
+                    buf.resize(count as usize * self.page_size.as_usize(), 0);
                     if let Err(e) = protocol::read_bulk(&mut r, &mut buf, Kind::Pages) {
                         return self.fail_unless_stopped(PostcopyError::ReadPages(Arc::new(e)));
                     }
@@ -515,15 +498,15 @@ impl Server {
 }
 
 /// Pages already sent during post-copy (by either path).
-pub struct SentPages(Bits);
+pub struct SentPages(AtomicBitmap);
 
 impl SentPages {
     pub fn new(pages: u64) -> Self {
-        SentPages(Bits::new(pages))
+        SentPages(AtomicBitmap::new(pages))
     }
     /// Mark `page` sent; false if it was already.
     pub fn mark(&self, page: u64) -> bool {
-        self.0.set(page)
+        self.0.mark(page)
     }
 }
 

@@ -32,6 +32,7 @@ pub use crate::migration::streams::SendError;
 use crate::migration::streams::{connect, peer_error, proto, Lanes};
 use crate::report::{ms, Report, RoundReport};
 use crate::util::netio::write_all_vectored;
+use crate::util::page::PageSize;
 use crate::util::units::PageRate;
 use crate::wire::datapath::{chunk_pages, Reduction};
 use crate::wire::protocol::{
@@ -85,7 +86,7 @@ impl Default for SenderConfig {
 
 impl SenderConfig {
     /// What the convergence policy decides on, for `page_size`-byte pages.
-    pub fn policy_config(&self, page_size: u64) -> PolicyConfig {
+    pub fn policy_config(&self, page_size: PageSize) -> PolicyConfig {
         PolicyConfig {
             policy: match self.mode {
                 // Hybrid runs its pre-copy rounds, then switches.
@@ -119,7 +120,7 @@ impl SenderConfig {
             workload: self.workload.to_string(),
             vcpus: self.vcpus,
             memory_bytes: self.memory_bytes,
-            page_size: crate::guest::memory::page_size(),
+            page_size: PageSize::host().as_u64(),
             streams: self.streams,
             compress: self.reduction.compress.map(|c| c.to_string()),
             xbzrle_cache_bytes: self.reduction.xbzrle_cache,
@@ -145,7 +146,7 @@ impl Source {
         memory_bytes: u64,
         fresh: &Fresh,
     ) -> Result<Self, SendError> {
-        let page_size = crate::guest::memory::page_size();
+        let page_size = PageSize::host();
         let workload = crate::guest::process::check_config(
             &fresh.workload,
             memory_bytes,
@@ -433,7 +434,7 @@ impl Tcp<'_> {
                     end += 1;
                 }
                 let n = end - p;
-                let header = protocol::pages_frame_header(p, n as u32, page_size as u32);
+                let header = protocol::pages_frame_header(p, n as u32, page_size.as_u32());
                 // SAFETY: the source guest is paused: nothing writes its memory.
                 let data = unsafe { self.src.mem.pages(p, n) };
                 self.limiter.acquire((header.len() + data.len()) as u64);
@@ -471,7 +472,8 @@ impl Backend for Tcp<'_> {
         // Ties the data connections to this migration.
         let session =
             xxhash_rust::xxh3::xxh3_64(format!("{:?} {}", start, std::process::id()).as_bytes());
-        let mut hello = Message::hello(page_size as u32, self.src.mem.len(), cfg.streams, session);
+        let mut hello =
+            Message::hello(page_size.as_u32(), self.src.mem.len(), cfg.streams, session);
         if let Message::Hello(h) = &mut hello {
             h.postcopy = cfg.mode.is_postcopy();
         }
@@ -505,7 +507,7 @@ impl Backend for Tcp<'_> {
             requests,
             limits: Limits {
                 streams: cfg.streams,
-                page_size: page_size as u32,
+                page_size: page_size.as_u32(),
                 page_count: pages,
             },
         });
@@ -595,7 +597,7 @@ impl Backend for Tcp<'_> {
         let state = DeviceState {
             workload: self.cfg.workload.clone(),
             memory_bytes: self.src.mem.len(),
-            page_size: self.src.mem.page_size(),
+            page_size: self.src.mem.page_size().as_u64(),
             vcpus: self.src.guest.vcpu_states(),
         };
         let sock = &mut self.conn.as_mut().expect("connected in setup").control;
@@ -622,7 +624,7 @@ impl Backend for Tcp<'_> {
             report.migration_time_ms = Some(ms(t_resumed - self.start.expect("started")));
             let f = &report.forms;
             if f.compressed_bytes > 0 {
-                let raw = f.compressed_pages * self.src.mem.page_size();
+                let raw = self.src.mem.page_size().bytes(f.compressed_pages);
                 report.compression_ratio = Some(raw as f64 / f.compressed_bytes as f64);
             }
         }

@@ -104,7 +104,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
     let report = Report {
         mode: MODEL,
         tracker: "none".into(),
-        page_size: cfg.page_size,
+        page_size: cfg.page_size.as_u64(),
         guest_target_rate_pps: (rate > 0.0).then_some(rate),
         ..m.report()
     };
@@ -202,7 +202,7 @@ impl Backend for Model<'_> {
             .map_or(f64::INFINITY, |d| d.as_secs_f64() * 1e3);
         report.note = Some(format!(
             "does not converge: every round leaves the same {todo} pages dirty (the guest writes {:.1} MB/s; rounds move {:.1} MB/s), and sending them would take {expected:.1} ms, above --downtime-limit {:.1} ms; only --max-time ends pre-copy ({more} more identical rounds, not listed)",
-            self.rate * self.w.page_size as f64 / 1e6,
+            self.rate * self.w.page_size.as_u64() as f64 / 1e6,
             round_bytes as f64 / seconds / 1e6,
             m.downtime_limit.as_secs_f64() * 1e3,
         ));
@@ -259,7 +259,7 @@ fn round_bytes(w: &Layout, pages: u64, round: u32, limit: Option<u64>) -> u64 {
             (k * (1.0 - k / reach as f64)) as u64 + pages.div_ceil(chunk)
         }
     };
-    wire_bytes(round, false, pages, frames, ps)
+    wire_bytes(round, false, pages, frames, ps.as_u64())
 }
 
 #[cfg(test)]
@@ -268,7 +268,8 @@ mod tests {
 
     fn w(spec: &str) -> Layout {
         let w: crate::guest::workload::Workload = spec.parse().unwrap();
-        w.layout(4096 * 4096, 4096).unwrap()
+        w.layout(4096 * 4096, crate::util::page::PageSize::MIN)
+            .unwrap()
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::migration::machine::{Backend, Migration, Round};
 use crate::migration::policy::RoundFigures;
 use crate::migration::source::SenderConfig;
 use crate::report::{ms, DowntimeBreakdown, Report};
+use crate::util::page::PageSize;
 use crate::util::units::PageRate;
 use crate::wire::datapath::chunk_pages;
 use crate::wire::protocol::{self, Message};
@@ -57,7 +58,7 @@ pub const MAX_ROUNDS: usize = 10_000;
 #[derive(Clone, Debug)]
 pub struct SimConfig {
     pub migration: SenderConfig,
-    pub page_size: u64,
+    pub page_size: PageSize,
     /// Network bytes/s when the rate limit allows more.
     pub link_bytes_per_s: f64,
     /// Fixed time every pre-copy round costs besides sending.
@@ -73,7 +74,7 @@ pub struct SimConfig {
 pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
     let m = &cfg.migration;
     let workload = check(cfg)?;
-    let pages = m.memory_bytes / cfg.page_size;
+    let pages = cfg.page_size.pages(m.memory_bytes);
     // Two page bitmaps are all a simulation holds.
     crate::guest::memory::check_fits(
         &format!(
@@ -86,7 +87,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
     let report = Report {
         mode: crate::report::SIMULATED,
         tracker: "none".into(),
-        page_size: cfg.page_size,
+        page_size: cfg.page_size.as_u64(),
         guest_target_rate_pps: guest.rate_pps(),
         ..m.report()
     };
@@ -280,9 +281,15 @@ pub const MAX_MEMORY: u64 = 1 << 50;
 
 /// Bytes a round puts on the wire: RoundStart, a Pages frame per run of at
 /// most a chunk (as the sender cuts them), RoundEnd.
-fn round_bytes(set: &DirtySet, round: u32, stop: bool, limit: Option<u64>, page_size: u64) -> u64 {
+fn round_bytes(
+    set: &DirtySet,
+    round: u32,
+    stop: bool,
+    limit: Option<u64>,
+    page_size: PageSize,
+) -> u64 {
     let runs = set.runs(chunk_pages(limit, page_size)).count() as u64;
-    wire_bytes(round, stop, set.count(), runs, page_size)
+    wire_bytes(round, stop, set.count(), runs, page_size.as_u64())
 }
 
 /// Bytes of a round of `pages` pages sent as `frames` Pages frames, with

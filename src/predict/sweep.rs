@@ -21,6 +21,7 @@ use crate::migration::source::{self, SendError, SenderConfig, Source};
 use crate::predict::model::{self, Variant};
 use crate::predict::simulate::{self, SimConfig};
 use crate::report::Report;
+use crate::util::page::PageSize;
 use crate::wire::ratelimit::Bandwidth;
 
 /// Errors of a sweep (each point's own failures are recorded, not raised).
@@ -193,7 +194,7 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
             return Err(SweepError::Empty(name));
         }
     }
-    let page = crate::guest::memory::page_size();
+    let page = PageSize::host();
     let mut out = Vec::new();
     for &mem in &cfg.mems {
         for workload in &cfg.workloads {
@@ -208,7 +209,7 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                         why,
                     };
                     // Every point is checked before the first one runs.
-                    if mem == 0 || !mem.is_multiple_of(page) {
+                    if mem == 0 || !page.divides(mem) {
                         return Err(bad(format!(
                             "memory of {mem} bytes: not a non-zero multiple of the {page}-byte page size"
                         )));
@@ -247,7 +248,7 @@ pub fn run(
     on_point: &mut dyn FnMut(&Row),
 ) -> Result<Sweep, SweepError> {
     let points = points(cfg)?;
-    let page_size = crate::guest::memory::page_size();
+    let page_size = PageSize::host();
     let mut calibration: Vec<Calibration> = Vec::new();
     let mut rows = Vec::new();
     for (i, p) in points.into_iter().enumerate() {

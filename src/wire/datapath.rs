@@ -21,6 +21,7 @@ use std::io::{IoSlice, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::guest::memory::GuestMemory;
+use crate::util::page::PageSize;
 use crate::wire::protocol::{
     self, Kind, PageRun, ProtocolError, MAX_RUN_PAGES, RUN_FRAME_HEADER_LEN,
 };
@@ -132,11 +133,10 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(reduction: Reduction, page_size: u64) -> Result<Self, DataPathError> {
-        let page_size = usize::try_from(page_size).expect("page size fits");
+    pub fn new(reduction: Reduction, page_size: PageSize) -> Result<Self, DataPathError> {
         Ok(Self {
             reduction,
-            page_size,
+            page_size: page_size.as_usize(),
             compressor: reduction.compress.map(Compressor::new).transpose()?,
             cache: match reduction.xbzrle_cache {
                 Some(bytes) => Some(xbzrle::Cache::new(bytes, page_size)?),
@@ -361,8 +361,8 @@ pub struct Landed {
 }
 
 impl Landed {
-    pub fn new(pages: u64, page_size: u64) -> Self {
-        let zero_digest = crate::guest::memory::page_digest(&vec![0u8; page_size as usize]);
+    pub fn new(pages: u64, page_size: PageSize) -> Self {
+        let zero_digest = crate::guest::memory::page_digest(&vec![0u8; page_size.as_usize()]);
         let n = usize::try_from(pages).expect("fits: memory was mapped");
         Self {
             digests: (0..n).map(|_| AtomicU64::new(zero_digest)).collect(),
@@ -386,8 +386,8 @@ impl Landed {
 }
 
 impl Decoder {
-    pub fn new(page_size: u64) -> Self {
-        let page_size = usize::try_from(page_size).expect("page size fits");
+    pub fn new(page_size: PageSize) -> Self {
+        let page_size = page_size.as_usize();
         Self {
             page_size,
             populate_zeros: false,
@@ -525,9 +525,9 @@ const CHUNK_PAGES: u64 = 256;
 
 /// Pages per Pages frame under rate limit `limit`: slices of about 5 ms of
 /// the limit, so rounds are paced smoothly.
-pub fn chunk_pages(limit: Option<u64>, page_size: u64) -> u64 {
+pub fn chunk_pages(limit: Option<u64>, page_size: PageSize) -> u64 {
     match limit {
-        Some(l) => (l / 200 / page_size).clamp(1, CHUNK_PAGES),
+        Some(l) => page_size.pages(l / 200).clamp(1, CHUNK_PAGES),
         None => CHUNK_PAGES,
     }
     .min(u64::from(MAX_RUN_PAGES))
@@ -538,6 +538,7 @@ mod tests {
     use super::*;
 
     const PS: u64 = 4096;
+    const PAGE: PageSize = PageSize::MIN;
 
     /// Send `first..first+count` of `src` through an encoder into bytes, then
     /// decode those bytes into `dst`; returns the frames' pages.
@@ -559,7 +560,7 @@ mod tests {
             page_size: PS as u32,
             page_count: src.page_count(),
         };
-        let (mut r, mut dec, mut pages) = (&wire[..], Decoder::new(PS), 0);
+        let (mut r, mut dec, mut pages) = (&wire[..], Decoder::new(PAGE), 0);
         while !r.is_empty() {
             let protocol::Frame::Run(run) = protocol::read_frame(&mut r, Some(&limits)).unwrap()
             else {
@@ -610,11 +611,11 @@ mod tests {
             },
         ] {
             let (src, dst) = (
-                GuestMemory::create(64 * PS, PS).unwrap(),
-                GuestMemory::create(64 * PS, PS).unwrap(),
+                GuestMemory::create(64 * PS, PAGE).unwrap(),
+                GuestMemory::create(64 * PS, PAGE).unwrap(),
             );
-            let landed = Landed::new(64, PS);
-            let mut enc = Encoder::new(reduction, PS).unwrap();
+            let landed = Landed::new(64, PAGE);
+            let mut enc = Encoder::new(reduction, PAGE).unwrap();
             // Round 0: every other page has data.
             for p in (0..64).step_by(2) {
                 fill(&src, p, p as u8 + 1, 100);

@@ -15,6 +15,8 @@
 //! QEMU caps lengths at 14 bits (4 KiB pages); this module accepts up to u32
 //! so larger pages work, and rejects non-minimal lengths.
 
+use crate::util::page::PageSize;
+
 /// Errors from decoding a delta or sizing the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum XbzrleError {
@@ -23,11 +25,12 @@ pub enum XbzrleError {
     #[error(
         "invalid --xbzrle cache size {cache_bytes} bytes: smaller than one {page_size}-byte page"
     )]
-    CacheTooSmall { cache_bytes: u64, page_size: usize },
+    CacheTooSmall {
+        cache_bytes: u64,
+        page_size: PageSize,
+    },
     #[error("invalid --xbzrle cache size {cache_bytes} bytes: too large for this machine's address space")]
     CacheTooLarge { cache_bytes: u64 },
-    #[error("invalid page size 0 for the --xbzrle cache")]
-    ZeroPageSize,
 }
 
 /// The largest ULEB128 accepted: 5 bytes hold a u32.
@@ -286,19 +289,16 @@ const TAG: usize = 8;
 
 impl Cache {
     /// A cache of `cache_bytes / page_size` slots (plus 8 bytes of tag each).
-    pub fn new(cache_bytes: u64, page_size: usize) -> Result<Cache, XbzrleError> {
-        if page_size == 0 {
-            return Err(XbzrleError::ZeroPageSize);
-        }
+    pub fn new(cache_bytes: u64, page_size: PageSize) -> Result<Cache, XbzrleError> {
         let too_large = || XbzrleError::CacheTooLarge { cache_bytes };
-        let ps = u64::try_from(page_size).map_err(|_| too_large())?;
-        if cache_bytes < ps {
+        if cache_bytes < page_size.as_u64() {
             return Err(XbzrleError::CacheTooSmall {
                 cache_bytes,
                 page_size,
             });
         }
-        let slots = cache_bytes / ps;
+        let slots = page_size.pages(cache_bytes);
+        let page_size = page_size.as_usize();
         let len = usize::try_from(slots)
             .ok()
             .and_then(|s| s.checked_mul(page_size.checked_add(TAG)?))
@@ -610,7 +610,7 @@ mod tests {
 
     #[test]
     fn cache_get_insert_evict() {
-        let mut c = Cache::new(4 * 4096 + 100, 4096).unwrap();
+        let mut c = Cache::new(4 * 4096 + 100, PageSize::MIN).unwrap();
         assert_eq!(c.slots(), 4);
         assert_eq!(c.get(0), None, "empty slot");
         let a = vec![1u8; 4096];
@@ -625,21 +625,20 @@ mod tests {
         assert_eq!(c.get(5), Some(&b[..]), "other slot untouched");
         c.insert(u64::MAX, &a); // u64::MAX % 4 == 3
         assert_eq!(c.get(u64::MAX), None);
-        assert_eq!(Cache::new(4096, 4096).unwrap().slots(), 1);
+        assert_eq!(Cache::new(4096, PageSize::MIN).unwrap().slots(), 1);
     }
 
     #[test]
     fn cache_size_errors() {
-        let e = Cache::new(4095, 4096).err().unwrap().to_string();
+        let e = Cache::new(4095, PageSize::MIN).err().unwrap().to_string();
         assert_eq!(
             e,
             "invalid --xbzrle cache size 4095 bytes: smaller than one 4096-byte page"
         );
-        assert!(matches!(
-            Cache::new(4096, 0),
-            Err(XbzrleError::ZeroPageSize)
-        ));
-        let e = Cache::new(u64::MAX, 4096).err().unwrap().to_string();
+        let e = Cache::new(u64::MAX, PageSize::MIN)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.starts_with("invalid --xbzrle cache size"), "{e}");
     }
 }

@@ -24,6 +24,8 @@ use nix::errno::Errno;
 use crate::guest::control::Control;
 use crate::guest::memory::MemoryError;
 use crate::guest::uffd::UffdError;
+use crate::util::bitmap::{word_masks, Runs};
+use crate::util::page::PageSize;
 pub use bitmap::{BitmapTracker, SharedBitmap};
 
 /// Errors of dirty tracking.
@@ -158,7 +160,7 @@ pub struct Target {
     /// Where guest memory is mapped in the guest's address space.
     pub addr: u64,
     pub pages: u64,
-    pub page_size: u64,
+    pub page_size: PageSize,
 }
 
 /// Open the sender side of `kind` over `target` (`bitmap` for the trackers
@@ -184,7 +186,8 @@ pub fn open(
     })
 }
 
-/// A round's set of pages, owned by one thread: words of bits.
+/// A round's set of pages, owned by one thread: words of bits, laid out as
+/// [`crate::util::bitmap::AtomicBitmap`]'s so a harvest ors words across.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirtySet {
     words: Vec<u64>,
@@ -194,7 +197,7 @@ pub struct DirtySet {
 impl DirtySet {
     pub fn new(pages: u64) -> Self {
         Self {
-            words: vec![0; pages.div_ceil(64) as usize],
+            words: vec![0; crate::util::bitmap::words_for(pages)],
             pages,
         }
     }
@@ -223,17 +226,8 @@ impl DirtySet {
             "pages {first}+{count} outside {} pages",
             self.pages
         );
-        let mut p = first;
-        while p < end {
-            let bit = p % 64;
-            let n = (64 - bit).min(end - p);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            self.words[(p / 64) as usize] |= mask;
-            p += n;
+        for (i, mask) in word_masks(first, count) {
+            self.words[i] |= mask;
         }
     }
 
@@ -268,63 +262,8 @@ impl DirtySet {
 
     /// Coalesced runs `(first_page, count)` of at most `max_run` pages each,
     /// in ascending order: what the sender turns into Pages frames.
-    pub fn runs(&self, max_run: u64) -> Runs<'_> {
-        assert!(max_run > 0);
-        Runs {
-            set: self,
-            next: 0,
-            max_run,
-        }
-    }
-
-    fn next_set_from(&self, from: u64) -> Option<u64> {
-        let mut wi = (from / 64) as usize;
-        let mut w = *self.words.get(wi)? & (u64::MAX << (from % 64));
-        loop {
-            if w != 0 {
-                return Some(wi as u64 * 64 + u64::from(w.trailing_zeros()));
-            }
-            wi += 1;
-            w = *self.words.get(wi)?;
-        }
-    }
-
-    /// The first clear page at or after `from`, or `limit` (or the end) if
-    /// every page before it is set: runs are capped, so never scan further.
-    fn next_clear_from(&self, from: u64, limit: u64) -> u64 {
-        let limit = limit.min(self.pages);
-        let mut wi = (from / 64) as usize;
-        let mut w = !self.words[wi] & (u64::MAX << (from % 64));
-        loop {
-            if w != 0 {
-                return (wi as u64 * 64 + u64::from(w.trailing_zeros())).min(limit);
-            }
-            wi += 1;
-            if wi as u64 * 64 >= limit {
-                return limit;
-            }
-            w = !self.words[wi];
-        }
-    }
-}
-
-/// Iterator of [`DirtySet::runs`].
-pub struct Runs<'a> {
-    set: &'a DirtySet,
-    next: u64,
-    max_run: u64,
-}
-
-impl Iterator for Runs<'_> {
-    type Item = (u64, u64);
-
-    fn next(&mut self) -> Option<(u64, u64)> {
-        let first = self.set.next_set_from(self.next)?;
-        let end = self
-            .set
-            .next_clear_from(first, first.saturating_add(self.max_run));
-        self.next = end;
-        Some((first, end - first))
+    pub fn runs(&self, max_run: u64) -> Runs<impl Fn(usize) -> u64 + '_> {
+        Runs::new(|i| self.words[i], self.pages, max_run)
     }
 }
 

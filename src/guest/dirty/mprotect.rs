@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use super::{DirtyError, DirtySet, SharedBitmap, Tracker};
 use crate::guest::control::{Control, ControlBlock};
+use crate::util::bitmap::{words_for, AtomicBitmap};
+use crate::util::page::PageSize;
 
 /// Pages in the block unprotected when single pages run out of VMAs.
 const COALESCE_PAGES: usize = 512;
@@ -57,18 +59,19 @@ static CONTROL: AtomicPtr<ControlBlock> = AtomicPtr::new(std::ptr::null_mut());
 /// mapping and `control`'s must stay mapped for as long as any thread may
 /// write to the region (the guest maps them for its whole life).
 pub unsafe fn install(base: *mut u8, len: usize, bitmap: &SharedBitmap, control: &Control) {
-    let pages = len as u64 / crate::guest::memory::page_size();
+    let page_size = PageSize::host();
+    let pages = page_size.pages(len as u64);
     assert!(
-        bitmap.region().len() as u64 * 8 >= pages,
+        bitmap.bits().pages() >= pages,
         "the bitmap has fewer bits than guest memory has pages"
     );
     BASE.store(base as usize, Ordering::Relaxed);
     LEN.store(len, Ordering::Relaxed);
-    PAGE.store(
-        crate::guest::memory::page_size() as usize,
+    PAGE.store(page_size.as_usize(), Ordering::Relaxed);
+    BITMAP.store(
+        bitmap.bits().storage().as_ptr().cast_mut(),
         Ordering::Relaxed,
     );
-    BITMAP.store(bitmap.region().as_ptr().cast(), Ordering::Relaxed);
     CONTROL.store(
         (control.block() as *const ControlBlock).cast_mut(),
         Ordering::Release,
@@ -147,10 +150,10 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     };
     // Mark after unprotecting (see the module doc).
     let words = BITMAP.load(Ordering::Relaxed);
-    for p in first..first + count {
-        // SAFETY: the bitmap holds a bit for every guest page (install).
-        unsafe { &*words.add(p / 64) }.fetch_or(1 << (p % 64), Ordering::Release);
-    }
+    // SAFETY: the bitmap holds a word for every 64 guest pages and stays
+    // mapped (install); its words are only ever touched atomically.
+    let words = unsafe { std::slice::from_raw_parts(words, words_for(pages as u64)) };
+    AtomicBitmap::over(words, pages as u64).mark_range(first as u64, count as u64);
     control.tracker_faults.fetch_add(1, Ordering::Relaxed);
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };

@@ -22,6 +22,7 @@ use std::os::unix::fs::FileExt;
 use nix::errno::Errno;
 
 use super::{DirtyError, DirtySet, Tracker};
+use crate::util::page::PageSize;
 
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
@@ -73,13 +74,13 @@ pub struct Pagemap {
     file: File,
     addr: u64,
     pages: u64,
-    page_size: u64,
+    page_size: PageSize,
 }
 
 impl Pagemap {
     /// Open `/proc/<pid>/pagemap` for the `pages` pages at `addr` of that
     /// process (`pid` 0: this process).
-    pub fn open(pid: i32, addr: u64, pages: u64, page_size: u64) -> Result<Self, DirtyError> {
+    pub fn open(pid: i32, addr: u64, pages: u64, page_size: PageSize) -> Result<Self, DirtyError> {
         let path = proc_path(pid, "pagemap");
         let file = File::open(&path).map_err(|source| DirtyError::Proc {
             path: path.clone(),
@@ -95,7 +96,7 @@ impl Pagemap {
     }
 
     fn end(&self) -> u64 {
-        self.addr + self.pages * self.page_size
+        self.addr + self.page_size.bytes(self.pages)
     }
 
     /// `uffd-wp`: add the pages written since the previous call and
@@ -128,8 +129,8 @@ impl Pagemap {
             let n = unsafe { pagemap_scan(self.file.as_raw_fd(), &mut arg) }
                 .map_err(|errno| self.scan_error(errno))?;
             for r in &buf[..n as usize] {
-                let first = (r.start - self.addr) / self.page_size;
-                into.set_range(first, (r.end - r.start) / self.page_size);
+                let first = self.page_size.page_of(r.start - self.addr);
+                into.set_range(first, self.page_size.pages(r.end - r.start));
             }
             // A call may stop early (its buffer full, or the kernel's own
             // limit): walk_end says where to go on.
@@ -148,7 +149,7 @@ impl Pagemap {
         while first < self.pages {
             let count = (self.pages - first).min(BATCH);
             buf.resize(count as usize * 8, 0);
-            let offset = (self.addr / self.page_size + first) * 8;
+            let offset = (self.page_size.page_of(self.addr) + first) * 8;
             self.file
                 .read_exact_at(buf, offset)
                 .map_err(|source| DirtyError::Proc {
@@ -247,9 +248,9 @@ impl Tracker for SoftDirtyTracker {
 /// `CONFIG_MEM_SOFT_DIRTY`, `clear_refs` accepts the command and bit 55
 /// simply never appears.
 pub fn soft_dirty_supported() -> Result<bool, DirtyError> {
-    let page_size = crate::guest::memory::page_size();
-    let mut page = vec![0u8; page_size as usize * 2];
-    let addr = (page.as_ptr() as u64).next_multiple_of(page_size);
+    let page_size = PageSize::host();
+    let mut page = vec![0u8; page_size.as_usize() * 2];
+    let addr = (page.as_ptr() as u64).next_multiple_of(page_size.as_u64());
     std::fs::write("/proc/self/clear_refs", CLEAR_SOFT_DIRTY).map_err(|source| {
         DirtyError::Proc {
             path: "/proc/self/clear_refs".into(),
@@ -278,10 +279,10 @@ pub fn probe_uffd_wp() -> Result<(), DirtyError> {
 
 /// Whether a page written after protection was reported.
 fn probe_uffd_wp_steps() -> Result<bool, DirtyError> {
-    let page_size = crate::guest::memory::page_size();
-    let region = crate::guest::memory::SharedRegion::create("livemig-probe", page_size)?;
+    let page_size = PageSize::host();
+    let region = crate::guest::memory::SharedRegion::create("livemig-probe", page_size.as_u64())?;
     let uffd = crate::guest::uffd::Uffd::open(crate::guest::uffd::WP_ASYNC_FEATURES)?;
-    uffd.register_wp(region.as_ptr(), page_size)?;
+    uffd.register_wp(region.as_ptr(), page_size.as_u64())?;
     let pm = Pagemap::open(0, region.as_ptr() as u64, 1, page_size)?;
     let (mut set, mut buf) = (DirtySet::new(1), Vec::new());
     pm.take_written(&mut set, &mut buf)?;
@@ -305,15 +306,19 @@ mod tests {
             eprintln!("skipped: {e}");
             return;
         }
-        let ps = crate::guest::memory::page_size();
+        let ps = PageSize::host();
         let pages = 1000;
-        let region = SharedRegion::create("test", pages * ps).unwrap();
+        let region = SharedRegion::create("test", ps.bytes(pages)).unwrap();
         let uffd = Uffd::open(WP_ASYNC_FEATURES).unwrap();
-        uffd.register_wp(region.as_ptr(), pages * ps).unwrap();
+        uffd.register_wp(region.as_ptr(), ps.bytes(pages)).unwrap();
         let pm = Pagemap::open(0, region.as_ptr() as u64, pages, ps).unwrap();
         let mut buf = Vec::new();
-        let write =
-            |p: u64| unsafe { region.as_ptr().add((p * ps) as usize + 8).write_volatile(7) };
+        let write = |p: u64| unsafe {
+            region
+                .as_ptr()
+                .add(ps.bytes(p) as usize + 8)
+                .write_volatile(7)
+        };
         // Everything is written at first (stamped); the first scan protects.
         for p in 0..pages {
             write(p);
@@ -343,8 +348,8 @@ mod tests {
             eprintln!("skipped: {e}");
             return;
         }
-        let ps = crate::guest::memory::page_size();
-        let region = SharedRegion::create("test", 4 * ps).unwrap();
+        let ps = PageSize::host();
+        let region = SharedRegion::create("test", ps.bytes(4)).unwrap();
         let pm = Pagemap::open(0, region.as_ptr() as u64, 4, ps).unwrap();
         let e = pm
             .take_written(&mut DirtySet::new(4), &mut Vec::new())

@@ -26,6 +26,7 @@ use crate::guest::dirty::TrackerKind;
 use crate::guest::memory::{check_fits, GuestMemory, MemoryError};
 use crate::guest::process::{DeviceState, Guest, GuestError};
 use crate::util::netio::IO_TIMEOUT;
+use crate::util::page::PageSize;
 use crate::util::units::fmt_bytes;
 use crate::wire::datapath::{Decoder, Landed};
 use crate::wire::protocol::{
@@ -173,7 +174,7 @@ impl Prepared {
             crate::util::units::fmt_bytes(bytes)
         );
         check_fits(&what, bytes)?;
-        let mem = GuestMemory::create(bytes, crate::guest::memory::page_size())?;
+        let mem = GuestMemory::create(bytes, PageSize::host())?;
         if self.prealloc {
             self.prealloc_ms = crate::report::ms(mem.prealloc()?);
         }
@@ -290,15 +291,15 @@ impl Receiving {
     fn run(&mut self, sock: &mut TcpStream, listener: &TcpListener) -> Result<(), ReceiveError> {
         let hello: Hello = protocol::read_handshake(sock).map_err(|e| self.err(e))?;
         let limits = hello.limits().map_err(|e| self.err(e))?;
-        let page_size = u64::from(limits.page_size);
-        if page_size != crate::guest::memory::page_size() {
+        let page_size = PageSize::host();
+        if u64::from(limits.page_size) != page_size.as_u64() {
             return Err(ReceiveError::PageSize {
-                sender: page_size,
-                host: crate::guest::memory::page_size(),
+                sender: u64::from(limits.page_size),
+                host: page_size.as_u64(),
             });
         }
         self.report.memory_bytes = hello.memory_bytes;
-        self.report.page_size = page_size;
+        self.report.page_size = page_size.as_u64();
         self.report.streams = hello.streams;
         let mem = self.prepared.take(hello.memory_bytes)?;
         self.report.prealloc_ms = self.prepared.prealloc_ms;
@@ -379,7 +380,7 @@ impl Receiving {
         let mut missing = crate::guest::dirty::DirtySet::new(limits.page_count);
         let mut discard = Duration::ZERO;
         let hello_bytes = self.report.memory_bytes;
-        let page_size = self.report.page_size;
+        let page_size = mem.page_size();
         // Post-copy: a page left unallocated would fault with nobody to
         // serve it once post-copy is over, so zero pages are written too.
         let mut decoder = Decoder::new(page_size).populating_zeros(postcopy);

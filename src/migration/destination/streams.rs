@@ -230,7 +230,7 @@ pub(super) fn data_stream(
     streams: &Streams,
     postcopy: bool,
 ) -> Result<(), ReceiveError> {
-    let mut decoder = Decoder::new(u64::from(limits.page_size)).populating_zeros(postcopy);
+    let mut decoder = Decoder::new(mem.page_size()).populating_zeros(postcopy);
     let mut pages = 0u64;
     let fail = |source: ProtocolError| ReceiveError::Protocol {
         context: format!("data connection {index}"),

@@ -9,6 +9,7 @@ use super::header::{
     reserved, Kind, Limits, ProtocolError, HELLO_POSTCOPY, MAX_PAGE_SIZE, MAX_STREAMS,
     MIN_PAGE_SIZE, VERSION,
 };
+use crate::util::page::PageSize;
 
 /// The first message on a connection: it opens with magic and version.
 pub trait Handshake: Control {}
@@ -78,7 +79,7 @@ impl Hello {
             return Err(ProtocolError::Version { peer: self.version });
         }
         let ps = self.page_size;
-        if !ps.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&ps) {
+        if PageSize::try_from(ps).is_err() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&ps) {
             return Err(ProtocolError::BadHello(format!(
                 "page size {ps} is not a power of two in {MIN_PAGE_SIZE}..={MAX_PAGE_SIZE}"
             )));

@@ -30,7 +30,7 @@ pub const HELLO_POSTCOPY: u32 = 1;
 /// `StreamHello` index of the post-copy request connection.
 pub const REQUEST_STREAM: u32 = u32::MAX;
 /// Smallest accepted page size (page sizes are powers of two).
-pub const MIN_PAGE_SIZE: u32 = 4096;
+pub const MIN_PAGE_SIZE: u32 = crate::util::page::PageSize::MIN.as_u32();
 /// Largest accepted page size.
 pub const MAX_PAGE_SIZE: u32 = 65536;
 

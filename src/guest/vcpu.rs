@@ -1,0 +1,220 @@
+//! The guest's vCPU threads: each one writes its workload's stream into
+//! guest memory at the workload's rate, marks what it wrote when the
+//! `bitmap` tracker is in use, and parks at a safe point when its owner asks
+//! (between complete write-then-mark operations: see [`crate::guest::dirty`]).
+//! Before they start, a fresh guest stamps every page ([`stamp`]).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::guest::control::Control;
+use crate::guest::dirty::SharedBitmap;
+use crate::guest::memory::GuestMemory;
+use crate::guest::workload::{fill_word, Content, Layout, Stream, Write};
+
+/// A vCPU that falls further behind its schedule than this stops trying to
+/// catch up (it cannot reach the rate; the achieved rate is reported).
+const MAX_BACKLOG: Duration = Duration::from_millis(200);
+/// Writes between two looks at the pause flag (and between publications of
+/// a vCPU's write counter).
+pub const BATCH: u64 = 64;
+
+/// The seed of vCPU `i`'s write stream in a guest seeded with `seed`.
+pub fn vcpu_seed(seed: u64, i: u32) -> u64 {
+    seed ^ u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Give pages their initial content (see [`Content`]): all-zero pages stay
+/// untouched; every other page gets a distinct non-zero stamp and its share
+/// of random words.
+pub(super) fn stamp(mem: &GuestMemory, seed: u64, content: &Content) {
+    let words = content.random_words(mem.page_size());
+    for page in 0..mem.page_count() {
+        if content.starts_zero(seed, page) {
+            continue;
+        }
+        let (ptr, _) = mem.pages_ptr(page, 1);
+        let ptr = ptr.cast::<u64>();
+        for k in 0..words {
+            // SAFETY: k < page_size / 8 words: inside the page, aligned;
+            // nobody reads the page yet.
+            unsafe {
+                ptr.add(k as usize)
+                    .write_volatile(fill_word(seed ^ page, k))
+            };
+        }
+        // SAFETY: word 1 of the page, as above.
+        unsafe { ptr.add(1).write_volatile(page ^ seed | 1) };
+    }
+}
+
+/// One vCPU's view of the guest: what its thread writes, marks and obeys.
+pub(super) struct Vcpu<'a> {
+    pub mem: &'a GuestMemory,
+    pub control: &'a Control,
+    /// The `bitmap` tracker's marks (None: another tracker, or untracked).
+    pub bitmap: Option<&'a SharedBitmap>,
+    pub workload: &'a Layout,
+    pub vcpus: u32,
+    /// Continue from the cursors in the control block (an incoming guest).
+    pub resume: bool,
+}
+
+impl Vcpu<'_> {
+    /// Run vCPU `id` until the process ends: write, mark, park when asked.
+    pub fn run(&self, id: u32) {
+        let slot = &self.control.block().slots[id as usize];
+        let cursor = self.resume.then(|| slot.cursor.load(Ordering::Relaxed));
+        let (seed, ops) = (
+            slot.seed.load(Ordering::Relaxed),
+            slot.ops.load(Ordering::Relaxed),
+        );
+        let mut stream = Stream::new(self.workload, id, self.vcpus, seed, ops, cursor);
+        let rate = self.workload.rate_per_vcpu(self.vcpus);
+        self.control.mark_running();
+        let (mut t0, mut base) = (Instant::now(), stream.ops);
+        loop {
+            // The safe point: no write is between its store and its mark here.
+            if self.control.pause_requested() {
+                self.control.park(id as usize, stream.ops, stream.cursor);
+                (t0, base) = (Instant::now(), stream.ops);
+                continue;
+            }
+            if self.workload.is_idle() {
+                self.control.sleep_unless_paused(Duration::from_millis(100));
+                continue;
+            }
+            let batch = match rate {
+                None => BATCH,
+                Some(r) => {
+                    let elapsed = t0.elapsed().as_secs_f64();
+                    // Float to int saturates; rates are bounded (units::MAX_PAGE_RATE).
+                    let due = base.saturating_add((elapsed * r) as u64);
+                    if due <= stream.ops {
+                        let next_at = (stream.ops - base + 1) as f64 / r;
+                        let wait =
+                            Duration::try_from_secs_f64(next_at - elapsed).unwrap_or_default();
+                        self.control
+                            .sleep_unless_paused(wait.min(Duration::from_millis(100)));
+                        continue;
+                    }
+                    if (due - stream.ops) as f64 > r * MAX_BACKLOG.as_secs_f64() {
+                        (t0, base) = (Instant::now(), stream.ops);
+                        continue;
+                    }
+                    (due - stream.ops).min(BATCH)
+                }
+            };
+            for _ in 0..batch {
+                self.apply(stream.next(self.workload));
+            }
+            slot.ops.store(stream.ops, Ordering::Relaxed);
+        }
+    }
+
+    /// Write, then mark (see [`crate::guest::dirty`] for why this order).
+    #[inline]
+    fn apply(&self, w: Write) {
+        let (ptr, _) = self.mem.pages_ptr(w.page(), 1);
+        match w {
+            Write::Store {
+                offset, value, len, ..
+            } => {
+                for k in 0..len / 8 {
+                    let v = if k == 0 { value } else { fill_word(value, k) };
+                    // SAFETY: offset + len <= page_size and 8-aligned (Stream),
+                    // so the word is inside this page of the mapping, which
+                    // outlives the vCPUs. Accesses are atomic: two vCPUs may
+                    // hit the same word (a relaxed store is a plain store on x86).
+                    unsafe { AtomicU64::from_ptr(ptr.add((offset + k * 8) as usize).cast()) }
+                        .store(v, Ordering::Relaxed);
+                }
+            }
+            Write::Increment { .. } => {
+                // SAFETY: byte 0 of a page inside the mapping, as above.
+                unsafe { AtomicU8::from_ptr(ptr) }.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(b) = self.bitmap {
+            b.mark(w.page());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::dirty::DirtySet;
+    use crate::guest::workload::Workload;
+    use crate::util::page::PageSize;
+
+    /// The invariant the pause race would break: once a vCPU is parked,
+    /// every page it wrote since a harvest is in the next harvest. The
+    /// stream is deterministic, so op `i`'s page is known; ops from the
+    /// counter published after the harvest (plus one unpublished batch) up
+    /// to the exact count published at the park must all be marked.
+    #[test]
+    fn a_parked_vcpu_has_marked_every_page_it_wrote() {
+        let page_size = PageSize::host();
+        let pages = 16384;
+        let bytes = page_size.bytes(pages);
+        // Leaked: the vCPU thread outlives the test body (it stays parked).
+        let mem = Box::leak(Box::new(GuestMemory::create(bytes, page_size).unwrap()));
+        let control = Box::leak(Box::new(Control::create().unwrap()));
+        let bitmap = Box::leak(Box::new(SharedBitmap::create(pages).unwrap()));
+        let workload: Workload = "uniform:rate=max".parse().unwrap();
+        let workload = workload.layout(bytes, page_size).unwrap();
+        let workload: &'static Layout = Box::leak(Box::new(workload));
+        let slot = &control.block().slots[0];
+        slot.seed.store(7, Ordering::Relaxed);
+        let vcpu = Box::leak(Box::new(Vcpu {
+            mem,
+            control,
+            bitmap: Some(bitmap),
+            workload,
+            vcpus: 1,
+            resume: false,
+        }));
+        std::thread::spawn(|| vcpu.run(0));
+        assert!(control.wait_running(1, Duration::from_secs(5)));
+        let page_of = |op| {
+            Stream::new(workload, 0, 1, 7, op, None)
+                .next(workload)
+                .page()
+        };
+        let mut checked = 0;
+        for _ in 0..300 {
+            let mut since = DirtySet::new(pages);
+            bitmap.take_into(&mut since);
+            let first = slot.ops.load(Ordering::SeqCst) + BATCH;
+            // Let the vCPU write past the harvest whatever the machine's
+            // speed: until it has published a few writes beyond `first`.
+            let t = Instant::now();
+            while slot.ops.load(Ordering::SeqCst) < first + 8 {
+                assert!(t.elapsed() < Duration::from_secs(5), "vCPU stopped writing");
+                std::hint::spin_loop();
+            }
+            assert!(
+                control.request_pause(1, Duration::from_secs(5)),
+                "vCPU did not park"
+            );
+            let done = slot.ops.load(Ordering::SeqCst);
+            let mut harvest = DirtySet::new(pages);
+            bitmap.take_into(&mut harvest);
+            for op in first..done {
+                assert!(
+                    harvest.contains(page_of(op)),
+                    "op {op} (page {}) unmarked",
+                    page_of(op)
+                );
+                checked += 1;
+            }
+            control.release();
+            // Wait until the vCPU has left park, so the next pause is fresh.
+            while control.block().parked.load(Ordering::SeqCst) != 0 {
+                std::thread::yield_now();
+            }
+        }
+        assert!(checked > 1000, "too few writes checked: {checked}");
+    }
+}
