@@ -10,4 +10,3 @@ pub mod phases;
 pub mod policy;
 pub mod postcopy;
 pub mod source;
-mod streams;
