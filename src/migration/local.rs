@@ -102,7 +102,7 @@ pub fn run(
             return (report, Ok(()));
         }
         // The receiver's own error names the cause better than the sender's view of it.
-        (Err(SendError::Refused(_) | SendError::Protocol { .. }), Err(re)) => {
+        (Err(SendError::Refused(_) | SendError::Protocol(_)), Err(re)) => {
             Err(MigrateError::Receive(re))
         }
         (Err(e), _) => Err(e.into()),

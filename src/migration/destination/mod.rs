@@ -29,6 +29,7 @@ use crate::util::netio::IO_TIMEOUT;
 use crate::util::page::PageSize;
 use crate::util::units::fmt_bytes;
 use crate::wire::datapath::{Decoder, Landed};
+use crate::wire::protocol::InContext;
 use crate::wire::protocol::{
     self, Abort, Frame, Hello, Limits, Message, ProtocolError, RoundEnd, RoundStart,
 };
@@ -48,12 +49,8 @@ pub enum ReceiveError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}")]
-    Protocol {
-        context: String,
-        #[source]
-        source: ProtocolError,
-    },
+    #[error(transparent)]
+    Protocol(#[from] InContext),
     #[error("no data from the sender for {} s ({context})", IO_TIMEOUT.as_secs())]
     Timeout { context: String },
     #[error("{context}")]
@@ -233,9 +230,11 @@ impl Receiving {
 }
 
 fn setup(sock: &TcpStream) -> Result<(), ReceiveError> {
-    let io = |source| ReceiveError::Protocol {
-        context: "setting up the connection".into(),
-        source: ProtocolError::Io(source),
+    let io = |source| {
+        ReceiveError::Protocol(InContext {
+            context: "setting up the connection".into(),
+            source: ProtocolError::Io(source),
+        })
     };
     sock.set_nodelay(true).map_err(io)?;
     sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
@@ -280,7 +279,7 @@ impl Receiving {
             {
                 ReceiveError::Timeout { context }
             }
-            source => ReceiveError::Protocol { context, source },
+            source => ReceiveError::Protocol(InContext { context, source }),
         }
     }
 
@@ -323,10 +322,10 @@ impl Receiving {
                     scope.spawn(move || {
                         let r = match s.try_clone() {
                             Ok(s) => data_stream(s, index, &limits, mem, landed, st, postcopy),
-                            Err(e) => Err(ReceiveError::Protocol {
+                            Err(e) => Err(ReceiveError::Protocol(InContext {
                                 context: "setting up a data connection".into(),
                                 source: ProtocolError::Io(e),
-                            }),
+                            })),
                         };
                         if let Err(e) = r {
                             // Report first, then stop the control thread's

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::{unexpected_frame, ReceiveError, Receiving};
 use crate::guest::process::Guest;
 use crate::wire::datapath::Landed;
+use crate::wire::protocol::InContext;
 use crate::wire::protocol::{
     self, Abort, Frame, Kind, Limits, Message, PageRun, ProtocolError, RoundEnd, RoundStart,
 };
@@ -49,9 +50,11 @@ impl Receiving {
     ) -> Result<(), ReceiveError> {
         self.context = "the source's post-copy push".into();
         let (t0, ops0) = (Instant::now(), guest.ops());
-        let io = |e: std::io::Error| ReceiveError::Protocol {
-            context: "post-copy: the request connection".into(),
-            source: ProtocolError::Io(e),
+        let io = |e: std::io::Error| {
+            ReceiveError::Protocol(InContext {
+                context: "post-copy: the request connection".into(),
+                source: ProtocolError::Io(e),
+            })
         };
         let reader = req.try_clone().map_err(io)?;
         let closer = req.try_clone().map_err(io)?;

@@ -12,6 +12,7 @@ use crate::guest::memory::GuestMemory;
 use crate::migration::phases::DestStepError;
 use crate::util::netio::IO_TIMEOUT;
 use crate::wire::datapath::{Decoder, Landed};
+use crate::wire::protocol::InContext;
 use crate::wire::protocol::{
     self, Abort, Frame, Limits, Message, ProtocolError, RoundEnd, StreamHello,
 };
@@ -55,10 +56,10 @@ impl Streams {
                 Ok(0) | Err(nix::Error::EINTR) => {}
                 Ok(_) => return Ok(()),
                 Err(e) => {
-                    return Err(ReceiveError::Protocol {
+                    return Err(ReceiveError::Protocol(InContext {
                         context: "waiting on the control connection".into(),
                         source: ProtocolError::Io(e.into()),
-                    })
+                    }))
                 }
             }
             let last = self.progress.load(std::sync::atomic::Ordering::Relaxed);
@@ -232,9 +233,11 @@ pub(super) fn data_stream(
 ) -> Result<(), ReceiveError> {
     let mut decoder = Decoder::new(mem.page_size()).populating_zeros(postcopy);
     let mut pages = 0u64;
-    let fail = |source: ProtocolError| ReceiveError::Protocol {
-        context: format!("data connection {index}"),
-        source,
+    let fail = |source: ProtocolError| {
+        ReceiveError::Protocol(InContext {
+            context: format!("data connection {index}"),
+            source,
+        })
     };
     loop {
         match protocol::read_frame(&mut sock, Some(limits)) {

@@ -20,6 +20,7 @@ use crate::guest::process::GuestError;
 use crate::util::netio::IO_TIMEOUT;
 use crate::wire::datapath::{DataPathError, Reduction};
 use crate::wire::datapath::{Encoder, SendStats};
+use crate::wire::protocol::InContext;
 use crate::wire::protocol::{self, Abort, Frame, Message, ProtocolError};
 use crate::wire::ratelimit::RateLimiter;
 
@@ -32,12 +33,8 @@ pub enum SendError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}")]
-    Protocol {
-        context: String,
-        #[source]
-        source: ProtocolError,
-    },
+    #[error(transparent)]
+    Protocol(#[from] InContext),
     #[error("receiver refused the migration: {0}")]
     Refused(String),
     #[error("{count} mismatched pages after migration{}", first.map(|p| format!(" (first: page {p})")).unwrap_or_default())]
@@ -62,7 +59,7 @@ pub(crate) fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) ->
     let context = context.into();
     move |source| match source {
         ProtocolError::Aborted(reason) => SendError::Refused(reason),
-        source => SendError::Protocol { context, source },
+        source => SendError::Protocol(InContext { context, source }),
     }
 }
 

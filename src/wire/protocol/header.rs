@@ -34,6 +34,16 @@ pub const MIN_PAGE_SIZE: u32 = crate::util::page::PageSize::MIN.as_u32();
 /// Largest accepted page size.
 pub const MAX_PAGE_SIZE: u32 = 65536;
 
+/// A protocol error and what its side was doing when it happened: the
+/// context both ends give the errors of their connections.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}")]
+pub struct InContext {
+    pub context: String,
+    #[source]
+    pub source: ProtocolError,
+}
+
 /// Everything that can go wrong on the wire; each message is one clear line.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {

@@ -123,9 +123,9 @@ pub use control::{
 };
 pub use handshake::{Handshake, Hello, HelloAck, StreamHello};
 pub use header::{
-    Header, Kind, Limits, ProtocolError, FLAG_STOP_AND_COPY, HEADER_LEN, HELLO_POSTCOPY, MAGIC,
-    MAX_ABORT_REASON, MAX_CONTROL_PAYLOAD, MAX_DIGESTS, MAX_PAGE_SIZE, MAX_RUN_PAGES, MAX_STREAMS,
-    MIN_PAGE_SIZE, REQUEST_STREAM, VERSION,
+    Header, InContext, Kind, Limits, ProtocolError, FLAG_STOP_AND_COPY, HEADER_LEN, HELLO_POSTCOPY,
+    MAGIC, MAX_ABORT_REASON, MAX_CONTROL_PAYLOAD, MAX_DIGESTS, MAX_PAGE_SIZE, MAX_RUN_PAGES,
+    MAX_STREAMS, MIN_PAGE_SIZE, REQUEST_STREAM, VERSION,
 };
 pub use message::Message;
 pub use run::{
