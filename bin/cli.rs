@@ -20,7 +20,7 @@ use livemig::predict::model::Variant;
 use livemig::predict::simulate::{SimConfig, SimulateError};
 use livemig::util::error::error_chain;
 use livemig::util::page::PageSize;
-use livemig::util::units::{Rate, Size, Span};
+use livemig::util::units::{fmt_bytes, Rate, Size, Span};
 use livemig::wire::datapath::Reduction;
 use livemig::wire::ratelimit::Bandwidth;
 use livemig::wire::reduce::Codec;
@@ -309,6 +309,17 @@ pub struct GuestConfig {
     pub warmup: Duration,
 }
 
+/// Refuse `--mem` the machine cannot hold `copies` times over (a local
+/// migration holds guest memory twice), before any guest is started.
+pub fn fits_mem(bytes: u64, copies: u64) -> Result<()> {
+    let mut what = format!("--mem {}", fmt_bytes(bytes));
+    if copies == 2 {
+        what += " (a local migration holds it twice)";
+    }
+    livemig::guest::memory::check_fits(&what, bytes.saturating_mul(copies))
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// `--tracker` as given, or the kernel's best, saying so when it falls back.
 pub fn choose_tracker(given: Option<TrackerKind>) -> Result<TrackerKind> {
     match TrackerKind::choose(given) {
@@ -419,6 +430,34 @@ impl SendOpts {
             zero_pages: !self.no_zero_pages,
             compress: self.compress,
             xbzrle_cache: self.xbzrle.map(|s| s.0),
+        })
+    }
+}
+
+impl DirtyRateOpts {
+    pub fn config(&self) -> Result<livemig::migration::dirtyrate::DirtyRateConfig> {
+        use livemig::migration::dirtyrate::{DirtyRateConfig, Subject};
+        let g = self.guest.config()?;
+        if let (Some(pid), true) = (self.pid, g.tracker.uses_bitmap()) {
+            bail!(
+                "--pid {pid} needs --tracker uffd-wp or soft-dirty: --tracker {} works only with the guest this command starts",
+                g.tracker
+            );
+        }
+        if self.pid.is_none() {
+            fits_mem(g.memory_bytes, 1)?;
+        }
+        Ok(DirtyRateConfig {
+            subject: match self.pid {
+                Some(pid) => Subject::Attach(pid),
+                None => Subject::Start {
+                    memory_bytes: g.memory_bytes,
+                    guest: g.fresh,
+                },
+            },
+            tracker: g.tracker,
+            warmup: g.warmup,
+            duration: self.duration.0,
         })
     }
 }

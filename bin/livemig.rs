@@ -102,6 +102,7 @@ fn progress_bar(quiet: bool, len: u64, template: &str) -> indicatif::ProgressBar
 /// `livemig run`: a guest that keeps running until SIGINT or SIGTERM.
 fn run_guest(opts: &RunOpts) -> Result<()> {
     let g = opts.guest.config()?;
+    cli::fits_mem(g.memory_bytes, 1)?;
     anyhow::ensure!(
         !g.tracker.uses_bitmap(),
         "livemig run: --tracker {} cannot be harvested by another process; use uffd-wp or soft-dirty",
@@ -125,23 +126,14 @@ fn run_guest(opts: &RunOpts) -> Result<()> {
 }
 
 fn dirtyrate(opts: &DirtyRateOpts) -> Result<()> {
-    let g = opts.guest.config()?;
-    let cfg = dirtyrate::DirtyRateConfig {
-        subject: match opts.pid {
-            Some(pid) => dirtyrate::Subject::Attach(pid),
-            None => dirtyrate::Subject::Start {
-                memory_bytes: g.memory_bytes,
-                guest: g.fresh,
-            },
-        },
-        tracker: g.tracker,
-        warmup: g.warmup,
-        duration: opts.duration.0,
-    };
+    let cfg = opts.config()?;
     let bar = progress_bar(opts.quiet, 1000, "measuring [{bar:30}] {elapsed}");
     let result = dirtyrate::run(&cfg, &mut |f| bar.set_position((f * 1000.0) as u64));
     bar.finish_and_clear();
-    let report = result?;
+    let report = match (result, opts.pid) {
+        (Err(e), Some(pid)) => return Err(anyhow::Error::new(e).context(format!("--pid {pid}"))),
+        (r, _) => r?,
+    };
     out!("{}", dirtyrate::summary(&report));
     if let Some(path) = &opts.json {
         let f = std::fs::File::create(path)
@@ -187,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
             prepage,
         }) => {
             let cfg = opts.config()?;
+            cli::fits_mem(cfg.memory_bytes, 2)?;
             let mut print = row_printer(&opts);
             let rx = migrate::Destination {
                 prealloc: !no_prealloc,
@@ -197,6 +190,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Send { to, opts } => {
             let cfg = opts.config()?;
+            cli::fits_mem(cfg.memory_bytes, 1)?;
             let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
             let mut print = row_printer(&opts);
             let (report, result) = source::migrate(&cfg, &mut src, &to, &mut print);

@@ -299,8 +299,10 @@ fn dirtyrate_attaches_to_a_running_guest_one_harvester_at_a_time() {
         "{rep}"
     );
     // The owner maps the guest's memfds too; it is pointed at its guest.
-    common::run(&["dirtyrate", "--quiet", "--pid", &run.id().to_string()])
-        .assert_fails_with(&[&format!("runs guest {pid}: use --pid {pid}")]);
+    common::run(&["dirtyrate", "--quiet", "--pid", &run.id().to_string()]).assert_fails_with(&[
+        &format!("--pid {}", run.id()),
+        &format!("runs guest {pid}: attach to process {pid} instead"),
+    ]);
     // The guest did not inherit run's blocked SIGINT/SIGTERM.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");

@@ -74,7 +74,9 @@ pub fn find(pid: i32) -> Result<Found, GuestError> {
         return Err(not("its control block names no guest process".into()));
     }
     if guest != pid as u32 || b.mem_addr.load(Ordering::Acquire) != start {
-        return Err(not(format!("it runs guest {guest}: use --pid {guest}")));
+        return Err(not(format!(
+            "it runs guest {guest}: attach to process {guest} instead"
+        )));
     }
     Ok(Found {
         pid,

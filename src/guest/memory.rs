@@ -151,7 +151,7 @@ pub struct GuestMemory {
 impl GuestMemory {
     pub fn create(memory_bytes: u64, page_size: PageSize) -> Result<Self, MemoryError> {
         if memory_bytes == 0 || !page_size.divides(memory_bytes) {
-            return Err(MemoryError::BadSize("--mem".into(), page_size));
+            return Err(MemoryError::BadSize("guest memory".into(), page_size));
         }
         Ok(Self {
             region: SharedRegion::create(GUEST_RAM_NAME, memory_bytes)?,

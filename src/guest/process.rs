@@ -73,7 +73,7 @@ pub enum GuestError {
     NotAGuest { pid: i32, why: String },
     #[error("guest {pid} is tracked by process {holder} (a migration or another measurement); harvesting it too would steal its dirty pages")]
     Claimed { pid: i32, holder: u32 },
-    #[error("cannot set up --tracker {tracker} in the guest")]
+    #[error("cannot set up the {tracker} tracker in the guest")]
     Tracker {
         tracker: &'static str,
         #[source]

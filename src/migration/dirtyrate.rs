@@ -36,7 +36,7 @@ pub enum DirtyRateError {
     Dirty(#[from] DirtyError),
     #[error("cannot block SIGINT and SIGTERM")]
     Signals(#[source] nix::Error),
-    #[error("--pid works with --tracker uffd-wp or soft-dirty: --tracker {0} needs the guest started by this command")]
+    #[error("attaching to a running guest needs the uffd-wp or soft-dirty tracker: the {0} tracker needs the guest started by this command")]
     AttachTracker(&'static str),
 }
 
@@ -272,7 +272,7 @@ impl Measured {
             found.control.unclaim(std::process::id());
             return Err(GuestError::NotAGuest {
                 pid,
-                why: "it did not publish its vCPU count, which --tracker soft-dirty needs to park them".into(),
+                why: "it did not publish its vCPU count, which the soft-dirty tracker needs to park them".into(),
             }
             .into());
         }

@@ -50,7 +50,7 @@ pub fn run(
     // Both ends' guest memory lives on this machine.
     if let Err(e) = crate::guest::memory::check_fits(
         &format!(
-            "--mem {} (a local migration holds it twice)",
+            "a guest of {} (a local migration holds it twice)",
             crate::util::units::fmt_bytes(cfg.memory_bytes)
         ),
         cfg.memory_bytes.saturating_mul(2),

@@ -78,7 +78,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
     // Two page bitmaps are all a simulation holds.
     crate::guest::memory::check_fits(
         &format!(
-            "--mem {} (two page bitmaps)",
+            "the page bitmaps of a guest of {}",
             crate::util::units::fmt_bytes(m.memory_bytes)
         ),
         pages.div_ceil(8).saturating_mul(2),

@@ -22,14 +22,14 @@ use crate::util::page::PageSize;
 pub enum XbzrleError {
     #[error("corrupt XBZRLE delta at offset {offset}: {what}")]
     Corrupt { offset: usize, what: String },
-    #[error(
-        "invalid --xbzrle cache size {cache_bytes} bytes: smaller than one {page_size}-byte page"
-    )]
+    #[error("an XBZRLE cache of {cache_bytes} bytes is smaller than one {page_size}-byte page")]
     CacheTooSmall {
         cache_bytes: u64,
         page_size: PageSize,
     },
-    #[error("invalid --xbzrle cache size {cache_bytes} bytes: too large for this machine's address space")]
+    #[error(
+        "an XBZRLE cache of {cache_bytes} bytes is too large for this machine's address space"
+    )]
     CacheTooLarge { cache_bytes: u64 },
 }
 
@@ -633,12 +633,12 @@ mod tests {
         let e = Cache::new(4095, PageSize::MIN).err().unwrap().to_string();
         assert_eq!(
             e,
-            "invalid --xbzrle cache size 4095 bytes: smaller than one 4096-byte page"
+            "an XBZRLE cache of 4095 bytes is smaller than one 4096-byte page"
         );
         let e = Cache::new(u64::MAX, PageSize::MIN)
             .err()
             .unwrap()
             .to_string();
-        assert!(e.starts_with("invalid --xbzrle cache size"), "{e}");
+        assert!(e.starts_with("an XBZRLE cache of"), "{e}");
     }
 }

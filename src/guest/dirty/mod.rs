@@ -50,7 +50,7 @@ pub enum DirtyError {
         source: std::io::Error,
     },
     #[error("PAGEMAP_SCAN of process {pid} failed: {errno}{}", match *errno {
-        Errno::EPERM => " (its memory is not registered for asynchronous write protection: is it a guest started with --tracker uffd-wp?)",
+        Errno::EPERM => " (its memory is not registered for asynchronous write protection: is it a guest started with the uffd-wp tracker?)",
         Errno::ESRCH => " (the process has exited)",
         _ => "",
     })]

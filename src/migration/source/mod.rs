@@ -151,7 +151,7 @@ impl Source {
             fresh.vcpus,
         )?;
         crate::guest::memory::check_fits(
-            &format!("--mem {}", crate::util::units::fmt_bytes(memory_bytes)),
+            &format!("a guest of {}", crate::util::units::fmt_bytes(memory_bytes)),
             memory_bytes,
         )?;
         let mem = Arc::new(GuestMemory::create(memory_bytes, page_size)?);

@@ -108,7 +108,8 @@ impl Lanes {
             // Runs go to whichever stream is free: a stream's cache would
             // not hold the version the receiver has.
             return Err(SendError::Config(
-                "--xbzrle works on one stream (--streams 1): its cache must see every send of a page in order".into(),
+                "XBZRLE works on one stream: its cache must see every send of a page in order"
+                    .into(),
             ));
         }
         let n = streams as usize;
