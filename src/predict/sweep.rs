@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::guest::process::GuestError;
 use crate::guest::workload::Workload;
 use crate::migration::local::{self, MigrateError};
 use crate::migration::policy::Policy;
@@ -22,6 +23,7 @@ use crate::predict::model::{self, Variant};
 use crate::predict::simulate::{self, SimConfig};
 use crate::report::Report;
 use crate::util::page::PageSize;
+use crate::util::units::fmt_bytes;
 use crate::wire::ratelimit::Bandwidth;
 
 /// Errors of a sweep (each point's own failures are recorded, not raised).
@@ -29,10 +31,26 @@ use crate::wire::ratelimit::Bandwidth;
 pub enum SweepError {
     #[error("empty grid: no {0} given")]
     Empty(&'static str),
-    #[error("calibration at {mem} failed: {why}")]
-    Calibration { mem: String, why: String },
-    #[error("invalid grid point \"{label}\": {why}")]
-    Point { label: String, why: String },
+    #[error("calibration at {} failed", fmt_bytes(*.mem))]
+    Calibration {
+        mem: u64,
+        #[source]
+        source: PointError,
+    },
+    #[error("calibration at {} failed: the calibration run reported no rounds", fmt_bytes(*.0))]
+    NoRounds(u64),
+    #[error("invalid grid point \"{label}\": memory of {mem} bytes is not a non-zero multiple of the {page}-byte page size")]
+    PointSize {
+        label: String,
+        mem: u64,
+        page: PageSize,
+    },
+    #[error("invalid grid point \"{label}\"")]
+    Point {
+        label: String,
+        #[source]
+        source: Box<GuestError>,
+    },
     #[error("writing {}", path.display())]
     Write {
         path: PathBuf,
@@ -204,18 +222,15 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                         "{} {workload} {bandwidth} {policy}",
                         crate::util::units::fmt_bytes(mem)
                     );
-                    let bad = |why: String| SweepError::Point {
-                        label: label.clone(),
-                        why,
-                    };
                     // Every point is checked before the first one runs.
                     if mem == 0 || !page.divides(mem) {
-                        return Err(bad(format!(
-                            "memory of {mem} bytes: not a non-zero multiple of the {page}-byte page size"
-                        )));
+                        return Err(SweepError::PointSize { label, mem, page });
                     }
                     crate::guest::process::check_config(workload, mem, page, cfg.base.vcpus)
-                        .map_err(|e| bad(crate::util::error::error_chain(&e)))?;
+                        .map_err(|e| SweepError::Point {
+                            label: label.clone(),
+                            source: Box::new(e),
+                        })?;
                     let point_cfg = SenderConfig {
                         memory_bytes: mem,
                         workload: workload.clone(),
@@ -296,10 +311,6 @@ fn calibrate(
     mem: u64,
     migrate: &mut MigrateFn,
 ) -> Result<Calibration, SweepError> {
-    let fail = |why: String| SweepError::Calibration {
-        mem: crate::util::units::fmt_bytes(mem),
-        why,
-    };
     let idle = SenderConfig {
         memory_bytes: mem,
         workload: "idle".parse().expect("a valid spec"),
@@ -308,10 +319,10 @@ fn calibrate(
         progress: false,
         ..cfg.base.clone()
     };
-    let r = migrate(&idle).map_err(|e| fail(crate::util::error::error_chain(&e)))?;
+    let r = migrate(&idle).map_err(|source| SweepError::Calibration { mem, source })?;
     let (Some(r0), Some(r1), Some(downtime)) = (r.rounds.first(), r.rounds.get(1), r.downtime_ms)
     else {
-        return Err(fail("the calibration run reported no rounds".into()));
+        return Err(SweepError::NoRounds(mem));
     };
     let last = r.downtime_breakdown_ms.last_pages;
     Ok(Calibration {
