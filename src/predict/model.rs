@@ -21,9 +21,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::guest::workload::{Layout, Pattern};
-use crate::migration::machine::{Backend, Migration, Round};
-use crate::migration::policy::{Policy, Precopy, RoundFigures, StopReason};
-use crate::predict::simulate::{check, runaway, wire_bytes, Clock, SimConfig, SimulateError};
+use crate::migration::machine::Migration;
+use crate::migration::policy::{Policy, Precopy, StopReason};
+use crate::predict::backend::{Dirtying, Prediction};
+use crate::predict::simulate::{check, wire_bytes, SimConfig, SimulateError};
 use crate::report::{Report, MODEL};
 use crate::util::units::PageRate;
 use crate::wire::datapath::chunk_pages;
@@ -109,86 +110,63 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
         ..m.report()
     };
     let model = Model {
-        cfg,
         todo: w.page_count,
         w,
         variant,
         rate,
-        clock: Clock::default(),
-        fixed_point: false,
     };
+    let model = Prediction::new(cfg, model);
     let mut migration = Migration::new(model, m.mode, m.policy_config(cfg.page_size), report);
     migration.run()?;
     Ok(migration.report)
 }
 
-/// The model as a migration's backend: expected page counts, no pages.
-struct Model<'a> {
-    cfg: &'a SimConfig,
+/// The model's dirty pages: expected counts, no pages.
+struct Model {
     w: Layout,
     variant: Variant,
     /// The guest's writes per second.
     rate: f64,
     /// Pages the next round sends.
     todo: u64,
-    clock: Clock,
-    /// Pre-copy reached a fixed point the clock alone ends.
-    fixed_point: bool,
 }
 
-impl Backend for Model<'_> {
-    type Error = SimulateError;
-
-    fn elapsed(&self) -> Duration {
-        self.clock.now
+impl Dirtying for Model {
+    fn pending(&self) -> u64 {
+        self.todo
     }
 
-    fn setup(&mut self, report: &mut Report) -> Result<(), SimulateError> {
-        self.clock.setup(self.cfg, report);
-        Ok(())
+    fn round_bytes(&self, round: u32, _stop_and_copy: bool, limit: Option<u64>) -> u64 {
+        round_bytes(&self.w, self.todo, round, limit)
     }
 
-    fn precopy_round(
-        &mut self,
-        round: u32,
-        limit: Option<u64>,
-        report: &mut Report,
-    ) -> Result<Round, SimulateError> {
-        runaway(round, self.clock.now)?;
-        let bytes = round_bytes(&self.w, self.todo, round, limit);
-        let duration = self.clock.round(self.cfg, bytes, limit, round);
+    fn run(&mut self, d: Duration) -> Result<u64, SimulateError> {
         // Expected figures, rounded to whole pages as the sender counts them.
-        let writes = self.rate * duration.as_secs_f64();
-        let dirty = distinct_pages(&self.w, writes, self.variant).round() as u64;
-        report.dirty_sync_count += 1;
-        let figures = RoundFigures {
-            round,
-            pages: std::mem::replace(&mut self.todo, dirty),
-            bytes,
-            duration,
-            dirty_pages: dirty,
-            rate_limit: limit,
-        };
-        Ok(Round {
-            figures,
-            harvest: Duration::ZERO,
-        })
+        let writes = self.rate * d.as_secs_f64();
+        self.todo = distinct_pages(&self.w, writes, self.variant).round() as u64;
+        Ok(self.todo)
     }
 
     /// A fixed point (past round 0, whose limiter credit differs): every
     /// later round is this one again, and a qemu decision depends on the
     /// last round only, so only the clock stops it.
-    fn fast_forward(&mut self, precopy: &Precopy, report: &mut Report) -> Option<StopReason> {
-        let m = &self.cfg.migration;
+    fn fast_forward(
+        &mut self,
+        cfg: &SimConfig,
+        precopy: &Precopy,
+        now: &mut Duration,
+        report: &mut Report,
+    ) -> Option<StopReason> {
+        let m = &cfg.migration;
         let f = precopy.rounds().last()?;
         let same = (f.pages, f.rate_limit) == (f.dirty_pages, precopy.limit());
         if f.round < 1 || !same || !matches!(m.policy, Policy::Qemu) {
             return None;
         }
         let (seconds, round_bytes, todo) = (f.duration.as_secs_f64(), f.bytes, self.todo);
-        let left = m.max_time.saturating_sub(self.clock.now).as_secs_f64();
+        let left = m.max_time.saturating_sub(*now).as_secs_f64();
         let more = (left / seconds).ceil();
-        self.clock.now += Duration::from_secs_f64(more * seconds);
+        *now += Duration::from_secs_f64(more * seconds);
         // f64 -> u64 saturates: a count of rounds.
         let more = more as u64;
         report.transferred_bytes = report
@@ -206,37 +184,7 @@ impl Backend for Model<'_> {
             round_bytes as f64 / seconds / 1e6,
             m.downtime_limit.as_secs_f64() * 1e3,
         ));
-        self.fixed_point = true;
         Some(StopReason::MaxTime)
-    }
-
-    fn switchover(
-        &mut self,
-        round: u32,
-        limit: Option<u64>,
-        _postcopy: bool,
-        report: &mut Report,
-    ) -> Result<Option<Round>, SimulateError> {
-        report.dirty_sync_count += 1;
-        let bytes = round_bytes(&self.w, self.todo, round, limit);
-        let last = (self.todo, bytes);
-        Ok(Some(self.clock.stop_and_copy(self.cfg, round, last, limit)))
-    }
-
-    fn hand_over(&mut self, report: &mut Report) -> Result<(), SimulateError> {
-        self.clock.hand_over(self.cfg, report);
-        if self.fixed_point {
-            report.converged = Some(false);
-        }
-        Ok(())
-    }
-
-    fn postcopy(&mut self, _: u32, _: Option<u64>, _: &mut Report) -> Result<Round, SimulateError> {
-        Err(SimulateError::Postcopy)
-    }
-
-    fn verify(&mut self, _report: &mut Report) -> Result<(), SimulateError> {
-        Ok(())
     }
 }
 

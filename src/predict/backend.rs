@@ -1,0 +1,233 @@
+//! The backend both predictions share: a migration stepped by the same
+//! state machine as a real one ([`crate::migration::machine`]) on a
+//! simulated clock. Rounds last a fixed overhead plus their bytes over the
+//! rate limit or the link; the stop-and-copy round runs at the highest
+//! allowed rate and the downtime adds a fixed overhead. What differs
+//! between the simulator and the model is only where dirty pages come
+//! from: a [`Dirtying`].
+
+use std::time::Duration;
+
+use crate::guest::workload::WorkloadError;
+use crate::migration::machine::{Backend, Round};
+use crate::migration::policy::{Precopy, RoundFigures, StopReason};
+use crate::migration::source::SenderConfig;
+use crate::report::{ms, DowntimeBreakdown, Report};
+use crate::util::page::PageSize;
+use crate::wire::ratelimit::RateLimiter;
+
+/// Errors of a simulation.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Guest(#[from] crate::guest::process::GuestError),
+    #[error(transparent)]
+    Memory(#[from] crate::guest::memory::MemoryError),
+    #[error("a prediction needs a numeric rate (rate=max depends on the machine: measure it with livemig dirtyrate)")]
+    MaxRate,
+    #[error("the link's rate must be positive")]
+    Link,
+    #[error("the simulation would compute more than {0} guest writes (a fast writer over long rounds); ask livemig model instead, or lower the rate or the time limit")]
+    TooManyWrites(u64),
+    #[error("predictions go up to 1 PiB")]
+    TooLarge,
+    #[error("predictions cover pre-copy and cold migration, not post-copy")]
+    Postcopy,
+    #[error("pre-copy does not converge: the policy had not stopped after {0} rounds ({1:.0} s of migration); lower the time limit")]
+    Runaway(usize, f64),
+}
+
+/// Rounds a simulation runs before it calls pre-copy non-converging (real
+/// runs of this size would take hours: only --max-time stops them).
+pub const MAX_ROUNDS: usize = 10_000;
+
+/// What a simulation assumes beyond the migration's own configuration.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub migration: SenderConfig,
+    pub page_size: PageSize,
+    /// Network bytes/s when the rate limit allows more.
+    pub link_bytes_per_s: f64,
+    /// Fixed time every pre-copy round costs besides sending.
+    pub round_overhead: Duration,
+    /// Fixed part of the downtime: pause, device state, resume.
+    pub downtime_overhead: Duration,
+    /// Connect and handshake.
+    pub setup: Duration,
+}
+
+/// Where a prediction's dirty pages come from.
+pub(crate) trait Dirtying {
+    /// Pages the next round sends.
+    fn pending(&self) -> u64;
+
+    /// Bytes a round of the pending pages puts on the wire at `limit`.
+    fn round_bytes(&self, round: u32, stop_and_copy: bool, limit: Option<u64>) -> u64;
+
+    /// The guest runs for `d`: what it dirties becomes the pending pages.
+    /// Returns how many.
+    fn run(&mut self, d: Duration) -> Result<u64, SimulateError>;
+
+    /// As [`Backend::fast_forward`], moving the clock `now` over the
+    /// rounds it accounts for.
+    fn fast_forward(
+        &mut self,
+        _cfg: &SimConfig,
+        _precopy: &Precopy,
+        _now: &mut Duration,
+        _report: &mut Report,
+    ) -> Option<StopReason> {
+        None
+    }
+}
+
+/// A predicted migration: its configuration, its dirty pages, its clock.
+pub(crate) struct Prediction<'a, D> {
+    cfg: &'a SimConfig,
+    dirtying: D,
+    /// Since the migration started.
+    now: Duration,
+    /// The stop-and-copy round's send time.
+    last_pages: Duration,
+    /// Pre-copy reached a fixed point that only the clock ends.
+    fast_forwarded: bool,
+}
+
+impl<'a, D: Dirtying> Prediction<'a, D> {
+    pub fn new(cfg: &'a SimConfig, dirtying: D) -> Self {
+        Self {
+            cfg,
+            dirtying,
+            now: Duration::ZERO,
+            last_pages: Duration::ZERO,
+            fast_forwarded: false,
+        }
+    }
+}
+
+impl<D: Dirtying> Backend for Prediction<'_, D> {
+    type Error = SimulateError;
+
+    fn elapsed(&self) -> Duration {
+        self.now
+    }
+
+    fn setup(&mut self, report: &mut Report) -> Result<(), SimulateError> {
+        self.now = self.cfg.setup;
+        report.setup_time_ms = ms(self.cfg.setup);
+        Ok(())
+    }
+
+    fn precopy_round(
+        &mut self,
+        round: u32,
+        limit: Option<u64>,
+        report: &mut Report,
+    ) -> Result<Round, SimulateError> {
+        if round as usize >= MAX_ROUNDS {
+            return Err(SimulateError::Runaway(MAX_ROUNDS, self.now.as_secs_f64()));
+        }
+        let pages = self.dirtying.pending();
+        let bytes = self.dirtying.round_bytes(round, false, limit);
+        let duration = round_time(self.cfg, bytes, limit, round);
+        self.now += duration;
+        let dirty_pages = self.dirtying.run(duration)?;
+        report.dirty_sync_count += 1;
+        let figures = RoundFigures {
+            round,
+            pages,
+            bytes,
+            duration,
+            dirty_pages,
+            rate_limit: limit,
+        };
+        Ok(Round {
+            figures,
+            harvest: Duration::ZERO,
+        })
+    }
+
+    fn fast_forward(&mut self, precopy: &Precopy, report: &mut Report) -> Option<StopReason> {
+        let stop = self
+            .dirtying
+            .fast_forward(self.cfg, precopy, &mut self.now, report);
+        self.fast_forwarded |= stop.is_some();
+        stop
+    }
+
+    fn switchover(
+        &mut self,
+        round: u32,
+        limit: Option<u64>,
+        _postcopy: bool,
+        report: &mut Report,
+    ) -> Result<Option<Round>, SimulateError> {
+        report.dirty_sync_count += 1;
+        let bytes = self.dirtying.round_bytes(round, true, limit);
+        self.last_pages = transfer(self.cfg, bytes, limit, round);
+        let figures = RoundFigures {
+            round,
+            pages: self.dirtying.pending(),
+            bytes,
+            duration: self.last_pages,
+            dirty_pages: 0,
+            rate_limit: limit,
+        };
+        Ok(Some(Round {
+            figures,
+            harvest: Duration::ZERO,
+        }))
+    }
+
+    fn hand_over(&mut self, report: &mut Report) -> Result<(), SimulateError> {
+        let downtime = self.last_pages + self.cfg.downtime_overhead;
+        self.now += downtime;
+        report.downtime_ms = Some(ms(downtime));
+        report.downtime_breakdown_ms = DowntimeBreakdown {
+            last_pages: ms(self.last_pages),
+            device_state: ms(self.cfg.downtime_overhead),
+            ..DowntimeBreakdown::default()
+        };
+        report.migration_time_ms = Some(ms(self.now));
+        report.total_time_ms = ms(self.now);
+        if self.fast_forwarded {
+            report.converged = Some(false);
+        }
+        Ok(())
+    }
+
+    fn postcopy(&mut self, _: u32, _: Option<u64>, _: &mut Report) -> Result<Round, SimulateError> {
+        Err(SimulateError::Postcopy)
+    }
+
+    fn verify(&mut self, _report: &mut Report) -> Result<(), SimulateError> {
+        Ok(())
+    }
+}
+
+/// Time to move `bytes` of a round at the limit or the link, whichever is
+/// lower. The sender's token bucket fills while it is not sending: it
+/// starts full, and refills during the round overhead before later rounds
+/// (acknowledgement, harvest, pause), so a round's first bytes go at link
+/// speed (RateLimiter::initial_burst is the bucket's depth).
+pub(crate) fn transfer(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u32) -> Duration {
+    let link = cfg.link_bytes_per_s;
+    let Some(l) = limit.map(|l| l as f64).filter(|&l| l < link) else {
+        return Duration::from_secs_f64(bytes as f64 / link);
+    };
+    let depth = RateLimiter::initial_burst(limit);
+    let refilled = match round {
+        0 => depth,
+        // f64 -> u64 saturates: bytes the bucket gained while idle.
+        _ => depth.min((l * cfg.round_overhead.as_secs_f64()) as u64),
+    };
+    let credit = refilled.min(bytes);
+    Duration::from_secs_f64(credit as f64 / link + (bytes - credit) as f64 / l)
+}
+
+/// A pre-copy round's time: its fixed overhead, then its bytes.
+pub(crate) fn round_time(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u32) -> Duration {
+    cfg.round_overhead + transfer(cfg, bytes, limit, round)
+}
