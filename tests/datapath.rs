@@ -57,8 +57,17 @@ fn streams_share_the_pages_and_lose_none_under_heavy_writes() {
             "fixed:3",
         ]);
         let rep = assert_verified(&r);
-        assert_eq!(rep["streams"], 3);
         assert_eq!(rep["rounds"][0]["pages"], 4096, "{}", tracker.as_str());
+        // Each end counted the pages of each data connection on its own:
+        // the counts agree, add up to every page sent, and more than one
+        // connection carried pages.
+        let sent: Vec<u64> = serde_json::from_value(rep["stream_pages"].clone()).unwrap();
+        let got: Vec<u64> =
+            serde_json::from_value(rep["destination_stream_pages"].clone()).unwrap();
+        assert_eq!(sent.len(), 3, "{rep:#}");
+        assert_eq!(sent, got, "{rep:#}");
+        assert_eq!(sent.iter().sum::<u64>(), u(rep, "transferred_pages"));
+        assert!(sent.iter().filter(|&&p| p > 0).count() >= 2, "{sent:?}");
     }
 }
 

@@ -87,6 +87,7 @@ pub fn run(
         (Ok(()), Ok(())) => {
             report.destination_guest_rate_pps = Some(rr.destination_guest_rate_pps);
             report.receiver_prealloc_ms = prealloc.then_some(rr.prealloc_ms);
+            report.destination_stream_pages = rr.stream_pages;
             // What only the destination sees of post-copy.
             if let Some(p) = rr.postcopy {
                 let r = &mut report.postcopy;

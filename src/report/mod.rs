@@ -151,6 +151,11 @@ pub struct Report {
     /// After a failure: the source guest is running again (resumed if it
     /// had been paused; for a writing workload, its writes were seen to go on).
     pub source_guest_kept_running: bool,
+    /// With `--streams N` > 1: the pages each data connection carried, as
+    /// the source counted them (empty with one stream).
+    pub stream_pages: Vec<u64>,
+    /// The same as the destination counted them (local migrations).
+    pub destination_stream_pages: Vec<u64>,
     pub rounds: Vec<RoundReport>,
 }
 

@@ -114,6 +114,8 @@ pub struct ReceiveReport {
     pub prealloc_ms: f64,
     /// Pages received per round (stop-and-copy last).
     pub round_pages: Vec<u64>,
+    /// With several data connections: the pages each carried.
+    pub stream_pages: Vec<u64>,
     pub pages_received: u64,
     pub resume_ms: f64,
     pub verified_pages: u64,
@@ -415,7 +417,7 @@ impl Receiving {
                         arrived: match (phase, streams) {
                             // The data connections' count, once the round is this one.
                             (DestPhase::InRound { round: r, .. }, Some(st)) if r == *round => {
-                                Some(st.end_round(r)?)
+                                Some(st.end_round(r, &mut self.report.stream_pages)?)
                             }
                             _ => None,
                         },

@@ -76,14 +76,20 @@ impl Streams {
     }
 
     /// Wait until every data connection has ended `round`, each once; the
-    /// pages they carried.
-    pub(super) fn end_round(&self, round: u32) -> Result<u64, ReceiveError> {
+    /// pages they carried, also added to `per_stream`.
+    pub(super) fn end_round(
+        &self,
+        round: u32,
+        per_stream: &mut Vec<u64>,
+    ) -> Result<u64, ReceiveError> {
+        per_stream.resize(per_stream.len().max(self.socks.len()), 0);
         let (mut total, mut ended) = (0, vec![false; self.socks.len()]);
         while ended.iter().any(|e| !e) {
             match self.reports.recv_timeout(IO_TIMEOUT) {
                 Ok(Ok((i, r, pages))) if r == round && !ended[i] => {
                     ended[i] = true;
                     total += pages;
+                    per_stream[i] += pages;
                 }
                 Ok(Ok((i, r, _))) => {
                     return Err(ReceiveError::StreamRound {

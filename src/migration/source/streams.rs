@@ -136,8 +136,9 @@ impl Lanes {
         })
     }
 
-    /// Send the pages of `set` in runs of at most `chunk` pages. Returns
-    /// (pages, bytes on the data connections, forms).
+    /// Send the pages of `set` in runs of at most `chunk` pages, adding
+    /// each data connection's pages to `per_stream`. Returns (pages, bytes
+    /// on the data connections, forms).
     pub(crate) fn send(
         &mut self,
         sock: &mut TcpStream,
@@ -145,6 +146,7 @@ impl Lanes {
         set: &DirtySet,
         chunk: u64,
         ctx: &str,
+        per_stream: &mut Vec<u64>,
     ) -> Result<(u64, u64, SendStats), SendError> {
         let mem_err = |sock: &mut TcpStream, e: std::io::Error| {
             peer_error(sock, ctx).unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e)))
@@ -182,7 +184,9 @@ impl Lanes {
                 for _ in 0..ends.len() {
                     // A lane ends its round within its socket timeout.
                     match done.recv_timeout(IO_TIMEOUT + Duration::from_secs(5)) {
-                        Ok((_, Ok((p, b, f)))) => {
+                        Ok((index, Ok((p, b, f)))) => {
+                            per_stream.resize(per_stream.len().max(ends.len()), 0);
+                            per_stream[index] += p;
                             pages += p;
                             bytes += b;
                             forms += f;

@@ -135,7 +135,14 @@ impl<'a> Tcp<'a> {
         let start = Message::round_start(round, stop_and_copy);
         let mut bytes = protocol::write_message(sock, &start).map_err(proto(ctx))? as u64;
         let lanes = conn.lanes.as_mut().expect("open until the last page");
-        let (pages, stream_bytes, forms) = lanes.send(sock, round, &self.todo, chunk, ctx)?;
+        let (pages, stream_bytes, forms) = lanes.send(
+            sock,
+            round,
+            &self.todo,
+            chunk,
+            ctx,
+            &mut report.stream_pages,
+        )?;
         bytes += stream_bytes;
         report.forms += forms;
         let end = Message::round_end(round, pages);
