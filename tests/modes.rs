@@ -26,16 +26,15 @@ fn postcopy_resumes_at_once_and_fetches_what_the_guest_touches() {
     let rs = rounds(rep);
     assert_eq!(rs.len(), 1, "{rep:#}");
     assert_eq!(rs[0]["postcopy"], true);
-    // Every page came once by one path or the other (both may race).
+    // Every page was placed exactly once, by one path or the other (both
+    // may race; the destination counts the one that placed it).
     let (pulled, pushed) = (u(rep, "pages_pulled"), u(rep, "pages_pushed"));
-    assert!(pulled + pushed >= 4096, "{rep:#}");
-    assert!(pushed <= 4096);
-    // A guest writing flat out faults at once and waits for its pages.
+    assert_eq!(pulled + pushed, 4096, "{rep:#}");
+    // A guest writing flat out faults at once and waits for its pages: the
+    // faults that waited are some of the faults taken.
     assert!(u(rep, "postcopy_requests") > 0, "{rep:#}");
-    assert!(u(rep, "postcopy_faults") > 0);
-    let l = &rep["fault_latency_us"];
-    let (p50, p99, max) = (u(l, "p50"), u(l, "p99"), u(l, "max"));
-    assert!(u(l, "count") > 0 && p50 <= p99 && p99 <= max, "{l}");
+    let waited = u(&rep["fault_latency_us"], "count");
+    assert!(waited > 0 && waited <= u(rep, "postcopy_faults"), "{rep:#}");
     assert!(rep["postcopy_populated_ms"].as_f64().unwrap() > 0.0);
     assert!(rep["guest_rate_postcopy_pps"].as_f64().unwrap() > 0.0);
     // The guest ran at the destination long before its memory was all there.
