@@ -32,8 +32,11 @@ pub use crate::guest::vcpu::{vcpu_seed, BATCH};
 use crate::guest::workload::{Layout, Workload, WorkloadError};
 use crate::util::page::PageSize;
 
-/// How long a guest may take to start or to park its vCPUs.
+/// How long a guest may take to start: its fixed part, and the time per
+/// GiB of memory it fills first (a 4 GiB guest took about 15 s here).
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+const START_TIMEOUT_PER_GIB: Duration = Duration::from_secs(10);
+/// How long a guest may take to park its vCPUs.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of the guest and its handle.
@@ -319,6 +322,14 @@ pub struct Guest {
     vcpus: u32,
     stopped: bool,
     reaped: Option<String>,
+    /// How long it may take to start: it grows with the guest's memory.
+    start_timeout: Duration,
+}
+
+/// How long a guest of `memory_bytes` may take to start running.
+pub fn start_timeout(memory_bytes: u64) -> Duration {
+    let gib = memory_bytes as f64 / (1u64 << 30) as f64;
+    START_TIMEOUT + START_TIMEOUT_PER_GIB.mul_f64(gib)
 }
 
 impl Guest {
@@ -382,6 +393,7 @@ impl Guest {
             vcpus: fresh.map_or(0, |f| f.vcpus),
             stopped: false,
             reaped: None,
+            start_timeout: start_timeout(mem.len()),
         })
     }
 
@@ -441,8 +453,8 @@ impl Guest {
             .wait_running(self.vcpus, Duration::from_millis(20))
         {
             self.check_alive()?;
-            if start.elapsed() > START_TIMEOUT {
-                return Err(self.timeout("start running", START_TIMEOUT));
+            if start.elapsed() > self.start_timeout {
+                return Err(self.timeout("start running", self.start_timeout));
             }
         }
         Ok(())
@@ -540,5 +552,16 @@ impl Drop for Guest {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn the_start_timeout_grows_with_memory() {
+        assert_eq!(super::start_timeout(0), Duration::from_secs(20));
+        assert_eq!(super::start_timeout(8 << 30), Duration::from_secs(100));
     }
 }
