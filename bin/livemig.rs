@@ -283,7 +283,9 @@ fn finish(report: &Report, json: Option<&std::path::Path>, result: Result<()>) -
             .with_context(|| format!("writing the report to {}", path.display()))?;
     }
     result.map_err(|e| match report.source_guest_kept_running {
-        true => e.context("migration failed, the source guest kept running"),
+        true => e.context(
+            "migration failed; the source guest was resumed and ran on until this command ended",
+        ),
         false => e,
     })
 }

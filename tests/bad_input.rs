@@ -92,7 +92,7 @@ fn assert_source_resumed_and_reaped(r: &Run) {
 #[test]
 fn connection_refused() {
     let r = send_to(&free_port(), &["--workload", "uniform:rate=10k"]);
-    r.assert_fails_with(&["cannot connect to", "refused", "source guest kept running"]);
+    r.assert_fails_with(&["cannot connect to", "refused", "source guest was resumed"]);
     assert_source_resumed_and_reaped(&r);
 }
 
@@ -258,7 +258,7 @@ fn peer_vanishing_mid_round() {
             "hotset:wws=4M,rate=20k",
         ],
     );
-    r.assert_fails_with(&["round 0", "source guest kept running"]);
+    r.assert_fails_with(&["round 0", "source guest was resumed"]);
     assert_source_resumed_and_reaped(&r);
 }
 

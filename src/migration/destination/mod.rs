@@ -38,7 +38,7 @@ use crate::migration::phases::{DestAction, DestEvent, DestPhase, DestStepError};
 
 mod postcopy;
 mod streams;
-use streams::{data_stream, Streams};
+use streams::{data_stream, Streams, CLOSE_TIMEOUT, STREAMS_TIMEOUT};
 
 /// Errors of the receiving side.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,14 @@ pub enum ReceiveError {
     Protocol(#[from] InContext),
     #[error("no data from the sender for {} s ({context})", IO_TIMEOUT.as_secs())]
     Timeout { context: String },
+    #[error("{missing} of the sender's {expected} connections ({what}) never opened within {} s", STREAMS_TIMEOUT.as_secs())]
+    NeverOpened {
+        missing: u32,
+        expected: u32,
+        what: String,
+    },
+    #[error("closing the data connections: their threads did not end within {} s", CLOSE_TIMEOUT.as_secs())]
+    CloseTimeout,
     #[error("{context}")]
     Step {
         context: String,

@@ -18,7 +18,9 @@ use crate::wire::protocol::{
 };
 
 /// How long the sender has to open its data connections.
-const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the data connections' threads have to end once closed.
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a data connection's thread tells the control thread: it ended its
 /// share of a round (round, pages), or it failed.
@@ -120,12 +122,10 @@ impl Streams {
         for s in &self.socks {
             let _ = s.shutdown(Shutdown::Both);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
         while self.live.load(std::sync::atomic::Ordering::Acquire) > 0 {
             if Instant::now() > deadline {
-                return Err(ReceiveError::Timeout {
-                    context: "closing the data connections".into(),
-                });
+                return Err(ReceiveError::CloseTimeout);
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -146,14 +146,12 @@ impl Receiving {
         if n == 0 && !request {
             return Ok((None, None));
         }
-        self.context = format!(
-            "accepting {n} data connections{}",
-            if request {
-                " and a request connection"
-            } else {
-                ""
-            }
-        );
+        let what = match (n, request) {
+            (0, _) => "the post-copy request connection".to_string(),
+            (n, false) => format!("{n} data connections"),
+            (n, true) => format!("{n} data connections and the post-copy request connection"),
+        };
+        self.context = format!("accepting {what}");
         let mut req: Option<TcpStream> = None;
         let deadline = Instant::now() + STREAMS_TIMEOUT;
         let mut socks: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
@@ -172,8 +170,10 @@ impl Receiving {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() > deadline {
                         let _ = listener.set_nonblocking(false);
-                        return Err(ReceiveError::Timeout {
-                            context: format!("{left} of {n} data connections never opened"),
+                        return Err(ReceiveError::NeverOpened {
+                            missing: left,
+                            expected: n + u32::from(request),
+                            what: what.clone(),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(1));

@@ -35,8 +35,10 @@ pub enum SendError {
     },
     #[error(transparent)]
     Protocol(#[from] InContext),
-    #[error("receiver refused the migration: {0}")]
+    #[error("receiver refused the migration: {}", if .0.is_empty() { "(it gave no reason)" } else { .0 })]
     Refused(String),
+    #[error("no answer from the receiver for {} s ({context})", IO_TIMEOUT.as_secs())]
+    Timeout { context: String },
     #[error("{count} mismatched pages after migration{}", first.map(|p| format!(" (first: page {p})")).unwrap_or_default())]
     Mismatch { count: u64, first: Option<u64> },
     #[error("the receiver compared only {compared} of {pages} pages")]
@@ -59,6 +61,14 @@ pub(crate) fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) ->
     let context = context.into();
     move |source| match source {
         ProtocolError::Aborted(reason) => SendError::Refused(reason),
+        ProtocolError::Io(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            SendError::Timeout { context }
+        }
         source => SendError::Protocol(InContext { context, source }),
     }
 }
@@ -363,5 +373,23 @@ pub(crate) fn peer_error(sock: &mut TcpStream, context: &str) -> Option<SendErro
             }),
             Err(e) => proto(context)(e),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_and_a_silent_receiver_say_what_happened() {
+        let empty = SendError::Refused(String::new()).to_string();
+        assert_eq!(empty, "receiver refused the migration: (it gave no reason)");
+        let silent = proto("handshake with h:1")(ProtocolError::Io(std::io::Error::from(
+            std::io::ErrorKind::WouldBlock,
+        )));
+        assert_eq!(
+            silent.to_string(),
+            "no answer from the receiver for 30 s (handshake with h:1)"
+        );
     }
 }

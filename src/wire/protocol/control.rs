@@ -362,6 +362,16 @@ impl Control for Verdict {
             l.first_mismatch.get(),
         );
         let first_mismatch = (first != u64::MAX).then_some(first);
+        // A first mismatch exactly when there are mismatches.
+        if first_mismatch.is_some() != (bad > 0) {
+            return Err(ProtocolError::BadField {
+                kind: Self::KIND,
+                detail: format!(
+                    "{bad} mismatched pages but {} first mismatch",
+                    if first_mismatch.is_some() { "a" } else { "no" }
+                ),
+            });
+        }
         if let Some(l) = lim {
             let n = l.page_count;
             let too_many = ok.checked_add(bad).is_none_or(|t| t > n);

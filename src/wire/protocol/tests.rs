@@ -256,8 +256,12 @@ fn control_rejections() {
         read(&frame(6, 0, &[]), LIM) => E::BadLength { .. }, "DeviceState: payload of 0 bytes";
         read(&frame(11, 0, &[b'a'; 4097]), LIM) => E::TooLarge { .. }, "Abort: payload of 4097";
         read(&rs, LIM) => E::Reserved { value: 1, .. }, "RoundStart: reserved field is 0x1";
-        read(&Message::verdict(1, 0, Some(70000)).encode(), LIM) => E::BadField { .. },
+        read(&Message::verdict(1, 1, Some(70000)).encode(), LIM) => E::BadField { .. },
             "first mismatch 70000";
+        read(&Message::verdict(4096, 0, Some(5)).encode(), LIM) => E::BadField { .. },
+            "0 mismatched pages but a first mismatch";
+        read(&Message::verdict(4095, 1, None).encode(), LIM) => E::BadField { .. },
+            "1 mismatched pages but no first mismatch";
         read(&Message::verdict(u64::MAX - 1, 5, None).encode(), LIM) => E::BadField { .. },
             "5 mismatched";
         write_message(&mut Vec::new(), &huge) => E::TooLarge { .. }, "1048577 bytes";
