@@ -112,8 +112,9 @@ impl DeviceState {
         memory_bytes: u64,
         page_size: PageSize,
     ) -> Result<Self, GuestError> {
-        let s: Self =
-            serde_json::from_slice(b).map_err(|e| GuestError::DeviceState(e.to_string()))?;
+        // The peer's bytes may end up in the message: make them printable.
+        let bad = |e: String| GuestError::DeviceState(crate::util::text::printable(&e, 300));
+        let s: Self = serde_json::from_slice(b).map_err(|e| bad(e.to_string()))?;
         if s.memory_bytes != memory_bytes || s.page_size != page_size.as_u64() {
             return Err(GuestError::DeviceState(format!(
                 "it describes {} bytes of {}-byte pages, the migration {memory_bytes} of {page_size}",
@@ -558,6 +559,20 @@ impl Drop for Guest {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn a_peer_s_device_state_reaches_no_terminal_raw() {
+        let spec = format!("idle\u{1b}[31m{}", "x".repeat(1 << 20));
+        let blob = serde_json::json!({
+            "workload": spec, "memory_bytes": 1 << 20, "page_size": 4096, "vcpus": []
+        });
+        let page = crate::util::page::PageSize::MIN;
+        let e = super::DeviceState::from_bytes(blob.to_string().as_bytes(), 1 << 20, page)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\u{1b}') && e.len() < 1000, "{e}");
+        assert!(e.starts_with("device state: "), "{e}");
+    }
 
     #[test]
     fn the_start_timeout_grows_with_memory() {

@@ -6,4 +6,5 @@ pub mod error;
 pub mod netio;
 pub mod page;
 pub mod process;
+pub mod text;
 pub mod units;

@@ -416,13 +416,10 @@ impl Control for Abort {
     }
     fn decode(_: u16, p: Vec<u8>, _: Option<&Limits>) -> Result<Self, ProtocolError> {
         // A peer's words end up on a terminal: escape control characters.
-        let reason = String::from_utf8_lossy(&p)
-            .chars()
-            .map(|c| match c.is_control() {
-                true => c.escape_default().to_string(),
-                false => c.to_string(),
-            })
-            .collect();
-        Ok(Abort(reason))
+        let reason = String::from_utf8_lossy(&p);
+        Ok(Abort(crate::util::text::printable(
+            &reason,
+            MAX_ABORT_REASON,
+        )))
     }
 }
