@@ -59,6 +59,8 @@ pub enum ReceiveError {
         expected: u32,
         what: String,
     },
+    #[error("data connection {index} closed before it ended {}", round.map_or("its round".into(), |r| format!("round {r}")))]
+    StreamClosed { index: usize, round: Option<u32> },
     #[error("closing the data connections: their threads did not end within {} s", CLOSE_TIMEOUT.as_secs())]
     CloseTimeout,
     #[error("{context}")]
@@ -337,6 +339,13 @@ impl Receiving {
                                 source: ProtocolError::Io(e),
                             })),
                         };
+                        // The sender closes its data connections after the
+                        // last round; one that closes while a round waits for
+                        // its end is a failure end_round reports at once.
+                        if r.is_ok() {
+                            let closed = ReceiveError::StreamClosed { index, round: None };
+                            let _ = st.tx.send(Err(closed));
+                        }
                         if let Err(e) = r {
                             // Report first, then stop the control thread's
                             // wait, so it finds this cause when it wakes up

@@ -100,6 +100,14 @@ impl Streams {
                         ending: round,
                     })
                 }
+                // Closed after ending this round: the sender's last round.
+                Ok(Err(ReceiveError::StreamClosed { index, .. })) if ended[index] => {}
+                Ok(Err(ReceiveError::StreamClosed { index, .. })) => {
+                    return Err(ReceiveError::StreamClosed {
+                        index,
+                        round: Some(round),
+                    })
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(ReceiveError::Timeout {
@@ -113,7 +121,11 @@ impl Streams {
 
     /// A data connection's failure, if one was reported.
     pub(super) fn failure(&self) -> Option<ReceiveError> {
-        self.reports.try_iter().find_map(Result::err)
+        // A data connection closing is the sender's normal end too.
+        self.reports.try_iter().find_map(|r| {
+            r.err()
+                .filter(|e| !matches!(e, ReceiveError::StreamClosed { .. }))
+        })
     }
 
     /// Close the data connections and wait until their threads are done,
