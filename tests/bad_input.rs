@@ -593,3 +593,122 @@ fn postcopy_requests_that_are_never_answered_time_out() {
     );
     drop((ctl, req));
 }
+
+/// A data connection that names another session is refused, not adopted
+/// into this migration.
+#[test]
+fn receiver_refuses_a_data_connection_of_another_session() {
+    let (child, addr) = receiver(&[], &[]);
+    let mut ctl = TcpStream::connect(&addr).unwrap();
+    protocol::write_message(&mut ctl, &Message::hello(4096, 1 << 20, 2, 11)).unwrap();
+    protocol::read_handshake::<protocol::HelloAck>(&mut ctl).unwrap();
+    let mut data = TcpStream::connect(&addr).unwrap();
+    protocol::write_message(&mut data, &Message::stream_hello(0, 12)).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let r = Run {
+        output,
+        report: None,
+    };
+    r.assert_fails_with(&["stream 0 of session 0xc", "of session 0xb"]);
+}
+
+/// `receive --mem` made memory of one size; a sender with another is
+/// refused at the handshake, and both ends say which sizes.
+#[test]
+fn a_receiver_prepared_for_another_size_refuses_the_sender() {
+    let (rx, addr) = receiver(&["--mem".as_ref(), "16M".as_ref()], &[]);
+    let r = send_to(&addr, &[]);
+    let sizes = ["guest has 8.0 MiB", "prepared for 16.0 MiB"];
+    r.assert_fails_with(&[sizes[0], sizes[1], "source guest was resumed"]);
+    assert_source_resumed_and_reaped(&r);
+    let output = rx.wait_with_output().unwrap();
+    let r = Run {
+        output,
+        report: None,
+    };
+    r.assert_fails_with(&sizes);
+}
+
+/// A receiver that acknowledges another round than the one that ended:
+/// the sender must not take it as delivery of this round's pages.
+#[test]
+fn a_round_ack_for_another_round_is_refused() {
+    use livemig::wire::protocol::{read_bulk, read_frame, Frame, Hello, PageRun, RoundEnd};
+    let addr = fake_receiver(|mut s| {
+        let Ok(h) = protocol::read_handshake::<Hello>(&mut s) else {
+            return;
+        };
+        let limits = h.limits().unwrap();
+        let _ = protocol::write_message(&mut s, &Message::hello_ack());
+        let mut page = vec![0u8; h.page_size as usize];
+        loop {
+            match read_frame(&mut s, Some(&limits)) {
+                Ok(Frame::Run(PageRun::Pages { count, .. })) => {
+                    for _ in 0..count {
+                        if read_bulk(&mut s, &mut page, Kind::Pages).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Frame::Message(Message::RoundEnd(RoundEnd { round, .. }))) => {
+                    let _ = protocol::write_message(&mut s, &Message::round_ack(round + 5));
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let r = send_to(&addr, &[]);
+    r.assert_fails_with(&[
+        "round 0",
+        "acknowledges RoundAck { round: 5 }",
+        "source guest was resumed",
+    ]);
+    assert_source_resumed_and_reaped(&r);
+}
+
+/// A round whose `RoundEnd` counts more pages than arrived, on the one
+/// connection, on a data connection, and summed over the data connections.
+#[test]
+fn receiver_refuses_a_round_whose_page_count_does_not_match() {
+    let run = |pages: u32| {
+        let mut b = protocol::pages_frame_header(0, pages, 4096).to_vec();
+        b.extend(vec![7u8; pages as usize * 4096]);
+        b
+    };
+    let mut bytes = hello(protocol::VERSION, 1 << 20);
+    bytes.extend(Message::round_start(0, false).encode());
+    bytes.extend(run(4));
+    bytes.extend(Message::round_end(0, 5).encode());
+    receiver_fed(&bytes).assert_fails_with(&["round 0", "sent 5 pages, 4 arrived"]);
+
+    // One data connection's share of the round is short.
+    let (child, addr) = receiver(&[], &[]);
+    let (mut ctl, mut data) = fake_sender(&addr, 2);
+    protocol::write_message(&mut ctl, &Message::round_start(0, false)).unwrap();
+    data[0].write_all(&run(4)).unwrap();
+    protocol::write_message(&mut data[0], &Message::round_end(0, 5)).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let r = Run {
+        output,
+        report: None,
+    };
+    r.assert_fails_with(&["data connection 0", "round 0", "sent 5 pages, 4 arrived"]);
+    drop((ctl, data));
+
+    // Each data connection agrees with itself, the round's total does not.
+    let (child, addr) = receiver(&[], &[]);
+    let (mut ctl, mut data) = fake_sender(&addr, 2);
+    protocol::write_message(&mut ctl, &Message::round_start(0, false)).unwrap();
+    data[0].write_all(&run(4)).unwrap();
+    for (d, pages) in data.iter_mut().zip([4, 0]) {
+        protocol::write_message(d, &Message::round_end(0, pages)).unwrap();
+    }
+    protocol::write_message(&mut ctl, &Message::round_end(0, 9)).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let r = Run {
+        output,
+        report: None,
+    };
+    r.assert_fails_with(&["round 0", "sent 9 pages, 4 arrived"]);
+}

@@ -77,6 +77,9 @@ pub enum ReceiveError {
     DigestOrder { got: u64, due: u64 },
     #[error("{0} pages had no digest")]
     NoDigest(u64),
+    /// Pages whose content here differs from the paused source's.
+    #[error("{count} mismatched pages after migration (first: page {first})")]
+    Mismatch { count: u64, first: u64 },
     #[error("data connection {index} ended round {got} while round {ending} was ending")]
     StreamRound { index: usize, got: u32, ending: u32 },
     #[error("a data connection claims stream {index} of session {session:#x}; expected one of {streams} streams of session {expected:#x}, each once")]
@@ -576,7 +579,14 @@ impl Receiving {
         self.report.mismatched_pages = mismatched;
         let verdict = Message::verdict(verified, mismatched, first_mismatch);
         protocol::write_message(sock, &verdict).map_err(|e| self.err(e))?;
-        Ok(())
+        // The sender has its verdict; the migration still failed here.
+        match first_mismatch {
+            Some(first) => Err(ReceiveError::Mismatch {
+                count: mismatched,
+                first,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
