@@ -210,12 +210,16 @@ fn a_dropped_run_is_found_by_verification() {
 
 #[test]
 fn a_stale_page_delivered_last_is_found_by_verification() {
-    // 64 hot pages rewritten all along, so later rounds resend some.
+    // 64 hot pages rewritten all along, so later rounds resend them: the
+    // rate limit makes round 0 last 0.7 s, in which the guest writes every
+    // hot page many times over, however fast the machine.
     let hot = [
         "--workload",
         "hotset:wws=256K,rate=20k,hot=1",
         "--policy",
         "fixed:4",
+        "--bandwidth",
+        "100mbit",
     ];
     let (tx, rx, done) = through_proxy(Fault::Stale, &hot);
     assert!(
