@@ -1,5 +1,5 @@
 //! Finding a running guest from outside (`livemig dirtyrate --pid`): its
-//! memory mapping in /proc/<pid>/maps and its control block among its open
+//! memory mapping in `/proc/<pid>/maps` and its control block among its open
 //! files, both named memfds.
 
 use std::sync::atomic::Ordering;
@@ -17,7 +17,7 @@ pub struct Found {
     pub control: Control,
 }
 
-/// Find livemig guest `pid`: its RAM mapping in /proc/<pid>/maps and its
+/// Find livemig guest `pid`: its RAM mapping in `/proc/<pid>/maps` and its
 /// control block among its open fds (both are named memfds).
 pub fn find(pid: i32) -> Result<Found, GuestError> {
     let not = |why: String| GuestError::NotAGuest { pid, why };

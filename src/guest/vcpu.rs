@@ -2,7 +2,7 @@
 //! guest memory at the workload's rate, marks what it wrote when the
 //! `bitmap` tracker is in use, and parks at a safe point when its owner asks
 //! (between complete write-then-mark operations: see [`crate::guest::dirty`]).
-//! Before they start, a fresh guest stamps every page ([`stamp`]).
+//! Before they start, a fresh guest stamps every page (`stamp`).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};

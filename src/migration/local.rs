@@ -19,7 +19,7 @@ pub enum MigrateError {
 /// The destination's options in a local migration.
 #[derive(Clone, Copy, Debug)]
 pub struct Destination {
-    /// Allocate its memory before the migration starts (see [`receiver`]).
+    /// Allocate its memory before the migration starts (see [`destination`]).
     pub prealloc: bool,
     /// Post-copy: pages asked for after each faulted one.
     pub prepage: u32,

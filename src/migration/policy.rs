@@ -53,7 +53,7 @@ impl std::str::FromStr for Policy {
     }
 }
 
-/// Prints the form [`Policy::from_str`] reads back.
+/// Prints the form `Policy::from_str` reads back.
 impl std::fmt::Display for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -128,7 +128,7 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// The form [`Mode::from_str`] reads back (`hybrid:rounds=N` in full).
+/// The form `Mode::from_str` reads back (`hybrid:rounds=N` in full).
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -1,6 +1,7 @@
 //! `livemig simulate`: a discrete-event simulation of a pre-copy migration
-//! that moves no memory. It drives the real sender's decisions
-//! ([`Precopy`]: the same policy and rate-limiter code) over a synthetic
+//! that moves no memory. It steps the same state machine as a real
+//! migration ([`crate::migration::machine`]: the same policy and
+//! rate-limiter code, through the prediction backend) over a synthetic
 //! dirty process: the guest's own deterministic write streams
 //! ([`Stream`], same seeds), so with the same `--seed` it dirties the very
 //! pages the real guest would after the same number of writes.
