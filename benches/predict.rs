@@ -30,16 +30,42 @@ fn config(memory_bytes: u64, workload: &str, seed: u64) -> SimConfig {
     }
 }
 
+/// The claim: each of these predictions takes seconds, not minutes. Checked
+/// on one run before it is benched (`scripts/bench.sh`).
+const CLAIM: Duration = Duration::from_secs(10);
+
+fn within_claim(what: &str, f: impl FnOnce()) {
+    let t = std::time::Instant::now();
+    f();
+    let took = t.elapsed();
+    assert!(
+        took < CLAIM,
+        "{what} took {took:?}, the claim is under {CLAIM:?}"
+    );
+    eprintln!("{what}: {took:.2?} (claim: under {CLAIM:?})");
+}
+
 fn predict(c: &mut Criterion) {
     let mut g = c.benchmark_group("predict");
     g.sample_size(10);
     let tib = config(1 << 40, "hotset:wws=1G,rate=100k", 1);
-    g.bench_function("simulate 1 TiB", |b| {
-        b.iter(|| simulate::run(&tib).expect("simulates"))
-    });
     let vms: Vec<SimConfig> = (0..1000)
         .map(|i| config(256 << 20, "hotset:wws=32M,rate=50k", i))
         .collect();
+    within_claim("simulate 1 TiB", || {
+        black_box(simulate::run(&tib).expect("simulates"));
+    });
+    within_claim("simulate 1000 x 256 MiB", || {
+        vms.iter()
+            .for_each(|c| drop(black_box(simulate::run(c).expect("simulates"))));
+    });
+    within_claim("model 1000 x 256 MiB", || {
+        vms.iter()
+            .for_each(|c| drop(black_box(model::run(c, Variant::Wws).expect("models"))));
+    });
+    g.bench_function("simulate 1 TiB", |b| {
+        b.iter(|| simulate::run(&tib).expect("simulates"))
+    });
     g.bench_function("simulate 1000 x 256 MiB", |b| {
         b.iter(|| {
             for c in &vms {
