@@ -1,9 +1,12 @@
 //! livemig between network namespaces over a shaped link, built by
-//! scripts/testbed.sh. Needs root and network namespaces (CI has both);
-//! where they are missing the tests say why and pass.
+//! scripts/testbed.sh. Needs root and network namespaces (CI has both, and
+//! fails if a test here could not run); elsewhere a test without them says
+//! why on stderr and passes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use livemig::util::skip::cannot_run;
 
 /// A testbed of two hosts, removed when dropped.
 struct Testbed {
@@ -20,7 +23,7 @@ impl Testbed {
     fn up(tag: u32, rate: &str) -> Option<Self> {
         // SAFETY: geteuid cannot fail and touches no memory.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to make network namespaces");
+            cannot_run("needs root to make network namespaces");
             return None;
         }
         let id = std::process::id() % 10_000;
@@ -32,7 +35,9 @@ impl Testbed {
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             if err.contains("Operation not permitted") || err.contains("not supported") {
-                eprintln!("skipped: the kernel cannot make network namespaces here: {err}");
+                cannot_run(format_args!(
+                    "the kernel cannot make network namespaces here: {err}"
+                ));
                 return None;
             }
             panic!("testbed up failed: {err}");

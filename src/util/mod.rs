@@ -1,10 +1,12 @@
 //! Small helpers every layer uses: units and their parsing, the page size,
-//! atomic page bitmaps, processes, error chains and socket I/O.
+//! atomic page bitmaps, processes, error chains, socket I/O, a peer's text
+//! made printable, and what a test does when this machine cannot run it.
 
 pub mod bitmap;
 pub mod error;
 pub mod netio;
 pub mod page;
 pub mod process;
+pub mod skip;
 pub mod text;
 pub mod units;

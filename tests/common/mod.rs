@@ -134,7 +134,12 @@ pub fn available_trackers() -> Vec<TrackerKind> {
                 panic!("uffd-wp fails on Linux 6.7+: {e}")
             }
             Err(e) => {
-                eprintln!("skipping {}: {e}", k.as_str());
+                // Not a test's skip (CI lacks soft-dirty too), but visible,
+                // once per test binary.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    livemig::util::skip::note(format_args!("not testing {}: {e}", k.as_str()))
+                });
                 false
             }
         })

@@ -303,8 +303,7 @@ mod tests {
     #[test]
     fn uffd_wp_reports_exactly_the_written_pages() {
         if let Err(e) = super::super::TrackerKind::UffdWp.check_kernel() {
-            eprintln!("skipped: {e}");
-            return;
+            return crate::util::skip::cannot_run(e);
         }
         let ps = PageSize::host();
         let pages = 1000;
@@ -345,8 +344,7 @@ mod tests {
     #[test]
     fn a_range_not_registered_is_refused_clearly() {
         if let Err(e) = super::super::TrackerKind::UffdWp.check_kernel() {
-            eprintln!("skipped: {e}");
-            return;
+            return crate::util::skip::cannot_run(e);
         }
         let ps = PageSize::host();
         let region = SharedRegion::create("test", ps.bytes(4)).unwrap();
