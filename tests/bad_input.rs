@@ -108,11 +108,18 @@ fn fake_receiver(f: impl FnOnce(TcpStream) + Send + 'static) -> String {
     addr
 }
 
+/// Keep a fake receiver's end open until the sender closes its own: closing
+/// first, with the sender's bytes unread, would reset the connection and
+/// could discard the reply before the sender read it, however long we wait.
+fn drain_until_closed(mut s: TcpStream) {
+    let _ = std::io::copy(&mut s, &mut std::io::sink());
+}
+
 #[test]
 fn peer_speaking_another_protocol() {
     let addr = fake_receiver(|mut s| {
         let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        drain_until_closed(s);
     });
     let r = send_to(&addr, &[]);
     r.assert_fails_with(&["not a livemig peer"]);
@@ -135,7 +142,7 @@ fn peer_speaking_another_version() {
         };
         let _ = s.write_all(&header.encode());
         let _ = s.write_all(&payload);
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        drain_until_closed(s);
     });
     send_to(&addr, &[]).assert_fails_with(&["version 3"]);
 }
@@ -178,8 +185,7 @@ fn a_verdict_that_skips_pages_is_refused() {
                 Ok(Frame::Message(Message::Complete(_))) => {
                     let lie = Message::verdict(5, 0, None);
                     protocol::write_message(&mut s, &lie).unwrap();
-                    std::thread::sleep(std::time::Duration::from_millis(300));
-                    return;
+                    return drain_until_closed(s);
                 }
                 Ok(_) => {}
                 Err(_) => return,
