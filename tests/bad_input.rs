@@ -227,7 +227,22 @@ fn source_guest_dying_mid_migration() {
             pids.split_whitespace().next().map(str::to_owned)
         })
         .expect("the source guest started");
-    std::thread::sleep(std::time::Duration::from_millis(300)); // into round 0 (about 1.3 s)
+    // Into round 0: the sender claims the guest once it is set up, warms
+    // up for 100 ms, then sends 16 MiB at 100 Mbit/s (1.3 s at least);
+    // after the claim and 300 ms, the kill cannot come before round 0.
+    let found = wait_until("the source guest's control block", || {
+        livemig::guest::find::find(guest.parse().ok()?).ok()
+    });
+    wait_until("the sender's claim on its guest", || {
+        (found
+            .control
+            .block()
+            .owner
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != 0)
+            .then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(std::process::Command::new("kill")
         .args(["-9", &guest])
         .status()

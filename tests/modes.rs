@@ -162,7 +162,15 @@ fn postcopy_destination_fails_cleanly_when_the_source_dies() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill the source once the destination guest runs: post-copy has
+    // begun, and its push has seconds left whatever this machine's speed.
+    let guest = wait_until("the destination guest", || {
+        livemig::guest::find::find(child_of(rx.id())?).ok()
+    });
+    assert!(
+        guest.control.wait_running(1, Duration::from_secs(60)),
+        "the destination guest never ran"
+    );
     tx.kill().unwrap();
     let _ = tx.wait();
     let t = Instant::now();

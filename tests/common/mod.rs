@@ -154,3 +154,28 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
         .map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
+
+/// The first child process of `pid` (of any of its threads), once one exists.
+pub fn child_of(pid: u32) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let kids = std::fs::read_to_string(t.path().join("children")).ok()?;
+        kids.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Wait until `ready` holds, polling; panic with `what` after a minute (a
+/// bound on a hang, not on speed: every wait here takes well under a second).
+pub fn wait_until<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(t) = ready() {
+            return t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited a minute for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
