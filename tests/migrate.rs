@@ -24,7 +24,22 @@ fn idle_guest_is_round_zero_and_an_almost_empty_stop_and_copy() {
 
 #[test]
 fn hot_set_converges_and_the_guest_continues_on_the_destination() {
-    let r = migrate(&["--mem", "32M", "--workload", "hotset:wws=2M,rate=20k"]);
+    // Every write lands in the 512-page hot set (hot=1). Round 0 sends
+    // 8192 pages at 1 Gbit/s: 258 ms at least (268 less the limiter's
+    // initial 10 ms of credit) whatever the machine, in which the guest
+    // writes over 500 times: far more than 50 pages are dirty, so at least
+    // one iteration follows. A round of p pages then lasts p / 30 ms plus
+    // the round's overhead L, and the guest dirties at most 2 pages per ms
+    // of it: rounds shrink to about 2 pages per ms of L, under Xen's 50 for
+    // any L under 23 ms (well under 1 ms here, idle or loaded).
+    let r = migrate(&[
+        "--mem",
+        "32M",
+        "--workload",
+        "hotset:wws=2M,rate=2k,hot=1",
+        "--bandwidth",
+        "1gbit",
+    ]);
     let rep = assert_verified(&r);
     assert_eq!(rep["stop_reason"], "few_dirty_pages", "{rep:#}");
     let rs = rounds(rep);
@@ -33,15 +48,16 @@ fn hot_set_converges_and_the_guest_continues_on_the_destination() {
         "round 0, at least one iteration, stop-and-copy: {rep:#}"
     );
     // Later rounds resend the hot set, not the whole memory.
-    assert!(rs[1]["pages"].as_u64().unwrap() <= 512 + 100, "{rep:#}");
+    for r in &rs[1..] {
+        assert!(r["pages"].as_u64().unwrap() <= 512, "{rep:#}");
+    }
+    // Pacing catches up any delay under 200 ms, so only a guest starved
+    // that long at once could fall short of its rate.
     let before = rep["guest_dirty_rate_pps"].as_f64().unwrap();
-    assert!(
-        (before - 20_000.0).abs() < 2_000.0,
-        "paced near 20k: {before}"
-    );
+    assert!((before - 2_000.0).abs() < 200.0, "paced near 2k: {before}");
     assert!(
         rep["destination_guest_rate_pps"].as_f64().unwrap() > 1_000.0,
-        "{rep:#}"
+        "continues near its 2k pages/s: {rep:#}"
     );
     let b = &rep["downtime_breakdown_ms"];
     let sum: f64 = [
