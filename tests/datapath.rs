@@ -84,8 +84,10 @@ fn a_rate_limit_holds_across_streams() {
         "fixed:1",
     ]);
     let rep = assert_verified(&r);
-    let mbps = rep["rounds"][0]["throughput_mbps"].as_f64().unwrap();
-    assert!((150.0..215.0).contains(&mbps), "{mbps} Mbit/s");
+    // One limit for all four streams: the round is paced at 200 Mbit/s,
+    // not 800 (its speed below the limit depends on the machine).
+    assert_eq!(rep["rounds"][0]["rate_limit_bps"], 200_000_000);
+    assert_paced(&rep["rounds"][0]);
 }
 
 #[test]

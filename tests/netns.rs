@@ -9,6 +9,8 @@ use std::process::Command;
 
 use livemig::util::skip::cannot_run;
 
+mod common;
+
 /// A testbed of two hosts, removed when dropped.
 struct Testbed {
     prefix: String,
@@ -220,23 +222,10 @@ fn the_dynamic_limit_follows_clarks_rule_over_a_real_link() {
         let got = w[1]["rate_limit_bps"].as_f64().unwrap();
         assert!((got - want).abs() <= 8.0, "{got} vs {want}");
     }
-    // Every round runs at its limit, not at the link's rate (500 Mbit/s,
-    // above every limit): the limiter never lets a round send more than its
-    // limit over the round's own duration, plus the bucket's depth (10 ms
-    // of the limit, at least 64 KiB) and the control frames. This bounds
-    // time from below, so a slow machine cannot break it; how much slower
-    // than its limit a round runs depends on the machine, and is not
-    // asserted.
-    for r in rounds {
-        let bytes = r["bytes"].as_f64().unwrap();
-        let limit = r["rate_limit_bps"].as_f64().unwrap() / 8.0;
-        let secs = r["duration_ms"].as_f64().unwrap() / 1e3;
-        let allowed = limit * secs + (limit / 100.0).max(64.0 * 1024.0) + 4096.0;
-        assert!(
-            bytes <= allowed,
-            "{bytes} bytes in {secs} s at {limit} bytes/s (at most {allowed}): {r}"
-        );
-    }
+    // No round runs faster than its limit, so none at the link's rate
+    // (500 Mbit/s, above every limit). How much slower a round runs
+    // depends on the machine, and is not asserted.
+    rounds.iter().for_each(common::assert_paced);
 }
 
 #[test]

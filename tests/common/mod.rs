@@ -179,3 +179,23 @@ pub fn wait_until<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// The rate limiter's promise for one round of a report: it never sends
+/// more than its limit allows over the round's own duration, plus the
+/// bucket's depth (10 ms of the limit, at least 64 KiB) and a page of
+/// control frames. A bound on time from below: no machine is too slow for
+/// it, where "within x % of the limit" fails on a busy one.
+pub fn assert_paced(round: &serde_json::Value) {
+    let f = |k: &str| {
+        round[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} missing: {round}"))
+    };
+    let limit = f("rate_limit_bps") / 8.0;
+    let (bytes, secs) = (f("bytes"), f("duration_ms") / 1e3);
+    let allowed = limit * secs + (limit / 100.0).max(64.0 * 1024.0) + 4096.0;
+    assert!(
+        bytes <= allowed,
+        "{bytes} bytes in {secs} s at {limit} bytes/s: more than {allowed}: {round}"
+    );
+}
