@@ -200,6 +200,22 @@ impl Bucket {
         }
         self.last = now;
     }
+
+    /// Book `bytes` sent at `now`; how long their sender must wait until
+    /// the debt is paid (zero: none). Time is a parameter so that tests
+    /// check the pacing exactly, without a clock.
+    fn take(&mut self, bytes: u64, now: Instant) -> Duration {
+        let Some(rate) = self.rate() else {
+            return Duration::ZERO;
+        };
+        self.refill(now);
+        // u64 -> f64: byte counts far below 2^53 in practice; tiny rounding is harmless.
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64(-self.tokens / rate).unwrap_or(Duration::MAX)
+    }
 }
 
 impl RateLimiter {
@@ -252,12 +268,7 @@ impl RateLimiter {
     /// Books `bytes` sent without waiting (priority traffic: post-copy's
     /// demand pages); whoever acquires next waits for the debt instead.
     pub fn charge(&self, bytes: u64) {
-        let mut b = self.lock();
-        if b.rate().is_some() {
-            b.refill(Instant::now());
-            // u64 -> f64: as in acquire.
-            b.tokens -= bytes as f64;
-        }
+        let _debt = self.lock().take(bytes, Instant::now());
     }
 
     /// Blocks until `bytes` may be sent. Sends larger than the bucket are
@@ -266,18 +277,10 @@ impl RateLimiter {
     /// booked before sleeping, so concurrent callers queue behind it without
     /// anyone sleeping under the lock.
     pub fn acquire(&self, bytes: u64) {
-        let wait = {
-            let mut b = self.lock();
-            let Some(rate) = b.rate() else { return };
-            b.refill(Instant::now());
-            // u64 -> f64: byte counts far below 2^53 in practice; tiny rounding is harmless.
-            b.tokens -= bytes as f64;
-            if b.tokens >= 0.0 {
-                return;
-            }
-            -b.tokens / rate
-        };
-        std::thread::sleep(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX));
+        let wait = self.lock().take(bytes, Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
     }
 }
 
@@ -291,17 +294,34 @@ mod tests {
         s.parse()
     }
 
+    /// A limiter's bucket and the instant it was last refilled: taking at
+    /// that instant adds no tokens, so the figures below are exact.
+    fn bucket(rl: &RateLimiter) -> (MutexGuard<'_, Bucket>, Instant) {
+        let b = rl.lock();
+        let last = b.last;
+        (b, last)
+    }
+
     #[test]
     fn charged_bytes_delay_the_next_acquire() {
-        // 1 MB/s; the bucket holds 64 KiB. A charge of 100 KB is not waited
-        // for, but the next acquire waits for the debt.
-        let l = RateLimiter::new(Some(1_000_000));
+        // 1 MB/s; the bucket holds 64 KiB. A charge of 100 KB past it is
+        // not waited for, but the next sender waits for that debt: 100 ms.
+        let rl = RateLimiter::new(Some(1_000_000));
+        let (mut b, t0) = bucket(&rl);
+        b.take(64 * 1024 + 100_000, t0);
+        assert_eq!(b.take(1, t0), Duration::from_micros(100_001));
+        // 40 ms later, 40 KB of it is paid.
+        let later = t0 + Duration::from_millis(40);
+        assert_eq!(b.take(0, later), Duration::from_micros(60_001));
+        drop(b);
+        // For real: acquire sleeps at least that long (only a lower bound
+        // on time holds on any machine).
+        let rl = RateLimiter::new(Some(1_000_000));
         let t = Instant::now();
-        l.charge(64 * 1024 + 100_000);
-        assert!(t.elapsed() < Duration::from_millis(20));
-        l.acquire(1);
+        rl.charge(64 * 1024 + 100_000);
+        rl.acquire(1);
         let waited = t.elapsed();
-        assert!(waited >= Duration::from_millis(90), "{waited:?}");
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
     }
 
     #[test]
@@ -401,26 +421,43 @@ mod tests {
 
     #[test]
     fn bucket_paces_to_the_limit() {
+        // Ten sends of 100 KiB at 2 MiB/s, each sent when its wait is over:
+        // the first 64 KiB are the full bucket, the rest take exactly
+        // (1000 - 64) / 2048 s.
+        let rl = RateLimiter::new(Some(2 * MIB));
+        let (mut b, t0) = bucket(&rl);
+        let mut now = t0;
+        for _ in 0..10 {
+            now += b.take(100 * 1024, now);
+        }
+        let want = (1000.0 - 64.0) / 2048.0;
+        let took = (now - t0).as_secs_f64();
+        assert!((took - want).abs() < 1e-6, "took {took} s, want {want}");
+        drop(b);
+        // For real, shared by clones: never sooner.
         let rl = RateLimiter::new(Some(2 * MIB));
         let start = Instant::now();
         for _ in 0..10 {
             rl.clone().acquire(100 * 1024);
         }
         let t = start.elapsed().as_secs_f64();
-        assert!((0.4..0.7).contains(&t), "took {t} s");
+        assert!(t >= want - 1e-6, "took {t} s");
     }
 
     #[test]
     fn unlimited_returns_at_once() {
         let rl = RateLimiter::new(None);
-        let start = Instant::now();
+        let (mut b, t0) = bucket(&rl);
         for _ in 0..1000 {
-            rl.acquire(1 << 30);
+            assert_eq!(b.take(1 << 30, t0), Duration::ZERO);
         }
-        assert!(start.elapsed() < Duration::from_millis(50));
+        drop(b);
         rl.set_limit(Some(MIB));
         assert_eq!(rl.limit(), Some(MIB));
-        rl.acquire(64 * 1024); // a fresh limit starts with a full bucket
-        assert!(start.elapsed() < Duration::from_millis(100));
+        // A fresh limit starts with a full bucket: 64 KiB go at once, and
+        // not a byte more.
+        let (mut b, t0) = bucket(&rl);
+        assert_eq!(b.take(64 * 1024, t0), Duration::ZERO);
+        assert!(b.take(1, t0) > Duration::ZERO);
     }
 }
