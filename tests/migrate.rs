@@ -243,7 +243,8 @@ fn human_output_has_a_round_table_and_a_summary() {
     // the notice a kernel without uffd-wp gets about the tracker it uses.
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.lines().all(|l| l.starts_with("notice: using --tracker")),
+        err.lines()
+            .all(|l| l.starts_with("notice: using --tracker")),
         "{err}"
     );
     assert!(!err.contains('\r') && !err.contains("pages/s]"), "{err}");
