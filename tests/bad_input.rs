@@ -379,25 +379,6 @@ fn receiver_wants_digests_in_page_order() {
     receiver_fed(&bytes).assert_fails_with(&["digests for page 5", "page 0 was due"]);
 }
 
-/// A fake sender's handshake for `streams` connections over 1 MiB of
-/// 4 KiB pages: the control connection, then the data connections.
-fn fake_sender(addr: &str, streams: u32) -> (TcpStream, Vec<TcpStream>) {
-    let session = 11;
-    let mut ctl = TcpStream::connect(addr).unwrap();
-    let hello = Message::hello(4096, 1 << 20, streams, session);
-    protocol::write_message(&mut ctl, &hello).unwrap();
-    protocol::read_handshake::<protocol::HelloAck>(&mut ctl).unwrap();
-    let data = (0..streams)
-        .filter(|_| streams > 1)
-        .map(|index| {
-            let mut s = TcpStream::connect(addr).unwrap();
-            protocol::write_message(&mut s, &Message::stream_hello(index, session)).unwrap();
-            s
-        })
-        .collect();
-    (ctl, data)
-}
-
 /// A valid `Discard` where pages belong: on a data connection it once
 /// crashed the receiver (an unreachable! in the data path).
 #[test]

@@ -4,27 +4,9 @@
 mod common;
 use common::*;
 
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use livemig::wire::protocol::{self, Message};
-
-/// A fake sender's handshake with `streams` data connections over 1 MiB.
-fn fake_sender(addr: &str, streams: u32) -> (TcpStream, Vec<TcpStream>) {
-    let session = 7;
-    let mut ctl = TcpStream::connect(addr).unwrap();
-    let hello = Message::hello(4096, 1 << 20, streams, session);
-    protocol::write_message(&mut ctl, &hello).unwrap();
-    protocol::read_handshake::<protocol::HelloAck>(&mut ctl).unwrap();
-    let data = (0..streams)
-        .map(|index| {
-            let mut s = TcpStream::connect(addr).unwrap();
-            protocol::write_message(&mut s, &Message::stream_hello(index, session)).unwrap();
-            s
-        })
-        .collect();
-    (ctl, data)
-}
 
 #[test]
 fn a_data_connection_closed_mid_round_fails_the_round_at_once() {

@@ -4,10 +4,12 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
 use livemig::guest::dirty::TrackerKind;
+use livemig::wire::protocol::{self, Message};
 
 pub fn livemig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_livemig"))
@@ -198,4 +200,23 @@ pub fn assert_paced(round: &serde_json::Value) {
         bytes <= allowed,
         "{bytes} bytes in {secs} s at {limit} bytes/s: more than {allowed}: {round}"
     );
+}
+
+/// A fake sender's handshake for `streams` connections over 1 MiB of
+/// 4 KiB pages: the control connection, then the data connections.
+pub fn fake_sender(addr: &str, streams: u32) -> (TcpStream, Vec<TcpStream>) {
+    let session = 11;
+    let mut ctl = TcpStream::connect(addr).unwrap();
+    let hello = Message::hello(4096, 1 << 20, streams, session);
+    protocol::write_message(&mut ctl, &hello).unwrap();
+    protocol::read_handshake::<protocol::HelloAck>(&mut ctl).unwrap();
+    let data = (0..streams)
+        .filter(|_| streams > 1)
+        .map(|index| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            protocol::write_message(&mut s, &Message::stream_hello(index, session)).unwrap();
+            s
+        })
+        .collect();
+    (ctl, data)
 }
