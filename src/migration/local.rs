@@ -68,7 +68,7 @@ pub fn run(
     };
     // Post-copy discards what it has not received: preallocating all of
     // it first would only add the discard to the downtime.
-    let prealloc = dest.prealloc && cfg.mode != crate::migration::postcopy::Mode::Postcopy;
+    let prealloc = dest.prealloc && cfg.mode != crate::migration::phases::Mode::Postcopy;
     let prepared = match destination::Prepared::new(Some(cfg.memory_bytes), prealloc, dest.prepage)
     {
         Ok(p) => p,

@@ -12,9 +12,8 @@
 
 use std::time::Duration;
 
-use crate::migration::phases::SourcePhase;
+use crate::migration::phases::{Mode, SourcePhase};
 use crate::migration::policy::{Decision, PolicyConfig, Precopy, RoundFigures, StopReason};
-use crate::migration::postcopy::Mode;
 use crate::report::{Report, RoundReport, Status};
 
 /// A round as a backend carried it out.

@@ -21,7 +21,86 @@
 //! fetch, then `Resume` once the device state is in.
 
 use crate::migration::policy::Decision;
-use crate::migration::postcopy::Mode;
+
+/// How a migration moves memory (`--mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Iterate, then stop and copy what is left.
+    Precopy,
+    /// Resume at the destination at once; fetch pages on demand while the
+    /// source pushes the rest.
+    Postcopy,
+    /// `rounds` pre-copy rounds, then post-copy for what they left dirty.
+    Hybrid { rounds: u32 },
+    /// Suspend, copy everything, resume (the stop-and-copy baseline).
+    Cold,
+}
+
+/// A mode that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModeError {
+    #[error("unknown mode (precopy, postcopy, hybrid[:rounds=N], cold)")]
+    Unknown,
+    #[error(
+        "rounds must be a whole number from 1 to 1000 (precopy, postcopy, hybrid[:rounds=N], cold)"
+    )]
+    Rounds,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = ModeError;
+
+    /// `precopy` | `postcopy` | `hybrid[:rounds=N]` | `cold`.
+    fn from_str(s: &str) -> Result<Mode, ModeError> {
+        Ok(match s.trim() {
+            "precopy" => Mode::Precopy,
+            "postcopy" => Mode::Postcopy,
+            "cold" => Mode::Cold,
+            "hybrid" => Mode::Hybrid { rounds: 2 },
+            other => {
+                let n = other
+                    .strip_prefix("hybrid:rounds=")
+                    .ok_or(ModeError::Unknown)?;
+                match n.parse::<u32>() {
+                    Ok(rounds @ 1..=1000) => Mode::Hybrid { rounds },
+                    _ => return Err(ModeError::Rounds),
+                }
+            }
+        })
+    }
+}
+
+/// The form `Mode::from_str` reads back (`hybrid:rounds=N` in full).
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Hybrid { rounds } => write!(f, "hybrid:rounds={rounds}"),
+            m => f.write_str(m.as_str()),
+        }
+    }
+}
+
+impl Mode {
+    /// The report's `mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid { .. } => "hybrid",
+            Mode::Cold => "cold",
+        }
+    }
+
+    /// Whether pre-copy rounds run before the switch-over.
+    pub fn iterates(self) -> bool {
+        matches!(self, Mode::Precopy | Mode::Hybrid { .. })
+    }
+
+    /// Whether the guest resumes before all of its memory has arrived.
+    pub fn is_postcopy(self) -> bool {
+        matches!(self, Mode::Postcopy | Mode::Hybrid { .. })
+    }
+}
 
 /// Where the source side of a migration is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,9 +135,8 @@ impl SourcePhase {
     /// pre-copy round; other phases ignore it.
     pub fn next(self, mode: Mode, decision: Decision) -> SourcePhase {
         use SourcePhase::*;
-        let iterates = matches!(mode, Mode::Precopy | Mode::Hybrid { .. });
         match self {
-            Setup if iterates => Precopy { round: 0 },
+            Setup if mode.iterates() => Precopy { round: 0 },
             Setup => Switchover { round: 0 },
             Precopy { round } => match decision {
                 Decision::Continue => Precopy { round: round + 1 },
@@ -304,6 +382,22 @@ mod tests {
             out.push(p);
         }
         out
+    }
+
+    #[test]
+    fn modes_read_back_and_bad_ones_are_refused() {
+        for m in [
+            Mode::Precopy,
+            Mode::Postcopy,
+            Mode::Cold,
+            Mode::Hybrid { rounds: 7 },
+        ] {
+            assert_eq!(m.to_string().parse(), Ok(m));
+        }
+        assert_eq!("hybrid".parse(), Ok(Mode::Hybrid { rounds: 2 }));
+        assert_eq!("warp".parse::<Mode>(), Err(ModeError::Unknown));
+        assert_eq!("hybrid:rounds=0".parse::<Mode>(), Err(ModeError::Rounds));
+        assert_eq!("hybrid:rounds=x".parse::<Mode>(), Err(ModeError::Rounds));
     }
 
     #[test]
