@@ -16,6 +16,7 @@ use livemig::guest::workload::{Workload, WorkloadError};
 use livemig::migration::phases::Mode;
 use livemig::migration::policy::Policy;
 use livemig::migration::source::SenderConfig;
+use livemig::migration::throttle::{AutoConverge, DirtyLimit, ThrottleError, Throttling};
 use livemig::predict::model::Variant;
 use livemig::predict::simulate::{SimConfig, SimulateError};
 use livemig::util::error::error_chain;
@@ -160,6 +161,98 @@ pub struct SendOpts {
     /// Send zero pages whole instead of as markers.
     #[arg(long)]
     pub no_zero_pages: bool,
+    #[command(flatten)]
+    pub throttle: ThrottleFlags,
+}
+
+/// Slowing the guest down so pre-copy converges, with QEMU's rules and defaults.
+#[derive(Args)]
+#[command(next_help_heading = "Throttling")]
+pub struct ThrottleFlags {
+    /// QEMU's auto-converge: when the guest dirties more than
+    /// --throttle-trigger % of what was sent in a period (of at least 1 s),
+    /// for the second time, throttle its vCPUs (a throttled vCPU sleeps
+    /// PCT/(100-PCT) of each 10 ms it runs).
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// First throttle, percent.
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 20,
+        requires = "auto_converge"
+    )]
+    pub throttle_initial: u32,
+    /// Added at each later step, percent.
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 10,
+        requires = "auto_converge"
+    )]
+    pub throttle_increment: u32,
+    /// Highest throttle, percent (at most 99).
+    #[arg(
+        long,
+        value_name = "PCT",
+        default_value_t = 99,
+        requires = "auto_converge"
+    )]
+    pub throttle_max: u32,
+    /// Dirtied bytes, as a percentage of the bytes sent in a period, above which a period counts.
+    #[arg(long, value_name = "PCT", default_value_t = 50)]
+    pub throttle_trigger: u32,
+    /// Step less than --throttle-increment when less would bring the dirtying down to the trigger.
+    #[arg(long, requires = "auto_converge")]
+    pub throttle_tailslow: bool,
+    /// QEMU's dirty limit: once the trigger is met twice, cap each vCPU at
+    /// RATE writes per second (20k, 1.5M).
+    #[arg(long, value_name = "RATE", value_parser = page_rate)]
+    pub dirty_limit: Option<u64>,
+    /// The window the dirty limit is counted over (1ms..1s).
+    #[arg(
+        long,
+        value_name = "DUR",
+        default_value = "1s",
+        requires = "dirty_limit"
+    )]
+    pub dirty_limit_period: Span,
+}
+
+/// A whole number of pages per second (`max` is no limit).
+fn page_rate(s: &str) -> Result<u64, String> {
+    match livemig::util::units::parse_page_rate(s).map_err(|e| e.to_string())? {
+        // f64 -> u64 saturates; a page rate.
+        livemig::util::units::PageRate::PerSec(r) => Ok(r.round() as u64),
+        livemig::util::units::PageRate::Max => Err("give a rate in pages/s, like 20k".into()),
+    }
+}
+
+impl ThrottleFlags {
+    /// The throttling asked for, checked against the workload's rate.
+    pub fn config(&self, workload: &Workload, vcpus: u32) -> Result<Throttling> {
+        let t = match (self.auto_converge, self.dirty_limit) {
+            (false, None) => Throttling::Off,
+            (true, Some(_)) => bail!("{}", ThrottleError::Both),
+            (true, None) => Throttling::AutoConverge(AutoConverge {
+                initial: self.throttle_initial,
+                increment: self.throttle_increment,
+                max: self.throttle_max,
+                trigger: self.throttle_trigger,
+                tailslow: self.throttle_tailslow,
+            }),
+            (false, Some(pps)) => Throttling::DirtyLimit(DirtyLimit {
+                pps,
+                period: self.dirty_limit_period.0,
+            }),
+        };
+        let rate = match workload.rate {
+            livemig::util::units::PageRate::PerSec(r) => Some(r / f64::from(vcpus.max(1))),
+            livemig::util::units::PageRate::Max => None,
+        };
+        t.check(rate).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(t)
+    }
 }
 
 #[derive(Args)]
@@ -388,6 +481,7 @@ impl SendOpts {
         // the guest starts.
         let reduction = self.reduction()?;
         let g = self.guest.config()?;
+        let throttling = self.throttle.config(&g.fresh.workload, g.fresh.vcpus)?;
         Ok(SenderConfig {
             memory_bytes: g.memory_bytes,
             workload: g.fresh.workload,
@@ -403,6 +497,7 @@ impl SendOpts {
             mode: self.mode,
             reduction,
             progress: !self.quiet,
+            throttling,
         })
     }
 

@@ -2,8 +2,9 @@
 //! its owner (the sender, or the receiver after migration) talk without
 //! sockets. It holds futex words for pausing the vCPUs at safe points, one
 //! slot per vCPU with its write counter and its device state, the claim of
-//! the one process allowed to harvest the guest's dirty pages, and the
-//! `mprotect` tracker's re-protection requests.
+//! the one process allowed to harvest the guest's dirty pages, the
+//! `mprotect` tracker's re-protection requests, and the throttle the owner
+//! sets to slow the guest down (auto-converge, dirty limit).
 //!
 //! Pausing is two-step and real: the owner asks the vCPUs to park at a safe
 //! point (between two complete "write then mark" operations, so no write can
@@ -27,7 +28,23 @@ pub const MAX_WORKLOAD_LEN: usize = 256;
 pub const CONTROL_NAME: &str = "livemig-control";
 
 /// "livemig" and the layout's version, in [`ControlBlock::magic`].
-pub const MAGIC: u64 = u64::from_le_bytes(*b"livemig\x02");
+pub const MAGIC: u64 = u64::from_le_bytes(*b"livemig\x03");
+
+/// Highest CPU throttle (QEMU's `max-cpu-throttle` bound).
+pub const MAX_THROTTLE_PCT: u32 = 99;
+
+/// How the owner slows the guest's vCPUs down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Throttle {
+    Off,
+    /// Each vCPU sleeps `pct/(100-pct)` of every 10 ms it runs.
+    Cpu(u32),
+    /// Each vCPU writes at most `pps` times a second, counted over periods.
+    DirtyLimit {
+        pps: u64,
+        period: Duration,
+    },
+}
 
 /// Values of [`ControlBlock::pause`].
 pub const RUN: u32 = 0;
@@ -43,6 +60,8 @@ pub struct VcpuSlot {
     pub seed: AtomicU64,
     /// Workload cursor (the next page of a sweep).
     pub cursor: AtomicU64,
+    /// Nanoseconds this vCPU slept because it was throttled.
+    pub throttled_ns: AtomicU64,
 }
 
 /// The shared layout. A zero-filled mapping is a valid block (all atomics).
@@ -87,6 +106,14 @@ pub struct ControlBlock {
     pub uffd_ready: AtomicU32,
     /// ...and the userfaultfd's fd number in the guest (-1: it failed).
     pub uffd_fd: std::sync::atomic::AtomicI32,
+    /// Throttle set by the owner, read by the vCPUs at their safe points:
+    /// the share of time (percent, 0-99) each vCPU sleeps, as QEMU's
+    /// auto-converge does...
+    pub throttle_pct: AtomicU32,
+    /// ...or a cap on each vCPU's writes per second (0: none), enforced
+    /// over periods of `dirty_limit_period_us`, as QEMU's dirty limit does.
+    pub dirty_limit_pps: AtomicU64,
+    pub dirty_limit_period_us: AtomicU32,
     pub slots: [VcpuSlot; MAX_VCPUS as usize],
 }
 
@@ -143,6 +170,48 @@ impl Control {
             .iter()
             .map(|s| s.ops.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Owner side: set the throttle the vCPUs obey from their next safe
+    /// point on ([`Throttle::Off`] lifts it).
+    pub fn set_throttle(&self, t: Throttle) {
+        let b = self.block();
+        let (pct, pps, period) = match t {
+            Throttle::Off => (0, 0, 0),
+            Throttle::Cpu(pct) => (pct.min(MAX_THROTTLE_PCT), 0, 0),
+            Throttle::DirtyLimit { pps, period } => {
+                let us = u32::try_from(period.as_micros()).unwrap_or(u32::MAX);
+                (0, pps.max(1), us.max(1))
+            }
+        };
+        b.dirty_limit_period_us.store(period, Ordering::Relaxed);
+        b.dirty_limit_pps.store(pps, Ordering::Relaxed);
+        b.throttle_pct.store(pct, Ordering::Release);
+    }
+
+    /// The throttle in force.
+    pub fn throttle(&self) -> Throttle {
+        let b = self.block();
+        let pct = b.throttle_pct.load(Ordering::Acquire);
+        let pps = b.dirty_limit_pps.load(Ordering::Relaxed);
+        let us = b.dirty_limit_period_us.load(Ordering::Relaxed);
+        match (pct, pps) {
+            (0, 0) => Throttle::Off,
+            (0, pps) => Throttle::DirtyLimit {
+                pps,
+                period: Duration::from_micros(u64::from(us.max(1))),
+            },
+            (pct, _) => Throttle::Cpu(pct.min(MAX_THROTTLE_PCT)),
+        }
+    }
+
+    /// Time the first `vcpus` vCPUs slept throttled, summed.
+    pub fn throttled(&self, vcpus: u32) -> Duration {
+        let ns = self.block().slots[..vcpus as usize]
+            .iter()
+            .map(|s| s.throttled_ns.load(Ordering::Relaxed))
+            .sum();
+        Duration::from_nanos(ns)
     }
 
     /// Owner side: ask every vCPU to park and wait until `vcpus` have.

@@ -430,6 +430,11 @@ impl Guest {
         self.control.ops(self.vcpus)
     }
 
+    /// Time a vCPU slept throttled so far, on average over the vCPUs.
+    pub fn throttled(&self) -> Duration {
+        self.control.throttled(self.vcpus) / self.vcpus.max(1)
+    }
+
     /// An error if the process has exited.
     pub fn check_alive(&mut self) -> Result<(), GuestError> {
         if self.reaped.is_none() {

@@ -2,8 +2,8 @@
 //! ([`SourcePhase`]) over a [`Backend`] that does the work.
 //!
 //! The driver owns what every kind of migration shares: the phase, the
-//! convergence policy ([`Precopy`]) with its rate limit, and the report's
-//! rounds and stop reason. The round loop exists here once. A backend owns
+//! convergence policy ([`Precopy`]) with its rate limit, the throttle
+//! ([`Governor`]), and the report's rounds and stop reason. The round loop exists here once. A backend owns
 //! how a phase is carried out: the real sender over TCP
 //! ([`crate::migration::source`]), the simulator and the analytical model
 //! ([`crate::predict`]), or an in-memory transport in tests. Each
@@ -12,9 +12,11 @@
 
 use std::time::Duration;
 
+use crate::guest::control::Throttle;
 use crate::migration::phases::{Mode, SourcePhase};
 use crate::migration::policy::{Decision, PolicyConfig, Precopy, RoundFigures, StopReason};
-use crate::report::{Report, RoundReport, Status};
+use crate::migration::throttle::Governor;
+use crate::report::{ms, Report, RoundReport, Status};
 
 /// A round as a backend carried it out.
 #[derive(Clone, Debug)]
@@ -22,6 +24,22 @@ pub struct Round {
     pub figures: RoundFigures,
     /// The harvest that ended it (zero where nothing is harvested).
     pub harvest: Duration,
+    /// What the guest did meanwhile, where known: its writes, and the time
+    /// each vCPU slept throttled (on average).
+    pub guest_ops: Option<u64>,
+    pub throttled: Duration,
+}
+
+impl Round {
+    /// A round with no guest figures.
+    pub fn new(figures: RoundFigures, harvest: Duration) -> Self {
+        Self {
+            figures,
+            harvest,
+            guest_ops: None,
+            throttled: Duration::ZERO,
+        }
+    }
 }
 
 /// How the phases of a migration are carried out.
@@ -79,6 +97,10 @@ pub trait Backend {
     /// Check the destination's memory against the source's.
     fn verify(&mut self, report: &mut Report) -> Result<(), Self::Error>;
 
+    /// Slow the guest down (or lift the throttle) from now on. A backend
+    /// whose guest cannot be throttled refuses: never silently unthrottled.
+    fn throttle(&mut self, t: Throttle) -> Result<(), Self::Error>;
+
     /// A row went into the report (to print it as it happens).
     fn on_round(&mut self, _row: &RoundReport) {}
 
@@ -93,6 +115,7 @@ pub struct Migration<B: Backend> {
     pub report: Report,
     mode: Mode,
     precopy: Precopy,
+    governor: Governor,
     phase: SourcePhase,
 }
 
@@ -100,11 +123,13 @@ impl<B: Backend> Migration<B> {
     /// A migration in `mode` deciding by `policy`, about to start; `report`
     /// describes its configuration.
     pub fn new(backend: B, mode: Mode, policy: PolicyConfig, report: Report) -> Self {
+        let governor = Governor::new(policy.throttling, policy.page_size, Duration::ZERO);
         Self {
             backend,
             report,
             mode,
             precopy: Precopy::new(policy),
+            governor,
             phase: SourcePhase::Setup,
         }
     }
@@ -156,7 +181,11 @@ impl<B: Backend> Migration<B> {
     fn carry_out(&mut self) -> Result<Decision, B::Error> {
         let report = &mut self.report;
         match self.phase {
-            SourcePhase::Setup => self.backend.setup(report)?,
+            SourcePhase::Setup => {
+                self.backend.setup(report)?;
+                let c = self.precopy.config();
+                self.governor = Governor::new(c.throttling, c.page_size, self.backend.elapsed());
+            }
             SourcePhase::Precopy { round } => {
                 let r = self
                     .backend
@@ -165,8 +194,24 @@ impl<B: Backend> Migration<B> {
                 let mut decision = self.precopy.end_round(r.figures.clone(), elapsed);
                 let why = self.precopy.explain(decision, elapsed);
                 self.record(&r, false, why);
+                // Throttling is for the rounds to come: none when pre-copy ends.
+                let step = match decision {
+                    Decision::Continue => {
+                        let f = &r.figures;
+                        self.governor.after_sync(elapsed, f.dirty_pages, f.bytes)
+                    }
+                    Decision::Stop(_) => None,
+                };
+                if let (Some(s), Some(row)) = (&step, self.report.rounds.last_mut()) {
+                    row.decision = format!("{} Then {}.", row.decision, s.why);
+                }
                 self.show_last();
-                if matches!(decision, Decision::Continue) {
+                if let Some(s) = step {
+                    self.backend.throttle(s.throttle)?;
+                    self.report.cpu_throttle_percentage = cpu_pct(s.throttle);
+                }
+                // A throttle that can still tighten breaks any fixed point.
+                if matches!(decision, Decision::Continue) && !self.governor.can_tighten() {
                     if let Some(stop) = self.backend.fast_forward(&self.precopy, &mut self.report) {
                         decision = Decision::Stop(stop);
                     }
@@ -178,6 +223,9 @@ impl<B: Backend> Migration<B> {
                 return Ok(decision);
             }
             SourcePhase::Switchover { round } => {
+                if let Some(since) = self.governor.since() {
+                    report.throttled_ms = ms(self.backend.elapsed().saturating_sub(since));
+                }
                 let (limit, postcopy) = (self.precopy.final_limit(), self.mode.is_postcopy());
                 let last = self.backend.switchover(round, limit, postcopy, report)?;
                 if let Some(r) = &last {
@@ -209,7 +257,22 @@ impl<B: Backend> Migration<B> {
     fn record(&mut self, r: &Round, stop_and_copy: bool, decision: String) {
         let mut row = r.figures.to_report(r.harvest, stop_and_copy, decision);
         row.postcopy = matches!(self.phase, SourcePhase::Postcopy { .. });
+        let secs = r.figures.duration.as_secs_f64();
+        // u64 -> f64: a count of writes.
+        row.guest_rate_pps = r.guest_ops.filter(|_| secs > 0.0).map(|n| n as f64 / secs);
+        row.throttled_ms = ms(r.throttled);
+        row.throttle_pct = cpu_pct(self.governor.throttle());
+        row.end_ms = ms(self.backend.elapsed());
         let report = &mut self.report;
+        // Work a throttled guest did not do, against its target rate (or
+        // for `max`, its rate before migration).
+        if let (Some(ops), false) = (r.guest_ops, self.governor.throttle() == Throttle::Off) {
+            let rate = report.guest_target_rate_pps;
+            let due = rate.unwrap_or(report.guest_dirty_rate_pps) * secs;
+            // f64 -> u64 saturates: a count of writes.
+            let lost = (due as u64).saturating_sub(ops);
+            report.guest_work_lost_writes = report.guest_work_lost_writes.saturating_add(lost);
+        }
         report.transferred_bytes = report.transferred_bytes.saturating_add(r.figures.bytes);
         report.transferred_pages = report.transferred_pages.saturating_add(r.figures.pages);
         report.rounds.push(row);
@@ -222,6 +285,14 @@ impl<B: Backend> Migration<B> {
     }
 }
 
+/// The CPU throttle's percentage (0 for none or a dirty limit).
+fn cpu_pct(t: Throttle) -> u32 {
+    match t {
+        Throttle::Cpu(p) => p,
+        _ => 0,
+    }
+}
+
 /// The machine stepped over an in-memory transport: a source of a few
 /// small pages that a scripted guest dirties, and a destination that takes
 /// each frame through its own phases ([`DestPhase`]), with no process or
@@ -231,6 +302,7 @@ mod tests {
     use super::*;
     use crate::migration::phases::{DestAction, DestEvent, DestPhase, DestStepError};
     use crate::migration::policy::Policy;
+    use crate::migration::throttle::Throttling;
     use crate::wire::ratelimit::Bandwidth;
 
     const PAGES: usize = 32;
@@ -263,6 +335,10 @@ mod tests {
         paused: bool,
         resumed_after_failure: bool,
         clock: Duration,
+        /// How long each round takes on the clock.
+        round_time: Duration,
+        /// The throttles the machine set, in order.
+        throttles: Vec<Throttle>,
         dest: Dest,
     }
 
@@ -275,6 +351,8 @@ mod tests {
                 paused: false,
                 resumed_after_failure: false,
                 clock: Duration::ZERO,
+                round_time: Duration::from_millis(1),
+                throttles: Vec::new(),
                 dest: Dest {
                     mem: vec![0; PAGES],
                     present: vec![!postcopy; PAGES],
@@ -319,12 +397,12 @@ mod tests {
                     self.dirty[p] = true;
                 }
             }
-            self.clock += Duration::from_millis(1);
+            self.clock += self.round_time;
             Ok(RoundFigures {
                 round,
                 pages: sent,
                 bytes: sent * 4096,
-                duration: Duration::from_millis(1),
+                duration: self.round_time,
                 dirty_pages: self.dirty.iter().filter(|&&d| d).count() as u64,
                 rate_limit: None,
             })
@@ -349,10 +427,7 @@ mod tests {
             _: &mut Report,
         ) -> Result<Round, DestStepError> {
             let figures = self.send(round, false)?;
-            Ok(Round {
-                figures,
-                harvest: Duration::ZERO,
-            })
+            Ok(Round::new(figures, Duration::ZERO))
         }
 
         fn switchover(
@@ -371,10 +446,7 @@ mod tests {
                 return Ok(None);
             }
             let figures = self.send(round, true)?;
-            Ok(Some(Round {
-                figures,
-                harvest: Duration::ZERO,
-            }))
+            Ok(Some(Round::new(figures, Duration::ZERO)))
         }
 
         fn hand_over(&mut self, _: &mut Report) -> Result<(), DestStepError> {
@@ -399,17 +471,15 @@ mod tests {
                 self.dest.present[p] = true;
             }
             let pages = missing.len() as u64;
-            Ok(Round {
-                figures: RoundFigures {
-                    round,
-                    pages,
-                    bytes: pages * 4096,
-                    duration: Duration::from_millis(1),
-                    dirty_pages: 0,
-                    rate_limit: None,
-                },
-                harvest: Duration::ZERO,
-            })
+            let figures = RoundFigures {
+                round,
+                pages,
+                bytes: pages * 4096,
+                duration: Duration::from_millis(1),
+                dirty_pages: 0,
+                rate_limit: None,
+            };
+            Ok(Round::new(figures, Duration::ZERO))
         }
 
         fn verify(&mut self, report: &mut Report) -> Result<(), DestStepError> {
@@ -422,6 +492,11 @@ mod tests {
             Ok(())
         }
 
+        fn throttle(&mut self, t: Throttle) -> Result<(), DestStepError> {
+            self.throttles.push(t);
+            Ok(())
+        }
+
         fn on_failure(&mut self, phase: SourcePhase, _: &mut Report) {
             if !phase.destination_runs() {
                 self.paused = false;
@@ -431,6 +506,15 @@ mod tests {
     }
 
     fn migration(mode: Mode, policy: Policy, backend: Mem) -> Migration<Mem> {
+        throttled(mode, policy, Throttling::Off, backend)
+    }
+
+    fn throttled(
+        mode: Mode,
+        policy: Policy,
+        throttling: Throttling,
+        backend: Mem,
+    ) -> Migration<Mem> {
         let cfg = PolicyConfig {
             policy,
             bandwidth: Bandwidth::Unlimited,
@@ -438,6 +522,7 @@ mod tests {
             memory_bytes: PAGES as u64 * 4096,
             downtime_limit: Duration::from_millis(300),
             max_time: Duration::from_secs(60),
+            throttling,
         };
         Migration::new(backend, mode, cfg, Report::default())
     }
@@ -505,6 +590,33 @@ mod tests {
         let pages: Vec<u64> = m.report.rounds.iter().map(|r| r.pages).collect();
         assert_eq!(pages, [32, 2]);
         assert_eq!(m.report.mismatched_pages, 0);
+    }
+
+    /// 0.6 s rounds that each leave 20 of 32 pages dirty: every period of
+    /// two rounds is above the trigger, so every second period (rounds 3
+    /// and 7) steps the throttle, which the rows and the report show.
+    #[test]
+    fn auto_converge_throttles_the_guest_through_the_backend() {
+        let writes = vec![(0..20).collect::<Vec<_>>(); 12];
+        let mut mem = Mem::new(writes, false);
+        mem.round_time = Duration::from_millis(600);
+        let ac = Throttling::AutoConverge(Default::default());
+        let mut m = throttled(Mode::Precopy, Policy::Fixed(12), ac, mem);
+        m.run().unwrap();
+        assert_eq!(m.backend.throttles, [Throttle::Cpu(20), Throttle::Cpu(30)]);
+        let r = &m.report;
+        let pct: Vec<u32> = r.rounds.iter().map(|r| r.throttle_pct).collect();
+        assert_eq!(pct, [0, 0, 0, 0, 20, 20, 20, 20, 30, 30, 30, 30, 30]);
+        assert!(
+            r.rounds[3].decision.contains("Then throttle"),
+            "{}",
+            r.rounds[3].decision
+        );
+        assert!(!r.rounds[4].decision.contains("throttle"));
+        assert_eq!(r.cpu_throttle_percentage, 30);
+        // From the first step (2.4 s) to the pause (7.2 s).
+        assert!((r.throttled_ms - 4800.0).abs() < 1e-6, "{}", r.throttled_ms);
+        assert_eq!((r.verified_pages, r.mismatched_pages), (32, 0));
     }
 
     #[test]

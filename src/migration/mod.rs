@@ -10,3 +10,4 @@ pub mod phases;
 pub mod policy;
 pub mod postcopy;
 pub mod source;
+pub mod throttle;

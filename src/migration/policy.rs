@@ -115,6 +115,8 @@ pub struct PolicyConfig {
     pub downtime_limit: Duration,
     /// Stop iterating once the migration has run this long (all policies).
     pub max_time: Duration,
+    /// How the guest may be slowed down to converge (any policy).
+    pub throttling: crate::migration::throttle::Throttling,
 }
 
 /// Why pre-copy stopped iterating.
@@ -394,6 +396,8 @@ impl RoundFigures {
             stop_and_copy,
             postcopy: false,
             decision,
+            dirty_pages: self.dirty_pages,
+            ..RoundReport::default()
         }
     }
 }
@@ -413,6 +417,7 @@ mod tests {
             memory_bytes: 256 * MIB,
             downtime_limit: Duration::from_millis(300),
             max_time: Duration::from_secs(60),
+            throttling: Default::default(),
         }
     }
 

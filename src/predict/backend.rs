@@ -8,10 +8,12 @@
 
 use std::time::Duration;
 
+use crate::guest::control::Throttle;
 use crate::guest::workload::WorkloadError;
 use crate::migration::machine::{Backend, Round};
 use crate::migration::policy::{Precopy, RoundFigures, StopReason};
 use crate::migration::source::SenderConfig;
+use crate::migration::throttle::rate_factor;
 use crate::report::{ms, DowntimeBreakdown, Report};
 use crate::util::page::PageSize;
 use crate::wire::ratelimit::RateLimiter;
@@ -63,6 +65,9 @@ pub(crate) trait Dirtying {
     /// Pages the next round sends.
     fn pending(&self) -> u64;
 
+    /// The guest's writes per second, unthrottled (0 when idle).
+    fn rate_pps(&self) -> f64;
+
     /// Bytes a round of the pending pages puts on the wire at `limit`.
     fn round_bytes(&self, round: u32, stop_and_copy: bool, limit: Option<u64>) -> u64;
 
@@ -93,6 +98,8 @@ pub(crate) struct Prediction<'a, D> {
     last_pages: Duration,
     /// Pre-copy reached a fixed point that only the clock ends.
     fast_forwarded: bool,
+    /// The guest dirties at this share of its rate (see [`rate_factor`]).
+    throttle: Throttle,
 }
 
 impl<'a, D: Dirtying> Prediction<'a, D> {
@@ -103,6 +110,7 @@ impl<'a, D: Dirtying> Prediction<'a, D> {
             now: Duration::ZERO,
             last_pages: Duration::ZERO,
             fast_forwarded: false,
+            throttle: Throttle::Off,
         }
     }
 }
@@ -133,7 +141,11 @@ impl<D: Dirtying> Backend for Prediction<'_, D> {
         let bytes = self.dirtying.round_bytes(round, false, limit);
         let duration = round_time(self.cfg, bytes, limit, round);
         self.now += duration;
-        let dirty_pages = self.dirtying.run(duration)?;
+        // A throttled guest writes as if it ran for a share of the round.
+        let vcpus = f64::from(self.cfg.migration.vcpus.max(1));
+        let rate = self.dirtying.rate_pps();
+        let factor = rate_factor(self.throttle, Some(rate / vcpus));
+        let dirty_pages = self.dirtying.run(duration.mul_f64(factor))?;
         report.dirty_sync_count += 1;
         let figures = RoundFigures {
             round,
@@ -144,8 +156,10 @@ impl<D: Dirtying> Backend for Prediction<'_, D> {
             rate_limit: limit,
         };
         Ok(Round {
-            figures,
-            harvest: Duration::ZERO,
+            // f64 -> u64 saturates: a count of writes.
+            guest_ops: Some((rate * factor * duration.as_secs_f64()) as u64),
+            throttled: duration.mul_f64(1.0 - factor),
+            ..Round::new(figures, Duration::ZERO)
         })
     }
 
@@ -175,10 +189,7 @@ impl<D: Dirtying> Backend for Prediction<'_, D> {
             dirty_pages: 0,
             rate_limit: limit,
         };
-        Ok(Some(Round {
-            figures,
-            harvest: Duration::ZERO,
-        }))
+        Ok(Some(Round::new(figures, Duration::ZERO)))
     }
 
     fn hand_over(&mut self, report: &mut Report) -> Result<(), SimulateError> {
@@ -203,6 +214,11 @@ impl<D: Dirtying> Backend for Prediction<'_, D> {
     }
 
     fn verify(&mut self, _report: &mut Report) -> Result<(), SimulateError> {
+        Ok(())
+    }
+
+    fn throttle(&mut self, t: Throttle) -> Result<(), SimulateError> {
+        self.throttle = t;
         Ok(())
     }
 }

@@ -136,6 +136,10 @@ impl Dirtying for Model {
         self.todo
     }
 
+    fn rate_pps(&self) -> f64 {
+        self.rate
+    }
+
     fn round_bytes(&self, round: u32, _stop_and_copy: bool, limit: Option<u64>) -> u64 {
         round_bytes(&self.w, self.todo, round, limit)
     }

@@ -76,6 +76,10 @@ impl Dirtying for Sim<'_> {
         self.todo.count()
     }
 
+    fn rate_pps(&self) -> f64 {
+        self.guest.rate_pps().unwrap_or(0.0)
+    }
+
     fn round_bytes(&self, round: u32, stop_and_copy: bool, limit: Option<u64>) -> u64 {
         round_bytes(&self.todo, round, stop_and_copy, limit, self.page_size)
     }

@@ -41,8 +41,18 @@ pub struct RoundReport {
     /// The post-copy push (the guest running at the destination).
     pub postcopy: bool,
     /// The policy's decision after this round, with its numbers (empty for
-    /// stop-and-copy).
+    /// stop-and-copy), and any change of throttle.
     pub decision: String,
+    /// Pages found dirty at the end of the round (0 for stop-and-copy).
+    pub dirty_pages: u64,
+    /// When the round ended, on the migration's clock (since its start).
+    pub end_ms: f64,
+    /// The CPU throttle in force during the round, percent (auto-converge).
+    pub throttle_pct: u32,
+    /// The guest's write rate during the round (null where not measured).
+    pub guest_rate_pps: Option<f64>,
+    /// Time each vCPU slept throttled during the round, on average.
+    pub throttled_ms: f64,
 }
 
 /// A duration in milliseconds, as reports give them.
@@ -145,6 +155,14 @@ pub struct Report {
     /// Guest write rate during pre-copy, while tracked (and competing with
     /// the sender for CPU); null when migration did not get that far.
     pub guest_rate_precopy_pps: Option<f64>,
+    /// The CPU throttle when pre-copy ended, percent (QEMU's
+    /// `cpu-throttle-percentage`; 0 when auto-converge did not throttle).
+    pub cpu_throttle_percentage: u32,
+    /// From the first throttle (auto-converge or dirty limit) to the pause.
+    pub throttled_ms: f64,
+    /// Writes the guest did not do in its throttled rounds, against its
+    /// rate before migration.
+    pub guest_work_lost_writes: u64,
     /// Write rate of the destination guest right after it resumed (local runs).
     pub destination_guest_rate_pps: Option<f64>,
     pub source_guest_pid: Option<i32>,
@@ -170,8 +188,16 @@ impl Report {
 /// Header of the per-round table.
 pub fn round_header() -> String {
     format!(
-        "{:>5} {:>9} {:>9} {:>9} {:>10} {:>14} {:>12}",
-        "round", "pages", "MiB", "ms", "Mbit/s", "dirty pages/s", "rate limit"
+        "{:>5} {:>9} {:>9} {:>9} {:>10} {:>14} {:>12} {:>14} {:>8}",
+        "round",
+        "pages",
+        "MiB",
+        "ms",
+        "Mbit/s",
+        "dirty pages/s",
+        "rate limit",
+        "guest writes/s",
+        "throttle"
     )
 }
 
@@ -187,15 +213,25 @@ pub fn round_row(r: &RoundReport) -> String {
     let limit = r.rate_limit_bps.map_or("unlimited".to_string(), |b| {
         format!("{:.0} Mbit/s", b as f64 / 1e6)
     });
+    let guest = r
+        .guest_rate_pps
+        .map_or("-".to_string(), |g| format!("{g:.0}"));
+    let throttle = match (r.throttle_pct, r.throttled_ms > 0.0) {
+        (0, false) => "-".to_string(),
+        (0, true) => "limit".to_string(),
+        (p, _) => format!("{p}%"),
+    };
     format!(
-        "{:>5} {:>9} {:>9.1} {:>9.1} {:>10.1} {:>14.0} {:>12}",
+        "{:>5} {:>9} {:>9.1} {:>9.1} {:>10.1} {:>14.0} {:>12} {:>14} {:>8}",
         round,
         r.pages,
         r.bytes as f64 / (1u64 << 20) as f64,
         r.duration_ms,
         r.throughput_mbps,
         r.dirty_rate_pps,
-        limit
+        limit,
+        guest,
+        throttle
     )
 }
 
@@ -287,6 +323,17 @@ pub fn summary(r: &Report) -> String {
             s += &format!("; guest {g:.0} pages/s meanwhile");
         }
         s.push('\n');
+    }
+    if r.throttled_ms > 0.0 {
+        s += &format!(
+            "throttle          {} for {:.0} ms before the pause; {} guest writes lost\n",
+            match r.cpu_throttle_percentage {
+                0 => "dirty limit".to_string(),
+                p => format!("cpu {p}% at the end"),
+            },
+            r.throttled_ms,
+            r.guest_work_lost_writes
+        );
     }
     if r.mode == SIMULATED || r.mode == MODEL {
         s += &format!(

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::guest::control::Control;
+use crate::guest::control::{Control, Throttle};
 use crate::guest::dirty::{DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
 use crate::guest::memory::GuestMemory;
 use crate::guest::process::{Fresh, Guest, GuestError};
@@ -25,6 +25,7 @@ use crate::guest::workload::{Layout, Workload};
 use crate::migration::machine::Migration;
 use crate::migration::phases::Mode;
 use crate::migration::policy::{Policy, PolicyConfig};
+use crate::migration::throttle::Throttling;
 use crate::report::{ms, Report, RoundReport};
 use crate::util::page::PageSize;
 use crate::util::units::PageRate;
@@ -56,6 +57,8 @@ pub struct SenderConfig {
     pub reduction: Reduction,
     /// Draw a progress bar (only drawn when stderr is a terminal).
     pub progress: bool,
+    /// Slowing the guest down to converge (auto-converge, dirty limit).
+    pub throttling: Throttling,
 }
 
 impl Default for SenderConfig {
@@ -77,6 +80,7 @@ impl Default for SenderConfig {
             mode: Mode::Precopy,
             reduction: Reduction::default(),
             progress: false,
+            throttling: Throttling::Off,
         }
     }
 }
@@ -95,6 +99,7 @@ impl SenderConfig {
             memory_bytes: self.memory_bytes,
             downtime_limit: self.downtime_limit,
             max_time: self.max_time,
+            throttling: self.throttling,
         }
     }
 
@@ -255,6 +260,8 @@ pub fn migrate(
 /// Resume the source after a failure and check it really runs on: alive,
 /// and writing if its workload writes fast enough to see within a second.
 fn src_resume(src: &mut Source) -> Result<bool, GuestError> {
+    // The source runs on as it was: unthrottled.
+    src.guest.control().set_throttle(Throttle::Off);
     src.guest.resume()?;
     src.guest.check_alive()?;
     let window = match (src.workload.is_idle(), src.workload.rate) {

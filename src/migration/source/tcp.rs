@@ -12,6 +12,7 @@ use indicatif::ProgressBar;
 
 use super::streams::{connect, peer_error, proto, Lanes};
 use super::{progress_bar, src_resume, SendError, SenderConfig, Source};
+use crate::guest::control::Throttle;
 use crate::guest::dirty::DirtySet;
 use crate::guest::process::DeviceState;
 use crate::migration::machine::{Backend, Round};
@@ -289,9 +290,12 @@ impl Backend for Tcp<'_> {
     ) -> Result<Round, SendError> {
         self.limiter.set_limit(limit);
         let t0 = Instant::now();
+        let (ops0, throttled0) = (self.src.guest.ops(), self.src.guest.throttled());
         let (pages, bytes) = self.send_round(round, false, report)?;
         self.dirty.clear();
         let harvest = self.harvest(false, report)?;
+        let guest_ops = self.src.guest.ops().saturating_sub(ops0);
+        let throttled = self.src.guest.throttled().saturating_sub(throttled0);
         // A dead guest writes nothing: no point iterating over it.
         self.src.guest.check_alive()?;
         let figures = RoundFigures {
@@ -303,7 +307,11 @@ impl Backend for Tcp<'_> {
             rate_limit: limit,
         };
         std::mem::swap(&mut self.todo, &mut self.dirty);
-        Ok(Round { figures, harvest })
+        Ok(Round {
+            guest_ops: Some(guest_ops),
+            throttled,
+            ..Round::new(figures, harvest)
+        })
     }
 
     fn switchover(
@@ -347,10 +355,7 @@ impl Backend for Tcp<'_> {
             dirty_pages: 0,
             rate_limit: limit,
         };
-        Ok(Some(Round {
-            figures,
-            harvest: self.last_harvest,
-        }))
+        Ok(Some(Round::new(figures, self.last_harvest)))
     }
 
     fn hand_over(&mut self, report: &mut Report) -> Result<(), SendError> {
@@ -439,10 +444,7 @@ impl Backend for Tcp<'_> {
             dirty_pages: 0,
             rate_limit: limit,
         };
-        Ok(Round {
-            figures,
-            harvest: self.last_harvest,
-        })
+        Ok(Round::new(figures, self.last_harvest))
     }
 
     /// Send the paused source's page digests; read the receiver's verdict.
@@ -489,6 +491,12 @@ impl Backend for Tcp<'_> {
                 first: first_mismatch,
             });
         }
+        Ok(())
+    }
+
+    /// Every livemig guest obeys at its vCPUs' safe points.
+    fn throttle(&mut self, t: Throttle) -> Result<(), SendError> {
+        self.src.guest.control().set_throttle(t);
         Ok(())
     }
 
