@@ -301,6 +301,10 @@ pub struct SweepOpts {
     /// Policies (repeat the flag)
     #[arg(long = "policy", value_name = "POLICY", default_values = ["xen", "qemu"])]
     pub policies: Vec<Policy>,
+    /// Run every point twice: without throttling, and with QEMU's
+    /// auto-converge at its defaults.
+    #[arg(long)]
+    pub auto_converge: bool,
     /// Migrate to a receiver there instead of over loopback (run
     /// `livemig receive` in a loop on it: each point is one migration).
     #[arg(long)]
@@ -387,6 +391,15 @@ pub fn one_line(e: &clap::Error) -> String {
             let flag = arg.split_whitespace().next().unwrap_or(arg);
             let why = std::error::Error::source(e).map_or(String::new(), error_chain);
             return format!("invalid {flag} \"{value}\": {why}");
+        }
+    }
+    if e.kind() == ErrorKind::MissingRequiredArgument {
+        if let Some(ContextValue::Strings(missing)) = e.get(ContextKind::InvalidArg) {
+            let flags: Vec<&str> = missing
+                .iter()
+                .filter_map(|a| a.split_whitespace().next())
+                .collect();
+            return format!("missing {}: a flag given needs it", flags.join(", "));
         }
     }
     let text = e.render().to_string();
@@ -594,6 +607,13 @@ impl SweepOpts {
             workloads: self.workloads.clone(),
             bandwidths: self.bandwidths.clone(),
             policies: self.policies.clone(),
+            throttlings: match self.auto_converge {
+                false => vec![Throttling::Off],
+                true => vec![
+                    Throttling::Off,
+                    Throttling::AutoConverge(AutoConverge::default()),
+                ],
+            },
             base: SenderConfig {
                 vcpus: self.vcpus,
                 tracker: choose_tracker(self.tracker)?,

@@ -123,6 +123,7 @@ impl<B: Backend> Migration<B> {
     /// A migration in `mode` deciding by `policy`, about to start; `report`
     /// describes its configuration.
     pub fn new(backend: B, mode: Mode, policy: PolicyConfig, report: Report) -> Self {
+        // Its first period starts with the migration (QEMU: at setup).
         let governor = Governor::new(policy.throttling, policy.page_size, Duration::ZERO);
         Self {
             backend,
@@ -181,11 +182,7 @@ impl<B: Backend> Migration<B> {
     fn carry_out(&mut self) -> Result<Decision, B::Error> {
         let report = &mut self.report;
         match self.phase {
-            SourcePhase::Setup => {
-                self.backend.setup(report)?;
-                let c = self.precopy.config();
-                self.governor = Governor::new(c.throttling, c.page_size, self.backend.elapsed());
-            }
+            SourcePhase::Setup => self.backend.setup(report)?,
             SourcePhase::Precopy { round } => {
                 let r = self
                     .backend

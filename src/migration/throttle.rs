@@ -138,6 +138,15 @@ impl Throttling {
         }
     }
 
+    /// A short name: off, auto-converge, dirty-limit.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Throttling::Off => "off",
+            Throttling::AutoConverge(_) => "auto-converge",
+            Throttling::DirtyLimit(_) => "dirty-limit",
+        }
+    }
+
     /// Whether a later sync can still tighten the throttle.
     pub fn can_tighten(&self, now: Throttle) -> bool {
         match (*self, now) {

@@ -1,4 +1,5 @@
-//! `livemig sweep`: a grid over memory, workload, bandwidth and policy; at
+//! `livemig sweep`: a grid over memory, workload, bandwidth, policy and
+//! (optionally) auto-converge; at
 //! each point a real migration (over loopback, or to a receiver with
 //! `--to`), the model and the simulator, side by side, and how far the
 //! predictions fall from what was measured.
@@ -19,6 +20,7 @@ use crate::guest::workload::Workload;
 use crate::migration::local::{self, MigrateError};
 use crate::migration::policy::Policy;
 use crate::migration::source::{self, SendError, SenderConfig, Source};
+use crate::migration::throttle::Throttling;
 use crate::predict::model::{self, Variant};
 use crate::predict::simulate::{self, SimConfig};
 use crate::report::Report;
@@ -107,6 +109,8 @@ pub struct SweepConfig {
     pub workloads: Vec<Workload>,
     pub bandwidths: Vec<Bandwidth>,
     pub policies: Vec<Policy>,
+    /// How each point may throttle its guest (a dimension of the grid).
+    pub throttlings: Vec<Throttling>,
     /// Everything else a migration needs (vCPUs, tracker, limits, warm-up,
     /// seed); its memory, workload, bandwidth and policy are the grid's.
     pub base: SenderConfig,
@@ -129,6 +133,8 @@ pub struct Row {
     pub workload: String,
     pub bandwidth: String,
     pub policy: String,
+    /// "off", "auto-converge" or "dirty-limit".
+    pub throttling: String,
     pub measured: Figures,
     pub model: Figures,
     pub simulated: Figures,
@@ -143,6 +149,8 @@ pub struct Figures {
     /// Pre-copy rounds plus stop-and-copy.
     pub rounds: Option<u32>,
     pub bytes: Option<u64>,
+    /// The CPU throttle when pre-copy ended (auto-converge).
+    pub cpu_throttle_percentage: Option<u32>,
     /// Why there are no figures, when there are none.
     pub error: Option<String>,
 }
@@ -157,6 +165,7 @@ impl Figures {
                     (r.rounds.len() as u64 + r.rounds_not_listed).min(u32::MAX.into()) as u32,
                 ),
                 bytes: Some(r.transferred_bytes),
+                cpu_throttle_percentage: Some(r.cpu_throttle_percentage),
                 error: r.error,
             },
             Err(e) => Self {
@@ -207,6 +216,7 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
         ("workload", cfg.workloads.is_empty()),
         ("bandwidth", cfg.bandwidths.is_empty()),
         ("policy", cfg.policies.is_empty()),
+        ("throttling", cfg.throttlings.is_empty()),
     ] {
         if empty {
             return Err(SweepError::Empty(name));
@@ -217,11 +227,18 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
     for &mem in &cfg.mems {
         for workload in &cfg.workloads {
             for bandwidth in &cfg.bandwidths {
-                for policy in &cfg.policies {
-                    let label = format!(
+                for (policy, throttling) in cfg
+                    .policies
+                    .iter()
+                    .flat_map(|p| cfg.throttlings.iter().map(move |t| (p, t)))
+                {
+                    let mut label = format!(
                         "{} {workload} {bandwidth} {policy}",
                         crate::util::units::fmt_bytes(mem)
                     );
+                    if *throttling != Throttling::Off {
+                        label = format!("{label} {}", throttling.name());
+                    }
                     // Every point is checked before the first one runs.
                     if mem == 0 || !page.divides(mem) {
                         return Err(SweepError::PointSize { label, mem, page });
@@ -236,6 +253,7 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                         workload: workload.clone(),
                         bandwidth: *bandwidth,
                         policy: *policy,
+                        throttling: *throttling,
                         progress: false,
                         ..cfg.base.clone()
                     };
@@ -290,6 +308,7 @@ pub fn run(
             workload: p.cfg.workload.to_string(),
             bandwidth: p.cfg.bandwidth.to_string(),
             policy: p.cfg.policy.to_string(),
+            throttling: p.cfg.throttling.name().into(),
             measured: Figures::of(migrate(&p.cfg)),
             model: Figures::of(model::run(&sim, cfg.variant)),
             simulated: Figures::of(simulate::run(&sim)),
@@ -316,6 +335,7 @@ fn calibrate(
         workload: "idle".parse().expect("a valid spec"),
         bandwidth: Bandwidth::Unlimited,
         policy: Policy::Fixed(2),
+        throttling: Throttling::Off,
         progress: false,
         ..cfg.base.clone()
     };
@@ -457,6 +477,10 @@ pub fn csv(s: &Sweep) -> String {
             out += &format!(",{who}_{f}");
         }
     }
+    out += ",throttling";
+    for who in ["measured", "model", "simulated"] {
+        out += &format!(",{who}_cpu_throttle_percentage");
+    }
     out.push('\n');
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
     for r in &s.rows {
@@ -477,6 +501,11 @@ pub fn csv(s: &Sweep) -> String {
                 f.rounds.map_or(String::new(), |v| v.to_string()),
                 f.bytes.map_or(String::new(), |v| v.to_string())
             );
+        }
+        out += &format!(",{}", r.throttling);
+        for f in [&r.measured, &r.model, &r.simulated] {
+            let pct = f.cpu_throttle_percentage;
+            out += &format!(",{}", pct.map_or(String::new(), |v| v.to_string()));
         }
         out.push('\n');
     }
@@ -528,6 +557,7 @@ mod tests {
             workloads: vec!["idle".parse().unwrap()],
             bandwidths: vec![],
             policies: vec![Policy::Xen],
+            throttlings: vec![Throttling::Off],
             base: SenderConfig::default(),
             variant: Variant::Wws,
             link_bytes_per_s: None,
