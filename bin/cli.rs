@@ -495,6 +495,14 @@ impl SendOpts {
         let reduction = self.reduction()?;
         let g = self.guest.config()?;
         let throttling = self.throttle.config(&g.fresh.workload, g.fresh.vcpus)?;
+        if throttling != Throttling::Off && matches!(self.mode, Mode::Postcopy | Mode::Cold) {
+            bail!(
+                "--{} slows the guest between pre-copy rounds, and --mode {} has none \
+                 (use precopy or hybrid)",
+                throttling.name(),
+                self.mode
+            );
+        }
         Ok(SenderConfig {
             memory_bytes: g.memory_bytes,
             workload: g.fresh.workload,

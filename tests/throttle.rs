@@ -194,6 +194,20 @@ fn bad_throttle_settings_get_one_line_each() {
         let r = run(&args);
         r.assert_fails_with(&[needle]);
     }
+    // No pre-copy rounds to throttle between.
+    for mode in ["postcopy", "cold"] {
+        let r = run(&[
+            "migrate",
+            "--mem",
+            "8M",
+            "--workload",
+            "idle",
+            "--mode",
+            mode,
+            "--auto-converge",
+        ]);
+        r.assert_fails_with(&["--auto-converge", mode]);
+    }
     // A throttle flag without the feature it tunes.
     let r = run(&["migrate", "--mem", "8M", "--throttle-initial", "30"]);
     r.assert_fails_with(&["--auto-converge"]);
