@@ -209,7 +209,8 @@ pub struct ThrottleFlags {
     /// RATE writes per second (20k, 1.5M).
     #[arg(long, value_name = "RATE", value_parser = page_rate)]
     pub dirty_limit: Option<u64>,
-    /// The window the dirty limit is counted over (1ms..1s).
+    /// The dirty limit's window: the guest never writes more than RATE x DUR
+    /// beyond its pace (1ms..1s).
     #[arg(
         long,
         value_name = "DUR",

@@ -39,7 +39,8 @@ pub enum Throttle {
     Off,
     /// Each vCPU sleeps `pct/(100-pct)` of every 10 ms it runs.
     Cpu(u32),
-    /// Each vCPU writes at most `pps` times a second, counted over periods.
+    /// Each vCPU writes at most `pps` times a second, evenly, bursting no
+    /// more than a `period`'s worth.
     DirtyLimit {
         pps: u64,
         period: Duration,
@@ -111,7 +112,8 @@ pub struct ControlBlock {
     /// auto-converge does...
     pub throttle_pct: AtomicU32,
     /// ...or a cap on each vCPU's writes per second (0: none), enforced
-    /// over periods of `dirty_limit_period_us`, as QEMU's dirty limit does.
+    /// paced evenly with bursts of at most a `dirty_limit_period_us` worth,
+    /// as QEMU's dirty limit does.
     pub dirty_limit_pps: AtomicU64,
     pub dirty_limit_period_us: AtomicU32,
     pub slots: [VcpuSlot; MAX_VCPUS as usize],

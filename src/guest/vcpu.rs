@@ -77,7 +77,7 @@ impl Vcpu<'_> {
         let rate = self.workload.rate_per_vcpu(self.vcpus);
         self.control.mark_running();
         let (mut t0, mut base) = (Instant::now(), stream.ops);
-        let mut throttled = Throttled::new(Throttle::Off);
+        let mut throttled = Throttled::new(Throttle::Off, stream.ops);
         loop {
             // The safe point: no write is between its store and its mark here.
             if self.control.pause_requested() {
@@ -118,7 +118,7 @@ impl Vcpu<'_> {
                     (due - stream.ops).min(BATCH)
                 }
             }
-            .min(throttled.allowed(stream.ops));
+            .min(throttled.allowed());
             for _ in 0..batch {
                 self.apply(stream.next(self.workload));
             }
@@ -155,7 +155,7 @@ impl Vcpu<'_> {
     }
 }
 
-/// A vCPU's side of the throttle: when its slice or its period began.
+/// A vCPU's side of the throttle.
 struct Throttled {
     seen: Throttle,
     /// CPU throttle: when the vCPU last woke from a throttle sleep, and by
@@ -163,23 +163,25 @@ struct Throttled {
     /// of time slept is the throttle's, whatever the wake-up latency).
     slice: Instant,
     overslept: Duration,
-    /// Dirty limit: when the limit was first seen, the period under way
-    /// (counted from then) and the operation count when it began.
+    /// Dirty limit, a token bucket that fills at the cap, up to a period's
+    /// worth, and starts empty: the writes allowed are the cap times the
+    /// time since `since` less the writes done since `since_ops`.
     since: Instant,
-    period: u64,
-    period_ops: u64,
+    since_ops: u64,
+    /// Writes the last look allowed before the next.
+    allowed: u64,
 }
 
 impl Throttled {
-    fn new(seen: Throttle) -> Self {
+    fn new(seen: Throttle, ops: u64) -> Self {
         let now = Instant::now();
         Self {
             seen,
             slice: now,
             overslept: Duration::ZERO,
             since: now,
-            period: 0,
-            period_ops: 0,
+            since_ops: ops,
+            allowed: u64::MAX,
         }
     }
 
@@ -188,8 +190,7 @@ impl Throttled {
     fn obey(&mut self, control: &Control, ops: u64) -> Option<Duration> {
         let t = control.throttle();
         if t != self.seen {
-            *self = Self::new(t);
-            self.period_ops = ops;
+            *self = Self::new(t, ops);
         }
         let now = Instant::now();
         let sleep = match t {
@@ -202,16 +203,23 @@ impl Throttled {
                 (ran * pct / (100 - pct.min(99))).saturating_sub(self.overslept)
             }
             Throttle::DirtyLimit { pps, period } => {
-                // Whole periods since the limit began; a missed one is lost.
-                let k = ((now - self.since).as_nanos() / period.as_nanos().max(1)) as u64;
-                if k != self.period {
-                    (self.period, self.period_ops) = (k, ops);
+                // u64 -> f64: counts of writes and a page rate.
+                let (rate, depth) = (pps as f64, budget(pps, period) as f64);
+                let done = (ops - self.since_ops) as f64;
+                let mut tokens = rate * (now - self.since).as_secs_f64() - done;
+                if tokens > depth {
+                    // A full bucket: time beyond it is not credited.
+                    self.since += Duration::from_secs_f64((tokens - depth) / rate);
+                    tokens = depth;
                 }
-                if ops - self.period_ops < budget(pps, period) {
+                if tokens >= 1.0 {
+                    // f64 -> u64 truncates: whole writes.
+                    self.allowed = tokens as u64;
                     return None;
                 }
-                let next = self.since + period * u32::try_from(k + 1).unwrap_or(u32::MAX);
-                next.saturating_duration_since(now)
+                // Wait for a batch's worth (or the whole bucket, if smaller).
+                let want = depth.min(BATCH as f64);
+                Duration::from_secs_f64((want - tokens) / rate)
             }
         };
         control.sleep_unless_paused(sleep);
@@ -221,18 +229,16 @@ impl Throttled {
         Some(woke - now)
     }
 
-    /// Writes allowed before the next look (the dirty limit's budget left).
-    fn allowed(&self, ops: u64) -> u64 {
+    /// Writes allowed before the next look (the dirty limit's tokens).
+    fn allowed(&self) -> u64 {
         match self.seen {
-            Throttle::DirtyLimit { pps, period } => {
-                budget(pps, period).saturating_sub(ops - self.period_ops)
-            }
+            Throttle::DirtyLimit { .. } => self.allowed,
             _ => u64::MAX,
         }
     }
 }
 
-/// Writes a vCPU capped at `pps` may do in one `period` (at least one).
+/// The dirty limit's bucket: `pps` writes a second over one `period`.
 fn budget(pps: u64, period: Duration) -> u64 {
     // f64 -> u64 saturates; a count of writes.
     ((pps as f64 * period.as_secs_f64()).round() as u64).max(1)
@@ -346,9 +352,9 @@ mod tests {
         ((control.ops(1) - ops0) as f64 / secs, slept / secs)
     }
 
-    /// A vCPU writing flat out, capped at 20k writes/s over 20 ms periods,
-    /// writes at 20k/s within 5 % (a window edge cuts at most one period's
-    /// 400 writes of the 40k), and sleeps most of the time.
+    /// A vCPU writing flat out, capped at 20k writes/s (a bucket of 20 ms,
+    /// 400 writes), writes at 20k/s within 5 % (the bucket's depth is 1 %
+    /// of the 40k in the window), and sleeps most of the time.
     #[test]
     fn a_dirty_limit_holds_a_vcpu_to_its_cap() {
         let control = spawn("uniform:rate=max");
