@@ -1,8 +1,9 @@
 //! Small helpers every layer uses: units and their parsing, the page size,
-//! atomic page bitmaps, processes, error chains, socket I/O, a peer's text
+//! atomic page bitmaps, cancelling on a signal, processes, error chains, socket I/O, a peer's text
 //! made printable, and what a test does when this machine cannot run it.
 
 pub mod bitmap;
+pub mod cancel;
 pub mod error;
 pub mod netio;
 pub mod page;

@@ -1,6 +1,7 @@
 //! Bandwidth policy (what `--bandwidth` asks for) and the token bucket that
 //! enforces it on the wire. Rates are bytes per second throughout.
 
+use crate::util::cancel::Cancel;
 use crate::util::units::{fmt_rate, parse_rate, UnitError};
 use std::fmt;
 use std::str::FromStr;
@@ -180,6 +181,8 @@ struct Bucket {
     /// Bytes that may be sent now; negative = debt from a large send.
     tokens: f64,
     last: Instant,
+    /// Its firing ends every wait at once (see [`RateLimiter::set_cancel`]).
+    cancel: Option<Cancel>,
 }
 
 impl Bucket {
@@ -225,6 +228,7 @@ impl RateLimiter {
             limit,
             tokens: 0.0,
             last: Instant::now(),
+            cancel: None,
         };
         b.tokens = b.rate().map_or(0.0, Bucket::burst);
         RateLimiter {
@@ -265,6 +269,13 @@ impl RateLimiter {
         self.lock().limit
     }
 
+    /// Waits end as soon as `cancel` fires (None: never cut short), so a
+    /// cancelled sender at a low limit stops within one wait's slice of
+    /// time rather than after the debt is paid.
+    pub fn set_cancel(&self, cancel: Option<Cancel>) {
+        self.lock().cancel = cancel;
+    }
+
     /// Books `bytes` sent without waiting (priority traffic: post-copy's
     /// demand pages); whoever acquires next waits for the debt instead.
     pub fn charge(&self, bytes: u64) {
@@ -275,11 +286,18 @@ impl RateLimiter {
     /// allowed and paid for as debt (the caller sleeps until tokens are back
     /// to 0), so the long-run rate is exact for any chunk size. The debt is
     /// booked before sleeping, so concurrent callers queue behind it without
-    /// anyone sleeping under the lock.
+    /// anyone sleeping under the lock. A cancel ends the wait early.
     pub fn acquire(&self, bytes: u64) {
-        let wait = self.lock().take(bytes, Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+        let (wait, cancel) = {
+            let mut b = self.lock();
+            (b.take(bytes, Instant::now()), b.cancel.clone())
+        };
+        match cancel {
+            _ if wait.is_zero() => {}
+            Some(c) => {
+                c.sleep(wait);
+            }
+            None => std::thread::sleep(wait),
         }
     }
 }
@@ -322,6 +340,20 @@ mod tests {
         rl.acquire(1);
         let waited = t.elapsed();
         assert!(waited >= Duration::from_millis(100), "{waited:?}");
+    }
+
+    #[test]
+    fn a_cancel_ends_a_wait_at_once() {
+        // A debt of an hour at 1 MB/s; a cancelled token does not wait it.
+        let rl = RateLimiter::new(Some(1_000_000));
+        let c = Cancel::new();
+        rl.set_cancel(Some(c.clone()));
+        c.cancel(crate::util::cancel::Why::Requested);
+        rl.charge(3_600_000_000);
+        rl.acquire(1);
+        // Still owed: the bucket keeps its debt.
+        let (mut b, t0) = bucket(&rl);
+        assert!(b.take(0, t0) > Duration::from_secs(3000));
     }
 
     #[test]
