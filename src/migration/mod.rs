@@ -1,7 +1,9 @@
 //! One migration: the [`source`] and [`destination`] sides, the
 //! [`postcopy`] demand paging, the convergence [`policy`], both ends in
-//! one process ([`local`]) and the dirty-rate probe ([`dirtyrate`]).
+//! one process ([`local`]), the dirty-rate probe ([`dirtyrate`]) and how a
+//! [`cancel`] reaches the receiver.
 
+pub mod cancel;
 pub mod destination;
 pub mod dirtyrate;
 pub mod local;

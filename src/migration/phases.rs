@@ -14,7 +14,8 @@
 //! ```
 //!
 //! The policy ([`crate::migration::policy::Precopy`]) decides when the
-//! pre-copy rounds end; any phase may end in `Failed`.
+//! pre-copy rounds end; any phase may end in `Failed`, and any but
+//! `Postcopy` in `Cancelled` (see [`SourcePhase::cancellable`]).
 //!
 //! Destination, frame by frame: `Between` rounds, `InRound` while a round's
 //! pages arrive, `Switching` while a post-copy source lists the pages to
@@ -128,6 +129,9 @@ pub enum SourcePhase {
     Verify,
     Done,
     Failed,
+    /// Cancelled (SIGINT, SIGTERM): the source guest resumed, or, once the
+    /// destination ran, left to the destination.
+    Cancelled,
 }
 
 impl SourcePhase {
@@ -147,7 +151,17 @@ impl SourcePhase {
             Verify => Done,
             Done => Done,
             Failed => Failed,
+            Cancelled => Cancelled,
         }
+    }
+
+    /// Whether a cancel may end the migration in this phase. Not during
+    /// post-copy: the destination runs the guest and needs every page it
+    /// lacks from here, so the push goes on and the cancel takes effect
+    /// once it is over (QEMU, too, refuses to cancel a post-copy).
+    pub fn cancellable(self) -> bool {
+        use SourcePhase::*;
+        matches!(self, Setup | Precopy { .. } | Switchover { .. } | Verify)
     }
 
     /// Whether the guest runs at the destination from this phase on: the

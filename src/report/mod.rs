@@ -10,13 +10,16 @@ use serde::Serialize;
 
 use crate::util::units::fmt_bytes;
 
-/// Whether the migration completed: memory verified and the destination running.
+/// Whether the migration completed: memory verified and the destination
+/// running; or failed; or was cancelled (SIGINT, SIGTERM, or the sender's
+/// cancel told to the receiver).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Completed,
     #[default]
     Failed,
+    Cancelled,
 }
 
 /// One round as sent: round 0 carries every page, the last row is stop-and-copy.
@@ -166,6 +169,9 @@ pub struct Report {
     /// Write rate of the destination guest right after it resumed (local runs).
     pub destination_guest_rate_pps: Option<f64>,
     pub source_guest_pid: Option<i32>,
+    /// Local runs: how the destination's side ended (a sender's cancel
+    /// reaches it as `cancelled`).
+    pub destination_status: Option<Status>,
     /// After a failure: the source guest is running again (resumed if it
     /// had been paused; for a writing workload, its writes were seen to go on).
     pub source_guest_kept_running: bool,
@@ -241,6 +247,7 @@ pub fn summary(r: &Report) -> String {
     let status = match r.status {
         Status::Completed => "completed".to_string(),
         Status::Failed => format!("FAILED: {}", r.error.as_deref().unwrap_or("unknown error")),
+        Status::Cancelled => format!("CANCELLED: {}", r.error.as_deref().unwrap_or("cancelled")),
     };
     s += &format!("status            {status}\n");
     if let Some(reason) = &r.stop_reason {

@@ -9,6 +9,11 @@
 //! ([`crate::predict`]), or an in-memory transport in tests. Each
 //! [`Migration::step`] carries out one phase, so an event loop can step
 //! many migrations side by side.
+//!
+//! A cancel ([`Backend::cancelled`]) is honoured before a phase and when a
+//! phase fails because of it, in every phase but post-copy
+//! ([`SourcePhase::cancellable`]): the backend puts things back
+//! ([`Backend::on_cancel`]) and the migration ends `Cancelled`.
 
 use std::time::Duration;
 
@@ -107,6 +112,17 @@ pub trait Backend {
     /// The migration failed in `phase`: put things back as far as they can
     /// be (a real source resumes its guest unless the destination runs).
     fn on_failure(&mut self, _phase: SourcePhase, _report: &mut Report) {}
+
+    /// Whether the migration has been asked to stop (SIGINT, SIGTERM).
+    fn cancelled(&self) -> bool {
+        false
+    }
+
+    /// The migration is cancelled in `phase`: put things back as after a
+    /// failure, and tell the destination.
+    fn on_cancel(&mut self, phase: SourcePhase, report: &mut Report) {
+        self.on_failure(phase, report);
+    }
 }
 
 /// One migration: its phase, its policy, its report, and the backend.
@@ -144,15 +160,26 @@ impl<B: Backend> Migration<B> {
         &self.precopy
     }
 
-    /// Whether the migration has ended, completed or failed.
+    /// Whether the migration has ended: completed, failed or cancelled.
     pub fn finished(&self) -> bool {
-        matches!(self.phase, SourcePhase::Done | SourcePhase::Failed)
+        matches!(
+            self.phase,
+            SourcePhase::Done | SourcePhase::Failed | SourcePhase::Cancelled
+        )
     }
 
     /// Carry out the current phase and move to the next. On an error the
     /// backend puts things back ([`Backend::on_failure`]) and the migration
-    /// is `Failed`.
+    /// is `Failed`. A cancel, before the phase or as the cause of its
+    /// error, ends it `Cancelled` instead ([`Backend::on_cancel`]); that
+    /// is no error of the step: the report says so.
     pub fn step(&mut self) -> Result<SourcePhase, B::Error> {
+        if self.finished() {
+            return Ok(self.phase);
+        }
+        if self.cancel_now() {
+            return Ok(self.phase);
+        }
         match self.carry_out() {
             Ok(decision) => {
                 self.phase = self.phase.next(self.mode, decision);
@@ -161,6 +188,7 @@ impl<B: Backend> Migration<B> {
                 }
                 Ok(self.phase)
             }
+            Err(_) if self.cancel_now() => Ok(self.phase),
             Err(e) => {
                 self.backend.on_failure(self.phase, &mut self.report);
                 self.phase = SourcePhase::Failed;
@@ -170,7 +198,20 @@ impl<B: Backend> Migration<B> {
         }
     }
 
-    /// Step until the migration ends.
+    /// End the migration as cancelled if it was asked to and the phase
+    /// allows it; whether it did.
+    fn cancel_now(&mut self) -> bool {
+        if !self.phase.cancellable() || !self.backend.cancelled() {
+            return false;
+        }
+        self.backend.on_cancel(self.phase, &mut self.report);
+        self.phase = SourcePhase::Cancelled;
+        self.report.status = Status::Cancelled;
+        true
+    }
+
+    /// Step until the migration ends (a cancelled one ends `Ok`, its
+    /// report `Cancelled`).
     pub fn run(&mut self) -> Result<(), B::Error> {
         while !self.finished() {
             self.step()?;
@@ -245,7 +286,7 @@ impl<B: Backend> Migration<B> {
                 self.show_last();
             }
             SourcePhase::Verify => self.backend.verify(report)?,
-            SourcePhase::Done | SourcePhase::Failed => {}
+            SourcePhase::Done | SourcePhase::Failed | SourcePhase::Cancelled => {}
         }
         Ok(Decision::Continue)
     }

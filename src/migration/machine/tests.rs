@@ -38,6 +38,8 @@ struct Mem {
     writes: Vec<Vec<usize>>,
     paused: bool,
     resumed_after_failure: bool,
+    /// Asked to cancel (the test sets it between steps).
+    cancel: bool,
     clock: Duration,
     /// How long each round takes on the clock.
     round_time: Duration,
@@ -54,6 +56,7 @@ impl Mem {
             writes,
             paused: false,
             resumed_after_failure: false,
+            cancel: false,
             clock: Duration::ZERO,
             round_time: Duration::from_millis(1),
             throttles: Vec::new(),
@@ -207,6 +210,10 @@ impl Backend for Mem {
             self.resumed_after_failure = true;
         }
     }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+    }
 }
 
 fn migration(mode: Mode, policy: Policy, backend: Mem) -> Migration<Mem> {
@@ -343,4 +350,37 @@ fn a_lost_page_fails_the_round_and_resumes_the_source() {
     assert!(!m.backend.paused);
     // A failed migration stays failed.
     assert_eq!(m.step().unwrap(), SourcePhase::Failed);
+}
+
+#[test]
+fn a_cancel_in_precopy_resumes_the_source_and_keeps_the_rounds() {
+    let writes = vec![vec![1, 2], vec![3]];
+    let mut m = migration(Mode::Precopy, Policy::Fixed(5), Mem::new(writes, false));
+    m.step().unwrap();
+    assert_eq!(m.step().unwrap(), SourcePhase::Precopy { round: 1 });
+    m.backend.cancel = true;
+    assert_eq!(m.step().unwrap(), SourcePhase::Cancelled);
+    assert!(m.finished());
+    assert_eq!(m.report.status, Status::Cancelled);
+    assert_eq!(m.report.rounds.len(), 1, "the round done is kept");
+    assert!(m.backend.resumed_after_failure && !m.backend.paused);
+    assert!(!m.backend.dest.running);
+    // A cancelled migration stays cancelled.
+    assert_eq!(m.step().unwrap(), SourcePhase::Cancelled);
+}
+
+#[test]
+fn a_cancel_in_postcopy_waits_until_the_destination_has_every_page() {
+    let mut m = migration(Mode::Postcopy, Policy::Xen, Mem::new(vec![], true));
+    m.step().unwrap();
+    assert_eq!(m.step().unwrap(), SourcePhase::Postcopy { round: 0 });
+    m.backend.cancel = true;
+    // The push goes on: the destination runs and lacks pages.
+    assert_eq!(m.step().unwrap(), SourcePhase::Verify);
+    assert!(m.backend.dest.present.iter().all(|&p| p));
+    // Verification is what the cancel skips.
+    assert_eq!(m.step().unwrap(), SourcePhase::Cancelled);
+    assert_eq!(m.report.status, Status::Cancelled);
+    assert_eq!(m.report.verified_pages, 0);
+    assert!(m.backend.dest.running && !m.backend.resumed_after_failure);
 }
