@@ -520,6 +520,8 @@ impl SendOpts {
             reduction,
             progress: !self.quiet,
             throttling,
+            // The command catches SIGINT and SIGTERM with its own.
+            cancel: livemig::util::cancel::Cancel::new(),
         })
     }
 

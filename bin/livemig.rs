@@ -14,6 +14,7 @@ use livemig::migration::source::{self, Source};
 use livemig::migration::{destination as receiver, dirtyrate, local as migrate};
 use livemig::predict::{model, simulate};
 use livemig::report::{self, Report, Status};
+use livemig::util::cancel::Cancel;
 use livemig::util::units;
 
 /// `print!` for a command line tool. When stdout fails (its reader has
@@ -42,6 +43,18 @@ macro_rules! outln {
 
 /// The first failure writing to stdout, if any.
 static STDOUT_FAILED: std::sync::OnceLock<std::io::ErrorKind> = std::sync::OnceLock::new();
+
+/// The exit status of a cancelled migration: 128 + the signal's number on
+/// the side that got it (130 for SIGINT, 143 for SIGTERM), or
+/// [`EXIT_PEER_CANCELLED`] on a receiver whose sender was cancelled.
+static EXIT: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+const EXIT_PEER_CANCELLED: u8 = 3;
+
+fn exit_if_cancelled(report: &Report, cancel: &Cancel) {
+    if report.status == Status::Cancelled {
+        let _ = EXIT.set(cancel.why().map_or(130, |w| w.exit_code()));
+    }
+}
 
 /// End as a failed stdout asks, once the work is done.
 fn stdout_verdict() -> Option<ExitCode> {
@@ -166,7 +179,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
-            ExitCode::FAILURE
+            EXIT.get().map_or(ExitCode::FAILURE, |&c| ExitCode::from(c))
         }
     }
 }
@@ -178,7 +191,8 @@ fn run(cli: Cli) -> Result<()> {
             no_prealloc,
             prepage,
         }) => {
-            let cfg = opts.config()?;
+            let mut cfg = opts.config()?;
+            cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 2)?;
             let mut print = row_printer(&opts);
             let rx = migrate::Destination {
@@ -186,14 +200,17 @@ fn run(cli: Cli) -> Result<()> {
                 prepage,
             };
             let (report, result) = migrate::run(&cfg, rx, &mut print);
+            exit_if_cancelled(&report, &cfg.cancel);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Send { to, opts } => {
-            let cfg = opts.config()?;
+            let mut cfg = opts.config()?;
+            cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 1)?;
             let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
             let mut print = row_printer(&opts);
             let (report, result) = source::migrate(&cfg, &mut src, &to, &mut print);
+            exit_if_cancelled(&report, &cfg.cancel);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Dirtyrate(opts) => dirtyrate(&opts),
@@ -214,42 +231,27 @@ fn run(cli: Cli) -> Result<()> {
             no_prealloc,
             prepage,
         } => {
+            let cancel = Cancel::on_signals()?;
             let listener = receiver::bind(&listen)?;
             let prepared = receiver::Prepared::new(mem.map(|m| m.0), !no_prealloc, prepage)?;
             eprintln!(
                 "livemig: waiting for a migration on {}",
                 listener.local_addr()?
             );
-            let (r, result) = receiver::receive(&listener, prepared);
+            let (r, result) = receiver::receive(&listener, prepared, &cancel);
             if let Some(path) = json {
                 let f = std::fs::File::create(&path)
                     .with_context(|| format!("writing {}", path.display()))?;
                 serde_json::to_writer_pretty(f, &r)?;
             }
-            // One that ended before verification has no figures to show;
-            // a mismatch shows them, then fails.
-            if r.verified_pages + r.mismatched_pages == 0 {
-                return result.map_err(Into::into);
+            if let Some(summary) = r.summary() {
+                out!("{summary}");
             }
-            outln!(
-                "received          {} pages from {} in {} rounds ({})",
-                r.pages_received,
-                r.peer,
-                r.round_pages.len(),
-                units::fmt_bytes(r.memory_bytes)
-            );
-            outln!("resume            {:.2} ms", r.resume_ms);
-            outln!(
-                "verified          {} pages, {} mismatched",
-                r.verified_pages,
-                r.mismatched_pages
-            );
-            result?;
-            outln!(
-                "guest rate        {:.0} pages/s after resume",
-                r.destination_guest_rate_pps
-            );
-            Ok(())
+            if r.status == Status::Cancelled {
+                // Told by the sender: 3; cancelled here: as the signal says.
+                let _ = EXIT.set(cancel.why().map_or(EXIT_PEER_CANCELLED, |w| w.exit_code()));
+            }
+            Ok(result?)
         }
         Cmd::Guest(args) => Ok(guest::run(args)?),
     }
@@ -283,6 +285,7 @@ fn finish(report: &Report, json: Option<&std::path::Path>, result: Result<()>) -
             .with_context(|| format!("writing the report to {}", path.display()))?;
     }
     result.map_err(|e| match report.source_guest_kept_running {
+        true if report.status == Status::Cancelled => e,
         true => e.context(
             "migration failed; the source guest was resumed and ran on until this command ended",
         ),

@@ -370,10 +370,16 @@ impl Guest {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         // SAFETY: the closure runs between fork and exec and only calls
-        // sigemptyset, pthread_sigmask and fcntl, which are async-signal-safe,
-        // on a local set and fds this process owns.
+        // setpgid, sigemptyset, pthread_sigmask and fcntl, which are
+        // async-signal-safe, on itself, a local set and fds this process owns.
         unsafe {
             cmd.pre_exec(move || {
+                // A process group of its own: a terminal's Ctrl-C goes to
+                // livemig alone, which cancels and resumes the guest; the
+                // guest still dies with its owner (PR_SET_PDEATHSIG).
+                if libc::setpgid(0, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // A signal mask survives exec: the guest must not inherit
                 // one its owner set for itself (livemig run blocks SIGTERM).
                 let mut none: libc::sigset_t = std::mem::zeroed();

@@ -74,7 +74,10 @@ pub fn run(
         Ok(p) => p,
         Err(e) => return failed(e.into()),
     };
-    let rx = std::thread::spawn(move || destination::receive(&listener, prepared));
+    // The receiver hears of a cancel from the sender, as a remote one does.
+    let rx = std::thread::spawn(move || {
+        destination::receive(&listener, prepared, &crate::util::cancel::Cancel::new())
+    });
     let (mut report, sent) = source::migrate(cfg, &mut src, &addr, on_round);
     drop(src);
     if sent.is_err() {
@@ -83,6 +86,7 @@ pub fn run(
         let _ = std::net::TcpStream::connect(&addr);
     }
     let (rr, received) = rx.join().expect("receiver thread panicked");
+    report.destination_status = Some(rr.status);
     let result = match (sent, received) {
         (Ok(()), Ok(())) => {
             report.destination_guest_rate_pps = Some(rr.destination_guest_rate_pps);
@@ -110,7 +114,9 @@ pub fn run(
         (Ok(()), Err(re)) => Err(re.into()),
     };
     if let Err(e) = &result {
-        report.status = Status::Failed;
+        if report.status != Status::Cancelled {
+            report.status = Status::Failed;
+        }
         report.error = Some(crate::util::error::error_chain(e));
     }
     (report, result)

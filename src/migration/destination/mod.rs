@@ -25,6 +25,8 @@ use crate::guest::control::Control;
 use crate::guest::dirty::TrackerKind;
 use crate::guest::memory::{check_fits, GuestMemory, MemoryError};
 use crate::guest::process::{DeviceState, Guest, GuestError};
+use crate::report::Status;
+use crate::util::cancel::{Cancel, HookGuard};
 use crate::util::netio::IO_TIMEOUT;
 use crate::util::page::PageSize;
 use crate::util::units::fmt_bytes;
@@ -37,7 +39,9 @@ use crate::wire::protocol::{
 use crate::migration::phases::{DestAction, DestEvent, DestPhase, DestStepError};
 
 mod postcopy;
+mod report;
 mod streams;
+pub use report::ReceiveReport;
 use streams::{data_stream, Streams, CLOSE_TIMEOUT, STREAMS_TIMEOUT};
 
 /// Errors of the receiving side.
@@ -111,33 +115,9 @@ pub enum ReceiveError {
     Guest(#[from] GuestError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
-}
-
-/// What the receiving side saw.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct ReceiveReport {
-    pub status: crate::report::Status,
-    pub error: Option<String>,
-    pub peer: String,
-    pub memory_bytes: u64,
-    pub page_size: u64,
-    /// Data connections the sender used (1: pages on the control connection).
-    pub streams: u32,
-    /// Time spent preallocating destination memory (0 when lazy).
-    pub prealloc_ms: f64,
-    /// Pages received per round (stop-and-copy last).
-    pub round_pages: Vec<u64>,
-    /// With several data connections: the pages each carried.
-    pub stream_pages: Vec<u64>,
-    pub pages_received: u64,
-    pub resume_ms: f64,
-    pub verified_pages: u64,
-    pub mismatched_pages: u64,
-    /// Post-copy and hybrid: what the destination saw of demand paging.
-    pub postcopy: Option<crate::report::PostcopyStats>,
-    /// Write rate of the resumed guest, measured over `DEST_RATE_WINDOW`.
-    pub destination_guest_rate_pps: f64,
-    pub destination_guest_pid: i32,
+    /// The sender cancelled (its `Abort` reason), or this side was.
+    #[error("migration {0}")]
+    Cancelled(String),
 }
 
 /// How long the resumed guest is watched to show it runs its workload.
@@ -208,26 +188,65 @@ impl Prepared {
 
 /// Accept one migration on `listener` and carry it through. The report is
 /// filled in as far as it got; a failure is also returned as the error.
+///
+/// `cancel` (SIGINT, SIGTERM) stops the wait for a sender, or the migration
+/// until the guest runs here: the sender is told and the report says
+/// `cancelled`. Once the guest runs here the migration goes on to its end
+/// (post-copy needs every page). A sender's cancel ends it `cancelled` too.
 pub fn receive(
     listener: &TcpListener,
     prepared: Prepared,
+    cancel: &Cancel,
 ) -> (ReceiveReport, Result<(), ReceiveError>) {
     let mut rx = Receiving {
         report: ReceiveReport::default(),
         context: "handshake".into(),
         prepared,
+        cancel: cancel.clone(),
+        interrupt: None,
     };
     let result = rx.accept_and_run(listener);
-    match &result {
-        Ok(()) => rx.report.status = crate::report::Status::Completed,
-        Err(e) => rx.report.error = Some(crate::util::error::error_chain(e)),
+    rx.report.status = match &result {
+        Ok(()) => Status::Completed,
+        Err(ReceiveError::Cancelled(_)) => Status::Cancelled,
+        Err(_) => Status::Failed,
+    };
+    if let Err(e) = &result {
+        rx.report.error = Some(crate::util::error::error_chain(e));
     }
     (rx.report, result)
 }
 
+/// Shut down `fd`'s socket when `cancel` fires, waking a read or accept
+/// blocked on it; a socket this side still writes to keeps its write half.
+fn interrupt_on(cancel: &Cancel, fd: std::os::fd::OwnedFd, how: Shutdown) -> HookGuard {
+    cancel.on_cancel(move || {
+        use nix::sys::socket::{shutdown, Shutdown as S};
+        let how = match how {
+            Shutdown::Read => S::Read,
+            _ => S::Both,
+        };
+        let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), how);
+    })
+}
+
 impl Receiving {
     fn accept_and_run(&mut self, listener: &TcpListener) -> Result<(), ReceiveError> {
-        let (mut sock, peer) = listener.accept().map_err(|source| ReceiveError::Listen {
+        let listen_fd = listener
+            .try_clone()
+            .map(std::os::fd::OwnedFd::from)
+            .map_err(|source| ReceiveError::Listen {
+                addr: "the listening socket".into(),
+                source,
+            })?;
+        let waiting = interrupt_on(&self.cancel, listen_fd, Shutdown::Both);
+        self.context = "waiting for a sender".into();
+        let accepted = listener.accept();
+        drop(waiting);
+        if let Some(e) = self.cancelled_here() {
+            return Err(e);
+        }
+        let (mut sock, peer) = accepted.map_err(|source| ReceiveError::Listen {
             addr: listener
                 .local_addr()
                 .map(|a| a.to_string())
@@ -235,8 +254,20 @@ impl Receiving {
             source,
         })?;
         self.report.peer = peer.to_string();
+        self.context = "handshake".into();
         setup(&sock)?;
-        let result = self.run(&mut sock, listener);
+        // Until the guest runs here (rounds_and_resume drops it), a cancel
+        // ends the control connection's reads; its write half stays for
+        // the Abort that tells the sender.
+        let ctl = sock.try_clone().map(std::os::fd::OwnedFd::from);
+        self.interrupt = ctl
+            .ok()
+            .map(|fd| interrupt_on(&self.cancel, fd, Shutdown::Read));
+        let result = self.run(&mut sock, listener).map_err(|e| {
+            let here = self.interrupt.is_some().then(|| self.cancelled_here());
+            here.flatten().unwrap_or(e)
+        });
+        self.interrupt = None;
         if let Err(e) = &result {
             give_up(&mut sock, e);
         }
@@ -280,12 +311,27 @@ struct Receiving {
     /// Where in the stream we are, for error messages.
     context: String,
     prepared: Prepared,
+    cancel: Cancel,
+    /// While set, a cancel shuts the control connection's read half.
+    interrupt: Option<HookGuard>,
 }
 
 impl Receiving {
+    /// This side's cancel, as the error that ends the migration.
+    fn cancelled_here(&self) -> Option<ReceiveError> {
+        let why = self.cancel.why()?;
+        Some(ReceiveError::Cancelled(format!(
+            "cancelled by {why} at the receiver ({})",
+            self.context
+        )))
+    }
+
     fn err(&self, source: ProtocolError) -> ReceiveError {
         let context = self.context.clone();
         match source {
+            ProtocolError::Aborted(reason) if crate::migration::cancel::is_cancel(&reason) => {
+                ReceiveError::Cancelled(reason)
+            }
             ProtocolError::Io(e)
                 if matches!(
                     e.kind(),
@@ -522,6 +568,8 @@ impl Receiving {
             self.report.pages_received,
         );
         protocol::write_message(sock, &resumed).map_err(|e| self.err(e))?;
+        // The guest runs here: from now on it needs this migration to end.
+        self.interrupt = None;
         if let (Some(dest), Some(req)) = (dest, requests.take()) {
             self.postcopy_phase(sock, landed, guest, limits, &dest, req)?;
             if let Some(p) = &mut self.report.postcopy {

@@ -180,6 +180,10 @@ impl Receiving {
             let mut s = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some(cancelled) = self.cancelled_here() {
+                        let _ = listener.set_nonblocking(false);
+                        return Err(cancelled);
+                    }
                     if Instant::now() > deadline {
                         let _ = listener.set_nonblocking(false);
                         return Err(ReceiveError::NeverOpened {

@@ -9,7 +9,11 @@
 //! which compares them with what it received.
 //!
 //! Pre-copy never loses the source: on any failure before the destination has
-//! confirmed it runs, the source guest is resumed.
+//! confirmed it runs, the source guest is resumed. So does a cancel
+//! ([`SenderConfig::cancel`]), noticed between runs of pages and in the rate
+//! limiter's waits; the receiver is told with an `Abort`
+//! ([`crate::migration::cancel`]). After a post-copy switch-over the
+//! destination keeps the guest: the push finishes first.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,7 +30,8 @@ use crate::migration::machine::Migration;
 use crate::migration::phases::Mode;
 use crate::migration::policy::{Policy, PolicyConfig};
 use crate::migration::throttle::Throttling;
-use crate::report::{ms, Report, RoundReport};
+use crate::report::{ms, Report, RoundReport, Status};
+use crate::util::cancel::Cancel;
 use crate::util::page::PageSize;
 use crate::util::units::PageRate;
 use crate::wire::datapath::Reduction;
@@ -59,6 +64,9 @@ pub struct SenderConfig {
     pub progress: bool,
     /// Slowing the guest down to converge (auto-converge, dirty limit).
     pub throttling: Throttling,
+    /// Fires to cancel the migration (SIGINT or SIGTERM on the command
+    /// line); a new token never does.
+    pub cancel: Cancel,
 }
 
 impl Default for SenderConfig {
@@ -81,6 +89,7 @@ impl Default for SenderConfig {
             reduction: Reduction::default(),
             progress: false,
             throttling: Throttling::Off,
+            cancel: Cancel::new(),
         }
     }
 }
@@ -251,6 +260,23 @@ pub fn migrate(
     if let Some(start) = tcp.start {
         report.total_time_ms = ms(start.elapsed());
     }
+    let result = match (result, tcp.cancelled_in) {
+        (Ok(()), Some(phase)) if report.status == Status::Cancelled => Err(SendError::Cancelled {
+            why: cfg
+                .cancel
+                .why()
+                .unwrap_or(crate::util::cancel::Why::Requested),
+            during: crate::migration::cancel::describe(phase),
+            kept: match phase.destination_runs() {
+                true => "the destination runs the guest",
+                false if report.source_guest_kept_running => {
+                    "the source guest was resumed and ran until this command ended"
+                }
+                false => "the source guest could not be resumed",
+            },
+        }),
+        (r, _) => r,
+    };
     if let Err(e) = &result {
         report.error = Some(crate::util::error::error_chain(e));
     }

@@ -17,6 +17,7 @@ use crate::guest::dirty::DirtySet;
 use crate::guest::memory::GuestMemory;
 use crate::guest::memory::MemoryError;
 use crate::guest::process::GuestError;
+use crate::util::cancel::Cancel;
 use crate::util::netio::IO_TIMEOUT;
 use crate::wire::datapath::{DataPathError, Reduction};
 use crate::wire::datapath::{Encoder, SendStats};
@@ -53,6 +54,13 @@ pub enum SendError {
     DataPath(#[from] DataPathError),
     #[error("{0}")]
     Config(String),
+    /// Asked to stop (SIGINT, SIGTERM); `kept` says where the guest runs on.
+    #[error("migration cancelled by {why} during {during}; {kept}")]
+    Cancelled {
+        why: crate::util::cancel::Why,
+        during: String,
+        kept: &'static str,
+    },
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -149,6 +157,8 @@ impl Lanes {
     /// Send the pages of `set` in runs of at most `chunk` pages, adding
     /// each data connection's pages to `per_stream`. Returns (pages, bytes
     /// on the data connections, forms).
+    /// A cancel stops the round between runs.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn send(
         &mut self,
         sock: &mut TcpStream,
@@ -157,14 +167,26 @@ impl Lanes {
         chunk: u64,
         ctx: &str,
         per_stream: &mut Vec<u64>,
+        cancel: &Cancel,
     ) -> Result<(u64, u64, SendStats), SendError> {
         let mem_err = |sock: &mut TcpStream, e: std::io::Error| {
             peer_error(sock, ctx).unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e)))
+        };
+        let cancelled = || -> Result<(), SendError> {
+            match cancel.why() {
+                Some(why) => Err(SendError::Cancelled {
+                    why,
+                    during: ctx.into(),
+                    kept: "",
+                }),
+                None => Ok(()),
+            }
         };
         match self {
             Lanes::One(lane) => {
                 lane.encoder.start_round(round);
                 for run in set.runs(chunk) {
+                    cancelled()?;
                     if let Err(e) = lane.send(sock, run) {
                         return Err(mem_err(sock, e));
                     }
@@ -180,6 +202,7 @@ impl Lanes {
                 runs, ends, done, ..
             } => {
                 for run in set.runs(chunk) {
+                    cancelled()?;
                     if runs.send(run).is_err() {
                         break; // every thread is gone: its report says why
                     }

@@ -10,16 +10,18 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
-use super::streams::{connect, peer_error, proto, Lanes};
+use super::streams::{connect, peer_error, peer_reason, proto, Lanes};
 use super::{progress_bar, src_resume, SendError, SenderConfig, Source};
 use crate::guest::control::Throttle;
 use crate::guest::dirty::DirtySet;
 use crate::guest::process::DeviceState;
+use crate::migration::cancel;
 use crate::migration::machine::{Backend, Round};
 use crate::migration::phases::SourcePhase;
 use crate::migration::policy::RoundFigures;
 use crate::migration::postcopy;
 use crate::report::{ms, Report, RoundReport};
+use crate::util::cancel::Why;
 use crate::util::netio::write_all_vectored;
 use crate::wire::datapath::chunk_pages;
 use crate::wire::protocol::{
@@ -68,6 +70,8 @@ pub(super) struct Tcp<'a> {
     resumed_at_destination: bool,
     /// The final harvest's time (the post-copy push's row shows it).
     last_harvest: Duration,
+    /// The phase a cancel ended the migration in.
+    pub(super) cancelled_in: Option<SourcePhase>,
 }
 
 impl<'a> Tcp<'a> {
@@ -77,6 +81,8 @@ impl<'a> Tcp<'a> {
         addr: &'a str,
         on_round: &'a mut dyn FnMut(&RoundReport),
     ) -> Self {
+        let limiter = RateLimiter::new(cfg.bandwidth.initial_limit());
+        limiter.set_cancel(Some(cfg.cancel.clone()));
         Tcp {
             cfg,
             src,
@@ -85,13 +91,14 @@ impl<'a> Tcp<'a> {
             progress: progress_bar(cfg.progress),
             start: None,
             conn: None,
-            limiter: RateLimiter::new(cfg.bandwidth.initial_limit()),
+            limiter,
             todo: DirtySet::new(0),
             dirty: DirtySet::new(0),
             precopy_ops: None,
             downtime: Downtime::default(),
             resumed_at_destination: false,
             last_harvest: Duration::ZERO,
+            cancelled_in: None,
         }
     }
 
@@ -143,6 +150,7 @@ impl<'a> Tcp<'a> {
             chunk,
             ctx,
             &mut report.stream_pages,
+            &self.cfg.cancel,
         )?;
         bytes += stream_bytes;
         report.forms += forms;
@@ -404,6 +412,9 @@ impl Backend for Tcp<'_> {
     ) -> Result<Round, SendError> {
         // Serve requests on their own connection while pushing the rest here.
         self.limiter.set_limit(limit);
+        // The destination needs every page it lacks: a cancel waits for the
+        // push to end, paced as before.
+        self.limiter.set_cancel(None);
         let t0 = Instant::now();
         let limits = self.conn().limits;
         let server = postcopy::Server::new(limits.page_count);
@@ -510,6 +521,29 @@ impl Backend for Tcp<'_> {
         if !self.resumed_at_destination {
             report.source_guest_kept_running = src_resume(self.src).unwrap_or(false);
         }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cfg.cancel.is_cancelled()
+    }
+
+    /// Tell the receiver first (and wait briefly for it to take it in, so
+    /// closing the data connections cannot race the reason), then close
+    /// every connection, then resume the source guest unless the
+    /// destination runs it.
+    fn on_cancel(&mut self, phase: SourcePhase, report: &mut Report) {
+        self.cancelled_in = Some(phase);
+        let why = self.cfg.cancel.why().unwrap_or(Why::Requested);
+        if let Some(conn) = self.conn.as_mut() {
+            let abort = Message::abort(cancel::abort_reason(why, phase));
+            if protocol::write_message(&mut conn.control, &abort).is_ok() {
+                let _ = conn.control.shutdown(std::net::Shutdown::Write);
+                let _ = peer_reason(&mut conn.control, Duration::from_secs(2));
+            }
+        }
+        self.conn = None;
+        self.progress.finish_and_clear();
+        self.on_failure(phase, report);
     }
 }
 

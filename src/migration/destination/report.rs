@@ -1,0 +1,61 @@
+//! What the receiving side saw: its report and the human summary of it.
+
+use crate::report::Status;
+use crate::util::units::fmt_bytes;
+
+/// What the receiving side saw.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ReceiveReport {
+    pub status: Status,
+    pub error: Option<String>,
+    pub peer: String,
+    pub memory_bytes: u64,
+    pub page_size: u64,
+    /// Data connections the sender used (1: pages on the control connection).
+    pub streams: u32,
+    /// Time spent preallocating destination memory (0 when lazy).
+    pub prealloc_ms: f64,
+    /// Pages received per round (stop-and-copy last).
+    pub round_pages: Vec<u64>,
+    /// With several data connections: the pages each carried.
+    pub stream_pages: Vec<u64>,
+    pub pages_received: u64,
+    pub resume_ms: f64,
+    pub verified_pages: u64,
+    pub mismatched_pages: u64,
+    /// Post-copy and hybrid: what the destination saw of demand paging.
+    pub postcopy: Option<crate::report::PostcopyStats>,
+    /// Write rate of the resumed guest, measured over `DEST_RATE_WINDOW`.
+    pub destination_guest_rate_pps: f64,
+    pub destination_guest_pid: i32,
+}
+
+impl ReceiveReport {
+    /// The human summary: none for a migration that ended before
+    /// verification (it has no figures to show); the guest's rate only
+    /// after a clean verification.
+    pub fn summary(&self) -> Option<String> {
+        if self.verified_pages + self.mismatched_pages == 0 {
+            return None;
+        }
+        let mut s = format!(
+            "received          {} pages from {} in {} rounds ({})\n\
+             resume            {:.2} ms\n\
+             verified          {} pages, {} mismatched\n",
+            self.pages_received,
+            self.peer,
+            self.round_pages.len(),
+            fmt_bytes(self.memory_bytes),
+            self.resume_ms,
+            self.verified_pages,
+            self.mismatched_pages
+        );
+        if self.status == Status::Completed {
+            s += &format!(
+                "guest rate        {:.0} pages/s after resume\n",
+                self.destination_guest_rate_pps
+            );
+        }
+        Some(s)
+    }
+}
