@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use memmap2::{MmapOptions, MmapRaw};
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -57,6 +58,15 @@ pub fn page_digest(page: &[u8]) -> u64 {
 }
 
 /// Refuse a size the machine cannot hold, before anything is mapped.
+/// How long work over every page of `bytes` of guest memory may keep a
+/// peer waiting (preallocating it, discarding it) beyond a fixed timeout:
+/// 20 s per GiB. Measured here: preallocating 8 GiB took 77 s with the
+/// page cache to reclaim first, about 10 s per GiB; twice that before the
+/// peer counts as gone.
+pub fn work_allowance(bytes: u64) -> Duration {
+    Duration::from_secs(20).mul_f64(bytes as f64 / (1u64 << 30) as f64)
+}
+
 pub fn check_fits(what: &str, needed: u64) -> Result<(), MemoryError> {
     if let Some(avail) = available_bytes() {
         if needed > avail {

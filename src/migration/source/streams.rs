@@ -38,8 +38,8 @@ pub enum SendError {
     Protocol(#[from] InContext),
     #[error("receiver refused the migration: {}", if .0.is_empty() { "(it gave no reason)" } else { .0 })]
     Refused(String),
-    #[error("no answer from the receiver for {} s ({context})", IO_TIMEOUT.as_secs())]
-    Timeout { context: String },
+    #[error("no answer from the receiver for {secs} s ({context})")]
+    Timeout { context: String, secs: u64 },
     #[error("{count} mismatched pages after migration{}", first.map(|p| format!(" (first: page {p})")).unwrap_or_default())]
     Mismatch { count: u64, first: Option<u64> },
     #[error("the receiver compared only {compared} of {pages} pages")]
@@ -66,6 +66,14 @@ pub enum SendError {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) -> SendError {
+    proto_waited(context, IO_TIMEOUT)
+}
+
+/// [`proto`] for a read that waited up to `waited`, not [`IO_TIMEOUT`].
+pub(crate) fn proto_waited(
+    context: impl Into<String>,
+    waited: Duration,
+) -> impl FnOnce(ProtocolError) -> SendError {
     let context = context.into();
     move |source| match source {
         ProtocolError::Aborted(reason) => SendError::Refused(reason),
@@ -75,7 +83,10 @@ pub(crate) fn proto(context: impl Into<String>) -> impl FnOnce(ProtocolError) ->
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            SendError::Timeout { context }
+            SendError::Timeout {
+                context,
+                secs: waited.as_secs(),
+            }
         }
         source => SendError::Protocol(InContext { context, source }),
     }

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
-use super::streams::{connect, peer_error, peer_reason, proto, Lanes};
+use super::streams::{connect, peer_error, peer_reason, proto, proto_waited, Lanes};
 use super::{progress_bar, src_resume, SendError, SenderConfig, Source};
 use crate::guest::control::Throttle;
 use crate::guest::dirty::DirtySet;
+use crate::guest::memory::work_allowance;
 use crate::guest::process::DeviceState;
 use crate::migration::cancel;
 use crate::migration::machine::{Backend, Round};
@@ -22,7 +23,7 @@ use crate::migration::policy::RoundFigures;
 use crate::migration::postcopy;
 use crate::report::{ms, Report, RoundReport};
 use crate::util::cancel::Why;
-use crate::util::netio::write_all_vectored;
+use crate::util::netio::{write_all_vectored, IO_TIMEOUT};
 use crate::wire::datapath::chunk_pages;
 use crate::wire::protocol::{
     self, HelloAck, Kind, Limits, Message, ProtocolError, Resumed, RoundAck, Verdict, MAX_DIGESTS,
@@ -248,8 +249,14 @@ impl Backend for Tcp<'_> {
         }
         protocol::write_message(&mut sock, &hello)
             .map_err(proto(format!("sending the handshake to {addr}")))?;
+        // A receiver not told the size beforehand makes (and preallocates)
+        // the guest's memory now: the wait grows with it.
+        let wait = IO_TIMEOUT + work_allowance(self.src.mem.len());
+        let io = |e| proto(format!("setting up the connection to {addr}"))(ProtocolError::Io(e));
+        sock.set_read_timeout(Some(wait)).map_err(io)?;
         protocol::read_handshake::<HelloAck>(&mut sock)
-            .map_err(proto(format!("handshake with {addr}")))?;
+            .map_err(proto_waited(format!("handshake with {addr}"), wait))?;
+        sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
         let lanes = Lanes::open(
             cfg.streams,
             cfg.reduction,
@@ -377,8 +384,15 @@ impl Backend for Tcp<'_> {
         report.transferred_bytes +=
             protocol::write_message(sock, &Message::device_state(state.to_bytes()))
                 .map_err(proto("sending the device state"))? as u64;
-        let Resumed { resume_ns, .. } = protocol::expect_message(sock, None)
-            .map_err(proto("waiting for the destination to resume"))?;
+        // Post-copy: the destination discards the pages it lacks first,
+        // work that grows with memory.
+        let wait = IO_TIMEOUT + work_allowance(self.src.mem.len());
+        let ctx = "waiting for the destination to resume";
+        let io = |e| proto(ctx)(ProtocolError::Io(e));
+        sock.set_read_timeout(Some(wait)).map_err(io)?;
+        let Resumed { resume_ns, .. } =
+            protocol::expect_message(sock, None).map_err(proto_waited(ctx, wait))?;
+        sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
         let t_resumed = Instant::now();
         self.resumed_at_destination = true;
         let d = self.downtime;
