@@ -62,10 +62,12 @@ pub fn run(
         Err(e) => return failed(e.into()),
     };
     let addr = listener.local_addr().expect("bound").to_string();
+    let started = std::time::Instant::now();
     let mut src = match Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh()) {
         Ok(s) => s,
         Err(e) => return failed(e.into()),
     };
+    let source_start = crate::report::ms(started.elapsed());
     // Post-copy discards what it has not received: preallocating all of
     // it first would only add the discard to the downtime.
     let prealloc = dest.prealloc && cfg.mode != crate::migration::phases::Mode::Postcopy;
@@ -87,6 +89,7 @@ pub fn run(
     }
     let (rr, received) = rx.join().expect("receiver thread panicked");
     report.destination_status = Some(rr.status);
+    report.source_start_ms = Some(source_start);
     let result = match (sent, received) {
         (Ok(()), Ok(())) => {
             report.destination_guest_rate_pps = Some(rr.destination_guest_rate_pps);

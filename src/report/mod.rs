@@ -140,6 +140,9 @@ pub struct Report {
     /// Destination: time spent preallocating its memory before the
     /// migration (local runs; null when lazy).
     pub receiver_prealloc_ms: Option<f64>,
+    /// Starting the source guest before the warm-up: spawning it, its
+    /// memory filled, mapped here (local runs).
+    pub source_start_ms: Option<f64>,
     /// Dirty-set harvests done.
     pub dirty_sync_count: u64,
     /// Time spent harvesting dirty sets, over all harvests and the longest.
