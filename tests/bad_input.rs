@@ -131,9 +131,9 @@ fn peer_speaking_another_version() {
     let addr = fake_receiver(|mut s| {
         let mut hello = [0u8; 48];
         let _ = s.read_exact(&mut hello);
-        // A HelloAck of version 3, framed by hand.
+        // A HelloAck of a version after this one, framed by hand.
         let mut payload = protocol::MAGIC.to_vec();
-        payload.extend_from_slice(&3u32.to_le_bytes());
+        payload.extend_from_slice(&(protocol::VERSION + 1).to_le_bytes());
         payload.extend_from_slice(&0u32.to_le_bytes());
         let header = protocol::Header {
             kind: Kind::HelloAck,
@@ -144,7 +144,8 @@ fn peer_speaking_another_version() {
         let _ = s.write_all(&payload);
         drain_until_closed(s);
     });
-    send_to(&addr, &[]).assert_fails_with(&["version 3"]);
+    let v = format!("version {}", protocol::VERSION + 1);
+    send_to(&addr, &[]).assert_fails_with(&[&v]);
 }
 
 /// A receiver that plays the protocol honestly up to the verdict, then

@@ -7,10 +7,10 @@ use std::io;
 use zerocopy::byteorder::{LE, U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// First 8 bytes of every `Hello`, `HelloAck` and `StreamHello` payload.
+/// First 8 bytes of every `Hello`, `HelloAck`, `StreamHello` and `AuthHello` payload.
 pub const MAGIC: [u8; 8] = *b"LIVEMIG\0";
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Size of the frame header.
 pub const HEADER_LEN: usize = size_of::<HeaderLayout>();
 /// Cap on the payload of any frame other than the run frames.
@@ -29,6 +29,8 @@ pub const FLAG_STOP_AND_COPY: u16 = 1;
 pub const HELLO_POSTCOPY: u32 = 1;
 /// `StreamHello` index of the post-copy request connection.
 pub const REQUEST_STREAM: u32 = u32::MAX;
+/// `AuthHello` connection index of the control connection.
+pub const CONTROL_STREAM: u32 = u32::MAX - 1;
 /// Smallest accepted page size (page sizes are powers of two).
 pub const MIN_PAGE_SIZE: u32 = crate::util::page::PageSize::MIN.as_u32();
 /// Largest accepted page size.
@@ -49,6 +51,13 @@ pub struct InContext {
 pub enum ProtocolError {
     #[error("peer is not a livemig peer (bad magic {})", show_magic(.got))]
     NotLivemig { got: [u8; 8] },
+    /// (Only a receiver meets the next three: a sender speaks first.)
+    #[error("the sender speaks TLS and this receiver does not: give both ends --tls-ca, --tls-cert and --tls-key")]
+    TlsPeer,
+    #[error("the sender authenticates with a pre-shared key and this receiver has none: give both ends the same --psk FILE")]
+    PskPeer,
+    #[error("the sender did not authenticate, and this receiver requires a pre-shared key: give both ends the same --psk FILE")]
+    NoPsk,
     #[error("peer speaks protocol version {peer}, this build speaks {VERSION}")]
     Version { peer: u32 },
     #[error("truncated stream: connection closed inside {inside} (needed {needed} more bytes)")]
@@ -168,6 +177,9 @@ kinds! {
     XbzrlePages = 16,
     Discard = 17,
     PageRequest = 18,
+    AuthHello = 19,
+    AuthChallenge = 20,
+    AuthProof = 21,
 }
 
 impl fmt::Display for Kind {

@@ -1,5 +1,6 @@
 //! [`Message`]: every control message, declared from one list.
 
+use super::auth::{AuthChallenge, AuthHello, AuthProof};
 use super::control::{
     Abort, Complete, Control, DeviceState, Greeting, PageRequest, Resumed, RoundAck, RoundEnd,
     RoundStart, Size, Verdict,
@@ -86,6 +87,9 @@ messages! {
     Complete,
     Verdict,
     Abort,
+    AuthHello,
+    AuthChallenge,
+    AuthProof,
 }
 
 /// Decodes the payload of control frame `h`, whose length its

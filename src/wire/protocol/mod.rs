@@ -101,9 +101,14 @@
 //! exactly the same version. Any change to the framing, to a payload layout
 //! or to the meaning of a field bumps [`VERSION`]. Adding a message kind or
 //! flag bit also needs a bump, because unknown kinds and flags are rejected.
+//! Version 3 added the `--psk` challenge-response (`AuthHello`,
+//! `AuthChallenge`, `AuthProof`, see `auth.rs`), which opens every
+//! connection of a PSK migration. TLS (`--tls-*`) wraps every connection
+//! below the framing and changes nothing here.
 //! The golden test (`golden.rs`) holds the exact bytes of one frame of every
 //! kind: if it fails, the wire changed.
 
+mod auth;
 mod control;
 mod handshake;
 mod header;
@@ -117,15 +122,16 @@ mod tests;
 
 use std::io::{self, Read, Write};
 
+pub use auth::{AuthChallenge, AuthHello, AuthProof, AUTH_LEN};
 pub use control::{
     Abort, Complete, Control, DeviceState, PageRequest, Resumed, RoundAck, RoundEnd, RoundStart,
     Size, Verdict,
 };
 pub use handshake::{Handshake, Hello, HelloAck, StreamHello};
 pub use header::{
-    Header, InContext, Kind, Limits, ProtocolError, FLAG_STOP_AND_COPY, HEADER_LEN, HELLO_POSTCOPY,
-    MAGIC, MAX_ABORT_REASON, MAX_CONTROL_PAYLOAD, MAX_DIGESTS, MAX_PAGE_SIZE, MAX_RUN_PAGES,
-    MAX_STREAMS, MIN_PAGE_SIZE, REQUEST_STREAM, VERSION,
+    Header, InContext, Kind, Limits, ProtocolError, CONTROL_STREAM, FLAG_STOP_AND_COPY, HEADER_LEN,
+    HELLO_POSTCOPY, MAGIC, MAX_ABORT_REASON, MAX_CONTROL_PAYLOAD, MAX_DIGESTS, MAX_PAGE_SIZE,
+    MAX_RUN_PAGES, MAX_STREAMS, MIN_PAGE_SIZE, REQUEST_STREAM, VERSION,
 };
 pub use message::Message;
 pub use run::{
@@ -247,9 +253,16 @@ where
     M: Handshake + TryFrom<Message, Error = Message>,
 {
     let got = read_header(r)?;
-    let h = Header::decode(got).map_err(|_| ProtocolError::NotLivemig { got })?;
-    if h.kind != M::KIND && h.kind != Kind::Abort {
-        return Err(unexpected(h.kind, M::KIND));
+    let h = Header::decode(got).map_err(|_| match got {
+        // A TLS record: a handshake (0x16) or an alert (0x15), TLS 1.x.
+        [0x15 | 0x16, 0x03, ..] => ProtocolError::TlsPeer,
+        got => ProtocolError::NotLivemig { got },
+    })?;
+    match (h.kind, M::KIND) {
+        (Kind::AuthHello, k) if k != Kind::AuthHello => return Err(ProtocolError::PskPeer),
+        (Kind::Hello | Kind::StreamHello, Kind::AuthHello) => return Err(ProtocolError::NoPsk),
+        (k, want) if k != want && k != Kind::Abort => return Err(unexpected(k, want)),
+        _ => {}
     }
     match read_body(r, h, None)? {
         Frame::Message(Message::Abort(Abort(why))) => Err(ProtocolError::Aborted(why)),

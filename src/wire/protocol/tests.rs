@@ -179,9 +179,9 @@ fn handshake_rejections() {
     })
     .encode();
     // A longer (future) Hello still reports the version, not the length.
-    let mut v3 = [&MAGIC[..], &3u32.to_le_bytes(), &[0; 40]].concat();
+    let mut v3 = [&MAGIC[..], &4u32.to_le_bytes(), &[0; 40]].concat();
     let v3_frame = frame(1, 0, &v3);
-    v3[8] = 2;
+    v3[8] = 3;
     let mut reserved_hello = Message::hello(4096, 8192, 1, 0).encode();
     reserved_hello[8 + 28] = 2; // flag bits other than POSTCOPY
     let mut ack = Message::hello_ack().encode();
@@ -190,11 +190,25 @@ fn handshake_rejections() {
     let hello = Message::hello(4096, 8192, 1, 0).encode();
     let abort = Message::abort("no room").encode();
     let end = Message::round_end(0, 0).encode();
+    // A TLS ClientHello's record header, and a PSK sender's opening.
+    let client_hello = [0x16, 0x03, 0x01, 0x00, 0xf4, 0x01, 0x00, 0x00];
+    let auth = Message::AuthHello(AuthHello {
+        version: VERSION,
+        conn: CONTROL_STREAM,
+        session: 1,
+        nonce: [0; AUTH_LEN],
+    })
+    .encode();
     rejects! {
+        read_handshake::<Hello>(&mut &client_hello[..]) => E::TlsPeer, "the sender speaks TLS";
+        read_handshake::<Hello>(&mut &auth[..]) => E::PskPeer,
+            "the sender authenticates with a pre-shared key and this receiver has none";
+        read_handshake::<AuthHello>(&mut &hello[..]) => E::NoPsk,
+            "the sender did not authenticate, and this receiver requires a pre-shared key";
         read(&bad, None) => E::NotLivemig { .. }, "not a livemig peer (bad magic 0x58";
         read(&v7, None) => E::Version { peer: 7 },
-            "peer speaks protocol version 7, this build speaks 2";
-        read(&v3_frame, None) => E::Version { peer: 3 }, "version 3";
+            "peer speaks protocol version 7, this build speaks 3";
+        read(&v3_frame, None) => E::Version { peer: 4 }, "version 4";
         read(&frame(1, 0, &v3), None) => E::BadLength { .. },
             "Hello: payload of 52 bytes, expected 40";
         read(&reserved_hello, None) => E::Reserved { value: 2, .. },
