@@ -25,6 +25,7 @@ use livemig::util::units::{fmt_bytes, Rate, Size, Span};
 use livemig::wire::datapath::Reduction;
 use livemig::wire::ratelimit::Bandwidth;
 use livemig::wire::reduce::Codec;
+use livemig::wire::transport::{Security, TlsFiles};
 
 /// A live-migration emulator: real guest memory, real dirty tracking, real TCP.
 #[derive(Parser)]
@@ -51,6 +52,8 @@ pub enum Cmd {
         to: String,
         #[command(flatten)]
         opts: SendOpts,
+        #[command(flatten)]
+        security: SecurityFlags,
     },
     /// Predict a migration with the analytical pre-copy model.
     Model {
@@ -86,6 +89,17 @@ pub enum Cmd {
         /// Post-copy: with each demand fault, also ask for the N pages around it.
         #[arg(long, default_value_t = 0, value_name = "N")]
         prepage: u32,
+        #[command(flatten)]
+        security: SecurityFlags,
+    },
+    /// Make a CA and a certificate per host for --tls-*: DIR/ca.crt, ca.key, HOST.crt, HOST.key (PEM).
+    Certs {
+        /// Directory to write the files into (made if missing).
+        dir: PathBuf,
+        /// Host names or IP addresses, comma-separated; each certificate
+        /// also names localhost and 127.0.0.1, for loopback tests.
+        #[arg(long, value_delimiter = ',', required = true, value_name = "HOST,...")]
+        hosts: Vec<String>,
     },
     /// The guest emulator process (started by send/receive, not by hand).
     #[command(hide = true)]
@@ -267,6 +281,65 @@ pub struct MigrateOpts {
     /// Post-copy: with each demand fault, also ask for the N pages around it.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub prepage: u32,
+    #[command(flatten)]
+    pub security: SecurityFlags,
+}
+
+/// Who may connect, and whether pages travel encrypted. Without these,
+/// only loopback addresses are allowed (or any, with --insecure).
+#[derive(Args)]
+pub struct SecurityFlags {
+    /// Mutual TLS on every connection: this end's certificate (PEM; `livemig certs` makes one).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this end's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA certificate (PEM) that must have signed the other end's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: accept only a peer whose certificate names NAME (repeat the flag; like QEMU's tls-authz).
+    #[arg(long, value_name = "NAME")]
+    pub tls_allow: Vec<String>,
+    /// Authenticate both ends with the pre-shared key in FILE (16 bytes or more):
+    /// it decides who may connect (a challenge-response with HMAC-SHA-256 on
+    /// every connection), but encrypts nothing: pages travel in the clear and
+    /// can be read or altered on the way. Use --tls-* for that.
+    #[arg(long, value_name = "FILE")]
+    pub psk: Option<PathBuf>,
+    /// Allow an unauthenticated connection to or from an address that is not loopback.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl SecurityFlags {
+    /// The security the flags ask for, refusing a plain end at `addr`
+    /// that is not loopback (`what`: "listen on" or "send to").
+    pub fn config(&self, what: &'static str, addr: &str) -> Result<Security> {
+        let tls = [&self.tls_cert, &self.tls_key, &self.tls_ca];
+        let given = tls.iter().filter(|f| f.is_some()).count();
+        let security = match (&self.tls_cert, &self.tls_key, &self.tls_ca, &self.psk) {
+            _ if given > 0 && self.psk.is_some() => {
+                bail!("--psk and --tls-* exclude each other: choose one")
+            }
+            (Some(cert), Some(key), Some(ca), None) => Security::tls(&TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                allow: self.tls_allow.clone(),
+            })?,
+            _ if given > 0 => {
+                bail!("--tls-cert, --tls-key and --tls-ca go together: give all three")
+            }
+            _ if !self.tls_allow.is_empty() => {
+                bail!("--tls-allow needs --tls-cert, --tls-key and --tls-ca")
+            }
+            (_, _, _, Some(psk)) => Security::psk(psk)?,
+            _ => Security::Plain,
+        };
+        security.check_exposure(what, addr, self.insecure)?;
+        Ok(security)
+    }
 }
 
 #[derive(Args)]
@@ -522,6 +595,7 @@ impl SendOpts {
             throttling,
             // The command catches SIGINT and SIGTERM with its own.
             cancel: livemig::util::cancel::Cancel::new(),
+            security: Security::Plain,
         })
     }
 

@@ -16,6 +16,7 @@ use livemig::predict::{model, simulate};
 use livemig::report::{self, Report, Status};
 use livemig::util::cancel::Cancel;
 use livemig::util::units;
+use livemig::wire::transport::certs::Validity;
 
 /// `print!` for a command line tool. When stdout fails (its reader has
 /// gone, as in a pipe into `head`, or a full disk), printing stops but the
@@ -190,8 +191,10 @@ fn run(cli: Cli) -> Result<()> {
             send: opts,
             no_prealloc,
             prepage,
+            security,
         }) => {
             let mut cfg = opts.config()?;
+            cfg.security = security.config("listen on", "127.0.0.1:0")?;
             cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 2)?;
             let mut print = row_printer(&opts);
@@ -203,8 +206,9 @@ fn run(cli: Cli) -> Result<()> {
             exit_if_cancelled(&report, &cfg.cancel);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
-        Cmd::Send { to, opts } => {
+        Cmd::Send { to, opts, security } => {
             let mut cfg = opts.config()?;
+            cfg.security = security.config("send to", &to)?;
             cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 1)?;
             let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
@@ -230,7 +234,9 @@ fn run(cli: Cli) -> Result<()> {
             mem,
             no_prealloc,
             prepage,
+            security,
         } => {
+            let security = security.config("listen on", &listen)?;
             let cancel = Cancel::on_signals()?;
             let listener = receiver::bind(&listen)?;
             let prepared = receiver::Prepared::new(mem.map(|m| m.0), !no_prealloc, prepage)?;
@@ -238,7 +244,7 @@ fn run(cli: Cli) -> Result<()> {
                 "livemig: waiting for a migration on {}",
                 listener.local_addr()?
             );
-            let (r, result) = receiver::receive(&listener, prepared, &cancel);
+            let (r, result) = receiver::receive(&listener, prepared, &cancel, &security);
             if let Some(path) = json {
                 let f = std::fs::File::create(&path)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -254,6 +260,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(result?)
         }
         Cmd::Guest(args) => Ok(guest::run(args)?),
+        Cmd::Certs { dir, hosts } => {
+            let hosts: Vec<_> = hosts
+                .into_iter()
+                .map(|h| (h, Validity::Days(365)))
+                .collect();
+            for f in livemig::wire::transport::certs::generate(&dir, &hosts)? {
+                outln!("wrote {}", f.display());
+            }
+            Ok(())
+        }
     }
 }
 

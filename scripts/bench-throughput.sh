@@ -152,6 +152,9 @@ if ((streams > 1)) && [[ $migrate_help != *--streams* || $send_help != *--stream
 fi
 recv_prealloc=no
 [[ $receive_help == *--mem* ]] && recv_prealloc=yes
+# Plain TCP off loopback must be asked for by name where livemig knows --insecure.
+insecure=()
+[[ $receive_help == *--insecure* ]] && insecure=(--insecure)
 
 counts=(1)
 ((streams > 1)) && counts+=("$streams")
@@ -255,7 +258,7 @@ else
 
       say "  run $r: livemig receive + send, $n stream(s)"
       out=$tmp/sh-livemig-$n-$r
-      ip netns exec "$h1" "$livemig" receive --listen "$dst:$lm_port" "${recv_opts[@]}" \
+      ip netns exec "$h1" "$livemig" receive --listen "$dst:$lm_port" "${recv_opts[@]}" "${insecure[@]}" \
         --json "$out.recv.json" >"$out.recv.log" 2>&1 &
       pid=$!
       server_pids+=("$pid")
@@ -270,7 +273,7 @@ else
         { cat "$out.recv.log" >&2; die "livemig receive did not start"; }
       set_stream_opts "$n"
       run_fg ip netns exec "$h0" "$livemig" send --to "$dst:$lm_port" --mem "$shaped_mem" "${idle_opts[@]}" \
-        "${sopts[@]}" --json "$out.json" >"$out.log" 2>&1 ||
+        "${sopts[@]}" "${insecure[@]}" --json "$out.json" >"$out.log" 2>&1 ||
         { cat "$out.log" "$out.recv.log" >&2; die "livemig send failed (run $r, $n streams)"; }
       rc=0
       wait_server "$pid" 30 || rc=$?

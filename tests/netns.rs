@@ -105,12 +105,19 @@ impl Testbed {
     ) -> (serde_json::Value, serde_json::Value) {
         let dir = tempfile::tempdir().unwrap();
         let (rj, sj) = (dir.path().join("recv.json"), dir.path().join("send.json"));
+        // Off loopback, a plain end must say it accepts anyone.
+        let secured = |args: &[&str]| args.iter().any(|a| a.starts_with("--tls") || *a == "--psk");
+        let plain = |args: &[&str]| match secured(args) {
+            true => vec![],
+            false => vec!["--insecure"],
+        };
         let listen = format!("{}:4444", self.addr(1));
         let mut rx = self
             .livemig(1)
             .args(["receive", "--listen", &listen, "--json"])
             .arg(&rj)
             .args(recv_args)
+            .args(plain(recv_args))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -131,6 +138,7 @@ impl Testbed {
             .args(["send", "--to", &listen, "--quiet", "--json"])
             .arg(&sj)
             .args(send_args)
+            .args(plain(send_args))
             .output()
             .unwrap();
         let rs = rx.wait().unwrap();
@@ -255,4 +263,68 @@ fn streams_share_a_shaped_link_and_its_rate() {
     // Memory was made before the sender connected.
     assert!(received["prealloc_ms"].as_f64().unwrap() > 0.0);
     assert_link_set_the_pace(&bed, &sent, 200.0);
+}
+
+#[test]
+fn plain_ends_off_loopback_refuse_without_insecure() {
+    let Some(bed) = Testbed::up(4, "1gbit") else {
+        return;
+    };
+    let listen = format!("{}:4444", bed.addr(1));
+    let recv = bed
+        .livemig(1)
+        .args(["receive", "--listen", &listen])
+        .output()
+        .unwrap();
+    let send = bed
+        .livemig(0)
+        .args(["send", "--to", &listen, "--mem", "8M"])
+        .output()
+        .unwrap();
+    for (what, out) in [("listen on", recv), ("send to", send)] {
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let want = format!("Error: refusing to {what} {listen} without authentication");
+        assert!(err.starts_with(&want), "{err}");
+        assert!(err.contains("--tls-ca, --tls-cert and --tls-key, or --psk FILE"));
+        assert!(err.contains("--insecure"), "{err}");
+    }
+}
+
+#[test]
+fn tls_between_hosts_verifies_every_page() {
+    let Some(bed) = Testbed::up(5, "1gbit") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (h0, h1) = (bed.addr(0), bed.addr(1));
+    let out = common::livemig()
+        .arg("certs")
+        .arg(dir.path())
+        .args(["--hosts", &format!("{h0},{h1}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let flags = |me: &str, peer: &str| -> Vec<String> {
+        let f = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+        let (cert, key) = (f(&format!("{me}.crt")), f(&format!("{me}.key")));
+        let mut v = vec!["--tls-ca".into(), f("ca.crt"), "--tls-cert".into(), cert];
+        v.extend(["--tls-key".into(), key, "--tls-allow".into(), peer.into()]);
+        v
+    };
+    let (r, s) = (flags(&h1, &h0), flags(&h0, &h1));
+    let mut send = strs(&s);
+    send.extend(["--mem", "16M", "--workload", "idle", "--warmup", "100ms"]);
+    let (sent, received) = bed.migrate_with(&strs(&r), &send);
+    assert_eq!(sent["status"], "completed");
+    assert_eq!(
+        (&sent["transport"], &received["transport"]),
+        (&"tls".into(), &"tls".into())
+    );
+    assert_eq!(received["verified_pages"], 4096);
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }

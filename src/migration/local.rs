@@ -77,8 +77,14 @@ pub fn run(
         Err(e) => return failed(e.into()),
     };
     // The receiver hears of a cancel from the sender, as a remote one does.
+    let security = cfg.security.clone();
     let rx = std::thread::spawn(move || {
-        destination::receive(&listener, prepared, &crate::util::cancel::Cancel::new())
+        destination::receive(
+            &listener,
+            prepared,
+            &crate::util::cancel::Cancel::new(),
+            &security,
+        )
     });
     let (mut report, sent) = source::migrate(cfg, &mut src, &addr, on_round);
     drop(src);

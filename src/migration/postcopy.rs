@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +33,7 @@ use crate::wire::protocol::{
     self, Frame, Kind, Limits, Message, PageRequest, PageRun, ProtocolError, MAX_RUN_PAGES,
 };
 use crate::wire::ratelimit::RateLimiter;
+use crate::wire::transport::Conn;
 
 /// How long a requested page may take before the source counts as gone:
 /// 10 s, or `LIVEMIG_REQUEST_TIMEOUT_MS` (for tests).
@@ -111,7 +111,7 @@ pub struct Destination {
     zeros: Vec<u8>,
     timeout: Duration,
     /// Shut for reading on a failure, to wake the thread waiting on it.
-    wake: Mutex<Option<TcpStream>>,
+    wake: Mutex<Option<Conn>>,
 }
 
 impl Destination {
@@ -185,7 +185,7 @@ impl Destination {
 
     /// On a failure, shut `conn` for reading (the push's connection, whose
     /// reader then finds the cause here rather than waiting on the source).
-    pub fn wake_on_failure(&self, conn: TcpStream) {
+    pub fn wake_on_failure(&self, conn: Conn) {
         *self.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
     }
 
@@ -249,14 +249,14 @@ impl Destination {
 
     /// The fault thread: read faults, request what is missing, until
     /// stopped. Writes requests on `requests`.
-    pub fn serve_faults(&self, mut requests: TcpStream) {
+    pub fn serve_faults(&self, mut requests: Conn) {
         if let Err(why) = self.fault_loop(&mut requests) {
             self.fail(why);
         }
         let _ = requests.shutdown(std::net::Shutdown::Write);
     }
 
-    fn fault_loop(&self, requests: &mut TcpStream) -> Result<(), PostcopyError> {
+    fn fault_loop(&self, requests: &mut Conn) -> Result<(), PostcopyError> {
         let mut addrs = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
             addrs.clear();
@@ -289,7 +289,7 @@ impl Destination {
     }
 
     /// Ask for `page` (and the pages around it, pre-paging) unless asked already.
-    fn request(&self, w: &mut TcpStream, page: u64, now: Instant) -> Result<(), PostcopyError> {
+    fn request(&self, w: &mut Conn, page: u64, now: Instant) -> Result<(), PostcopyError> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if !self.missing.is_set(page) {
             // Placed since the fault was read (which woke the vCPU).
@@ -340,7 +340,7 @@ impl Destination {
     }
 
     /// The request connection's reader: place the pages that answer requests.
-    pub fn serve_replies(&self, mut r: TcpStream, limits: &Limits, landed: &Landed) {
+    pub fn serve_replies(&self, mut r: Conn, limits: &Limits, landed: &Landed) {
         let mut buf = Vec::new();
         loop {
             match protocol::read_frame(&mut r, Some(limits)) {
@@ -402,7 +402,7 @@ impl Server {
     /// without waiting on it: a vCPU waits on this reply.
     fn reply(
         &self,
-        conn: &mut TcpStream,
+        conn: &mut Conn,
         mem: &GuestMemory,
         limits: &Limits,
         limiter: &RateLimiter,
@@ -449,7 +449,7 @@ impl Server {
     /// count against the migration's one rate limit without waiting on it.
     pub fn serve(
         &self,
-        mut conn: TcpStream,
+        mut conn: Conn,
         mem: &GuestMemory,
         limits: &Limits,
         limiter: &RateLimiter,

@@ -124,6 +124,9 @@ pub struct Report {
     pub transferred_pages: u64,
     /// Data connections the pages travelled on (QEMU: multifd channels).
     pub streams: u32,
+    /// How the connections were secured: `plain`, `tls` (mutual TLS) or
+    /// `psk` (a pre-shared key authenticated them; pages in the clear).
+    pub transport: String,
     /// `--compress` codec, if any.
     pub compress: Option<String>,
     /// `--xbzrle` cache size, if any.
@@ -245,6 +248,16 @@ pub fn round_row(r: &RoundReport) -> String {
 }
 
 /// The closing summary, several lines.
+/// The summary's words for a transport.
+pub fn transport_line(t: &str) -> String {
+    match t {
+        "tls" => "tls (mutual TLS 1.3: authenticated and encrypted)".into(),
+        "psk" => "psk (pre-shared key: authenticated, pages in the clear)".into(),
+        "plain" => "plain (neither authenticated nor encrypted)".into(),
+        other => other.into(),
+    }
+}
+
 pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     let status = match r.status {
@@ -285,6 +298,9 @@ pub fn summary(r: &Report) -> String {
             n => format!(" ({n} identical ones not listed)"),
         }
     );
+    if !r.transport.is_empty() && r.mode != SIMULATED && r.mode != MODEL {
+        s += &format!("transport         {}\n", transport_line(&r.transport));
+    }
     let f = &r.forms;
     if f.duplicate_pages + f.compressed_pages + f.xbzrle_pages > 0 || r.streams > 1 {
         let mut parts = vec![

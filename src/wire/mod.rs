@@ -6,4 +6,5 @@ pub mod datapath;
 pub mod protocol;
 pub mod ratelimit;
 pub mod reduce;
+pub mod transport;
 pub mod xbzrle;

@@ -19,6 +19,8 @@
 
 use std::io::Read;
 use std::net::{Shutdown, TcpListener, TcpStream};
+
+use crate::wire::transport::{Conn, Security, TransportError};
 use std::time::{Duration, Instant};
 
 use crate::guest::control::Control;
@@ -53,6 +55,8 @@ pub enum ReceiveError {
         #[source]
         source: std::io::Error,
     },
+    #[error("securing the sender's connection")]
+    Transport(#[source] TransportError),
     #[error(transparent)]
     Protocol(#[from] InContext),
     #[error("no data from the sender for {} s ({context})", IO_TIMEOUT.as_secs())]
@@ -197,13 +201,18 @@ pub fn receive(
     listener: &TcpListener,
     prepared: Prepared,
     cancel: &Cancel,
+    security: &Security,
 ) -> (ReceiveReport, Result<(), ReceiveError>) {
     let mut rx = Receiving {
-        report: ReceiveReport::default(),
+        report: ReceiveReport {
+            transport: security.name().into(),
+            ..ReceiveReport::default()
+        },
         context: "handshake".into(),
         prepared,
         cancel: cancel.clone(),
         interrupt: None,
+        security: security.clone(),
     };
     let result = rx.accept_and_run(listener);
     rx.report.status = match &result {
@@ -246,7 +255,7 @@ impl Receiving {
         if let Some(e) = self.cancelled_here() {
             return Err(e);
         }
-        let (mut sock, peer) = accepted.map_err(|source| ReceiveError::Listen {
+        let (sock, peer) = accepted.map_err(|source| ReceiveError::Listen {
             addr: listener
                 .local_addr()
                 .map(|a| a.to_string())
@@ -263,7 +272,15 @@ impl Receiving {
         self.interrupt = ctl
             .ok()
             .map(|fd| interrupt_on(&self.cancel, fd, Shutdown::Read));
-        let result = self.run(&mut sock, listener).map_err(|e| {
+        let (mut sock, claim) = match self.security.server(sock) {
+            Ok(secured) => secured,
+            Err(e) => {
+                let e = self.cancelled_here().unwrap_or(ReceiveError::Transport(e));
+                self.interrupt = None;
+                return Err(e);
+            }
+        };
+        let result = self.run(&mut sock, listener, claim).map_err(|e| {
             let here = self.interrupt.is_some().then(|| self.cancelled_here());
             here.flatten().unwrap_or(e)
         });
@@ -289,7 +306,7 @@ fn setup(sock: &TcpStream) -> Result<(), ReceiveError> {
 
 /// Tell the sender why, then drain briefly so the reason is not lost to a
 /// reset (closing with unread data would send RST).
-fn give_up(sock: &mut TcpStream, e: &ReceiveError) {
+fn give_up(sock: &mut Conn, e: &ReceiveError) {
     let _ = protocol::write_message(sock, &Message::abort(crate::util::error::error_chain(e)));
     let _ = sock.shutdown(Shutdown::Write);
     let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
@@ -314,6 +331,7 @@ struct Receiving {
     cancel: Cancel,
     /// While set, a cancel shuts the control connection's read half.
     interrupt: Option<HookGuard>,
+    security: Security,
 }
 
 impl Receiving {
@@ -344,12 +362,18 @@ impl Receiving {
         }
     }
 
-    fn next(&self, sock: &mut TcpStream, limits: &Limits) -> Result<Frame, ReceiveError> {
+    fn next(&self, sock: &mut Conn, limits: &Limits) -> Result<Frame, ReceiveError> {
         protocol::read_frame(sock, Some(limits)).map_err(|e| self.err(e))
     }
 
-    fn run(&mut self, sock: &mut TcpStream, listener: &TcpListener) -> Result<(), ReceiveError> {
+    fn run(
+        &mut self,
+        sock: &mut Conn,
+        listener: &TcpListener,
+        claim: Option<(u32, u64)>,
+    ) -> Result<(), ReceiveError> {
         let hello: Hello = protocol::read_handshake(sock).map_err(|e| self.err(e))?;
+        streams::check_claim(claim, protocol::CONTROL_STREAM, hello.session)?;
         let limits = hello.limits().map_err(|e| self.err(e))?;
         let page_size = PageSize::host();
         if u64::from(limits.page_size) != page_size.as_u64() {
@@ -434,13 +458,13 @@ impl Receiving {
     #[allow(clippy::too_many_arguments)]
     fn rounds_and_resume(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut Conn,
         mem: &GuestMemory,
         landed: &Landed,
         guest: &mut Guest,
         limits: &Limits,
         streams: Option<&Streams>,
-        requests: &mut Option<TcpStream>,
+        requests: &mut Option<Conn>,
     ) -> Result<(), ReceiveError> {
         let postcopy = requests.is_some();
         // Post-copy: the pages to fetch, announced before the device state.
@@ -583,7 +607,7 @@ impl Receiving {
     /// those of the pages as they landed.
     fn verify(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut Conn,
         landed: &Landed,
         limits: &Limits,
         pages: u64,

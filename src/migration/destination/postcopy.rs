@@ -2,7 +2,7 @@
 //! missing-page faults, serve them with the source's replies, and place the
 //! source's background push until every page is present.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use super::{unexpected_frame, ReceiveError, Receiving};
@@ -12,6 +12,7 @@ use crate::wire::protocol::InContext;
 use crate::wire::protocol::{
     self, Abort, Frame, Kind, Limits, Message, PageRun, ProtocolError, RoundEnd, RoundStart,
 };
+use crate::wire::transport::Conn;
 
 impl Receiving {
     /// Take the post-copy guest's userfaultfd: its missing pages fault to us.
@@ -41,12 +42,12 @@ impl Receiving {
     /// source's push. Done when every page is present.
     pub(super) fn postcopy_phase(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut Conn,
         landed: &Landed,
         guest: &mut Guest,
         limits: &Limits,
         dest: &crate::migration::postcopy::Destination,
-        req: TcpStream,
+        req: Conn,
     ) -> Result<(), ReceiveError> {
         self.context = "the source's post-copy push".into();
         let (t0, ops0) = (Instant::now(), guest.ops());
@@ -103,7 +104,7 @@ impl Receiving {
     /// then wait until every page is present and acknowledge it.
     fn push_phase(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut Conn,
         landed: &Landed,
         limits: &Limits,
         dest: &crate::migration::postcopy::Destination,

@@ -9,6 +9,8 @@ pub struct ReceiveReport {
     pub status: Status,
     pub error: Option<String>,
     pub peer: String,
+    /// How the connections were secured: `plain`, `tls` or `psk`.
+    pub transport: String,
     pub memory_bytes: u64,
     pub page_size: u64,
     /// Data connections the sender used (1: pages on the control connection).
@@ -40,12 +42,14 @@ impl ReceiveReport {
         }
         let mut s = format!(
             "received          {} pages from {} in {} rounds ({})\n\
+             transport         {}\n\
              resume            {:.2} ms\n\
              verified          {} pages, {} mismatched\n",
             self.pages_received,
             self.peer,
             self.round_pages.len(),
             fmt_bytes(self.memory_bytes),
+            crate::report::transport_line(&self.transport),
             self.resume_ms,
             self.verified_pages,
             self.mismatched_pages

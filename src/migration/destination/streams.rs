@@ -2,7 +2,7 @@
 //! one session, a thread per connection that decodes its page runs into
 //! place, and the control thread's view of their rounds.
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -16,6 +16,7 @@ use crate::wire::protocol::InContext;
 use crate::wire::protocol::{
     self, Abort, Frame, Limits, Message, ProtocolError, RoundEnd, StreamHello,
 };
+use crate::wire::transport::{Conn, TransportError};
 
 /// How long the sender has to open its data connections.
 pub(super) const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,7 +29,7 @@ type StreamReport = Result<(usize, u32, u64), ReceiveError>;
 
 /// The data connections of a multi-stream migration.
 pub(super) struct Streams {
-    pub(super) socks: Vec<TcpStream>,
+    pub(super) socks: Vec<Conn>,
     pub(super) reports: Receiver<StreamReport>,
     pub(super) tx: Sender<StreamReport>,
     /// Their threads still running.
@@ -49,18 +50,15 @@ impl Streams {
     /// Wait until the control connection has a frame to read. During a
     /// round it is silent while the data connections carry the pages, so
     /// it only times out when they have been silent too.
-    pub(super) fn wait_control(&self, sock: &TcpStream) -> Result<(), ReceiveError> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
+    pub(super) fn wait_control(&self, sock: &Conn) -> Result<(), ReceiveError> {
         loop {
-            let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(1000u16)) {
-                Ok(0) | Err(nix::Error::EINTR) => {}
-                Ok(_) => return Ok(()),
+            match sock.wait_readable(Duration::from_secs(1)) {
+                Ok(false) => {}
+                Ok(true) => return Ok(()),
                 Err(e) => {
                     return Err(ReceiveError::Protocol(InContext {
                         context: "waiting on the control connection".into(),
-                        source: ProtocolError::Io(e.into()),
+                        source: ProtocolError::Io(e),
                     }))
                 }
             }
@@ -154,7 +152,7 @@ impl Receiving {
         n: u32,
         request: bool,
         session: u64,
-    ) -> Result<(Option<Streams>, Option<TcpStream>), ReceiveError> {
+    ) -> Result<(Option<Streams>, Option<Conn>), ReceiveError> {
         if n == 0 && !request {
             return Ok((None, None));
         }
@@ -164,9 +162,9 @@ impl Receiving {
             (n, true) => format!("{n} data connections and the post-copy request connection"),
         };
         self.context = format!("accepting {what}");
-        let mut req: Option<TcpStream> = None;
+        let mut req: Option<Conn> = None;
         let deadline = Instant::now() + STREAMS_TIMEOUT;
-        let mut socks: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+        let mut socks: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
         let listen_err = |source| ReceiveError::Listen {
             addr: listener
                 .local_addr()
@@ -177,7 +175,7 @@ impl Receiving {
         listener.set_nonblocking(true).map_err(listen_err)?;
         let mut left = n + u32::from(request);
         while left > 0 {
-            let mut s = match listener.accept() {
+            let s = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if let Some(cancelled) = self.cancelled_here() {
@@ -199,10 +197,12 @@ impl Receiving {
             };
             s.set_nonblocking(false).map_err(listen_err)?;
             setup(&s)?;
+            let (mut s, claim) = self.security.server(s).map_err(ReceiveError::Transport)?;
             let StreamHello {
                 index,
                 session: got,
             } = protocol::read_handshake(&mut s).map_err(|e| self.err(e))?;
+            check_claim(claim, index, got)?;
             if index == protocol::REQUEST_STREAM && request && req.is_none() && got == session {
                 req = Some(s);
                 left -= 1;
@@ -241,11 +241,32 @@ impl Receiving {
     }
 }
 
+/// A connection that authenticated (PSK) as connection `conn` of `session`
+/// must open as that one: no splicing into another stream or session.
+pub(super) fn check_claim(
+    claim: Option<(u32, u64)>,
+    index: u32,
+    session: u64,
+) -> Result<(), ReceiveError> {
+    let name = |(i, s): (u32, u64)| match i {
+        protocol::CONTROL_STREAM => format!("the control connection of session {s:#x}"),
+        protocol::REQUEST_STREAM => format!("the request connection of session {s:#x}"),
+        i => format!("data connection {i} of session {s:#x}"),
+    };
+    match claim {
+        Some(c) if c != (index, session) => Err(ReceiveError::Transport(TransportError::Spliced {
+            claimed: name(c),
+            opened: name((index, session)),
+        })),
+        _ => Ok(()),
+    }
+}
+
 /// A data connection's thread: decode page runs into memory until the
 /// sender closes the connection; report each round's end to the control
 /// thread.
 pub(super) fn data_stream(
-    mut sock: TcpStream,
+    mut sock: Conn,
     index: usize,
     limits: &Limits,
     mem: &GuestMemory,

@@ -36,6 +36,7 @@ use crate::util::page::PageSize;
 use crate::util::units::PageRate;
 use crate::wire::datapath::Reduction;
 use crate::wire::ratelimit::Bandwidth;
+use crate::wire::transport::Security;
 
 mod streams;
 mod tcp;
@@ -67,6 +68,8 @@ pub struct SenderConfig {
     /// Fires to cancel the migration (SIGINT or SIGTERM on the command
     /// line); a new token never does.
     pub cancel: Cancel,
+    /// How every connection is secured (`--tls-*`, `--psk`).
+    pub security: Security,
 }
 
 impl Default for SenderConfig {
@@ -90,6 +93,7 @@ impl Default for SenderConfig {
             progress: false,
             throttling: Throttling::Off,
             cancel: Cancel::new(),
+            security: Security::Plain,
         }
     }
 }
@@ -133,6 +137,7 @@ impl SenderConfig {
             memory_bytes: self.memory_bytes,
             page_size: PageSize::host().as_u64(),
             streams: self.streams,
+            transport: self.security.name().into(),
             compress: self.reduction.compress.map(|c| c.to_string()),
             xbzrle_cache_bytes: self.reduction.xbzrle_cache,
             ..Report::default()

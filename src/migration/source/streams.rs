@@ -5,6 +5,8 @@
 
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
+
+use crate::wire::transport::{Conn, Security, TransportError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -33,6 +35,12 @@ pub enum SendError {
         addr: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("securing the connection to {addr}")]
+    Transport {
+        addr: String,
+        #[source]
+        source: TransportError,
     },
     #[error(transparent)]
     Protocol(#[from] InContext),
@@ -109,7 +117,9 @@ pub(crate) enum Lanes {
 }
 
 impl Lanes {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
+        security: &Security,
         streams: u32,
         reduction: Reduction,
         addr: &str,
@@ -146,7 +156,7 @@ impl Lanes {
         let (done_tx, done) = crossbeam_channel::unbounded();
         let (mut ends, mut threads) = (Vec::new(), Vec::new());
         for index in 0..n {
-            let mut sock = connect(addr)?;
+            let mut sock = connect(addr, security, index as u32, session)?;
             protocol::write_message(&mut sock, &Message::stream_hello(index as u32, session))
                 .map_err(proto(format!("opening data connection {index} to {addr}")))?;
             let (end_tx, end_rx) = crossbeam_channel::unbounded();
@@ -172,7 +182,7 @@ impl Lanes {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut Conn,
         round: u32,
         set: &DirtySet,
         chunk: u64,
@@ -180,7 +190,7 @@ impl Lanes {
         per_stream: &mut Vec<u64>,
         cancel: &Cancel,
     ) -> Result<(u64, u64, SendStats), SendError> {
-        let mem_err = |sock: &mut TcpStream, e: std::io::Error| {
+        let mem_err = |sock: &mut Conn, e: std::io::Error| {
             peer_error(sock, ctx).unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e)))
         };
         let cancelled = || -> Result<(), SendError> {
@@ -270,7 +280,7 @@ impl Drop for Lanes {
 /// One stream's sending state: its encoder, and this round's figures.
 pub(crate) struct Lane {
     /// A data connection (None: the control connection, passed in).
-    sock: Option<TcpStream>,
+    sock: Option<Conn>,
     encoder: Encoder,
     mem: Arc<GuestMemory>,
     limiter: RateLimiter,
@@ -355,7 +365,27 @@ impl Lane {
     }
 }
 
-pub(crate) fn connect(addr: &str) -> Result<TcpStream, SendError> {
+/// Connect to `addr` and open connection `conn` of `session` as
+/// `security` says (a TLS handshake, the PSK exchange, or nothing).
+pub(crate) fn connect(
+    addr: &str,
+    security: &Security,
+    conn: u32,
+    session: u64,
+) -> Result<Conn, SendError> {
+    let sock = connect_tcp(addr)?;
+    security
+        .client(sock, addr, conn, session)
+        .map_err(|source| match source {
+            TransportError::Aborted { reason, .. } => SendError::Refused(reason),
+            source => SendError::Transport {
+                addr: addr.into(),
+                source,
+            },
+        })
+}
+
+fn connect_tcp(addr: &str) -> Result<TcpStream, SendError> {
     let err = |source| SendError::Connect {
         addr: addr.into(),
         source,
@@ -376,7 +406,7 @@ pub(crate) fn connect(addr: &str) -> Result<TcpStream, SendError> {
 }
 
 /// The receiver's reason for giving up, if it sends one within `wait`.
-pub(crate) fn peer_reason(sock: &mut TcpStream, wait: Duration) -> Option<SendError> {
+pub(crate) fn peer_reason(sock: &mut Conn, wait: Duration) -> Option<SendError> {
     let _ = sock.set_read_timeout(Some(wait));
     let reason = match protocol::read_frame(sock, None) {
         Ok(Frame::Message(Message::Abort(Abort(reason)))) => Some(SendError::Refused(reason)),
@@ -388,17 +418,9 @@ pub(crate) fn peer_reason(sock: &mut TcpStream, wait: Duration) -> Option<SendEr
 
 /// The receiver speaks during rounds only to give up (Abort) or by closing.
 /// One non-blocking peek per chunk notices either without waiting.
-pub(crate) fn peer_error(sock: &mut TcpStream, context: &str) -> Option<SendError> {
-    use nix::sys::socket::{recv, MsgFlags};
-    use std::os::fd::AsRawFd;
-    let mut b = [0u8; 1];
-    match recv(
-        sock.as_raw_fd(),
-        &mut b,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    ) {
-        Err(nix::Error::EAGAIN) => None,
-        Ok(0) => Some(proto(context)(ProtocolError::Closed)),
+pub(crate) fn peer_error(sock: &mut Conn, context: &str) -> Option<SendError> {
+    match sock.ready() {
+        Ok(false) => None,
         _ => Some(match protocol::read_frame(sock, None) {
             Ok(Frame::Message(Message::Abort(Abort(reason)))) => SendError::Refused(reason),
             Ok(other) => proto(context)(ProtocolError::Unexpected {

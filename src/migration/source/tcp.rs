@@ -3,7 +3,6 @@
 //! tracker on this side, TCP to the destination.
 
 use std::io::{IoSlice, Write};
-use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,15 +28,16 @@ use crate::wire::protocol::{
     self, HelloAck, Kind, Limits, Message, ProtocolError, Resumed, RoundAck, Verdict, MAX_DIGESTS,
 };
 use crate::wire::ratelimit::RateLimiter;
+use crate::wire::transport::Conn;
 
 /// The connections of a migration under way.
 struct Connections {
     /// The control connection (and the pages' too with one stream).
-    control: TcpStream,
+    control: Conn,
     /// Where page runs go; closed once the last page is out.
     lanes: Option<Lanes>,
     /// Post-copy: the connection the destination asks for pages on.
-    requests: Option<TcpStream>,
+    requests: Option<Conn>,
     limits: Limits,
 }
 
@@ -238,10 +238,11 @@ impl Backend for Tcp<'_> {
         report.guest_dirty_rate_pps = self.src.guest.measure_rate(cfg.warmup)?;
 
         let start = *self.start.insert(Instant::now());
-        let mut sock = connect(addr)?;
         // Ties the data connections to this migration.
         let session =
             xxhash_rust::xxh3::xxh3_64(format!("{:?} {}", start, std::process::id()).as_bytes());
+        let security = &cfg.security;
+        let mut sock = connect(addr, security, protocol::CONTROL_STREAM, session)?;
         let mut hello =
             Message::hello(page_size.as_u32(), self.src.mem.len(), cfg.streams, session);
         if let Message::Hello(h) = &mut hello {
@@ -258,6 +259,7 @@ impl Backend for Tcp<'_> {
             .map_err(proto_waited(format!("handshake with {addr}"), wait))?;
         sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
         let lanes = Lanes::open(
+            security,
             cfg.streams,
             cfg.reduction,
             addr,
@@ -268,7 +270,7 @@ impl Backend for Tcp<'_> {
         )?;
         let requests = match cfg.mode.is_postcopy() {
             true => {
-                let mut conn = connect(addr)?;
+                let mut conn = connect(addr, security, protocol::REQUEST_STREAM, session)?;
                 let hello = Message::stream_hello(protocol::REQUEST_STREAM, session);
                 protocol::write_message(&mut conn, &hello)
                     .map_err(proto(format!("opening the request connection to {addr}")))?;
@@ -562,7 +564,7 @@ impl Backend for Tcp<'_> {
 }
 
 /// Wait for the receiver's acknowledgement of `round`.
-fn expect_ack(sock: &mut TcpStream, round: u32, ctx: &str) -> Result<(), SendError> {
+fn expect_ack(sock: &mut Conn, round: u32, ctx: &str) -> Result<(), SendError> {
     match protocol::expect_message(sock, None).map_err(proto(ctx))? {
         RoundAck { round: r } if r == round => Ok(()),
         other => Err(proto(ctx)(ProtocolError::BadField {
