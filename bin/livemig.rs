@@ -1,5 +1,7 @@
 //! The `livemig` command line: parses arguments and calls into the library.
 
+#[macro_use]
+mod out;
 mod cli;
 
 use std::process::ExitCode;
@@ -18,33 +20,6 @@ use livemig::util::cancel::Cancel;
 use livemig::util::units;
 use livemig::wire::transport::certs::Validity;
 
-/// `print!` for a command line tool. When stdout fails (its reader has
-/// gone, as in a pipe into `head`, or a full disk), printing stops but the
-/// work goes on: a migration half done must still finish or resume its
-/// source, and write its JSON report. `main` then ends as the failure asks
-/// (by SIGPIPE for a closed pipe, as tools do). SIGPIPE itself stays
-/// ignored, so a vanished peer is an error on its socket.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if STDOUT_FAILED.get().is_none() {
-            if let Err(e) = write!(std::io::stdout(), $($arg)*) {
-                let _ = STDOUT_FAILED.set(e.kind());
-            }
-        }
-    }};
-}
-
-macro_rules! outln {
-    ($($arg:tt)*) => {{
-        out!($($arg)*);
-        out!("\n");
-    }};
-}
-
-/// The first failure writing to stdout, if any.
-static STDOUT_FAILED: std::sync::OnceLock<std::io::ErrorKind> = std::sync::OnceLock::new();
-
 /// The exit status of a cancelled migration: 128 + the signal's number on
 /// the side that got it (130 for SIGINT, 143 for SIGTERM), or
 /// [`EXIT_PEER_CANCELLED`] on a receiver whose sender was cancelled.
@@ -55,21 +30,6 @@ fn exit_if_cancelled(report: &Report, cancel: &Cancel) {
     if report.status == Status::Cancelled {
         let _ = EXIT.set(cancel.why().map_or(130, |w| w.exit_code()));
     }
-}
-
-/// End as a failed stdout asks, once the work is done.
-fn stdout_verdict() -> Option<ExitCode> {
-    let kind = *STDOUT_FAILED.get()?;
-    if kind == std::io::ErrorKind::BrokenPipe {
-        // SAFETY: restoring a signal's default action and raising it; the
-        // default action of SIGPIPE ends the process.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            libc::raise(libc::SIGPIPE);
-        }
-    }
-    eprintln!("Error: writing to stdout: {}", std::io::Error::from(kind));
-    Some(ExitCode::FAILURE)
 }
 
 /// A simulation's or a model's report, printed like a real run's.
@@ -170,7 +130,7 @@ fn main() -> ExitCode {
         }
     };
     let result = run(cli);
-    if let Some(code) = stdout_verdict() {
+    if let Some(code) = out::stdout_verdict() {
         if let Err(e) = result {
             eprintln!("Error: {e:#}");
         }
