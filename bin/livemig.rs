@@ -153,8 +153,9 @@ fn run(cli: Cli) -> Result<()> {
             prepage,
             security,
         }) => {
+            let security = security.config("listen on", "127.0.0.1:0")?;
             let mut cfg = opts.config()?;
-            cfg.security = security.config("listen on", "127.0.0.1:0")?;
+            cfg.security = security;
             cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 2)?;
             let mut print = row_printer(&opts);
@@ -167,8 +168,9 @@ fn run(cli: Cli) -> Result<()> {
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
         Cmd::Send { to, opts, security } => {
+            let security = security.config("send to", &to)?;
             let mut cfg = opts.config()?;
-            cfg.security = security.config("send to", &to)?;
+            cfg.security = security;
             cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 1)?;
             let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
