@@ -438,3 +438,48 @@ fn wait_count(word: &AtomicU32, target: u32, timeout: Duration) -> bool {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pid of a process that has exited and been reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn a_claim_left_by_a_dead_holder_is_taken_over_and_its_pause_undone() {
+        let c = Control::create().unwrap();
+        let me = std::process::id();
+        // A harvester that died holding the claim, its vCPUs parked for a harvest.
+        let dead = dead_pid();
+        c.block().owner.store(dead, Ordering::SeqCst);
+        c.block().pause.store(PAUSE, Ordering::SeqCst);
+        assert_eq!(c.claim(me), Ok(()));
+        assert_eq!(c.block().owner.load(Ordering::SeqCst), me);
+        assert!(!c.pause_requested(), "the dead holder's pause is released");
+        // Claiming again is harmless; a live process (init) is refused, naming us.
+        assert_eq!(c.claim(me), Ok(()));
+        assert_eq!(c.claim(1), Err(me));
+        // Given up, it is anyone's.
+        c.unclaim(me);
+        assert_eq!(c.claim(1), Ok(()));
+    }
+
+    #[test]
+    fn a_live_holder_keeps_its_claim_and_its_pause() {
+        let c = Control::create().unwrap();
+        // Process 1 never dies.
+        c.block().owner.store(1, Ordering::SeqCst);
+        c.block().pause.store(PAUSE, Ordering::SeqCst);
+        assert_eq!(c.claim(std::process::id()), Err(1));
+        assert!(c.pause_requested(), "a live holder's pause is its own");
+        // Only the holder gives it up.
+        c.unclaim(std::process::id());
+        assert_eq!(c.block().owner.load(Ordering::SeqCst), 1);
+    }
+}
