@@ -280,16 +280,20 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
 /// Park the `vcpus` vCPUs of guest `pid` at a safe point; on failure they
 /// are released again.
 pub fn park(control: &Control, vcpus: u32, pid: i32) -> Result<(), GuestError> {
+    park_within(control, vcpus, pid, PAUSE_TIMEOUT)
+}
+
+fn park_within(control: &Control, vcpus: u32, pid: i32, limit: Duration) -> Result<(), GuestError> {
     let start = Instant::now();
     while !control.request_pause(vcpus, Duration::from_millis(50)) {
-        let timeout = start.elapsed() > PAUSE_TIMEOUT;
+        let timeout = start.elapsed() > limit;
         if timeout || crate::util::process::process_gone(pid) {
             control.release();
             return Err(match timeout {
                 true => GuestError::Timeout {
                     pid,
                     what: "pause",
-                    secs: PAUSE_TIMEOUT.as_secs(),
+                    secs: limit.as_secs(),
                 },
                 false => GuestError::Exited {
                     pid,
@@ -585,6 +589,60 @@ mod tests {
         assert!(!e.contains('\u{1b}') && !e.contains('\u{0}'), "{e}");
         assert!(e.contains("\\u{1b}[2J"), "{e}");
         assert!(e.starts_with("device state: "), "{e}");
+    }
+
+    /// A guest whose vCPUs never reach a safe point: the pause gives up
+    /// after its time, naming the guest, and takes its request back so the
+    /// vCPUs do not park later with nobody to release them.
+    #[test]
+    fn a_guest_that_does_not_pause_in_time_is_released() {
+        use crate::guest::control::Control;
+        let c = Control::create().unwrap();
+        // Alive (this process), with one vCPU that never parks.
+        let me = std::process::id() as i32;
+        let t = std::time::Instant::now();
+        let e = super::park_within(&c, 1, me, Duration::from_secs(1)).unwrap_err();
+        assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(
+            matches!(e, super::GuestError::Timeout { pid, what: "pause", secs: 1 } if pid == me),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("the guest process (pid {me}) did not pause within 1 s")
+        );
+        assert!(!c.pause_requested(), "the pause request is taken back");
+
+        // The same wait succeeds once the vCPU parks.
+        let vcpu = c.clone();
+        let parker = std::thread::spawn(move || {
+            while !vcpu.pause_requested() {
+                vcpu.sleep_unless_paused(Duration::from_millis(10));
+            }
+            vcpu.park(0, 5, 7);
+        });
+        super::park_within(&c, 1, me, Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            c.block().parked.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        c.release();
+        parker.join().unwrap();
+    }
+
+    #[test]
+    fn a_guest_that_died_is_not_waited_for() {
+        use crate::guest::control::Control;
+        let c = Control::create().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id() as i32;
+        child.wait().unwrap();
+        let e = super::park_within(&c, 1, dead, Duration::from_secs(60)).unwrap_err();
+        assert!(
+            matches!(e, super::GuestError::Exited { pid, .. } if pid == dead),
+            "{e:?}"
+        );
+        assert!(!c.pause_requested());
     }
 
     #[test]
