@@ -301,20 +301,11 @@ impl Destination {
             return Ok(());
         }
         pending.insert(page, Some(now));
-        // Pre-paging: the bubble of N pages around the fault, half before,
-        // half after, as far as they are missing and not asked for yet.
-        let wanted = |p: u64, pending: &HashMap<u64, Option<Instant>>| {
+        let (first, end) = bubble(page, self.prepage, self.page_count, |p| {
             self.missing.is_set(p) && !pending.contains_key(&p)
-        };
-        let n = u64::from(self.prepage.min(MAX_RUN_PAGES - 1));
-        let (mut first, mut end) = (page, page + 1);
-        while end < self.page_count && end - page <= n - n / 2 && wanted(end, &pending) {
-            pending.insert(end, None);
-            end += 1;
-        }
-        while first > 0 && page - first < n / 2 && wanted(first - 1, &pending) {
-            first -= 1;
-            pending.insert(first, None);
+        });
+        for p in (first..end).filter(|&p| p != page) {
+            pending.insert(p, None);
         }
         drop(pending);
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -384,6 +375,22 @@ impl Destination {
             guest_rate_postcopy_pps: None,
         }
     }
+}
+
+/// Pre-paging: the run `first..end` to ask for around faulted `page`, with
+/// up to `prepage` more pages (at most a run's worth), half before the
+/// fault and half after, as far as each is `wanted` (missing and not asked
+/// for yet) and inside memory of `page_count` pages.
+fn bubble(page: u64, prepage: u32, page_count: u64, wanted: impl Fn(u64) -> bool) -> (u64, u64) {
+    let n = u64::from(prepage.min(MAX_RUN_PAGES - 1));
+    let (mut first, mut end) = (page, page + 1);
+    while end < page_count && end - page <= n - n / 2 && wanted(end) {
+        end += 1;
+    }
+    while first > 0 && page - first < n / 2 && wanted(first - 1) {
+        first -= 1;
+    }
+    (first, end)
 }
 
 /// The source's page server: answer each request with the pages asked for,
@@ -493,5 +500,150 @@ impl Server {
             }
             conn.flush().map_err(ProtocolError::Io)?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    const PAGES: u64 = 256;
+    const LIMITS: Limits = Limits {
+        streams: 1,
+        page_size: 4096,
+        page_count: PAGES,
+    };
+
+    #[test]
+    fn prepaging_stays_inside_memory_at_both_edges() {
+        let all = |_| true;
+        // In the middle: 7 pages before the fault, 8 after.
+        assert_eq!(bubble(100, 15, PAGES, all), (93, 109));
+        // At the first page nothing lies before it; at the last nothing after.
+        assert_eq!(bubble(0, 15, PAGES, all), (0, 9));
+        assert_eq!(bubble(PAGES - 1, 15, PAGES, all), (PAGES - 8, PAGES));
+        // Near the end the run stops at the last page.
+        assert_eq!(bubble(PAGES - 3, 15, PAGES, all), (PAGES - 10, PAGES));
+        assert_eq!(bubble(0, 15, 1, all), (0, 1));
+        // No pre-paging: the faulted page alone.
+        assert_eq!(bubble(PAGES - 1, 0, PAGES, all), (PAGES - 1, PAGES));
+        // A page present or asked for already ends the run on its side.
+        assert_eq!(bubble(100, 15, PAGES, |p| p != 103 && p != 98), (99, 103));
+        // At most one run, however many pages are asked for.
+        let (first, end) = bubble(1 << 20, u32::MAX, 1 << 21, all);
+        assert_eq!(end - first, u64::from(MAX_RUN_PAGES));
+        // Each of these is a request the source accepts.
+        for page in [0, 1, 100, PAGES - 2, PAGES - 1] {
+            let (first, end) = bubble(page, 15, PAGES, all);
+            let m = Message::page_request(first, (end - first) as u32, (page - first) as u32);
+            let got = protocol::read_frame(&mut &m.encode()[..], Some(&LIMITS)).unwrap();
+            assert!(
+                matches!(got, Frame::Message(Message::PageRequest(_))),
+                "{page}"
+            );
+        }
+    }
+
+    /// A reply: its first page and its bytes.
+    type Reply = (u64, Vec<u8>);
+
+    /// A page server over loopback on memory whose page p is filled with
+    /// byte p; the destination's end of its request connection.
+    fn serving(
+        talk: impl FnOnce(&mut TcpStream) + Send,
+    ) -> (Result<(), ProtocolError>, Vec<Reply>) {
+        let mem = GuestMemory::create(PAGES * 4096, PageSize::MIN).unwrap();
+        for p in 0..PAGES {
+            // SAFETY: nothing else maps this memory.
+            unsafe { mem.pages_mut(p, 1) }.fill(p as u8);
+        }
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut dest = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (src, _) = l.accept().unwrap();
+        let server = Server::new(PAGES);
+        let limiter = RateLimiter::new(None);
+        std::thread::scope(|s| {
+            let served = s.spawn(|| server.serve(src, &mem, &LIMITS, &limiter));
+            talk(&mut dest);
+            dest.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut replies = Vec::new();
+            while let Ok(Frame::Run(PageRun::Pages { first_page, count })) =
+                protocol::read_frame(&mut dest, Some(&LIMITS))
+            {
+                let mut buf = vec![0; count as usize * 4096];
+                protocol::read_bulk(&mut dest, &mut buf, Kind::Pages).unwrap();
+                replies.push((first_page, buf));
+            }
+            (served.join().unwrap(), replies)
+        })
+    }
+
+    fn request(first: u64, count: u32, fault: u32) -> impl FnOnce(&mut TcpStream) + Send {
+        move |s| {
+            protocol::write_message(s, &Message::page_request(first, count, fault)).unwrap();
+        }
+    }
+
+    #[test]
+    fn requests_at_the_edges_are_answered_with_the_faulted_page_first() {
+        // The last page, with the 7 before it.
+        let (r, replies) = serving(request(PAGES - 8, 8, 7));
+        r.unwrap();
+        let firsts: Vec<(u64, usize)> = replies.iter().map(|(f, b)| (*f, b.len() / 4096)).collect();
+        assert_eq!(firsts, [(PAGES - 1, 1), (PAGES - 8, 7)]);
+        for (first, bytes) in &replies {
+            for (i, page) in bytes.chunks(4096).enumerate() {
+                assert!(page.iter().all(|&b| b == (*first as usize + i) as u8));
+            }
+        }
+        // The first page, with the 8 after it.
+        let (r, replies) = serving(request(0, 9, 0));
+        r.unwrap();
+        let firsts: Vec<(u64, usize)> = replies.iter().map(|(f, b)| (*f, b.len() / 4096)).collect();
+        assert_eq!(firsts, [(0, 1), (1, 8)]);
+    }
+
+    #[test]
+    fn a_bad_request_ends_the_server_naming_it_and_sends_nothing() {
+        // A run past the last page.
+        let (r, replies) = serving(request(PAGES - 4, 8, 0));
+        assert!(
+            matches!(
+                r,
+                Err(ProtocolError::OutOfRange {
+                    first: 252,
+                    count: 8,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert!(replies.is_empty());
+        // Another kind of frame on the request connection.
+        let (r, replies) = serving(|s| {
+            protocol::write_message(s, &Message::round_start(0, false)).unwrap();
+        });
+        assert!(
+            matches!(
+                r,
+                Err(ProtocolError::Unexpected {
+                    got: Kind::RoundStart,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert!(replies.is_empty());
+        // A faulted page outside its own run.
+        let (r, _) = serving(|s| {
+            let mut m = Message::page_request(10, 2, 0).encode();
+            m[8 + 12..].copy_from_slice(&2u32.to_le_bytes());
+            std::io::Write::write_all(s, &m).unwrap();
+        });
+        assert!(matches!(r, Err(ProtocolError::BadField { .. })), "{r:?}");
+        // The destination closing the connection is the normal end.
+        let (r, replies) = serving(|_| {});
+        assert!(r.is_ok() && replies.is_empty(), "{r:?}");
     }
 }
