@@ -262,11 +262,14 @@ fn finish(report: &Report, json: Option<&std::path::Path>, result: Result<()>) -
             .write_json(path)
             .with_context(|| format!("writing the report to {}", path.display()))?;
     }
-    result.map_err(|e| match report.source_guest_kept_running {
-        true if report.status == Status::Cancelled => e,
-        true => e.context(
+    // Post-copy past the switch-over: the destination's guest ran ahead.
+    let ahead = matches!(report.mode, "postcopy" | "hybrid") && report.downtime_ms.is_some();
+    result.map_err(|e| match (report.source_guest_kept_running, ahead) {
+        _ if report.status == Status::Cancelled => e,
+        (true, _) => e.context(
             "migration failed; the source guest was resumed and ran on until this command ended",
         ),
-        false => e,
+        (false, true) => e.context("post-copy failed after the guest resumed at the destination; the source guest was not resumed, its memory being older"),
+        (false, false) => e,
     })
 }

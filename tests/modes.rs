@@ -203,3 +203,70 @@ fn postcopy_destination_fails_cleanly_when_the_source_dies() {
     assert_eq!(rep["status"], "failed");
     assert_gone(&rep["destination_guest_pid"]);
 }
+
+/// The destination dies while its guest runs in post-copy: the source says
+/// so in one line, exits 1, and does not resume its own guest, whose
+/// memory the destination's guest had already moved past; its report says
+/// failed, with the push it got through.
+#[test]
+fn postcopy_source_fails_cleanly_when_the_destination_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let tx_json = dir.path().join("tx.json");
+    let (mut rx, addr) = receiver(&[], &[]);
+    // 16 MiB pushed at 20 Mbit/s: about 7 s of post-copy to die in.
+    let tx = livemig()
+        .args([
+            "send", "--to", &addr, "--quiet", "--mem", "16M", "--warmup", "100ms",
+        ])
+        .args(["--mode", "postcopy", "--bandwidth", "20mbit"])
+        .args(["--workload", "hotset:wws=1M,rate=10k", "--json"])
+        .arg(&tx_json)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the destination once its guest has written: a page it faulted
+    // on was placed, so the source has heard it resumed and serves or
+    // pushes pages (post-copy has begun on both ends).
+    let guest = wait_until("the destination guest", || {
+        livemig::guest::find::find(child_of(rx.id())?).ok()
+    });
+    assert!(
+        guest.control.wait_running(1, Duration::from_secs(60)),
+        "the destination guest never ran"
+    );
+    let ops = guest.control.ops(1);
+    wait_until("a write at the destination", || {
+        (guest.control.ops(1) > ops).then_some(())
+    });
+    rx.kill().unwrap();
+    let _ = rx.wait();
+    let out = tx.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<_> = err.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // What failed, and that the guest is not running on at the source.
+    for needle in [
+        "post-copy failed after the guest resumed at the destination",
+        "the source guest was not resumed",
+        "pushing post-copy pages",
+    ] {
+        assert!(lines[0].contains(needle), "{needle:?} not in {err}");
+    }
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&tx_json).unwrap()).unwrap();
+    assert_eq!(rep["status"], "failed");
+    assert!(
+        rep["error"]
+            .as_str()
+            .unwrap()
+            .contains("pushing post-copy pages"),
+        "{rep:#}"
+    );
+    assert_eq!(rep["source_guest_kept_running"], false, "{rep:#}");
+    // The switch-over completed (the downtime ended), the push did not.
+    assert!(rep["downtime_ms"].as_f64().is_some(), "{rep:#}");
+    assert!(rep["migration_time_ms"].is_null(), "{rep:#}");
+    assert_gone(&rep["source_guest_pid"]);
+}
