@@ -120,6 +120,58 @@ fn hybrid_leaves_no_page_that_can_fault_after_the_switch() {
     );
 }
 
+/// With `--streams 2` the pre-copy rounds travel on both data connections
+/// and post-copy runs on the control and request connections: every page
+/// arrives once, by one path, and is verified.
+#[test]
+fn hybrid_and_postcopy_over_two_streams_verify_every_page() {
+    // Paced, so each data connection takes runs while the other waits on
+    // the limiter, whatever this machine's speed.
+    let r = migrate(&[
+        "--mode",
+        "hybrid:rounds=2",
+        "--streams",
+        "2",
+        "--workload",
+        "hotset:wws=2M,rate=20k",
+        "--bandwidth",
+        "200mbit",
+    ]);
+    let rep = assert_verified(&r);
+    let rs = rounds(rep);
+    assert_eq!(rs.len(), 3, "{rep:#}");
+    assert_eq!(rs[2]["postcopy"], true, "{rep:#}");
+    // Both ends counted each connection's pages of the pre-copy rounds:
+    // they agree, both connections carried some, and they add up.
+    let sent: Vec<u64> = serde_json::from_value(rep["stream_pages"].clone()).unwrap();
+    let got: Vec<u64> = serde_json::from_value(rep["destination_stream_pages"].clone()).unwrap();
+    assert_eq!(sent, got, "{rep:#}");
+    assert!(sent.len() == 2 && sent.iter().all(|&p| p > 0), "{sent:?}");
+    let precopy: u64 = rs[..2].iter().map(|r| u(r, "pages")).sum();
+    assert_eq!(sent.iter().sum::<u64>(), precopy, "{rep:#}");
+    // What the last round left went after the switch, each page placed once.
+    assert!(
+        u(rep, "pages_pulled") + u(rep, "pages_pushed") > 0,
+        "{rep:#}"
+    );
+
+    let r = migrate(&[
+        "--mode",
+        "postcopy",
+        "--streams",
+        "2",
+        "--workload",
+        "uniform:rate=max",
+        "--bandwidth",
+        "100mbit",
+    ]);
+    let rep = assert_verified(&r);
+    assert_eq!(rep["streams"], 2);
+    let (pulled, pushed) = (u(rep, "pages_pulled"), u(rep, "pages_pushed"));
+    assert_eq!(pulled + pushed, 4096, "{rep:#}");
+    assert!(u(rep, "postcopy_requests") > 0, "{rep:#}");
+}
+
 #[test]
 fn cold_copies_everything_with_the_guest_stopped() {
     let r = migrate(&["--mode", "cold", "--workload", "hotset:wws=2M,rate=20k"]);
