@@ -97,6 +97,15 @@ pub enum ReceiveError {
         streams: u32,
         expected: u64,
     },
+    #[error("a connection claims to be the post-copy request connection of session {session:#x}; {}", match .postcopy {
+        true => format!("expected one, of session {expected:#x}"),
+        false => format!("migration {expected:#x} is not post-copy"),
+    })]
+    RequestClaim {
+        session: u64,
+        expected: u64,
+        postcopy: bool,
+    },
     #[error(
         "post-copy: the destination guest could not register its memory for missing-page faults"
     )]

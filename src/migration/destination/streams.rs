@@ -203,7 +203,14 @@ impl Receiving {
                 session: got,
             } = protocol::read_handshake(&mut s).map_err(|e| self.err(e))?;
             check_claim(claim, index, got)?;
-            if index == protocol::REQUEST_STREAM && request && req.is_none() && got == session {
+            if index == protocol::REQUEST_STREAM {
+                if !(request && req.is_none() && got == session) {
+                    return Err(ReceiveError::RequestClaim {
+                        session: got,
+                        expected: session,
+                        postcopy: request,
+                    });
+                }
                 req = Some(s);
                 left -= 1;
                 continue;
