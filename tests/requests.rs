@@ -1,17 +1,18 @@
-//! The post-copy request connection misused by a fake source: a receiver
+//! The post-copy request connection misused. By a fake source: a receiver
 //! (its guest running on missing pages) fails at once naming what was
-//! wrong, rather than waiting out its request timeout; and a request
-//! connection of another session is refused when it opens.
+//! wrong, rather than waiting out its request timeout; a request connection
+//! of another session is refused when it opens. By a fake destination: the
+//! source stops serving and pushing at once, naming the bad request.
 
 mod common;
 use common::*;
 
 use std::io::Write;
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use livemig::guest::process::{DeviceState, VcpuState};
-use livemig::wire::protocol::{self, Frame, Hello, Message, REQUEST_STREAM, VERSION};
+use livemig::wire::protocol::{self, Frame, Hello, Message, StreamHello, REQUEST_STREAM, VERSION};
 
 const PAGES: u64 = 256;
 const SESSION: u64 = 7;
@@ -121,4 +122,74 @@ fn a_request_connection_of_another_session_is_refused() {
     }
     .assert_fails_with(&["request connection", "session 0x8", "0x7"]);
     drop((ctl, req));
+}
+
+/// A destination that switches over, then sends `request` on the request
+/// connection and swallows whatever the source pushes.
+fn fake_destination(request: Vec<u8>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut ctl, _) = l.accept().unwrap();
+        let hello: Hello = protocol::read_handshake(&mut ctl).unwrap();
+        let limits = hello.limits().unwrap();
+        protocol::write_message(&mut ctl, &Message::hello_ack()).unwrap();
+        let (mut req, _) = l.accept().unwrap();
+        let _: StreamHello = protocol::read_handshake(&mut req).unwrap();
+        // The pages to fetch, then the device state: resume at once.
+        while let Ok(Frame::Discard { .. }) = protocol::read_frame(&mut ctl, Some(&limits)) {}
+        protocol::write_message(&mut ctl, &Message::resumed(1000, 0)).unwrap();
+        req.write_all(&request).unwrap();
+        let _ = std::io::copy(&mut ctl, &mut std::io::sink());
+        let _ = std::io::copy(&mut req, &mut std::io::sink());
+    });
+    addr
+}
+
+/// The source is told it has a destination running; then a bad request
+/// comes: the source must not answer it (nor wait 30 s for an ack that
+/// will not come), and says which request it refused. Its guest is not
+/// resumed: the destination's has run.
+#[test]
+fn a_bad_page_request_fails_the_source_at_once_naming_it() {
+    let out_of_range = Message::page_request(2040, 16, 0).encode();
+    let not_a_request = Message::round_ack(0).encode();
+    for (request, needle) in [
+        (
+            out_of_range,
+            "page run 2040+16 out of range (memory has 2048 pages)",
+        ),
+        (not_a_request, "RoundAck"),
+    ] {
+        let addr = fake_destination(request);
+        let t = Instant::now();
+        let r = run(&[
+            "send",
+            "--to",
+            &addr,
+            "--quiet",
+            "--mem",
+            "8M",
+            "--warmup",
+            "50ms",
+            "--workload",
+            "uniform:rate=10k",
+            "--mode",
+            "postcopy",
+            "--bandwidth",
+            "20mbit",
+        ]);
+        r.assert_fails_with(&[
+            "serving page requests",
+            needle,
+            "source guest was not resumed",
+        ]);
+        // Well inside the 30 s the source waits for a silent receiver
+        // (8 MiB at 20 Mbit/s would take over 3 s to push).
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        let rep = r.report();
+        assert_eq!(rep["status"], "failed");
+        assert_eq!(rep["source_guest_kept_running"], false);
+        assert_gone(&rep["source_guest_pid"]);
+    }
 }

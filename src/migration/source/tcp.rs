@@ -440,13 +440,34 @@ impl Backend for Tcp<'_> {
             .map_err(|e| proto("serving page requests")(ProtocolError::Io(e)))?;
         let mem = Arc::clone(&self.src.mem);
         let limiter = self.limiter.clone();
+        let control = self
+            .conn()
+            .control
+            .try_clone()
+            .map_err(|e| proto("serving page requests")(ProtocolError::Io(e)))?;
+        // A request that breaks the protocol (not a connection that ends)
+        // is the destination's fault: stop the push too, and name it.
+        let broken = |e: &ProtocolError| !matches!(e, ProtocolError::Io(_) | ProtocolError::Closed);
         let pushed = std::thread::scope(|scope| {
-            let serving = scope.spawn(|| server.serve(conn, &mem, &limits, &limiter));
+            let serving = scope.spawn(|| {
+                let served = server.serve(conn, &mem, &limits, &limiter);
+                if served.as_ref().is_err_and(broken) {
+                    let _ = control.shutdown(std::net::Shutdown::Both);
+                }
+                served
+            });
             // The destination closes the request connection once it has
             // every page; on a failure here, do not wait for that.
-            let pushed = self.push(round, &server).inspect_err(|_| {
-                let _ = closer.shutdown(std::net::Shutdown::Both);
-            })?;
+            let pushed = match self.push(round, &server) {
+                Ok(pushed) => pushed,
+                Err(e) => {
+                    let _ = closer.shutdown(std::net::Shutdown::Both);
+                    return Err(match serving.join() {
+                        Ok(Err(bad)) if broken(&bad) => proto("serving page requests")(bad),
+                        _ => e,
+                    });
+                }
+            };
             // Every page is present (acknowledged): how the request
             // connection ends no longer matters.
             let _ = serving.join();
