@@ -279,3 +279,154 @@ fn a_reader_that_goes_away_does_not_cut_a_migration_short() {
     assert_eq!(rep["status"], "completed");
     assert_eq!(rep["mismatched_pages"], 0);
 }
+
+/// A receiver that takes round 0 and refuses round 1 with `reason`.
+fn refusing_round_1(reason: &'static str) -> String {
+    use livemig::wire::protocol::{self, Frame, Hello, Kind, Message, PageRun};
+    use livemig::wire::protocol::{RoundEnd, RoundStart};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let hello: Hello = protocol::read_handshake(&mut s).unwrap();
+        let limits = hello.limits().unwrap();
+        protocol::write_message(&mut s, &Message::hello_ack()).unwrap();
+        let mut page = vec![0u8; 4096];
+        loop {
+            match protocol::read_frame(&mut s, Some(&limits)) {
+                Ok(Frame::Run(PageRun::Pages { count, .. })) => {
+                    for _ in 0..count {
+                        protocol::read_bulk(&mut s, &mut page, Kind::Pages).unwrap();
+                    }
+                }
+                Ok(Frame::Message(Message::RoundEnd(RoundEnd { round: 0, .. }))) => {
+                    protocol::write_message(&mut s, &Message::round_ack(0)).unwrap();
+                }
+                Ok(Frame::Message(Message::RoundStart(RoundStart { round: 1, .. }))) => {
+                    let _ = protocol::write_message(&mut s, &Message::abort(reason));
+                    let _ = std::io::copy(&mut s, &mut std::io::sink());
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    addr
+}
+
+/// The summary of a migration that fails after a round: its table, the
+/// FAILED status with the cause, no downtime or verification line; the
+/// cause once more as the one error line.
+#[test]
+fn human_output_of_a_failed_migration_says_why() {
+    let reason = "this receiver refuses round 1";
+    let addr = refusing_round_1(reason);
+    let out = livemig()
+        .args(["send", "--to", &addr, "--mem", "8M", "--warmup", "10ms"])
+        .args(["--workload", "uniform:rate=10k", "--policy", "fixed:3"])
+        .output()
+        .unwrap();
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}{err}");
+    let lines: Vec<&str> = text.lines().collect();
+    let row = |label: &str| {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(label))
+            .copied()
+    };
+    assert!(row("round").is_some(), "no table header:\n{text}");
+    let round0 = row("0").unwrap_or_else(|| panic!("no round 0 row:\n{text}"));
+    assert_eq!(round0.split_whitespace().nth(1), Some("2048"), "{text}");
+    assert!(row("1").is_none() && row("stop").is_none(), "{text}");
+    let status = format!("status            FAILED: receiver refused the migration: {reason}");
+    assert!(
+        lines.contains(&status.as_str()),
+        "{status:?} missing:\n{text}"
+    );
+    for absent in ["downtime", "verified", "post-copy"] {
+        assert!(row(absent).is_none(), "{absent}:\n{text}");
+    }
+    let errors: Vec<_> = err.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains(reason) && errors[0].contains("source guest was resumed"),
+        "{err}"
+    );
+}
+
+/// A number that follows `before` in `line`.
+fn number_after(line: &str, before: &str) -> u64 {
+    let rest = &line[line
+        .find(before)
+        .unwrap_or_else(|| panic!("{before:?} not in {line:?}"))
+        + before.len()..];
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {before:?} in {line:?}"))
+}
+
+/// A hybrid migration over two streams, its figures read from the human
+/// output alone: the data-path line counts the pages of the pre-copy rows,
+/// the post-copy line's pages are those the post-copy row pushed or fewer.
+#[test]
+fn human_output_has_the_data_path_and_post_copy_lines() {
+    let out = livemig()
+        .args(["migrate", "--mem", "16M", "--warmup", "100ms"])
+        .args(["--mode", "hybrid:rounds=2", "--streams", "2"])
+        .args([
+            "--workload",
+            "hotset:wws=2M,rate=20k",
+            "--bandwidth",
+            "200mbit",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} line:\n{text}"))
+    };
+    // The table: rows 0 and 1 of pre-copy, then the post-copy push.
+    let pages_of = |label: &str| number_after(line(&format!("{label:>5} ")), label);
+    assert_eq!(pages_of("0"), 4096, "{text}");
+    let precopy = pages_of("0") + pages_of("1");
+    let pushed_row = pages_of("post");
+
+    let data = line("data path ");
+    assert!(data.contains("2 streams"), "{text}");
+    let sent = number_after(data, "2 streams,") + number_after(data, "normal pages,");
+    assert_eq!(sent, precopy, "the pre-copy rows' pages:\n{text}");
+
+    let post = line("post-copy ");
+    let requests = number_after(post, "post-copy");
+    let pulled = number_after(post, "requests;");
+    let pushed = number_after(post, "pulled,");
+    // The destination counts each page by the path that placed it first:
+    // of the pages the source pushed, some were pulled first.
+    assert!(pushed <= pushed_row, "{text}");
+    assert!(pushed_row <= pulled + pushed, "{text}");
+    assert!(
+        pulled == 0 || requests > 0,
+        "pages pulled without a request:\n{text}"
+    );
+    assert!(
+        line("verified ").contains("4096 pages, 0 mismatched"),
+        "{text}"
+    );
+}
