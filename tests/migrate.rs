@@ -59,22 +59,34 @@ fn hot_set_converges_and_the_guest_continues_on_the_destination() {
         rep["destination_guest_rate_pps"].as_f64().unwrap() > 1_000.0,
         "continues near its 2k pages/s: {rep:#}"
     );
+    // The downtime's parts add up to it by construction (the device state's
+    // share is what is left), so check them against figures timed on
+    // their own instead.
+    let f = |v: &serde_json::Value, k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing: {rep:#}"))
+    };
     let b = &rep["downtime_breakdown_ms"];
-    let sum: f64 = [
+    let downtime = f(rep, "downtime_ms");
+    for k in [
         "pause",
         "final_harvest",
         "last_pages",
         "device_state",
         "resume",
-    ]
-    .iter()
-    .map(|k| b[k].as_f64().unwrap())
-    .sum();
-    let downtime = rep["downtime_ms"].as_f64().unwrap();
-    assert!(
-        (sum - downtime).abs() < 0.05 * downtime + 0.01,
-        "{sum} vs {downtime}"
-    );
+    ] {
+        assert!((0.0..=downtime).contains(&f(b, k)), "{k}: {rep:#}");
+    }
+    // The final harvest, timed inside the tracker's call, lies within the
+    // breakdown's final-harvest phase.
+    let stop = rs.last().unwrap();
+    assert_eq!(stop["stop_and_copy"], true);
+    assert!(f(b, "final_harvest") >= f(stop, "harvest_ms"), "{rep:#}");
+    // Set-up, each pre-copy round and the downtime are disjoint spans of
+    // the migration's total time, each timed on its own.
+    let precopy: f64 = rs[..rs.len() - 1].iter().map(|r| f(r, "duration_ms")).sum();
+    let spans = f(rep, "setup_time_ms") + precopy + downtime;
+    assert!(spans <= f(rep, "total_time_ms"), "{spans}: {rep:#}");
 }
 
 #[test]
