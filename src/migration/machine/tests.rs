@@ -20,6 +20,8 @@ struct Dest {
     running: bool,
     /// Fault injection: a page that is lost on the way.
     drop_page: Option<usize>,
+    /// Fault injection: the destination dies once its guest runs.
+    dies_running: bool,
 }
 
 impl Dest {
@@ -67,6 +69,7 @@ impl Mem {
                 postcopy,
                 running: false,
                 drop_page: None,
+                dies_running: false,
             },
         }
     }
@@ -172,6 +175,12 @@ impl Backend for Mem {
             self.dest.running,
             "post-copy pushes to a running destination"
         );
+        if self.dest.dies_running {
+            return Err(DestStepError::Unexpected {
+                event: "pages",
+                phase: "after the destination died",
+            });
+        }
         let missing: Vec<usize> = (0..PAGES).filter(|&p| !self.dest.present[p]).collect();
         for &p in &missing {
             self.dest.mem[p] = self.mem[p];
@@ -350,6 +359,29 @@ fn a_lost_page_fails_the_round_and_resumes_the_source() {
     assert!(!m.backend.paused);
     // A failed migration stays failed.
     assert_eq!(m.step().unwrap(), SourcePhase::Failed);
+}
+
+#[test]
+fn a_destination_that_dies_in_postcopy_fails_it_and_the_source_stays_paused() {
+    for mode in [Mode::Postcopy, Mode::Hybrid { rounds: 1 }] {
+        let mut mem = Mem::new(vec![vec![5, 6]], true);
+        mem.dest.dies_running = true;
+        let mut m = migration(mode, Policy::Xen, mem);
+        while !matches!(m.phase(), SourcePhase::Postcopy { .. }) {
+            m.step().unwrap();
+        }
+        assert!(m.backend.dest.running);
+        assert!(m.step().is_err());
+        assert_eq!(m.phase(), SourcePhase::Failed);
+        assert_eq!(m.report.status, Status::Failed);
+        // The destination's guest ran ahead of the source's memory:
+        // resuming the source would fork the guest.
+        assert!(m.backend.paused, "{mode:?}");
+        assert!(!m.backend.resumed_after_failure, "{mode:?}");
+        // Nothing was verified, and the push is not in the report.
+        assert_eq!(m.report.verified_pages, 0);
+        assert!(m.report.rounds.iter().all(|r| !r.postcopy));
+    }
 }
 
 #[test]
