@@ -506,7 +506,7 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     const PAGES: u64 = 256;
     const LIMITS: Limits = Limits {
@@ -564,7 +564,7 @@ mod tests {
         let server = Server::new(PAGES);
         let limiter = RateLimiter::new(None);
         std::thread::scope(|s| {
-            let served = s.spawn(|| server.serve(src, &mem, &LIMITS, &limiter));
+            let served = s.spawn(|| server.serve(Conn::plain(src), &mem, &LIMITS, &limiter));
             talk(&mut dest);
             dest.shutdown(std::net::Shutdown::Write).unwrap();
             let mut replies = Vec::new();
