@@ -65,6 +65,8 @@ pub enum Cmd {
     },
     /// Run a grid of real migrations with the model and the simulator beside each, and compare.
     Sweep(SweepOpts),
+    /// Migrate many VMs over shared links by a strategy (sequential, parallel, batch:K, ...).
+    Plan(Box<crate::plan::PlanOpts>),
     /// Simulate a migration with the sender's own policy and rate-limiter code, moving no memory.
     Simulate(SimulateOpts),
     /// Start a guest and keep it running until interrupted (to measure with dirtyrate --pid).

@@ -3,6 +3,7 @@
 #[macro_use]
 mod out;
 mod cli;
+mod plan;
 
 use std::process::ExitCode;
 
@@ -182,6 +183,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Dirtyrate(opts) => dirtyrate(&opts),
         Cmd::Run(opts) => run_guest(&opts),
         Cmd::Sweep(opts) => sweep(&opts),
+        Cmd::Plan(opts) => plan::run(&opts),
         Cmd::Simulate(opts) => {
             let report = simulate::run(&opts.config()?).map_err(|e| opts.blame(e))?;
             print_prediction(&report, &opts)

@@ -15,6 +15,7 @@
 
 pub mod guest;
 pub mod migration;
+pub mod plan;
 pub mod predict;
 pub mod report;
 pub mod util;

@@ -88,9 +88,40 @@ pub(crate) trait Dirtying {
     }
 }
 
+/// How long the network takes: a link of the migration's own (the
+/// default, [`OwnLink`]), or a share of links other migrations use too (a
+/// plan's fabric).
+pub trait Network {
+    /// Carry round `round`'s `bytes`, at most at `limit` bytes/s: the time
+    /// it took.
+    fn transfer(&mut self, cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u32)
+        -> Duration;
+
+    /// Let a fixed cost `d` pass (setup, a round's overhead, the downtime's).
+    fn pass(&mut self, d: Duration) -> Duration {
+        d
+    }
+}
+
+/// The migration has the link (`SimConfig::link_bytes_per_s`) to itself.
+pub struct OwnLink;
+
+impl Network for OwnLink {
+    fn transfer(
+        &mut self,
+        cfg: &SimConfig,
+        bytes: u64,
+        limit: Option<u64>,
+        round: u32,
+    ) -> Duration {
+        transfer(cfg, bytes, limit, round)
+    }
+}
+
 /// A predicted migration: its configuration, its dirty pages, its clock.
-pub(crate) struct Prediction<'a, D> {
+pub(crate) struct Prediction<'a, D, N = OwnLink> {
     cfg: &'a SimConfig,
+    net: N,
     dirtying: D,
     /// Since the migration started.
     now: Duration,
@@ -102,10 +133,11 @@ pub(crate) struct Prediction<'a, D> {
     throttle: Throttle,
 }
 
-impl<'a, D: Dirtying> Prediction<'a, D> {
-    pub fn new(cfg: &'a SimConfig, dirtying: D) -> Self {
+impl<'a, D: Dirtying, N: Network> Prediction<'a, D, N> {
+    pub fn new(cfg: &'a SimConfig, dirtying: D, net: N) -> Self {
         Self {
             cfg,
+            net,
             dirtying,
             now: Duration::ZERO,
             last_pages: Duration::ZERO,
@@ -115,7 +147,7 @@ impl<'a, D: Dirtying> Prediction<'a, D> {
     }
 }
 
-impl<D: Dirtying> Backend for Prediction<'_, D> {
+impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
     type Error = SimulateError;
 
     fn elapsed(&self) -> Duration {
@@ -123,8 +155,8 @@ impl<D: Dirtying> Backend for Prediction<'_, D> {
     }
 
     fn setup(&mut self, report: &mut Report) -> Result<(), SimulateError> {
-        self.now = self.cfg.setup;
-        report.setup_time_ms = ms(self.cfg.setup);
+        self.now = self.net.pass(self.cfg.setup);
+        report.setup_time_ms = ms(self.now);
         Ok(())
     }
 
@@ -139,7 +171,8 @@ impl<D: Dirtying> Backend for Prediction<'_, D> {
         }
         let pages = self.dirtying.pending();
         let bytes = self.dirtying.round_bytes(round, false, limit);
-        let duration = round_time(self.cfg, bytes, limit, round);
+        let duration = self.net.pass(self.cfg.round_overhead)
+            + self.net.transfer(self.cfg, bytes, limit, round);
         self.now += duration;
         // A throttled guest writes as if it ran for a share of the round.
         let vcpus = f64::from(self.cfg.migration.vcpus.max(1));
@@ -180,7 +213,7 @@ impl<D: Dirtying> Backend for Prediction<'_, D> {
     ) -> Result<Option<Round>, SimulateError> {
         report.dirty_sync_count += 1;
         let bytes = self.dirtying.round_bytes(round, true, limit);
-        self.last_pages = transfer(self.cfg, bytes, limit, round);
+        self.last_pages = self.net.transfer(self.cfg, bytes, limit, round);
         let figures = RoundFigures {
             round,
             pages: self.dirtying.pending(),
@@ -193,7 +226,7 @@ impl<D: Dirtying> Backend for Prediction<'_, D> {
     }
 
     fn hand_over(&mut self, report: &mut Report) -> Result<(), SimulateError> {
-        let downtime = self.last_pages + self.cfg.downtime_overhead;
+        let downtime = self.last_pages + self.net.pass(self.cfg.downtime_overhead);
         self.now += downtime;
         report.downtime_ms = Some(ms(downtime));
         report.downtime_breakdown_ms = DowntimeBreakdown {
@@ -241,9 +274,4 @@ pub(crate) fn transfer(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u
     };
     let credit = refilled.min(bytes);
     Duration::from_secs_f64(credit as f64 / link + (bytes - credit) as f64 / l)
-}
-
-/// A pre-copy round's time: its fixed overhead, then its bytes.
-pub(crate) fn round_time(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u32) -> Duration {
-    cfg.round_overhead + transfer(cfg, bytes, limit, round)
 }

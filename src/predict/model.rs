@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::guest::workload::{Layout, Pattern};
 use crate::migration::machine::Migration;
 use crate::migration::policy::{Policy, Precopy, StopReason};
-use crate::predict::backend::{Dirtying, Prediction};
+use crate::predict::backend::{Dirtying, Network, OwnLink, Prediction};
 use crate::predict::simulate::{check, wire_bytes, SimConfig, SimulateError};
 use crate::report::{Report, MODEL};
 use crate::util::units::PageRate;
@@ -95,6 +95,15 @@ pub fn distinct_pages(w: &Layout, writes: f64, variant: Variant) -> f64 {
 /// Predict one migration; the report has the shape of a real run's, with
 /// `mode` "model".
 pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
+    run_on(cfg, variant, OwnLink)
+}
+
+/// [`run`] over a network of the caller's.
+pub fn run_on(
+    cfg: &SimConfig,
+    variant: Variant,
+    net: impl Network,
+) -> Result<Report, SimulateError> {
     let m = &cfg.migration;
     let w = check(cfg)?;
     let rate = match (w.is_idle(), w.rate) {
@@ -115,7 +124,7 @@ pub fn run(cfg: &SimConfig, variant: Variant) -> Result<Report, SimulateError> {
         variant,
         rate,
     };
-    let model = Prediction::new(cfg, model);
+    let model = Prediction::new(cfg, model, net);
     let mut migration = Migration::new(model, m.mode, m.policy_config(cfg.page_size), report);
     migration.run()?;
     Ok(migration.report)

@@ -21,6 +21,7 @@ use crate::guest::workload::{Layout, Pattern, Stream};
 use crate::migration::machine::Migration;
 use crate::migration::source::SenderConfig;
 use crate::predict::backend::{Dirtying, Prediction};
+pub use crate::predict::backend::{Network, OwnLink};
 pub use crate::predict::backend::{SimConfig, SimulateError, MAX_ROUNDS};
 use crate::report::Report;
 use crate::util::page::PageSize;
@@ -31,6 +32,11 @@ use crate::wire::protocol::{self, Message};
 /// Simulate one migration; the report has the shape of a real run's, with
 /// `mode` "simulated".
 pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
+    run_on(cfg, OwnLink)
+}
+
+/// [`run`] over a network of the caller's.
+pub fn run_on(cfg: &SimConfig, net: impl Network) -> Result<Report, SimulateError> {
     let m = &cfg.migration;
     let workload = check(cfg)?;
     let pages = cfg.page_size.pages(m.memory_bytes);
@@ -56,7 +62,7 @@ pub fn run(cfg: &SimConfig) -> Result<Report, SimulateError> {
         todo: DirtySet::all(pages),
         dirty: DirtySet::new(pages),
     };
-    let sim = Prediction::new(cfg, sim);
+    let sim = Prediction::new(cfg, sim, net);
     let mut migration = Migration::new(sim, m.mode, m.policy_config(cfg.page_size), report);
     migration.run()?;
     Ok(migration.report)

@@ -1,0 +1,211 @@
+//! `livemig plan --simulate`: strategies over a shared link, the plan
+//! report, and a plan file's bad input.
+
+mod common;
+
+use common::run;
+use serde_json::Value;
+
+/// 3 VMs of 64 MiB whose 4 MiB hot set one 100 Mbit/s link drains alone
+/// but not shared three ways.
+fn plan(strategy: &str) -> Value {
+    let r = run(&[
+        "plan",
+        "--simulate",
+        "--vms",
+        "3",
+        "--mem",
+        "64M",
+        "--workload",
+        "hotset:wws=4M,rate=1500",
+        "--link",
+        "100mbit",
+        "--policy",
+        "qemu",
+        "--max-time",
+        "60s",
+        "--strategy",
+        strategy,
+    ]);
+    assert!(r.ok(), "{strategy}: {}", r.stderr());
+    r.report().clone()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v:#}"))
+}
+
+#[test]
+fn strategies_trade_completion_for_each_migrations_time() {
+    let (seq, batch, par) = (plan("sequential"), plan("batch:2"), plan("parallel"));
+    for p in [&seq, &batch, &par] {
+        assert_eq!(p["simulated"], true);
+        let vms = p["vms"].as_array().unwrap();
+        assert_eq!(vms.len(), 3);
+        for v in vms {
+            assert_eq!(v["status"], "completed", "{v:#}");
+            let d = f(v, "end_ms") - f(v, "start_ms");
+            assert!((f(v, "duration_ms") - d).abs() < 1e-6);
+        }
+        let end = vms.iter().map(|v| f(v, "end_ms")).fold(0.0, f64::max);
+        assert!((f(p, "completion_time_ms") - end).abs() < 1e-6);
+    }
+    // Sequential: each starts when the one before ends.
+    let vms = seq["vms"].as_array().unwrap();
+    for w in vms.windows(2) {
+        assert!((f(&w[1], "start_ms") - f(&w[0], "end_ms")).abs() < 1e-6);
+    }
+    // Parallel: all at once, each slower, none converging on a third of the link.
+    assert!(par["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| f(v, "start_ms") == 0.0));
+    assert_eq!(par["not_converged"].as_array().unwrap().len(), 3, "{par:#}");
+    assert!(seq["not_converged"].as_array().unwrap().is_empty());
+    let mean = |p: &Value| f(p, "mean_duration_ms");
+    assert!(
+        mean(&par) > 2.0 * mean(&batch),
+        "{} vs {}",
+        mean(&par),
+        mean(&batch)
+    );
+    assert!(mean(&batch) > mean(&seq));
+    // Auto picks a level where all converge, no slower on average than sequential.
+    let auto = plan("auto");
+    assert!(
+        auto["not_converged"].as_array().unwrap().is_empty(),
+        "{auto:#}"
+    );
+    assert!(mean(&auto) <= mean(&seq) * 1.1, "{auto:#}");
+    assert!(auto["strategy"]
+        .as_str()
+        .unwrap()
+        .starts_with("auto (batch:"));
+}
+
+#[test]
+fn per_host_frees_one_host_after_another_through_an_interlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, PLAN).unwrap();
+    let r = run(&[
+        "plan",
+        file.to_str().unwrap(),
+        "--simulate",
+        "--strategy",
+        "per-host:1",
+    ]);
+    assert!(r.ok(), "{}", r.stderr());
+    let p = r.report();
+    let vms = p["vms"].as_array().unwrap();
+    let at = |name: &str| vms.iter().find(|v| v["name"] == name).unwrap();
+    // a1's two VMs together, then a2's once a1 is empty.
+    assert_eq!(f(at("x-1"), "start_ms"), 0.0);
+    assert_eq!(f(at("x-2"), "start_ms"), 0.0);
+    let a1_done = f(at("x-1"), "end_ms").max(f(at("x-2"), "end_ms"));
+    assert!((f(at("y"), "start_ms") - a1_done).abs() < 1e-6, "{p:#}");
+    // Everything crossed the interlink, and only one way.
+    let links = p["links"].as_array().unwrap();
+    let link = |n: &str| {
+        links
+            .iter()
+            .find(|l| l["link"] == n)
+            .map(|l| l["bytes"].as_u64().unwrap())
+    };
+    let sent: u64 = vms
+        .iter()
+        .map(|v| v["transferred_bytes"].as_u64().unwrap())
+        .sum();
+    let crossed = link("r1->r2").unwrap();
+    assert!(crossed.abs_diff(sent) < sent / 100, "{crossed} vs {sent}");
+    assert_eq!(link("r2->r1"), None);
+}
+
+const PLAN: &str = r#"
+[defaults]
+mem = "32M"
+workload = "hotset:wws=2M,rate=1k"
+[[host]]
+name = "a1"
+nic = "1gbit"
+group = "r1"
+[[host]]
+name = "a2"
+nic = "1gbit"
+group = "r1"
+[[host]]
+name = "b"
+nic = "1gbit"
+group = "r2"
+[[link]]
+between = ["r1", "r2"]
+rate = "500mbit"
+[[vm]]
+name = "x"
+count = 2
+from = "a1"
+to = "b"
+[[vm]]
+name = "y"
+from = "a2"
+to = "b"
+"#;
+
+#[test]
+fn bad_plans_get_one_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            PLAN.replace("to = \"b\"\n[[vm]]", "to = \"c\"\n[[vm]]"),
+            "unknown host \"c\"",
+        ),
+        (
+            PLAN.replace("between = [\"r1\", \"r2\"]", "between = [\"r1\", \"r3\"]"),
+            "unknown group \"r3\"",
+        ),
+        (
+            PLAN.replace("rate = \"500mbit\"", "rate = \"0\""),
+            "link r1-r2",
+        ),
+        (
+            PLAN.replace(
+                "name = \"b\"\nnic = \"1gbit\"",
+                "name = \"b\"\nnic = \"1gbit\"\nmemory = \"64M\"",
+            ),
+            "can hold 64.0 MiB",
+        ),
+        (
+            PLAN.replace("name = \"y\"", "name = \"y\"\nafter = [\"z\"]")
+                + "[[vm]]\nname = \"z\"\nfrom = \"a2\"\nto = \"b\"\nafter = [\"y\"]\n",
+            "cycle",
+        ),
+        (PLAN.split("[[vm]]").next().unwrap().to_string(), "no VMs"),
+        (
+            PLAN.replace(
+                "[[link]]\nbetween = [\"r1\", \"r2\"]\nrate = \"500mbit\"",
+                "",
+            ),
+            "no link joins them",
+        ),
+        (
+            PLAN.replace("mem = \"32M\"", "mem = \"32Q\""),
+            "mem = \"32Q\"",
+        ),
+        (
+            PLAN.replace(
+                "nic = \"1gbit\"\ngroup = \"r1\"",
+                "nic = \"1gbit\"\ngroup = \"r1\"\ncolour = 1",
+            ),
+            "unknown field `colour`",
+        ),
+    ];
+    for (k, (text, needle)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("{k}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let r = run(&["plan", file.to_str().unwrap(), "--simulate"]);
+        r.assert_fails_with(&[needle]);
+    }
+    let r = run(&["plan", "/nonexistent/plan.toml", "--simulate"]);
+    r.assert_fails_with(&["/nonexistent/plan.toml"]);
+}
