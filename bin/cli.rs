@@ -74,26 +74,7 @@ pub enum Cmd {
     /// Measure a guest's dirty rate and writable working set (like QEMU's calc-dirty-rate).
     Dirtyrate(DirtyRateOpts),
     /// Destination side: accept one migration, resume the guest, verify it.
-    Receive {
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0:4444")]
-        listen: String,
-        /// Write the receiver's report as JSON to FILE.
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-        /// Make (and preallocate) memory for a guest of this size before
-        /// accepting, off the migration's clock; the sender's guest must match.
-        #[arg(long, value_name = "SIZE")]
-        mem: Option<Size>,
-        /// Allocate each page at its first arrival instead of up front.
-        #[arg(long)]
-        no_prealloc: bool,
-        /// Post-copy: with each demand fault, also ask for the N pages around it.
-        #[arg(long, default_value_t = 0, value_name = "N")]
-        prepage: u32,
-        #[command(flatten)]
-        security: SecurityFlags,
-    },
+    Receive(ReceiveOpts),
     /// Make a CA and a certificate per host for --tls-*: DIR/ca.crt, ca.key, HOST.crt, HOST.key (PEM).
     Certs {
         /// Directory to write the files into (made if missing).
@@ -106,6 +87,33 @@ pub enum Cmd {
     /// The guest emulator process (started by send/receive, not by hand).
     #[command(hide = true)]
     Guest(GuestArgs),
+}
+
+#[derive(Args)]
+pub struct ReceiveOpts {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:4444")]
+    pub listen: String,
+    /// Write the receiver's report as JSON to FILE (with --serve: one line
+    /// per migration, appended).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Make (and preallocate) memory for a guest of this size before
+    /// accepting, off the migration's clock; the sender's guest must match.
+    #[arg(long, value_name = "SIZE")]
+    pub mem: Option<Size>,
+    /// Allocate each page at its first arrival instead of up front.
+    #[arg(long)]
+    pub no_prealloc: bool,
+    /// Post-copy: with each demand fault, also ask for the N pages around it.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub prepage: u32,
+    /// Keep accepting migrations, one after another, each into a guest of
+    /// its own, until SIGINT or SIGTERM.
+    #[arg(long)]
+    pub serve: bool,
+    #[command(flatten)]
+    pub security: SecurityFlags,
 }
 
 /// The guest a command starts.

@@ -4,6 +4,7 @@
 mod out;
 mod cli;
 mod plan;
+mod receive;
 
 use std::process::ExitCode;
 
@@ -14,7 +15,7 @@ use clap::Parser;
 use cli::{Cli, Cmd, DirtyRateOpts, MigrateOpts, RunOpts, SendOpts, SimulateOpts, SweepOpts};
 use livemig::guest::process as guest;
 use livemig::migration::source::{self, Source};
-use livemig::migration::{destination as receiver, dirtyrate, local as migrate};
+use livemig::migration::{dirtyrate, local as migrate};
 use livemig::predict::{model, simulate};
 use livemig::report::{self, Report, Status};
 use livemig::util::cancel::Cancel;
@@ -192,37 +193,7 @@ fn run(cli: Cli) -> Result<()> {
             let report = model::run(&opts.config()?, variant).map_err(|e| opts.blame(e))?;
             print_prediction(&report, &opts)
         }
-        Cmd::Receive {
-            listen,
-            json,
-            mem,
-            no_prealloc,
-            prepage,
-            security,
-        } => {
-            let security = security.config("listen on", &listen)?;
-            let cancel = Cancel::on_signals()?;
-            let listener = receiver::bind(&listen)?;
-            let prepared = receiver::Prepared::new(mem.map(|m| m.0), !no_prealloc, prepage)?;
-            eprintln!(
-                "livemig: waiting for a migration on {}",
-                listener.local_addr()?
-            );
-            let (r, result) = receiver::receive(&listener, prepared, &cancel, &security);
-            if let Some(path) = json {
-                let f = std::fs::File::create(&path)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                serde_json::to_writer_pretty(f, &r)?;
-            }
-            if let Some(summary) = r.summary() {
-                out!("{summary}");
-            }
-            if r.status == Status::Cancelled {
-                // Told by the sender: 3; cancelled here: as the signal says.
-                let _ = EXIT.set(cancel.why().map_or(EXIT_PEER_CANCELLED, |w| w.exit_code()));
-            }
-            Ok(result?)
-        }
+        Cmd::Receive(opts) => receive::run(opts),
         Cmd::Guest(args) => Ok(guest::run(args)?),
         Cmd::Certs { dir, hosts } => {
             let hosts: Vec<_> = hosts

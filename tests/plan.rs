@@ -209,3 +209,66 @@ fn bad_plans_get_one_line_each() {
     let r = run(&["plan", "/nonexistent/plan.toml", "--simulate"]);
     r.assert_fails_with(&["/nonexistent/plan.toml"]);
 }
+
+/// `receive --serve` takes migrations one after another, each into a guest
+/// of its own, a failed one included, until SIGINT; one JSON line each.
+#[test]
+fn a_serving_receiver_takes_migration_after_migration() {
+    use std::ffi::OsStr;
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("served.jsonl");
+    let args = [
+        OsStr::new("--serve"),
+        OsStr::new("--json"),
+        json.as_os_str(),
+    ];
+    let (mut rx, addr) = common::receiver(&args, &[]);
+    let send = |extra: &[&str]| {
+        let mut a = vec![
+            "send",
+            "--to",
+            &addr,
+            "--mem",
+            "16M",
+            "--workload",
+            "idle",
+            "--warmup",
+            "10ms",
+        ];
+        a.extend_from_slice(extra);
+        common::livemig().args(&a).output().unwrap()
+    };
+    assert!(send(&[]).status.success());
+    // A sender that gives up mid-handshake: one failed migration, and the
+    // service goes on.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut s, b"LIVEMIG\0garbage").unwrap();
+    drop(s);
+    assert!(send(&["--streams", "2"]).status.success());
+    common::wait_until("both migrations reported", || {
+        let text = std::fs::read_to_string(&json).ok()?;
+        (text.lines().count() == 3).then_some(())
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rx.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(rx.wait().unwrap().success());
+    let reports: Vec<Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let status: Vec<&str> = reports
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(status, ["completed", "failed", "completed"]);
+    assert_eq!(reports[2]["streams"], 2);
+    let pids: Vec<i64> = [&reports[0], &reports[2]]
+        .iter()
+        .map(|r| r["destination_guest_pid"].as_i64().unwrap())
+        .collect();
+    assert_ne!(pids[0], pids[1], "a guest of its own each");
+}

@@ -1,0 +1,76 @@
+//! `livemig receive`: accept a migration (or, with `--serve`, one after
+//! another until stopped), resume its guest, verify it.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+
+use livemig::migration::destination::{self as receiver, ReceiveReport};
+use livemig::report::Status;
+use livemig::util::cancel::Cancel;
+
+use crate::cli::ReceiveOpts;
+use crate::{EXIT, EXIT_PEER_CANCELLED};
+
+pub fn run(opts: ReceiveOpts) -> Result<()> {
+    let security = opts.security.config("listen on", &opts.listen)?;
+    let cancel = Cancel::on_signals()?;
+    let listener = receiver::bind(&opts.listen)?;
+    let prepare =
+        || receiver::Prepared::new(opts.mem.map(|m| m.0), !opts.no_prealloc, opts.prepage);
+    let mut prepared = prepare()?;
+    let addr = listener.local_addr()?;
+    eprintln!("livemig: waiting for a migration on {addr}");
+    let (mut served, mut failed) = (0u64, 0u64);
+    loop {
+        let (r, result) = receiver::receive(&listener, prepared, &cancel, &security);
+        // Serving, a wait for a sender that a signal ended is no migration.
+        let waiting = opts.serve && r.peer.is_empty();
+        if let Some(path) = opts.json.as_ref().filter(|_| !waiting) {
+            write_json(path, &r, opts.serve)?;
+        }
+        if let Some(summary) = r.summary() {
+            out!("{summary}");
+        }
+        if !opts.serve {
+            if r.status == Status::Cancelled {
+                // Told by the sender: 3; cancelled here: as the signal says.
+                let _ = EXIT.set(cancel.why().map_or(EXIT_PEER_CANCELLED, |w| w.exit_code()));
+            }
+            return Ok(result?);
+        }
+        // Serving: a signal here ends the service (a migration it cut short
+        // counts as failed); anything else ends one migration, and the next
+        // is awaited.
+        if !waiting {
+            served += 1;
+        }
+        if let (Err(e), false) = (result, waiting) {
+            failed += 1;
+            eprintln!("livemig: migration {served} from {} failed: {e:#}", r.peer);
+        }
+        if cancel.why().is_some() {
+            outln!("served            {served} migrations, {failed} failed");
+            return Ok(());
+        }
+        prepared = prepare()?;
+        eprintln!("livemig: waiting for migration {} on {addr}", served + 1);
+    }
+}
+
+/// The report as JSON: alone in `path`, or (serving) appended as one line.
+fn write_json(path: &std::path::Path, r: &ReceiveReport, append: bool) -> Result<()> {
+    let ctx = || format!("writing {}", path.display());
+    if !append {
+        let f = std::fs::File::create(path).with_context(ctx)?;
+        return Ok(serde_json::to_writer_pretty(f, r)?);
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(ctx)?;
+    let mut line = serde_json::to_vec(r)?;
+    line.push(b'\n');
+    f.write_all(&line).with_context(ctx)
+}
