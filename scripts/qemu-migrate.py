@@ -16,6 +16,7 @@ Exit status: 0 when the migration completed or was cancelled at the time
 limit, 1 on any other failure (one line on stderr says which).
 """
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -50,7 +51,7 @@ class Qemu:
                 "-drive", f"file={image},format=raw,if=ide,snapshot=on", *extra]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         self.sock = self.file = None
 
     def check_alive(self):
@@ -132,6 +133,12 @@ class Qemu:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def die_with_parent():
+    """In the child before exec: a TERM when this driver dies, even killed."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port():
