@@ -39,6 +39,8 @@ fn hot_set_converges_and_the_guest_continues_on_the_destination() {
         "hotset:wws=2M,rate=2k,hot=1",
         "--bandwidth",
         "1gbit",
+        "--warmup",
+        "1s",
     ]);
     let rep = assert_verified(&r);
     assert_eq!(rep["stop_reason"], "few_dirty_pages", "{rep:#}");
@@ -51,10 +53,15 @@ fn hot_set_converges_and_the_guest_continues_on_the_destination() {
     for r in &rs[1..] {
         assert!(r["pages"].as_u64().unwrap() <= 512, "{rep:#}");
     }
-    // Pacing catches up any delay under 200 ms, so only a guest starved
-    // that long at once could fall short of its rate.
+    // Over the 1 s warm-up: pacing never runs ahead but to catch up a
+    // backlog (at most 200 ms of writes, 400), and the counter is published
+    // every 64 writes; below, only a guest starved for half the second
+    // falls short.
     let before = rep["guest_dirty_rate_pps"].as_f64().unwrap();
-    assert!((before - 2_000.0).abs() < 200.0, "paced near 2k: {before}");
+    assert!(
+        before <= 2_000.0 + 464.0 && before > 1_000.0,
+        "paced near 2k: {before}"
+    );
     assert!(
         rep["destination_guest_rate_pps"].as_f64().unwrap() > 1_000.0,
         "continues near its 2k pages/s: {rep:#}"
