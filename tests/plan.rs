@@ -272,3 +272,37 @@ fn a_serving_receiver_takes_migration_after_migration() {
         .collect();
     assert_ne!(pids[0], pids[1], "a guest of its own each");
 }
+
+/// A migration that fails mid-plan fails alone: the next one starts, the
+/// report names the failure, and the exit status is non-zero.
+#[test]
+fn a_failed_migration_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    // `max` cannot be predicted: the middle VM fails at once.
+    let text = PLAN.replace(
+        "name = \"y\"",
+        "name = \"y\"\nworkload = \"uniform:rate=max\"",
+    ) + "[[vm]]\nname = \"z\"\nfrom = \"a2\"\nto = \"b\"\n";
+    std::fs::write(&file, text).unwrap();
+    let r = run(&[
+        "plan",
+        file.to_str().unwrap(),
+        "--simulate",
+        "--strategy",
+        "sequential",
+    ]);
+    r.assert_fails_with(&["1 of 4 migrations failed"]);
+    let p = r.report();
+    assert_eq!(p["failed"], 1);
+    let vms = p["vms"].as_array().unwrap();
+    let y = vms.iter().find(|v| v["name"] == "y").unwrap();
+    assert_eq!(y["status"], "failed");
+    assert!(
+        y["error"].as_str().unwrap().contains("numeric rate"),
+        "{y:#}"
+    );
+    let z = vms.iter().find(|v| v["name"] == "z").unwrap();
+    assert_eq!(z["status"], "completed");
+    assert!((f(z, "start_ms") - f(y, "end_ms")).abs() < 1e-6);
+}
