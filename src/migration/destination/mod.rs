@@ -17,7 +17,7 @@
 //! is reported as `prealloc_ms`; `migrate` and `receive --mem` do it before
 //! the migration starts, otherwise it happens during the handshake.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 
 use crate::wire::transport::{Conn, Security, TransportError};
@@ -32,17 +32,20 @@ use crate::util::cancel::{Cancel, HookGuard};
 use crate::util::netio::IO_TIMEOUT;
 use crate::util::page::PageSize;
 use crate::util::units::fmt_bytes;
-use crate::wire::datapath::{Decoder, Landed};
+use crate::wire::datapath::Landed;
 use crate::wire::protocol::InContext;
-use crate::wire::protocol::{
-    self, Abort, Frame, Hello, Limits, Message, ProtocolError, RoundEnd, RoundStart,
-};
+use crate::wire::protocol::{self, Abort, Frame, Hello, Limits, Message, ProtocolError};
 
-use crate::migration::phases::{DestAction, DestEvent, DestPhase, DestStepError};
+use crate::migration::phases::DestStepError;
 
+mod frames;
 mod postcopy;
+mod replay;
 mod report;
 mod streams;
+pub use frames::ControlConn;
+use frames::Switched;
+pub use replay::{replay, ReplayConn};
 pub use report::ReceiveReport;
 use streams::{data_stream, Streams, CLOSE_TIMEOUT, STREAMS_TIMEOUT};
 
@@ -124,6 +127,8 @@ pub enum ReceiveError {
     Postcopy(#[source] crate::migration::postcopy::PostcopyError),
     #[error("the push ended with {0} pages still missing")]
     PushIncomplete(u64),
+    #[error("a replayed session has one connection; its Hello asks for {0} data connections")]
+    ReplayStreams(u32),
     #[error(transparent)]
     Guest(#[from] GuestError),
     #[error(transparent)]
@@ -371,16 +376,17 @@ impl Receiving {
         }
     }
 
-    fn next(&self, sock: &mut Conn, limits: &Limits) -> Result<Frame, ReceiveError> {
+    fn next(&self, sock: &mut impl Read, limits: &Limits) -> Result<Frame, ReceiveError> {
         protocol::read_frame(sock, Some(limits)).map_err(|e| self.err(e))
     }
 
-    fn run(
+    /// The sender's `Hello` (from the connection `claim`, if PSK
+    /// authenticated one), the limits it sets, and memory of its size.
+    fn accept_hello(
         &mut self,
-        sock: &mut Conn,
-        listener: &TcpListener,
+        sock: &mut impl Read,
         claim: Option<(u32, u64)>,
-    ) -> Result<(), ReceiveError> {
+    ) -> Result<(Hello, Limits, GuestMemory), ReceiveError> {
         let hello: Hello = protocol::read_handshake(sock).map_err(|e| self.err(e))?;
         streams::check_claim(claim, protocol::CONTROL_STREAM, hello.session)?;
         let limits = hello.limits().map_err(|e| self.err(e))?;
@@ -396,7 +402,17 @@ impl Receiving {
         self.report.streams = hello.streams;
         let mem = self.prepared.take(hello.memory_bytes)?;
         self.report.prealloc_ms = self.prepared.prealloc_ms;
-        let pages = mem.page_count();
+        Ok((hello, limits, mem))
+    }
+
+    fn run(
+        &mut self,
+        sock: &mut Conn,
+        listener: &TcpListener,
+        claim: Option<(u32, u64)>,
+    ) -> Result<(), ReceiveError> {
+        let (hello, limits, mem) = self.accept_hello(sock, claim)?;
+        let (pages, page_size) = (mem.page_count(), mem.page_size());
         let landed = Landed::new(pages, page_size);
         // The destination guest process starts now, like QEMU's -incoming,
         // and waits for its device state: start-up is not downtime.
@@ -476,109 +492,12 @@ impl Receiving {
         requests: &mut Option<Conn>,
     ) -> Result<(), ReceiveError> {
         let postcopy = requests.is_some();
-        // Post-copy: the pages to fetch, announced before the device state.
-        let mut missing = crate::guest::dirty::DirtySet::new(limits.page_count);
-        let mut discard = Duration::ZERO;
-        let hello_bytes = self.report.memory_bytes;
-        let page_size = mem.page_size();
-        // Post-copy: a page left unallocated would fault with nobody to
-        // serve it once post-copy is over, so zero pages are written too.
-        let mut decoder = Decoder::new(page_size).populating_zeros(postcopy);
-        self.context = "waiting for round 0".into();
-
-        // Frames until the device state arrives, each checked against the
-        // phase before anything is written (see crate::migration::phases).
-        let mut phase = DestPhase::START;
-        let state = loop {
-            if let Some(st) = streams {
-                st.wait_control(sock)?;
-            }
-            let frame = match self.next(sock, limits) {
-                Ok(f) => f,
-                // A data connection's failure names the cause better.
-                Err(e) => return Err(streams.and_then(Streams::failure).unwrap_or(e)),
-            };
-            let event = match &frame {
-                Frame::Message(Message::RoundStart(RoundStart {
-                    round,
-                    stop_and_copy,
-                })) => DestEvent::RoundStart {
-                    round: *round,
-                    stop_and_copy: *stop_and_copy,
-                },
-                Frame::Run(run) => DestEvent::Pages {
-                    count: u64::from(run.pages().1),
-                },
-                Frame::Message(Message::RoundEnd(RoundEnd { round, pages })) => {
-                    DestEvent::RoundEnd {
-                        round: *round,
-                        sent: *pages,
-                        arrived: match (phase, streams) {
-                            // The data connections' count, once the round is this one.
-                            (DestPhase::InRound { round: r, .. }, Some(st)) if r == *round => {
-                                Some(st.end_round(r, &mut self.report.stream_pages)?)
-                            }
-                            _ => None,
-                        },
-                    }
-                }
-                Frame::Discard { .. } => DestEvent::Discard,
-                Frame::Message(Message::DeviceState(_)) => DestEvent::DeviceState,
-                Frame::Message(Message::Abort(Abort(reason))) => {
-                    return Err(self.err(ProtocolError::Aborted(reason.clone())))
-                }
-                _ => return Err(self.err(unexpected_frame(&self.context, frame))),
-            };
-            let (next, action) =
-                phase
-                    .step(event, postcopy, streams.is_some())
-                    .map_err(|source| ReceiveError::Step {
-                        context: self.context.clone(),
-                        source,
-                    })?;
-            phase = next;
-            // The phase allowed the frame: carry it out.
-            match frame {
-                Frame::Message(Message::RoundStart(RoundStart { round, .. })) => {
-                    self.context = format!("round {round}");
-                }
-                Frame::Message(Message::RoundEnd(_)) => {
-                    if let DestAction::Ack { pages, .. } | DestAction::Stopped { pages } = action {
-                        self.report.round_pages.push(pages);
-                        self.report.pages_received += pages;
-                    }
-                    if let DestAction::Ack { round, .. } = action {
-                        let ack = Message::round_ack(round);
-                        protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
-                    }
-                }
-                Frame::Discard { first_page, count } => {
-                    self.context = "post-copy switch".into();
-                    // Stale or never sent: drop what is there, so the guest
-                    // faults and the page is fetched.
-                    let t = Instant::now();
-                    mem.discard(first_page, u64::from(count))?;
-                    discard += t.elapsed();
-                    missing.set_range(first_page, u64::from(count));
-                }
-                Frame::Message(Message::DeviceState(protocol::DeviceState(blob))) => {
-                    // No data connection may write memory once the guest runs.
-                    if let Some(st) = streams {
-                        st.close()?;
-                    }
-                    break blob;
-                }
-                Frame::Run(run) => {
-                    // SAFETY: the waiting destination guest maps this memory
-                    // but touches none of it until it is handed its device
-                    // state, after the last page; with one stream nothing
-                    // else writes it.
-                    unsafe { decoder.receive(sock, &run, mem, landed) }.map_err(|e| self.err(e))?;
-                }
-                // Refused above, before the phase step.
-                f => return Err(self.err(unexpected_frame(&self.context, f))),
-            }
-        };
+        let Switched {
+            state,
+            missing,
+            discard,
+        } = self.until_device_state(sock, mem, landed, limits, streams, postcopy)?;
+        let (hello_bytes, page_size) = (self.report.memory_bytes, mem.page_size());
 
         // Resume: downtime ends when the guest runs here.
         self.context = "resuming the guest".into();
@@ -616,7 +535,7 @@ impl Receiving {
     /// those of the pages as they landed.
     fn verify(
         &mut self,
-        sock: &mut Conn,
+        sock: &mut (impl Read + Write),
         landed: &Landed,
         limits: &Limits,
         pages: u64,
