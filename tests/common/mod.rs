@@ -220,3 +220,141 @@ pub fn fake_sender(addr: &str, streams: u32) -> (TcpStream, Vec<TcpStream>) {
         .collect();
     (ctl, data)
 }
+
+/// A one-connection session as a real `send` and `receive` spoke it: the
+/// bytes each way on the control connection.
+pub struct Recorded {
+    /// What the sender wrote.
+    pub sent: Vec<u8>,
+    /// What the receiver wrote back.
+    pub replies: Vec<u8>,
+}
+
+/// Migrate with `livemig send ARGS` (one connection) to a real receiver
+/// through a proxy that records both directions; the migration must
+/// complete with every page verified.
+pub fn record(send_args: &[&str]) -> Recorded {
+    use std::io::{Read, Write};
+    let (rx, addr) = receiver(&[], &[]);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = l.local_addr().unwrap().to_string();
+    let tee = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let (mut seen, mut buf) = (Vec::new(), vec![0u8; 64 << 10]);
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+            seen
+        })
+    };
+    let recorder = std::thread::spawn(move || {
+        let (from, _) = l.accept().unwrap();
+        let to = TcpStream::connect(&addr).unwrap();
+        let up = tee(from.try_clone().unwrap(), to.try_clone().unwrap());
+        let down = tee(to, from);
+        (up.join().unwrap(), down.join().unwrap())
+    });
+    let mut args = vec!["send", "--to", &proxy, "--quiet"];
+    args.extend_from_slice(send_args);
+    let sent = run(&args);
+    assert_verified(&sent);
+    let out = rx.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (sent, replies) = recorder.join().unwrap();
+    Recorded { sent, replies }
+}
+
+/// Split a recorded byte stream into its frames (header and payload each).
+pub fn frames(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while bytes.len() >= protocol::HEADER_LEN {
+        let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+        let (frame, rest) = bytes.split_at(protocol::HEADER_LEN + len);
+        out.push(frame.to_vec());
+        bytes = rest;
+    }
+    assert!(bytes.is_empty(), "a recording ends inside a frame");
+    out
+}
+
+/// What a misbehaving peer does to a recorded session, at a frame boundary.
+#[derive(Clone, Copy, Debug)]
+pub enum Mutation {
+    /// Only the first `keep` frames, then close.
+    Cut { keep: usize },
+    /// Frames `at` and `at + 1` trade places.
+    Swap { at: usize },
+    /// Frame `at` twice.
+    Duplicate { at: usize },
+    /// Byte `byte` of frame `at`'s header XORed with `xor` (not 0).
+    Corrupt { at: usize, byte: usize, xor: u8 },
+}
+
+/// Whether a frame carries pages (whose order within a round is free).
+fn is_page_run(frame: &[u8]) -> bool {
+    use livemig::wire::protocol::Kind;
+    let kind = u16::from_le_bytes([frame[0], frame[1]]);
+    [
+        Kind::Pages,
+        Kind::ZeroPages,
+        Kind::CompressedPages,
+        Kind::XbzrlePages,
+    ]
+    .iter()
+    .any(|k| *k as u16 == kind)
+}
+
+impl Mutation {
+    /// A mutation, drawn with `rng`, that no valid session survives: a cut
+    /// drops at least the last frame, a duplicate is never of the last
+    /// frame (a peer may ignore what follows the end), a swap moves a
+    /// frame across a control frame (page runs of a round may come in any
+    /// order) and a corruption changes a header.
+    pub fn draw(rng: &mut fastrand::Rng, frames: &[Vec<u8>]) -> Mutation {
+        let n = frames.len();
+        loop {
+            let m = match rng.u8(0..4) {
+                0 => Mutation::Cut {
+                    keep: rng.usize(0..n),
+                },
+                1 => Mutation::Swap {
+                    at: rng.usize(0..n - 1),
+                },
+                2 => Mutation::Duplicate {
+                    at: rng.usize(0..n - 1),
+                },
+                _ => Mutation::Corrupt {
+                    at: rng.usize(0..n),
+                    byte: rng.usize(0..protocol::HEADER_LEN),
+                    xor: rng.u8(1..),
+                },
+            };
+            match m {
+                Mutation::Swap { at }
+                    if (is_page_run(&frames[at]) && is_page_run(&frames[at + 1]))
+                        || frames[at] == frames[at + 1] => {}
+                m => return m,
+            }
+        }
+    }
+
+    /// `frames` with this mutation applied.
+    pub fn apply(self, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut f = frames.to_vec();
+        match self {
+            Mutation::Cut { keep } => f.truncate(keep),
+            Mutation::Swap { at } => f.swap(at, at + 1),
+            Mutation::Duplicate { at } => f.insert(at, f[at].clone()),
+            Mutation::Corrupt { at, byte, xor } => f[at][byte] ^= xor,
+        }
+        f
+    }
+}
