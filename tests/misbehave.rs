@@ -239,3 +239,75 @@ fn a_fake_receiver_replaying_spoiled_replies_fails_the_sender_cleanly() {
         assert_no_process_tagged(&tag);
     }
 }
+
+/// Write the fuzz targets' seeds (see `fuzz/`) from sessions recorded
+/// now, into `$LIVEMIG_SEEDS` (default `fuzz/seeds`): `scripts/fuzz.sh`
+/// runs it so the seeds always speak this build's protocol.
+#[test]
+#[ignore = "writes fuzz seeds; scripts/fuzz.sh runs it"]
+fn record_fuzz_seeds() {
+    let root = std::env::var_os("LIVEMIG_SEEDS").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds"),
+        Into::into,
+    );
+    let (session_dir, frame_dir) = (root.join("session"), root.join("frame"));
+    std::fs::create_dir_all(&session_dir).unwrap();
+    std::fs::create_dir_all(&frame_dir).unwrap();
+    // 1 MiB guests, as the session target expects; the content keeps most
+    // pages zero or compressible so that the seeds stay small.
+    let base = [
+        "--mem",
+        "1M",
+        "--warmup",
+        "50ms",
+        "--policy",
+        "fixed:2",
+        "--workload",
+        "hotset:wws=16K,rate=2k,hot=1,zero=1,random=0",
+    ];
+    let flavours: [(&str, &[&str]); 3] = [
+        ("raw", &[]),
+        ("lz4-xbzrle", &["--compress", "lz4", "--xbzrle", "256K"]),
+        ("zstd", &["--compress", "zstd", "--no-zero-pages"]),
+    ];
+    let mut kinds_seen = std::collections::HashSet::new();
+    for (name, extra) in flavours {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let rec = record(&args);
+        std::fs::write(session_dir.join(format!("{name}.bin")), &rec.sent).unwrap();
+        let sent = frames(&rec.sent);
+        // The frame target: the first frames of the session as one stream
+        // (first byte 5: a handshake, then frames within 1 MiB of 4 KiB
+        // pages), and one frame of each kind alone (first byte 1); small
+        // ones, so that the fuzzer runs fast.
+        let mut stream = vec![5u8];
+        for f in sent.iter().take_while(|f| f.len() <= 16 << 10).take(24) {
+            stream.extend(f);
+        }
+        std::fs::write(frame_dir.join(format!("{name}-stream.bin")), stream).unwrap();
+        for f in sent.iter().chain(&frames(&rec.replies)) {
+            let kind = u16::from_le_bytes([f[0], f[1]]);
+            if f.len() <= 64 << 10 && kinds_seen.insert(kind) {
+                let seed = [&[1u8][..], f].concat();
+                std::fs::write(frame_dir.join(format!("kind{kind}.bin")), seed).unwrap();
+            }
+        }
+        if name == "raw" {
+            // A post-copy switch-over (this recorder takes one connection
+            // only, so it is made from the pre-copy one): the Hello with
+            // its POSTCOPY flag, pages to fetch, the device state.
+            let mut hello = sent[0].clone();
+            hello[8 + 28] |= protocol::HELLO_POSTCOPY as u8;
+            let state = sent
+                .iter()
+                .find(|f| u16::from_le_bytes([f[0], f[1]]) == protocol::Kind::DeviceState as u16)
+                .unwrap();
+            let mut post = hello;
+            post.extend(protocol::discard_frame_header(0, 16));
+            post.extend(protocol::discard_frame_header(100, 156));
+            post.extend(state);
+            std::fs::write(session_dir.join("postcopy.bin"), post).unwrap();
+        }
+    }
+}
