@@ -46,11 +46,12 @@ for t in "${targets[@]}"; do
   log="artifacts/$t.log"
   echo "== $t for ${secs}s (log: fuzz/$log)"
   # -a: debug assertions, so an arithmetic overflow is a crash too.
-  # Keep going after a crash (fork mode off: one process, so the stats
-  # below are the run's), at most 10 s an input.
+  # One process, so the stats below are the run's; at most 10 s an
+  # input; one allocation over 64 MiB is a crash (the protocol's caps
+  # allow a few MiB at most).
   status=0
   cargo fuzz run -a "$t" "corpus/$t" "seeds/$t" "corpus/fresh/$t" -- \
-    -max_total_time="$secs" -timeout=10 -print_final_stats=1 \
+    -max_total_time="$secs" -timeout=10 -malloc_limit_mb=64 -print_final_stats=1 \
     >"$log" 2>&1 || status=$?
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
   last=$(grep -E '^#[0-9]+' "$log" | tail -1)
