@@ -289,7 +289,7 @@ fn dirtyrate_attaches_to_a_running_guest_one_harvester_at_a_time() {
             }
         }
     }
-    let mut run = common::livemig()
+    let run = common::livemig()
         .args([
             "run",
             "--mem",
