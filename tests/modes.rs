@@ -73,9 +73,11 @@ fn prepaging_fetches_more_pages_per_request() {
         let rep = assert_verified(&r);
         u(rep, "pages_pulled") as f64 / u(rep, "postcopy_requests").max(1) as f64
     };
-    // A sweep faults page after page; pushing at 50 Mbit/s leaves it to requests.
+    // A sweep faults page after page; pushing at 50 Mbit/s leaves it to
+    // requests. Without pre-paging a request asks for its page alone, and
+    // one whose page the push sent meanwhile pulls none.
     let one = pulled_per_request(&[]);
-    assert!((1.0..1.1).contains(&one), "{one} pages per request");
+    assert!((0.9..1.1).contains(&one), "{one} pages per request");
     let many = pulled_per_request(&["--prepage", "15"]);
     assert!(many > 4.0, "{many} pages per request with --prepage 15");
 }
