@@ -76,18 +76,10 @@ fi
 command -v python3 >/dev/null || die "needs python3"
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/compare-modes.$$.XXXXXX")
-fg_pid=""  # the migration running now
-cleanup() {
-  if [[ -n $fg_pid ]]; then kill "$fg_pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM HUP
-
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
+scratch_dir compare-modes
+
 
 livemig=$(private_livemig)
 [[ $("$livemig" migrate --help) == *--mode* ]] || die "this livemig has no --mode option (post-copy, hybrid, cold)"

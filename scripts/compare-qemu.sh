@@ -89,18 +89,10 @@ for tool in as ld objcopy; do
 done
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/compare-qemu.$$.XXXXXX")
-fg_pid=""  # the migration running now
-cleanup() {
-  if [[ -n $fg_pid ]]; then kill "$fg_pid" 2>/dev/null || true; wait "$fg_pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM HUP
-
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
+scratch_dir compare-qemu
+
 
 # The guest: one boot sector, exactly 512 bytes.
 image=$tmp/bootsector.img

@@ -50,18 +50,10 @@ done
 command -v python3 >/dev/null || die "needs python3"
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/compare-throttle.$$.XXXXXX")
-fg_pid=""
-cleanup() {
-  if [[ -n $fg_pid ]]; then kill "$fg_pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM HUP
-
 # shellcheck source=scripts/lib.sh
 source "$root/scripts/lib.sh"
+scratch_dir compare-throttle
+
 livemig=$(private_livemig)
 
 common=(--mem "$mem" --workload "$workload" --bandwidth "$bandwidth" --policy qemu

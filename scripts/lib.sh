@@ -1,7 +1,7 @@
 # shellcheck shell=bash disable=SC2154  # root and tmp come from the sourcing script
 # Shared by the benchmark scripts (source it; it defines functions only).
-# Each script sets: root (the repository), tmp (its temporary directory),
-# fg_pid="" and functions say and die.
+# Each script sets: root (the repository) and functions say and die; it
+# calls scratch_dir for tmp and fg_pid, or sets them itself.
 
 # A command run in the background and waited for, so that a signal ends the
 # script (and its cleanup ends the command) at once.
@@ -31,4 +31,15 @@ private_livemig() {
     cp "$target_dir/release/livemig" "$tmp/livemig"
   fi
   echo "$tmp/livemig"
+}
+
+# A temporary directory $tmp for script NAME, removed on exit, when the
+# command run_fg waits for ($fg_pid) is killed too; INT, TERM and HUP end
+# the script as those signals do.
+scratch_dir() {
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/$1.$$.XXXXXX")
+  fg_pid=""
+  trap 'if [[ -n $fg_pid ]]; then kill "$fg_pid" 2>/dev/null || true; fi; rm -rf "$tmp"' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM HUP
 }
