@@ -3,13 +3,15 @@
 //! [`control`] block, and the trackers that find the pages it dirtied
 //! ([`dirty`]). [`process`] starts, pauses and resumes it, with the
 //! arguments [`args`] describes; [`vcpu`] is the write loop of its vCPU
-//! threads; [`find`] finds a running one from outside.
+//! threads; [`find`] finds a running one from outside; [`prepare`] writes a
+//! fresh guest's initial content.
 
 pub mod args;
 pub mod control;
 pub mod dirty;
 pub mod find;
 pub mod memory;
+pub mod prepare;
 pub mod process;
 pub mod uffd;
 pub mod vcpu;

@@ -27,7 +27,7 @@ pub use crate::guest::args::{Fresh, GuestArgs};
 use crate::guest::control::{Control, MAX_VCPUS};
 use crate::guest::dirty::{DirtyError, SharedBitmap, TrackerKind};
 use crate::guest::memory::{GuestMemory, MemoryError, SharedRegion};
-use crate::guest::vcpu::{stamp, Vcpu};
+use crate::guest::vcpu::Vcpu;
 pub use crate::guest::vcpu::{vcpu_seed, BATCH};
 use crate::guest::workload::{Layout, Workload, WorkloadError};
 use crate::util::page::PageSize;
@@ -179,7 +179,7 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
     let (workload, vcpus) = match args.fresh() {
         Some(f) => {
             let content = check_config(&f.workload, args.memory_bytes, page_size, f.vcpus)?.content;
-            stamp(&mem, f.seed, &content);
+            crate::guest::prepare::stamp(&mem, f.seed, &content)?;
             for (i, slot) in control.block().slots[..f.vcpus as usize].iter().enumerate() {
                 slot.seed
                     .store(vcpu_seed(f.seed, i as u32), Ordering::Relaxed);

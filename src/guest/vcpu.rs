@@ -3,7 +3,8 @@
 //! `bitmap` tracker is in use, and parks at a safe point when its owner asks
 //! (between complete write-then-mark operations: see [`crate::guest::dirty`]).
 //! At the same safe points it obeys the owner's throttle ([`Throttle`]).
-//! Before they start, a fresh guest stamps every page (`stamp`).
+//! Before they start, a fresh guest stamps every page
+//! ([`crate::guest::prepare::stamp`]).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::guest::control::{Control, Throttle};
 use crate::guest::dirty::SharedBitmap;
 use crate::guest::memory::GuestMemory;
-use crate::guest::workload::{fill_word, Content, Layout, Stream, Write};
+use crate::guest::workload::{fill_word, Layout, Stream, Write};
 
 /// A vCPU that falls further behind its schedule than this stops trying to
 /// catch up (it cannot reach the rate; the achieved rate is reported).
@@ -26,30 +27,6 @@ pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// The seed of vCPU `i`'s write stream in a guest seeded with `seed`.
 pub fn vcpu_seed(seed: u64, i: u32) -> u64 {
     seed ^ u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Give pages their initial content (see [`Content`]): all-zero pages stay
-/// untouched; every other page gets a distinct non-zero stamp and its share
-/// of random words.
-pub(super) fn stamp(mem: &GuestMemory, seed: u64, content: &Content) {
-    let words = content.random_words(mem.page_size());
-    for page in 0..mem.page_count() {
-        if content.starts_zero(seed, page) {
-            continue;
-        }
-        let (ptr, _) = mem.pages_ptr(page, 1);
-        let ptr = ptr.cast::<u64>();
-        for k in 0..words {
-            // SAFETY: k < page_size / 8 words: inside the page, aligned;
-            // nobody reads the page yet.
-            unsafe {
-                ptr.add(k as usize)
-                    .write_volatile(fill_word(seed ^ page, k))
-            };
-        }
-        // SAFETY: word 1 of the page, as above.
-        unsafe { ptr.add(1).write_volatile(page ^ seed | 1) };
-    }
 }
 
 /// One vCPU's view of the guest: what its thread writes, marks and obeys.

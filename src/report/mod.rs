@@ -146,6 +146,10 @@ pub struct Report {
     /// Starting the source guest before the warm-up: spawning it, its
     /// memory filled, mapped here (local runs).
     pub source_start_ms: Option<f64>,
+    /// The source guest's own start: from spawning it until every vCPU
+    /// runs, its memory populated and stamped (part of `source_start_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_start_ms: Option<f64>,
     /// Dirty-set harvests done.
     pub dirty_sync_count: u64,
     /// Time spent harvesting dirty sets, over all harvests and the longest.

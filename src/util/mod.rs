@@ -1,5 +1,6 @@
 //! Small helpers every layer uses: units and their parsing, the page size,
-//! atomic page bitmaps, cancelling on a signal, processes, error chains, socket I/O, a peer's text
+//! atomic page bitmaps, cancelling on a signal, processes, work split over
+//! cores by range, error chains, socket I/O, a peer's text
 //! made printable, and what a test does when this machine cannot run it.
 
 pub mod bitmap;
@@ -8,6 +9,7 @@ pub mod error;
 pub mod netio;
 pub mod page;
 pub mod process;
+pub mod ranges;
 pub mod skip;
 pub mod text;
 pub mod units;

@@ -152,6 +152,9 @@ pub struct Source {
     pub guest: Guest,
     tracker: Box<dyn Tracker>,
     pub workload: Layout,
+    /// From spawning the guest until every vCPU runs: its memory
+    /// populated and stamped (the report's `guest_start_ms`).
+    pub guest_start: Duration,
 }
 
 impl Source {
@@ -179,9 +182,11 @@ impl Source {
             false => None,
         };
         let control = Control::create()?;
+        let spawned = Instant::now();
         let mut guest = Guest::spawn(&mem, control.clone(), bitmap.as_ref(), tracker, Some(fresh))?;
         // The guest publishes where its memory is mapped before it runs.
         guest.wait_running()?;
+        let guest_start = spawned.elapsed();
         // Map all of guest memory here now, as a hypervisor's own mapping
         // of guest RAM is: otherwise round 0 takes a page fault per page in
         // this process (measured: round 0 of 1 GiB at 16-30 Gbit/s without,
@@ -201,6 +206,7 @@ impl Source {
             guest,
             tracker,
             workload,
+            guest_start,
         })
     }
 
@@ -241,6 +247,7 @@ pub fn migrate(
 ) -> (Report, Result<(), SendError>) {
     let report = Report {
         source_guest_pid: Some(src.guest.pid()),
+        guest_start_ms: Some(ms(src.guest_start)),
         guest_target_rate_pps: match (src.workload.is_idle(), src.workload.rate) {
             (false, PageRate::PerSec(r)) => Some(r),
             _ => None,
