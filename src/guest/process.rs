@@ -319,6 +319,11 @@ pub fn cpu_time(pid: i32) -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// [`cpu_time`] of this process.
+pub fn own_cpu_time() -> Duration {
+    cpu_time(std::process::id() as i32)
+}
+
 /// The owner's handle on a guest process. Dropping it kills and reaps the
 /// process, stopped or not: a guest is never orphaned.
 pub struct Guest {

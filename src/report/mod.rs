@@ -150,6 +150,11 @@ pub struct Report {
     /// runs, its memory populated and stamped (part of `source_start_ms`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_start_ms: Option<f64>,
+    /// CPU time of this process (every thread, from /proc) while round 0
+    /// was sent until acknowledged: the sender's cost of moving memory.
+    /// In `migrate` the receiver's threads share the process and count too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_round0_cpu_ms: Option<f64>,
     /// Dirty-set harvests done.
     pub dirty_sync_count: u64,
     /// Time spent harvesting dirty sets, over all harvests and the longest.

@@ -58,6 +58,8 @@ impl Receiving {
         let mut decoder = Decoder::new(page_size).populating_zeros(postcopy);
         self.context = "waiting for round 0".into();
         let mut phase = DestPhase::START;
+        // This process's CPU time when round 0 started.
+        let mut cpu0 = None;
         let state = loop {
             if let (Some(st), Some(s)) = (streams, sock.conn()) {
                 st.wait_control(s)?;
@@ -110,6 +112,9 @@ impl Receiving {
             match frame {
                 Frame::Message(Message::RoundStart(RoundStart { round, .. })) => {
                     self.context = format!("round {round}");
+                    if round == 0 {
+                        cpu0 = Some(crate::guest::process::own_cpu_time());
+                    }
                 }
                 Frame::Message(Message::RoundEnd(_)) => {
                     if let DestAction::Ack { pages, .. } | DestAction::Stopped { pages } = action {
@@ -119,6 +124,10 @@ impl Receiving {
                     if let DestAction::Ack { round, .. } = action {
                         let ack = Message::round_ack(round);
                         protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
+                        if let (0, Some(c)) = (round, cpu0) {
+                            let cpu = crate::guest::process::own_cpu_time().saturating_sub(c);
+                            self.report.round0_cpu_ms = Some(crate::report::ms(cpu));
+                        }
                     }
                 }
                 Frame::Discard { first_page, count } => {

@@ -17,6 +17,11 @@ pub struct ReceiveReport {
     pub streams: u32,
     /// Time spent preallocating destination memory (0 when lazy).
     pub prealloc_ms: f64,
+    /// CPU time of this process (every thread, from /proc) from round 0's
+    /// start until its pages had landed: the receiver's cost of moving
+    /// memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round0_cpu_ms: Option<f64>,
     /// Pages received per round (stop-and-copy last).
     pub round_pages: Vec<u64>,
     /// With several data connections: the pages each carried.

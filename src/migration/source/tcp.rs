@@ -308,7 +308,13 @@ impl Backend for Tcp<'_> {
         self.limiter.set_limit(limit);
         let t0 = Instant::now();
         let (ops0, throttled0) = (self.src.guest.ops(), self.src.guest.throttled());
+        let cpu0 = (round == 0).then(crate::guest::process::own_cpu_time);
         let (pages, bytes) = self.send_round(round, false, report)?;
+        if let Some(cpu0) = cpu0 {
+            report.sender_round0_cpu_ms = Some(ms(
+                crate::guest::process::own_cpu_time().saturating_sub(cpu0)
+            ));
+        }
         self.dirty.clear();
         let harvest = self.harvest(false, report)?;
         let guest_ops = self.src.guest.ops().saturating_sub(ops0);
