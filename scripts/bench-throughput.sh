@@ -5,6 +5,10 @@
 # namespaces joined by a veth link shaped with tbf (scripts/testbed.sh).
 # Prints the ratios against the targets: livemig >= 0.9 x iperf3 on loopback
 # (same stream count), livemig >= 0.95 x the rate on the shaped link.
+# Then the CPU time per GiB moved at each end (a `cpu per GiB` line): livemig
+# send and receive as separate processes over loopback, each timing its own
+# CPU (/proc) over round 0, against the CPU iperf3's client and server report
+# in the same series; target <= 1.2 x iperf3's, sender and receiver each.
 # Supersedes bench-loopback.sh.
 set -euo pipefail
 
@@ -206,6 +210,20 @@ set_stream_opts() {
   if (($1 > 1)); then sopts=(--streams "$1"); fi
 }
 idle_opts=(--workload idle --policy fixed:1 --warmup 0s --quiet)
+lo_recv_opts=()
+[[ $recv_prealloc == yes ]] && lo_recv_opts=(--mem "$mem")
+
+# Wait until the receiver logging to $1 says it waits for a migration (after
+# any preallocation, just before it accepts), while process $2 lives.
+wait_ready() {
+  local i
+  for ((i = 0; i < 6000; i++)); do
+    grep -qs "waiting for a migration" "$1" && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  return 1
+}
 
 # 3. Loopback.
 say "loopback: iperf3 and livemig migrate of an idle $mem guest, streams ${counts[*]}, $runs run(s)"
@@ -221,6 +239,21 @@ for ((r = 1; r <= runs; r++)); do
       >"$out.log" 2>&1 || { cat "$out.log" >&2; die "livemig migrate failed (run $r, $n streams)"; }
     printf 'loopback\t%s\tlivemig\t%s\t%s\n' "$n" "$r" "$out.json" >>"$manifest"
   done
+  # CPU per byte: sender and receiver as processes of their own, as iperf3's
+  # are, each timing its own CPU over round 0 (one stream).
+  say "  run $r: livemig receive + send over loopback, for CPU time per GiB"
+  out=$tmp/cpu-livemig-1-$r
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$livemig" receive --listen "127.0.0.1:$port" "${lo_recv_opts[@]}" --json "$out.recv.json" >"$out.recv.log" 2>&1 &
+  pid=$!
+  server_pids+=("$pid")
+  wait_ready "$out.recv.log" "$pid" || { cat "$out.recv.log" >&2; die "livemig receive did not start"; }
+  run_fg "$livemig" send --to "127.0.0.1:$port" --mem "$mem" "${idle_opts[@]}" --json "$out.json" >"$out.log" 2>&1 ||
+    { cat "$out.log" "$out.recv.log" >&2; die "livemig send failed (run $r, CPU per GiB)"; }
+  rc=0
+  wait_server "$pid" 30 || rc=$?
+  ((rc == 0)) || { cat "$out.recv.log" >&2; die "livemig receive failed with status $rc (run $r, CPU per GiB)"; }
+  printf 'cpu\t1\tlivemig\t%s\t%s\t%s\n' "$r" "$out.json" "$out.recv.json" >>"$manifest"
 done
 
 # 4. The shaped veth link: hosts h0 (sender) and h1 (receiver).
@@ -264,13 +297,7 @@ else
       server_pids+=("$pid")
       # Ready once it says so: that is after any preallocation, just before
       # it accepts (a listening socket alone comes earlier).
-      for ((i = 0; i < 600; i++)); do
-        grep -qs "waiting for a migration" "$out.recv.log" && break
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-      done
-      grep -qs "waiting for a migration" "$out.recv.log" ||
-        { cat "$out.recv.log" >&2; die "livemig receive did not start"; }
+      wait_ready "$out.recv.log" "$pid" || { cat "$out.recv.log" >&2; die "livemig receive did not start"; }
       set_stream_opts "$n"
       run_fg ip netns exec "$h0" "$livemig" send --to "$dst:$lm_port" --mem "$shaped_mem" "${idle_opts[@]}" \
         "${sopts[@]}" "${insecure[@]}" --json "$out.json" >"$out.log" 2>&1 ||
@@ -300,7 +327,12 @@ for line in open(manifest):
     where = f"{path}, {n} stream(s), run {run}"
     if tool == "iperf3":
         bps = rep["end"]["sum_received"]["bits_per_second"]
-        fig = {"gbps": bps / 1e9}
+        # CPU seconds per GiB received: iperf3's utilisation is CPU time
+        # over wall time, client (host) and server (remote) each.
+        cpu, gib = rep["end"]["cpu_utilization_percent"], rep["end"]["sum_received"]["bytes"] / 2**30
+        secs = rep["end"]["sum_received"]["seconds"]
+        fig = {"gbps": bps / 1e9, "sender_cpu_s_per_gib": cpu["host_total"] / 100 * secs / gib,
+               "receiver_cpu_s_per_gib": cpu["remote_total"] / 100 * secs / gib}
     else:
         if rep["status"] != "completed" or rep["mismatched_pages"] != 0:
             sys.exit(f"livemig {where}: status={rep['status']} "
@@ -311,6 +343,7 @@ for line in open(manifest):
         if r0["pages"] * rep["page_size"] != rep["memory_bytes"]:
             print(f"warning: livemig {where}: round 0 carried {r0['pages']} pages, "
                   f"not all {rep['memory_bytes'] // rep['page_size']}", file=sys.stderr)
+        rr = {}
         if recv:
             rr = json.load(open(recv[0]))
             if rr["status"] != "completed" or rr["mismatched_pages"] != 0:
@@ -327,6 +360,10 @@ for line in open(manifest):
             "e2e_gbps": rep["transferred_bytes"] * 8
             / ((rep["migration_time_ms"] - rep["setup_time_ms"]) / 1e3) / 1e9,
         }
+        # Round 0's CPU time at each end (livemig with the figures only).
+        for end, ms in [("sender", rep.get("sender_round0_cpu_ms")), ("receiver", rr.get("round0_cpu_ms"))]:
+            if ms is not None:
+                fig[f"{end}_cpu_s_per_gib"] = ms / 1e3 / (r0["bytes"] / 2**30)
     cells.setdefault((path, n, tool), []).append(fig)
 
 def gbit(bps):
@@ -384,6 +421,27 @@ else:
                     for r in rows if r["path"] == "shaped")
     print(f"  round 0 ends when the receiver acknowledges it, so its time covers delivery; "
           f"end to end (all bytes / (migration time - setup), until the destination runs) livemig ran at {e2e}")
+# CPU time per GiB moved, both ends, livemig's round 0 next to iperf3's
+# one-stream loopback runs of the same series.
+CPU_TARGET = 1.2
+cpu = None
+lm_cpu = cells.get(("cpu", 1, "livemig"), [])
+ip_cpu = cells.get(("loopback", 1, "iperf3"), [])
+if lm_cpu and all("sender_cpu_s_per_gib" in c and "receiver_cpu_s_per_gib" in c for c in lm_cpu):
+    med = lambda cs, k: statistics.median(c[k] for c in cs)
+    cpu = {k: {"livemig": med(lm_cpu, f"{k}_cpu_s_per_gib"), "iperf3": med(ip_cpu, f"{k}_cpu_s_per_gib"),
+               "livemig_runs": [c[f"{k}_cpu_s_per_gib"] for c in lm_cpu],
+               "iperf3_runs": [c[f"{k}_cpu_s_per_gib"] for c in ip_cpu]}
+           for k in ("sender", "receiver")}
+    for v in cpu.values():
+        v["ratio_to_iperf3"] = v["livemig"] / v["iperf3"]
+    s, r = cpu["sender"], cpu["receiver"]
+    print(f"cpu per GiB (loopback, 1 stream, median of {runs} run(s); CPU seconds per GiB moved): "
+          f"sender/iperf3 sender {s['ratio_to_iperf3']:.2f} ({s['livemig']:.3f} s vs {s['iperf3']:.3f} s), "
+          f"receiver/iperf3 receiver {r['ratio_to_iperf3']:.2f} ({r['livemig']:.3f} s vs {r['iperf3']:.3f} s); "
+          f"target <= {CPU_TARGET} each")
+else:
+    print("cpu per GiB: not measured (this livemig reports no round 0 CPU time)")
 m = re.search(r"(\d+)\.(\d+)", iperf_version)
 if streams > 1 and m and (int(m[1]), int(m[2])) < (3, 16):
     print(f"  iperf3 {iperf_version.split()[1]} runs all -P streams on one thread (3.16 made it multi-threaded)")
@@ -393,8 +451,9 @@ if json_out:
         "mem": mem, "shaped_mem": shaped_mem, "streams": streams, "runs": runs,
         "rate": rate, "rate_bps": rate_bps, "shaped_skipped": shaped_skip or None,
         "receiver_prealloc": recv_prealloc == "yes", "iperf3_version": iperf_version,
-        "targets": {"loopback_ratio_to_iperf3": LOOPBACK_TARGET, "shaped_ratio_to_rate": SHAPED_TARGET},
-        "rows": rows,
+        "targets": {"loopback_ratio_to_iperf3": LOOPBACK_TARGET, "shaped_ratio_to_rate": SHAPED_TARGET,
+                    "cpu_ratio_to_iperf3": CPU_TARGET},
+        "rows": rows, "cpu_per_gib": cpu,
     }
     with open(json_out, "w") as f:
         json.dump(out, f, indent=2)
