@@ -31,7 +31,7 @@ fn config(memory_bytes: u64, workload: &str, seed: u64) -> SimConfig {
 }
 
 /// The claim: each of these predictions takes seconds, not minutes. Checked
-/// on one run before it is benched (`scripts/bench.sh`).
+/// on one run before it is benched (`scripts/bench-criterion.sh`).
 const CLAIM: Duration = Duration::from_secs(10);
 
 fn within_claim(what: &str, f: impl FnOnce()) {

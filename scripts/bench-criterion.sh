@@ -3,7 +3,7 @@
 # measures (the counts it benches are right; predictions take seconds), so a
 # failed claim fails this script.
 #
-# Usage: scripts/bench.sh [--quick] [BENCH...]
+# Usage: scripts/bench-criterion.sh [--quick] [BENCH...]
 #   --quick   criterion's quick mode: a few seconds a benchmark, to check the
 #             claims and get rough figures (not for the README's tables)
 #   BENCH     core, trackers, predict, reduce (default: all)
