@@ -449,3 +449,45 @@ fn human_output_has_the_data_path_and_post_copy_lines() {
         "{text}"
     );
 }
+
+#[test]
+fn the_report_says_what_starting_and_round_zero_cost() {
+    let r = migrate(&["--workload", "idle", "--policy", "fixed:1"]);
+    let rep = assert_verified(&r);
+    let ms = |k: &str| rep[k].as_f64().unwrap_or_else(|| panic!("{k}: {rep:#}"));
+    assert!(ms("guest_start_ms") > 0.0);
+    // The guest's own start is part of the source's (which maps it too).
+    assert!(ms("guest_start_ms") <= ms("source_start_ms"), "{rep:#}");
+    assert!(ms("receiver_prealloc_ms") > 0.0);
+    assert!(ms("sender_round0_cpu_ms") > 0.0);
+
+    // Two processes: each end times its own CPU over round 0.
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("rx.json");
+    let (rx, addr) = receiver(&["--json".as_ref(), json.as_os_str()], &[]);
+    let sent = run(&[
+        "send",
+        "--to",
+        &addr,
+        "--quiet",
+        "--mem",
+        "16M",
+        "--workload",
+        "idle",
+        "--policy",
+        "fixed:1",
+    ]);
+    let out = rx.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep = assert_verified(&sent);
+    assert!(
+        rep["sender_round0_cpu_ms"].as_f64().unwrap() > 0.0,
+        "{rep:#}"
+    );
+    let got: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(got["round0_cpu_ms"].as_f64().unwrap() > 0.0, "{got:#}");
+}
