@@ -50,7 +50,7 @@ load_start=$(load) started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 if ((quick)); then
   thr=(--runs 1 --mem 256M --shaped-mem 64M) trk=(--mem 256M --duration 1s) scale=(--sizes 1G --runs 1)
 else
-  thr=(--runs 5) trk=() scale=(--sizes 1G,4G,8G --runs 5)
+  thr=(--runs 5) trk=() scale=(--sizes "1G,4G,8G" --runs 5)
 fi
 
 say "throughput: bench-throughput.sh ${thr[*]}"
