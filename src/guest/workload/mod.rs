@@ -1,0 +1,220 @@
+//! Workloads: which pages a guest writes and how fast.
+//!
+//! A spec is `KIND[:key=value,...]`:
+//! - `idle`: writes nothing;
+//! - `uniform:rate=R`: random pages over all of memory;
+//! - `hotset:wws=SIZE,rate=R[,hot=F]`: a writable working set of SIZE (the
+//!   first SIZE bytes of memory) takes fraction F (default 0.95) of the
+//!   writes, the rest go anywhere;
+//! - `sweep[:from=SIZE,to=SIZE][,rate=R]`: walks [from, to) page by page and
+//!   increments byte 0 of each page (QEMU's migration-test pattern; default
+//!   1 MiB..100 MiB clipped to memory, rate `max`).
+//!
+//! Every kind also takes content keys, which shape what data reduction
+//! (zero pages, compression, XBZRLE) finds:
+//! - `zero=F`: share of pages that start all-zero (default 0);
+//! - `random=F`: share of each other page's bytes that start random, so
+//!   incompressible (default 0: one 8-byte stamp per page, the rest zero);
+//! - `bytes=N`: bytes a write stores into its page, a multiple of 8 up to the
+//!   page size (default 8).
+//!
+//! `R` is pages per second (`20k`, `1.5M`) or `max`. The random stream is
+//! counter-based (xxh3 of the operation number under a per-vCPU seed), so a
+//! vCPU's whole state is its seed, its operation count and its cursor: the
+//! device state that lets a migrated guest continue exactly where it stopped.
+
+mod layout;
+mod spec;
+mod stream;
+#[cfg(test)]
+mod tests;
+
+pub use stream::{fill_word, Stream, Write};
+
+use std::fmt;
+
+use crate::util::page::PageSize;
+use crate::util::units::{PageRate, UnitError};
+
+/// Longest spec: it travels in the device state and the control block.
+pub const MAX_SPEC_LEN: usize = crate::guest::control::MAX_WORKLOAD_LEN;
+
+/// A workload spec that cannot be read, or cannot be laid over a memory.
+/// Messages name the key at fault; the caller names the spec.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("{0} bytes long; at most {MAX_SPEC_LEN} fit in the device state")]
+    TooLong(usize),
+    #[error("\"{0}\" is not key=value")]
+    NotKeyValue(String),
+    #[error("{0} given twice")]
+    Twice(String),
+    #[error("unknown kind \"{0}\" (idle, uniform, hotset, sweep)")]
+    UnknownKind(String),
+    #[error("{kind} takes no \"{key}\" (it takes: {takes})")]
+    UnknownKey {
+        kind: String,
+        key: String,
+        takes: String,
+    },
+    #[error("{key}=\"{value}\" is not a fraction in [0, 1]")]
+    Fraction { key: String, value: String },
+    #[error("{key}=\"{value}\"")]
+    Unit {
+        key: String,
+        value: String,
+        #[source]
+        source: UnitError,
+    },
+    #[error("{0} needs rate=R (pages/s like 50k, or max)")]
+    NeedsRate(String),
+    #[error("hotset needs wws=SIZE")]
+    NeedsWws,
+    #[error("bytes={bytes} must be a multiple of 8 between 8 and the page size ({page_size})")]
+    WriteBytes { bytes: u64, page_size: u64 },
+    #[error("wws must be between one page and the memory size ({memory_bytes} bytes)")]
+    Wws { memory_bytes: u64 },
+    #[error("sweep range is empty: from page {from} to page {to} (memory has {pages} pages)")]
+    EmptySweep { from: u64, to: u64, pages: u64 },
+    /// A sweep splits its range between the vCPUs, so it needs a page each.
+    #[error("the sweep range has {pages} pages, fewer than its {vcpus} vCPUs")]
+    FewerPagesThanVcpus { pages: u64, vcpus: u32 },
+}
+
+/// The shape of a workload's writes, as the spec gives it (in bytes).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kind {
+    Idle,
+    Uniform,
+    HotSet {
+        wws_bytes: u64,
+        hot: f64,
+    },
+    /// None: the default (1 MiB..100 MiB, clipped to memory).
+    Sweep {
+        from_bytes: Option<u64>,
+        to_bytes: Option<u64>,
+    },
+}
+
+/// The shape of a workload's writes over a memory (in pages).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pattern {
+    Idle,
+    Uniform,
+    HotSet { wws_pages: u64, hot: f64 },
+    Sweep { from_page: u64, to_page: u64 },
+}
+
+/// What the pages hold: the initial content and the size of each write.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Content {
+    /// Share of pages that start all-zero.
+    pub zero: f64,
+    /// Share of each non-zero page's bytes that start random.
+    pub random: f64,
+    /// Bytes one write stores (a multiple of 8, at most a page).
+    pub write_bytes: u64,
+}
+
+impl Default for Content {
+    fn default() -> Self {
+        Self {
+            zero: 0.0,
+            random: 0.0,
+            write_bytes: 8,
+        }
+    }
+}
+
+/// A workload as its spec says (`--workload`), whatever the memory: parse
+/// it once with [`FromStr`], lay it over a memory with [`Workload::layout`].
+/// It prints as the spec it was read from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    spec: String,
+    pub kind: Kind,
+    pub rate: PageRate,
+    pub content: Content,
+}
+
+/// The spec as given.
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec)
+    }
+}
+
+/// As its spec: how the device state carries it.
+impl serde::Serialize for Workload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.spec)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Workload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let spec = String::deserialize(d)?;
+        spec.parse().map_err(serde::de::Error::custom)
+    }
+}
+impl Workload {
+    /// The spec as given.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.kind == Kind::Idle
+    }
+}
+
+/// A workload laid over a memory: the pages it writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub workload: Workload,
+    pub pattern: Pattern,
+    pub rate: PageRate,
+    pub content: Content,
+    pub page_count: u64,
+    pub page_size: PageSize,
+}
+
+impl Layout {
+    pub fn is_idle(&self) -> bool {
+        self.pattern == Pattern::Idle
+    }
+
+    /// The per-vCPU share of the rate (None = as fast as possible).
+    pub fn rate_per_vcpu(&self, vcpus: u32) -> Option<f64> {
+        match self.rate {
+            PageRate::Max => None,
+            PageRate::PerSec(r) => Some(r / f64::from(vcpus)),
+        }
+    }
+
+    /// A sweep splits its range between the vCPUs, so it needs a page each.
+    pub fn check_vcpus(&self, vcpus: u32) -> Result<(), WorkloadError> {
+        match self.pattern {
+            Pattern::Sweep { from_page, to_page } if to_page - from_page < u64::from(vcpus) => {
+                Err(WorkloadError::FewerPagesThanVcpus {
+                    pages: to_page - from_page,
+                    vcpus,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The part of a sweep that vCPU `vcpu` of `vcpus` walks: sweeps split
+    /// the range so vCPUs never write the same page (see `check_vcpus`).
+    pub fn sweep_slice(&self, vcpu: u32, vcpus: u32) -> (u64, u64) {
+        let Pattern::Sweep { from_page, to_page } = self.pattern else {
+            return (0, self.page_count);
+        };
+        let len = to_page - from_page;
+        let lo = from_page + len * u64::from(vcpu) / u64::from(vcpus);
+        let hi = from_page + len * u64::from(vcpu + 1) / u64::from(vcpus);
+        (lo, hi.max(lo + 1))
+    }
+}
