@@ -372,6 +372,8 @@ fn receiver_wants_digests_in_page_order() {
             seed: 1,
             ops: 0,
             cursor: 0,
+            work_ops: 0,
+            clock_us: 0,
         }],
     };
     bytes.extend(Message::device_state(state.to_bytes()).encode());
@@ -568,6 +570,8 @@ fn postcopy_requests_that_are_never_answered_time_out() {
             seed: 1,
             ops: 0,
             cursor: 0,
+            work_ops: 0,
+            clock_us: 0,
         }],
     };
     protocol::write_message(&mut ctl, &Message::device_state(state.to_bytes())).unwrap();

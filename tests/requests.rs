@@ -53,6 +53,8 @@ fn switched_over(addr: &str) -> (TcpStream, TcpStream) {
             seed: 1,
             ops: 0,
             cursor: 0,
+            work_ops: 0,
+            clock_us: 0,
         }],
     };
     protocol::write_message(&mut ctl, &Message::device_state(state.to_bytes())).unwrap();

@@ -63,6 +63,12 @@ pub struct VcpuSlot {
     pub cursor: AtomicU64,
     /// Nanoseconds this vCPU slept because it was throttled.
     pub throttled_ns: AtomicU64,
+    /// Operations of a `compute` workload done since the guest first booted
+    /// (its progress; `ops` above counts its writes). Resumes carry it on.
+    pub work_ops: AtomicU64,
+    /// The vCPU's guest clock, microseconds of run time since boot (it
+    /// stops while parked): a `phases` workload's phase follows it.
+    pub clock_us: AtomicU64,
 }
 
 /// The shared layout. A zero-filled mapping is a valid block (all atomics).
@@ -117,6 +123,10 @@ pub struct ControlBlock {
     pub dirty_limit_pps: AtomicU64,
     pub dirty_limit_period_us: AtomicU32,
     pub slots: [VcpuSlot; MAX_VCPUS as usize],
+    /// `--cpu-cap` as an in-guest duty cycle: the whole guest's CPU share
+    /// in percent of one CPU (0: none), which each vCPU obeys at its safe
+    /// points as a CPU throttle of its share, whichever is deeper.
+    pub cpu_cap_pct: AtomicU32,
 }
 
 /// A mapped control block (clones share the mapping).
@@ -204,6 +214,37 @@ impl Control {
                 period: Duration::from_micros(u64::from(us.max(1))),
             },
             (pct, _) => Throttle::Cpu(pct.min(MAX_THROTTLE_PCT)),
+        }
+    }
+
+    /// Compute operations by the first `vcpus` vCPUs (see [`VcpuSlot::work_ops`]).
+    pub fn work_ops(&self, vcpus: u32) -> u64 {
+        self.block().slots[..vcpus as usize]
+            .iter()
+            .map(|s| s.work_ops.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Owner side: cap the guest's CPU at `pct` percent of one CPU with an
+    /// in-guest duty cycle (0 lifts it).
+    pub fn set_cpu_cap(&self, pct: u32) {
+        self.block().cpu_cap_pct.store(pct, Ordering::Release);
+    }
+
+    /// What a vCPU of `vcpus` obeys: the throttle, deepened to the CPU
+    /// cap's duty cycle (each vCPU runs its share, `cap / vcpus` %, of the
+    /// time). A dirty limit stands as it is.
+    pub fn throttle_capped(&self, vcpus: u32) -> Throttle {
+        let t = self.throttle();
+        let cap = self.block().cpu_cap_pct.load(Ordering::Acquire);
+        if cap == 0 || cap >= vcpus.saturating_mul(100) {
+            return t;
+        }
+        let floor = (100 - cap / vcpus.max(1)).min(MAX_THROTTLE_PCT);
+        match t {
+            Throttle::Off => Throttle::Cpu(floor),
+            Throttle::Cpu(p) => Throttle::Cpu(p.max(floor)),
+            dirty_limit => dirty_limit,
         }
     }
 

@@ -90,6 +90,12 @@ pub struct VcpuState {
     pub seed: u64,
     pub ops: u64,
     pub cursor: u64,
+    /// A `compute` workload's operations (absent from older peers: 0).
+    #[serde(default)]
+    pub work_ops: u64,
+    /// The vCPU's guest clock, microseconds (a `phases` workload's phase).
+    #[serde(default)]
+    pub clock_us: u64,
 }
 
 /// The guest's "CPU state", sent during stop-and-copy.
@@ -534,6 +540,8 @@ impl Guest {
                 seed: s.seed.load(Ordering::Acquire),
                 ops: s.ops.load(Ordering::Acquire),
                 cursor: s.cursor.load(Ordering::Acquire),
+                work_ops: s.work_ops.load(Ordering::Acquire),
+                clock_us: s.clock_us.load(Ordering::Acquire),
             })
             .collect()
     }
@@ -544,6 +552,8 @@ impl Guest {
             slot.seed.store(s.seed, Ordering::Relaxed);
             slot.ops.store(s.ops, Ordering::Relaxed);
             slot.cursor.store(s.cursor, Ordering::Relaxed);
+            slot.work_ops.store(s.work_ops, Ordering::Relaxed);
+            slot.clock_us.store(s.clock_us, Ordering::Relaxed);
         }
         self.vcpus = state.vcpus.len() as u32;
         self.control.start(state.workload.spec(), self.vcpus);

@@ -2,8 +2,10 @@
 //! guest memory at the workload's rate, marks what it wrote when the
 //! `bitmap` tracker is in use, and parks at a safe point when its owner asks
 //! (between complete write-then-mark operations: see [`crate::guest::dirty`]).
-//! At the same safe points it obeys the owner's throttle ([`Throttle`]).
-//! Before they start, a fresh guest stamps every page
+//! At the same safe points it obeys the owner's throttle ([`Throttle`]) and
+//! an in-guest CPU cap, and a `phases` workload switches phase by the
+//! vCPU's guest clock; a `compute` workload runs its arithmetic in chunks
+//! between them. Before they start, a fresh guest stamps every page
 //! ([`crate::guest::prepare::stamp`]).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::guest::control::{Control, Throttle};
 use crate::guest::dirty::SharedBitmap;
 use crate::guest::memory::GuestMemory;
-use crate::guest::workload::{fill_word, Layout, Stream, Write};
+use crate::guest::workload::{compute, fill_word, Layout, Pattern, Stream, Write};
 
 /// A vCPU that falls further behind its schedule than this stops trying to
 /// catch up (it cannot reach the rate; the achieved rate is reported).
@@ -50,54 +52,107 @@ impl Vcpu<'_> {
             slot.seed.load(Ordering::Relaxed),
             slot.ops.load(Ordering::Relaxed),
         );
-        let mut stream = Stream::new(self.workload, id, self.vcpus, seed, ops, cursor);
-        let rate = self.workload.rate_per_vcpu(self.vcpus);
+        let mut clock = Clock::at(slot.clock_us.load(Ordering::Relaxed));
+        // The phase writing now (the whole workload unless it has phases).
+        let (mut layout, mut left) = self.workload.at(clock.now());
+        let mut stream = Stream::new(layout, id, self.vcpus, seed, ops, cursor);
+        let mut work = slot.work_ops.load(Ordering::Relaxed);
+        let mut kernel = compute::Kernel::default();
         self.control.mark_running();
         let (mut t0, mut base) = (Instant::now(), stream.ops);
         let mut throttled = Throttled::new(Throttle::Off, stream.ops);
         loop {
             // The safe point: no write is between its store and its mark here.
             if self.control.pause_requested() {
+                let now = clock.now();
+                slot.work_ops.store(work, Ordering::Relaxed);
+                slot.clock_us.store(micros(now), Ordering::Relaxed);
                 self.control.park(id as usize, stream.ops, stream.cursor);
+                // Parked time is not guest time.
+                clock = Clock::at(micros(now));
                 (t0, base) = (Instant::now(), stream.ops);
                 continue;
             }
-            if self.workload.is_idle() {
-                self.control.sleep_unless_paused(Duration::from_millis(100));
+            if self.workload.is_phased() {
+                let now = clock.now();
+                slot.clock_us.store(micros(now), Ordering::Relaxed);
+                let (phase, phase_left) = self.workload.at(now);
+                if !std::ptr::eq(phase, layout) {
+                    layout = phase;
+                    stream.enter(layout);
+                    (t0, base) = (Instant::now(), stream.ops);
+                }
+                left = phase_left;
+            }
+            // Sleeps end at the phase's end, to switch on time.
+            let nap = |d: Duration| {
+                let d = d.min(Duration::from_millis(100));
+                self.control
+                    .sleep_unless_paused(left.map_or(d, |l| d.min(l)));
+            };
+            if layout.is_idle() {
+                nap(Duration::MAX);
                 continue;
             }
             // Throttled time is lost, not caught up on afterwards: the
             // schedule stands still while the vCPU sleeps.
-            if let Some(slept) = throttled.obey(self.control, stream.ops) {
+            if let Some(slept) = throttled.obey(self.control, self.vcpus, stream.ops) {
                 slot.throttled_ns
                     .fetch_add(slept.as_nanos() as u64, Ordering::Relaxed);
                 t0 += slept;
                 continue;
             }
-            let batch = match rate {
-                None => BATCH,
-                Some(r) => {
-                    let elapsed = t0.elapsed().as_secs_f64();
-                    // Float to int saturates; rates are bounded (units::MAX_PAGE_RATE).
-                    let due = base.saturating_add((elapsed * r) as u64);
-                    if due <= stream.ops {
-                        let next_at = (stream.ops - base + 1) as f64 / r;
-                        let wait =
-                            Duration::try_from_secs_f64(next_at - elapsed).unwrap_or_default();
-                        self.control
-                            .sleep_unless_paused(wait.min(Duration::from_millis(100)));
-                        continue;
+            if let Pattern::Compute { ops: every, .. } = layout.pattern {
+                // Arithmetic in chunks, one write each `every` operations.
+                let n = (every - work % every).min(compute::CHUNK);
+                kernel.run(n);
+                work += n;
+                slot.work_ops.store(work, Ordering::Relaxed);
+                if work % every == 0 {
+                    self.apply(stream.next(layout));
+                    slot.ops.store(stream.ops, Ordering::Relaxed);
+                }
+                continue;
+            }
+            let batch = if let Some(from) = stream.due_us(layout, base) {
+                // A trace: each write is due at its own time.
+                let elapsed = micros(t0.elapsed());
+                let due = |n: u64| stream.due_us(layout, n).unwrap_or(from) - from;
+                let next = due(stream.ops);
+                if next > elapsed {
+                    nap(Duration::from_micros(next - elapsed));
+                    continue;
+                }
+                if elapsed - next > micros(MAX_BACKLOG) {
+                    (t0, base) = (Instant::now(), stream.ops);
+                    continue;
+                }
+                (1..BATCH)
+                    .find(|k| due(stream.ops + k) > elapsed)
+                    .unwrap_or(BATCH)
+            } else {
+                match layout.rate_per_vcpu(self.vcpus) {
+                    None => BATCH,
+                    Some(r) => {
+                        let elapsed = t0.elapsed().as_secs_f64();
+                        // Float to int saturates; rates are bounded (units::MAX_PAGE_RATE).
+                        let due = base.saturating_add((elapsed * r) as u64);
+                        if due <= stream.ops {
+                            let next_at = (stream.ops - base + 1) as f64 / r;
+                            nap(Duration::try_from_secs_f64(next_at - elapsed).unwrap_or_default());
+                            continue;
+                        }
+                        if (due - stream.ops) as f64 > r * MAX_BACKLOG.as_secs_f64() {
+                            (t0, base) = (Instant::now(), stream.ops);
+                            continue;
+                        }
+                        (due - stream.ops).min(BATCH)
                     }
-                    if (due - stream.ops) as f64 > r * MAX_BACKLOG.as_secs_f64() {
-                        (t0, base) = (Instant::now(), stream.ops);
-                        continue;
-                    }
-                    (due - stream.ops).min(BATCH)
                 }
             }
             .min(throttled.allowed());
             for _ in 0..batch {
-                self.apply(stream.next(self.workload));
+                self.apply(stream.next(layout));
             }
             slot.ops.store(stream.ops, Ordering::Relaxed);
         }
@@ -129,6 +184,30 @@ impl Vcpu<'_> {
         if let Some(b) = self.bitmap {
             b.mark(w.page());
         }
+    }
+}
+
+/// Microseconds, saturating (a guest clock does not reach 584,000 years).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A vCPU's guest clock: run time since boot, parked time left out.
+struct Clock {
+    base: Duration,
+    since: Instant,
+}
+
+impl Clock {
+    fn at(us: u64) -> Self {
+        Self {
+            base: Duration::from_micros(us),
+            since: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.base + self.since.elapsed()
     }
 }
 
@@ -164,8 +243,8 @@ impl Throttled {
 
     /// At a safe point: sleep if the throttle says so (cut short by a pause
     /// request), returning how long; None to go on writing.
-    fn obey(&mut self, control: &Control, ops: u64) -> Option<Duration> {
-        let t = control.throttle();
+    fn obey(&mut self, control: &Control, vcpus: u32, ops: u64) -> Option<Duration> {
+        let t = control.throttle_capped(vcpus);
         if t != self.seen {
             *self = Self::new(t, ops);
         }

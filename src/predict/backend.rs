@@ -29,6 +29,8 @@ pub enum SimulateError {
     Memory(#[from] crate::guest::memory::MemoryError),
     #[error("a prediction needs a numeric rate (rate=max depends on the machine: measure it with livemig dirtyrate)")]
     MaxRate,
+    #[error("a prediction cannot follow a {0} workload's changing writes: predict its parts with their own --workload")]
+    Unpredictable(&'static str),
     #[error("the link's rate must be positive")]
     Link,
     #[error("the simulation would compute more than {0} guest writes (a fast writer over long rounds); ask livemig model instead, or lower the rate or the time limit")]

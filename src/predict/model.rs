@@ -75,11 +75,11 @@ pub fn distinct_pages(w: &Layout, writes: f64, variant: Variant) -> f64 {
     if variant == Variant::Classic {
         return writes.min(n);
     }
-    match w.pattern {
+    match &w.pattern {
         Pattern::Idle => 0.0,
         // Each of n pages is missed by every write with probability (1-1/n).
         Pattern::Uniform => n * -f64::exp_m1(writes * f64::ln_1p(-1.0 / n)),
-        Pattern::HotSet { wws_pages, hot } => {
+        &Pattern::HotSet { wws_pages, hot } => {
             // A write goes to the hot set with probability `hot`, else
             // anywhere (the hot set included).
             let h = wws_pages as f64;
@@ -89,6 +89,18 @@ pub fn distinct_pages(w: &Layout, writes: f64, variant: Variant) -> f64 {
         }
         // Sweeps walk their range in order.
         Pattern::Sweep { from_page, to_page } => writes.min((to_page - from_page) as f64),
+        // Page k is missed by every write with probability (1-p_k).
+        &Pattern::Zipf { pages, s, .. } => {
+            let weights = (1..=pages).map(|k| (k as f64).powf(-s));
+            let h: f64 = weights.clone().sum();
+            weights
+                .map(|w| -f64::exp_m1(writes * f64::ln_1p(-w / h)))
+                .sum()
+        }
+        // Only phases and traces need a clock; check() refuses them, and
+        // compute runs flat out (rate=max), which no prediction takes.
+        Pattern::Compute { wws_pages, .. } => writes.min(*wws_pages as f64),
+        Pattern::Phases(_) | Pattern::Trace(_) => writes.min(n),
     }
 }
 

@@ -111,12 +111,13 @@ pub(crate) fn check(cfg: &SimConfig) -> Result<Layout, SimulateError> {
     if m.mode.is_postcopy() {
         return Err(SimulateError::Postcopy);
     }
-    Ok(crate::guest::process::check_config(
-        &m.workload,
-        m.memory_bytes,
-        cfg.page_size,
-        m.vcpus,
-    )?)
+    let layout =
+        crate::guest::process::check_config(&m.workload, m.memory_bytes, cfg.page_size, m.vcpus)?;
+    match layout.pattern {
+        Pattern::Phases(_) => Err(SimulateError::Unpredictable("phases")),
+        Pattern::Trace(_) => Err(SimulateError::Unpredictable("trace")),
+        _ => Ok(layout),
+    }
 }
 
 /// Largest guest a prediction takes: 1 PiB.

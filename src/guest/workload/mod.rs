@@ -8,7 +8,20 @@
 //!   writes, the rest go anywhere;
 //! - `sweep[:from=SIZE,to=SIZE][,rate=R]`: walks [from, to) page by page and
 //!   increments byte 0 of each page (QEMU's migration-test pattern; default
-//!   1 MiB..100 MiB clipped to memory, rate `max`).
+//!   1 MiB..100 MiB clipped to memory, rate `max`);
+//! - `zipf:s=S,rate=R[,wws=SIZE]`: page popularity follows Zipf's law with
+//!   exponent S > 0 over the first SIZE bytes (default: all of memory): page
+//!   k (from 0) is written with weight 1/(k+1)^S, as caches and key-value
+//!   stores are;
+//! - `compute:ops=N,wws=SIZE`: CPU-bound arithmetic (a Livermore-loop
+//!   kernel) that writes one page of its SIZE working set every N
+//!   operations; its progress is operations/s ([`compute`]);
+//! - `phases:SPEC@DUR+SPEC@DUR...`: each SPEC (any kind but phases) for its
+//!   duration of guest run time, in turn, the list repeating
+//!   ([`phases`]), e.g. `phases:idle@2s+hotset:wws=8M,rate=20k@3s`;
+//! - `trace:FILE`: replays a page-write trace, lines `t_us page_index`
+//!   (`#` starts a comment), in a loop ([`trace`]); `livemig dirtyrate
+//!   --record FILE` records one.
 //!
 //! Every kind also takes content keys, which shape what data reduction
 //! (zero pages, compression, XBZRLE) finds:
@@ -23,15 +36,22 @@
 //! vCPU's whole state is its seed, its operation count and its cursor: the
 //! device state that lets a migrated guest continue exactly where it stopped.
 
+pub mod compute;
 mod layout;
+pub mod phases;
 mod spec;
 mod stream;
 #[cfg(test)]
 mod tests;
+pub mod trace;
 
+pub use phases::Phases;
 pub use stream::{fill_word, Stream, Write};
+pub use trace::{Trace, TraceError};
 
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::util::page::PageSize;
 use crate::util::units::{PageRate, UnitError};
@@ -49,7 +69,7 @@ pub enum WorkloadError {
     NotKeyValue(String),
     #[error("{0} given twice")]
     Twice(String),
-    #[error("unknown kind \"{0}\" (idle, uniform, hotset, sweep)")]
+    #[error("unknown kind \"{0}\" (idle, uniform, hotset, sweep, zipf, compute, phases, trace)")]
     UnknownKind(String),
     #[error("{kind} takes no \"{key}\" (it takes: {takes})")]
     UnknownKey {
@@ -79,6 +99,43 @@ pub enum WorkloadError {
     /// A sweep splits its range between the vCPUs, so it needs a page each.
     #[error("the sweep range has {pages} pages, fewer than its {vcpus} vCPUs")]
     FewerPagesThanVcpus { pages: u64, vcpus: u32 },
+    #[error("zipf needs s=S, an exponent above 0")]
+    NeedsExponent,
+    #[error("s=\"{0}\" is not an exponent above 0 (1 is the classic Zipf's law)")]
+    Exponent(String),
+    #[error("compute needs ops=N (arithmetic operations per page written) and wws=SIZE")]
+    NeedsOps,
+    #[error("ops=\"{0}\" is not a whole number of operations above 0")]
+    Ops(String),
+    #[error("phases needs SPEC@DURATION items joined by + (like idle@2s+uniform:rate=1k@3s)")]
+    NoPhases,
+    #[error("phase \"{0}\" has no @DURATION")]
+    PhaseDuration(String),
+    #[error("phase \"{phase}\": @\"{value}\"")]
+    PhaseTime {
+        phase: String,
+        value: String,
+        #[source]
+        source: UnitError,
+    },
+    #[error("phase \"{phase}\"")]
+    Phase {
+        phase: String,
+        #[source]
+        source: Box<WorkloadError>,
+    },
+    #[error("phases cannot nest")]
+    NestedPhases,
+    #[error("the phases sum to zero time")]
+    ZeroPhases,
+    #[error("trace needs a file: trace:FILE")]
+    NeedsTraceFile,
+    #[error("trace \"{path}\"")]
+    Trace {
+        path: String,
+        #[source]
+        source: trace::Failure,
+    },
 }
 
 /// The shape of a workload's writes, as the spec gives it (in bytes).
@@ -95,6 +152,18 @@ pub enum Kind {
         from_bytes: Option<u64>,
         to_bytes: Option<u64>,
     },
+    /// None: over all of memory.
+    Zipf {
+        s: f64,
+        wws_bytes: Option<u64>,
+    },
+    Compute {
+        ops: u64,
+        wws_bytes: u64,
+    },
+    /// Each workload for its duration, in turn, repeating.
+    Phases(Vec<(Workload, Duration)>),
+    Trace(String),
 }
 
 /// The shape of a workload's writes over a memory (in pages).
@@ -102,8 +171,27 @@ pub enum Kind {
 pub enum Pattern {
     Idle,
     Uniform,
-    HotSet { wws_pages: u64, hot: f64 },
-    Sweep { from_page: u64, to_page: u64 },
+    HotSet {
+        wws_pages: u64,
+        hot: f64,
+    },
+    Sweep {
+        from_page: u64,
+        to_page: u64,
+    },
+    /// Page k of the first `pages` written with weight 1/(k+1)^s.
+    Zipf {
+        pages: u64,
+        s: f64,
+        zipf: rand_distr::Zipf<f64>,
+    },
+    /// One write into the first `wws_pages` every `ops` operations.
+    Compute {
+        ops: u64,
+        wws_pages: u64,
+    },
+    Phases(Arc<Phases>),
+    Trace(Arc<Trace>),
 }
 
 /// What the pages hold: the initial content and the size of each write.
@@ -185,6 +273,23 @@ impl Layout {
         self.pattern == Pattern::Idle
     }
 
+    /// The layout writing at guest time `t` (a phase's, or this one) and
+    /// how long it writes from `t` (None: for ever).
+    pub fn at(&self, t: Duration) -> (&Layout, Option<Duration>) {
+        match &self.pattern {
+            Pattern::Phases(p) => {
+                let (i, left) = p.at(t);
+                (&p.items[i].0, Some(left))
+            }
+            _ => (self, None),
+        }
+    }
+
+    /// Whether vCPUs keep a guest clock for this workload (phases do).
+    pub fn is_phased(&self) -> bool {
+        matches!(self.pattern, Pattern::Phases(_))
+    }
+
     /// The per-vCPU share of the rate (None = as fast as possible).
     pub fn rate_per_vcpu(&self, vcpus: u32) -> Option<f64> {
         match self.rate {
@@ -195,8 +300,9 @@ impl Layout {
 
     /// A sweep splits its range between the vCPUs, so it needs a page each.
     pub fn check_vcpus(&self, vcpus: u32) -> Result<(), WorkloadError> {
-        match self.pattern {
-            Pattern::Sweep { from_page, to_page } if to_page - from_page < u64::from(vcpus) => {
+        match &self.pattern {
+            Pattern::Phases(p) => p.items.iter().try_for_each(|(l, _)| l.check_vcpus(vcpus)),
+            &Pattern::Sweep { from_page, to_page } if to_page - from_page < u64::from(vcpus) => {
                 Err(WorkloadError::FewerPagesThanVcpus {
                     pages: to_page - from_page,
                     vcpus,

@@ -1,5 +1,8 @@
 //! One vCPU's deterministic stream of writes.
 
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
 use super::{Content, Layout, Pattern};
 use crate::util::page::PageSize;
 
@@ -36,6 +39,8 @@ pub struct Stream {
     /// Next page of a sweep.
     pub cursor: u64,
     slice: (u64, u64),
+    /// (this vCPU, of how many): a trace is dealt out between them.
+    lane: (u32, u32),
 }
 
 fn rand(seed: u64, n: u64, lane: u64) -> u64 {
@@ -66,6 +71,23 @@ impl Stream {
             ops,
             cursor: cursor.unwrap_or(slice.0).clamp(slice.0, slice.1 - 1),
             slice,
+            lane: (vcpu, vcpus),
+        }
+    }
+
+    /// Start writing phase `w` (a sweep restarts at its slice's start).
+    pub fn enter(&mut self, w: &Layout) {
+        self.slice = w.sweep_slice(self.lane.0, self.lane.1);
+        self.cursor = self.slice.0;
+    }
+
+    /// When write `n` of a trace replay is due, microseconds from the
+    /// replay's start (None: not a trace, no schedule of its own).
+    #[inline]
+    pub fn due_us(&self, w: &Layout, n: u64) -> Option<u64> {
+        match &w.pattern {
+            Pattern::Trace(t) => Some(t.at(n, self.lane.0, self.lane.1).1),
+            _ => None,
         }
     }
 
@@ -83,6 +105,8 @@ impl Stream {
     pub fn reach(&self, w: &Layout) -> (u64, u64) {
         match w.pattern {
             Pattern::HotSet { wws_pages, hot } if hot >= 1.0 => (0, wws_pages),
+            Pattern::Zipf { pages, .. } => (0, pages),
+            Pattern::Compute { wws_pages, .. } => (0, wws_pages),
             Pattern::Sweep { .. } => (self.slice.0, self.slice.1 - self.slice.0),
             _ => (0, w.page_count),
         }
@@ -94,10 +118,27 @@ impl Stream {
         let n = self.ops;
         self.ops = self.ops.wrapping_add(1);
         let r = rand(self.seed, n, 0);
-        let page = match w.pattern {
+        let page = match &w.pattern {
             Pattern::Idle => unreachable!("idle workloads do not write"),
+            Pattern::Zipf { pages, zipf, .. } => {
+                // A generator per write, seeded from the counter: the
+                // stream stays a function of (seed, n), however many draws
+                // the rejection sampler takes.
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(r);
+                // f64 -> u64: Zipf draws a whole rank in [1, pages].
+                (zipf.sample(&mut rng) as u64).clamp(1, *pages) - 1
+            }
+            Pattern::Compute { wws_pages, .. } => r % wws_pages,
+            Pattern::Trace(t) => t.writes[t.at(n, self.lane.0, self.lane.1).0].1,
+            Pattern::Phases(p) => {
+                // Writers pick the phase by time ([`Layout::at`]); a caller
+                // without a clock gets the first phase that writes.
+                self.ops = n;
+                let first = p.items.iter().map(|(l, _)| l).find(|l| !l.is_idle());
+                return self.next(first.expect("a phased workload that writes"));
+            }
             Pattern::Uniform => r % w.page_count,
-            Pattern::HotSet { wws_pages, hot } => {
+            &Pattern::HotSet { wws_pages, hot } => {
                 if unit(rand(self.seed, n, 1)) < hot {
                     r % wws_pages
                 } else {

@@ -1,5 +1,4 @@
 use super::*;
-use super::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -175,4 +174,132 @@ fn sweep_slices_partition_the_range() {
         tiny.check_vcpus(3),
         Err(WorkloadError::FewerPagesThanVcpus { pages: 2, vcpus: 3 })
     );
+}
+
+#[test]
+fn parses_the_new_kinds() {
+    let z = parse("zipf:s=1.2,rate=10k,wws=1M").unwrap();
+    assert!(matches!(z.pattern, Pattern::Zipf { pages: 256, s, .. } if s == 1.2));
+    let z = parse("zipf:s=0.8,rate=max").unwrap();
+    assert!(matches!(z.pattern, Pattern::Zipf { pages: 16384, .. }));
+    let c = parse("compute:ops=1000,wws=64K").unwrap();
+    assert_eq!(
+        c.pattern,
+        Pattern::Compute {
+            ops: 1000,
+            wws_pages: 16
+        }
+    );
+    let p = parse("phases:idle@2s+hotset:wws=8M,rate=20k@3s").unwrap();
+    let Pattern::Phases(ph) = &p.pattern else {
+        panic!("{:?}", p.pattern)
+    };
+    assert_eq!(ph.items.len(), 2);
+    assert_eq!(ph.period, std::time::Duration::from_secs(5));
+    assert_eq!(p.rate, PageRate::PerSec(20_000.0));
+}
+
+#[test]
+fn rejects_bad_new_specs_naming_the_problem() {
+    for (spec, needle) in [
+        ("zipf:rate=1k", "zipf needs s=S"),
+        ("zipf:s=0,rate=1k", "s=\"0\" is not an exponent above 0"),
+        ("zipf:s=-1,rate=1k", "s=\"-1\""),
+        ("zipf:s=x,rate=1k", "s=\"x\""),
+        ("zipf:s=1", "zipf needs rate"),
+        ("zipf:s=1,rate=1k,wws=1G", "wws must be"),
+        ("compute:wws=1M", "compute needs ops=N"),
+        ("compute:ops=0,wws=1M", "ops=\"0\""),
+        ("compute:ops=10", "compute needs ops=N"),
+        ("compute:ops=10,wws=1M,rate=1k", "compute takes no \"rate\""),
+        ("phases:", "phases needs SPEC@DURATION"),
+        ("phases:idle", "phase \"idle\" has no @DURATION"),
+        ("phases:idle@0s+uniform:rate=1k@0ms", "sum to zero time"),
+        ("phases:idle@soon", "@\"soon\""),
+        ("phases:busy@1s", "phase \"busy\": unknown kind \"busy\""),
+        ("phases:phases:idle@1s@1s", "phases cannot nest"),
+        ("phases:idle@1s+hotset:wws=1G,rate=1k@1s", "wws must be"),
+        ("trace:", "trace needs a file"),
+        (
+            "trace:/nonexistent/t.txt",
+            "trace \"/nonexistent/t.txt\": cannot read it",
+        ),
+    ] {
+        let e = parse(spec).unwrap_err();
+        let e = crate::util::error::error_chain(&e);
+        assert!(e.contains(needle), "{spec}: {e}");
+    }
+}
+
+#[test]
+fn a_trace_is_read_with_its_faults_located() {
+    let t = Trace::parse("# t_us page\n100 3\n\n50 7 # early\n250 3\n", 8).unwrap();
+    assert_eq!(t.writes, vec![(50, 7), (100, 3), (250, 3)]);
+    assert_eq!(t.period_us, 300, "the gap before the first write repeats");
+    // Two vCPUs deal the endless sequence out between them.
+    assert_eq!(t.at(0, 0, 2), (0, 50));
+    assert_eq!(t.at(0, 1, 2), (1, 100));
+    assert_eq!(t.at(1, 1, 2), (0, 350), "the second loop");
+    for (text, needle) in [
+        ("1 2\n3\n", "line 2: \"3\" is not `t_us page_index`"),
+        ("1 2\nx 3\n", "line 2"),
+        ("1 2 3\n", "line 1"),
+        ("# nothing\n", "holds no writes"),
+        (
+            "1 2\n5 8\n",
+            "line 2: page 8 is beyond the memory's 8 pages",
+        ),
+    ] {
+        let e = Trace::parse(text, 8).unwrap_err().to_string();
+        assert!(e.contains(needle), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn phases_follow_the_guest_clock_and_repeat() {
+    use std::time::Duration;
+    let p = parse("phases:idle@2s+uniform:rate=1k@0s+sweep:from=0,to=64K@1s").unwrap();
+    let at = |ms| {
+        let (l, left) = p.at(Duration::from_millis(ms));
+        (l.pattern.clone(), left.unwrap())
+    };
+    assert_eq!(at(0), (Pattern::Idle, Duration::from_secs(2)));
+    assert_eq!(at(1500).1, Duration::from_millis(500));
+    let sweep = Pattern::Sweep {
+        from_page: 0,
+        to_page: 16,
+    };
+    assert_eq!(at(2000), (sweep.clone(), Duration::from_secs(1)));
+    assert_eq!(at(3100).0, Pattern::Idle, "the list repeats");
+    assert_eq!(at(5500).0, sweep);
+}
+
+/// The share of writes landing on the top 1 % of pages matches Zipf's law:
+/// H(n/100, s) / H(n, s), within 2 points over 200k writes.
+#[test]
+fn zipf_skews_writes_as_the_law_says() {
+    for s in [0.8, 1.0, 1.3] {
+        let w = parse(&format!("zipf:s={s},rate=max")).unwrap();
+        let n = w.page_count;
+        let mut st = Stream::new(&w, 0, 1, 11, 0, None);
+        let top = n / 100;
+        let writes = 200_000;
+        let hits = (0..writes).filter(|_| st.next(&w).page() < top).count();
+        let h = |m: u64| (1..=m).map(|k| (k as f64).powf(-s)).sum::<f64>();
+        let expected = h(top) / h(n);
+        let share = hits as f64 / writes as f64;
+        assert!(
+            (share - expected).abs() < 0.02,
+            "s={s}: top 1 % took {share:.3}, the law says {expected:.3}"
+        );
+    }
+}
+
+#[test]
+fn a_compute_stream_writes_its_working_set() {
+    let w = parse("compute:ops=100,wws=64K").unwrap();
+    let mut st = Stream::new(&w, 0, 1, 3, 0, None);
+    assert!((0..1000).all(|_| st.next(&w).page() < 16));
+    let mut k = compute::Kernel::default();
+    k.run(10_000);
 }
