@@ -187,6 +187,8 @@ pub struct SendOpts {
     pub no_zero_pages: bool,
     #[command(flatten)]
     pub throttle: ThrottleFlags,
+    #[command(flatten)]
+    pub cap: crate::cap::CapFlags,
 }
 
 /// Slowing the guest down so pre-copy converges, with QEMU's rules and defaults.
@@ -579,6 +581,7 @@ impl SendOpts {
         let reduction = self.reduction()?;
         let g = self.guest.config()?;
         let throttling = self.throttle.config(&g.fresh.workload, g.fresh.vcpus)?;
+        let cpu_cap = self.cap.config(g.fresh.vcpus)?;
         if throttling != Throttling::Off && matches!(self.mode, Mode::Postcopy | Mode::Cold) {
             bail!(
                 "--{} slows the guest between pre-copy rounds, and --mode {} has none \
@@ -606,6 +609,7 @@ impl SendOpts {
             // The command catches SIGINT and SIGTERM with its own.
             cancel: livemig::util::cancel::Cancel::new(),
             security: Security::Plain,
+            cpu_cap,
         })
     }
 

@@ -2,6 +2,7 @@
 
 #[macro_use]
 mod out;
+mod cap;
 mod cli;
 mod plan;
 mod receive;

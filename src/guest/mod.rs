@@ -4,10 +4,11 @@
 //! ([`dirty`]). [`process`] starts, pauses and resumes it, with the
 //! arguments [`args`] describes; [`vcpu`] is the write loop of its vCPU
 //! threads; [`find`] finds a running one from outside; [`prepare`] writes a
-//! fresh guest's initial content.
+//! fresh guest's initial content; [`cpucap`] caps its CPU.
 
 pub mod args;
 pub mod control;
+pub mod cpucap;
 pub mod dirty;
 pub mod find;
 pub mod memory;

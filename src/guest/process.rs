@@ -442,6 +442,11 @@ impl Guest {
         self.control.release();
     }
 
+    /// Its vCPU count.
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+
     pub fn control(&self) -> &Control {
         &self.control
     }

@@ -184,6 +184,20 @@ pub struct Report {
     /// Write rate of the destination guest right after it resumed (local runs).
     pub destination_guest_rate_pps: Option<f64>,
     pub source_guest_pid: Option<i32>,
+    /// `--cpu-cap`: the source guest's cap, percent of one CPU, and how it
+    /// was enforced (`cgroup-v2`, `cgroup-v1` or `duty-cycle`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cpu_cap_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cpu_cap_method: Option<String>,
+    /// The source guest's CPU use from the migration's start to its pause,
+    /// percent of one CPU (its threads' run time, /proc/PID/task/*/schedstat).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub guest_cpu_pct: Option<f64>,
+    /// A `compute` workload's operations per second on the source over the
+    /// same span (its progress, where writes/s says little).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub guest_ops_rate: Option<f64>,
     /// Local runs: how the destination's side ended (a sender's cancel
     /// reaches it as `cancelled`).
     pub destination_status: Option<Status>,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::guest::control::{Control, Throttle};
+use crate::guest::cpucap::CpuCap;
 use crate::guest::dirty::{DirtySet, SharedBitmap, Target, Tracker, TrackerKind};
 use crate::guest::memory::GuestMemory;
 use crate::guest::process::{Fresh, Guest, GuestError};
@@ -40,6 +41,7 @@ use crate::wire::transport::Security;
 
 mod streams;
 mod tcp;
+mod usage;
 
 pub use streams::SendError;
 use tcp::Tcp;
@@ -70,6 +72,8 @@ pub struct SenderConfig {
     pub cancel: Cancel,
     /// How every connection is secured (`--tls-*`, `--psk`).
     pub security: Security,
+    /// `--cpu-cap`: the source guest's CPU limit during the migration.
+    pub cpu_cap: Option<CpuCap>,
 }
 
 impl Default for SenderConfig {
@@ -94,6 +98,7 @@ impl Default for SenderConfig {
             throttling: Throttling::Off,
             cancel: Cancel::new(),
             security: Security::Plain,
+            cpu_cap: None,
         }
     }
 }
@@ -254,6 +259,18 @@ pub fn migrate(
         },
         ..cfg.report()
     };
+    let usage = match usage::Usage::start(cfg.cpu_cap, src) {
+        Ok(u) => u,
+        Err(e) => {
+            let report = Report {
+                error: Some(crate::util::error::error_chain(&e)),
+                status: Status::Failed,
+                source_guest_kept_running: true,
+                ..report
+            };
+            return (report, Err(e));
+        }
+    };
     let page_size = src.mem.page_size();
     let tcp = Tcp::new(cfg, src, addr, on_round);
     let mut m = Migration::new(tcp, cfg.mode, cfg.policy_config(page_size), report);
@@ -264,6 +281,7 @@ pub fn migrate(
         ..
     } = m;
     tcp.progress.finish_and_clear();
+    usage.finish(tcp.at_pause, &tcp.src.guest, &mut report);
     if cfg.tracker == TrackerKind::Mprotect {
         let b = tcp.src.guest.control().block();
         report.tracker_faults = Some(b.tracker_faults.load(Ordering::Relaxed));

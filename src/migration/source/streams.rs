@@ -30,6 +30,8 @@ use crate::wire::ratelimit::RateLimiter;
 /// Errors of the sending side.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
+    #[error("--cpu-cap")]
+    CpuCap(#[source] crate::guest::cpucap::CapError),
     #[error("cannot connect to {addr}")]
     Connect {
         addr: String,

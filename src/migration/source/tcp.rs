@@ -66,6 +66,8 @@ pub(super) struct Tcp<'a> {
     dirty: DirtySet,
     /// The guest's operation count when pre-copy started, and when.
     precopy_ops: Option<(Instant, u64)>,
+    /// The guest's use when it was paused (see [`super::usage`]).
+    pub(super) at_pause: Option<super::usage::Sample>,
     downtime: Downtime,
     /// The destination confirmed its guest runs: the source must not resume.
     resumed_at_destination: bool,
@@ -96,6 +98,7 @@ impl<'a> Tcp<'a> {
             todo: DirtySet::new(0),
             dirty: DirtySet::new(0),
             precopy_ops: None,
+            at_pause: None,
             downtime: Downtime::default(),
             resumed_at_destination: false,
             last_harvest: Duration::ZERO,
@@ -351,6 +354,7 @@ impl Backend for Tcp<'_> {
             report.guest_rate_precopy_pps =
                 Some((self.src.guest.ops() - ops) as f64 / t.elapsed().as_secs_f64());
         }
+        self.at_pause = Some(super::usage::Sample::now(&self.src.guest));
         self.downtime.pause = Some(Instant::now());
         self.src.guest.pause()?;
         self.downtime.paused = Some(Instant::now());
