@@ -450,6 +450,8 @@ pub struct DirtyRateOpts {
     /// How long to measure, tracked (after the warm-up).
     #[arg(long, default_value = "3s")]
     pub duration: Span,
+    #[command(flatten)]
+    pub record: crate::record::RecordFlags,
     /// Measure a running guest (started by `livemig run --tracker uffd-wp`)
     /// instead of starting one; --mem, --workload, --vcpus, --seed are then unused.
     #[arg(long)]
@@ -665,6 +667,7 @@ impl DirtyRateOpts {
             tracker: g.tracker,
             warmup: g.warmup,
             duration: self.duration.0,
+            record: self.record.record.clone(),
         })
     }
 }

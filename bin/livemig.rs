@@ -6,6 +6,7 @@ mod cap;
 mod cli;
 mod plan;
 mod receive;
+mod record;
 
 use std::process::ExitCode;
 

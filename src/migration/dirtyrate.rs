@@ -36,6 +36,8 @@ pub enum DirtyRateError {
     Dirty(#[from] DirtyError),
     #[error("cannot block SIGINT and SIGTERM")]
     Signals(#[source] nix::Error),
+    #[error(transparent)]
+    Record(#[from] crate::migration::record::RecordError),
     #[error("attaching to a running guest needs the uffd-wp or soft-dirty tracker: the {0} tracker needs the guest started by this command")]
     AttachTracker(&'static str),
 }
@@ -58,6 +60,8 @@ pub struct DirtyRateConfig {
     pub warmup: Duration,
     /// How long to measure while tracked.
     pub duration: Duration,
+    /// Write the harvests to this file as a page-write trace.
+    pub record: Option<std::path::PathBuf>,
 }
 
 /// `livemig run`: start a guest that another process may harvest
@@ -137,6 +141,9 @@ pub struct DirtyRateReport {
     /// guest even when pacing hides it in the rate.
     pub guest_cpu_ns_per_write_untracked: Option<f64>,
     pub guest_cpu_ns_per_write_tracked: Option<f64>,
+    /// `--record`: the page writes written to the trace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorded_writes: Option<u64>,
 }
 
 /// Measure the subject. `on_tick` sees the progress (0..=1).
@@ -170,10 +177,24 @@ fn measure(
     let untracked = (guest.ops() - ops_w) as f64 / t_w.elapsed().as_secs_f64();
     let cpu_untracked = per_write(guest.cpu_time() - cpu0, guest.ops() - ops_w);
 
+    let mut recorder = match &cfg.record {
+        Some(path) => {
+            let (workload, vcpus) = guest.describe();
+            let about = format!(
+                "{workload} on {vcpus} vCPU(s), {pages} pages of {page_size} bytes, --tracker {}",
+                cfg.tracker.as_str()
+            );
+            Some(crate::migration::record::Recorder::create(path, &about)?)
+        }
+        None => None,
+    };
     // The first harvest starts tracking (and reports the warm-up's writes).
     let mut tick = DirtySet::new(pages);
     guest.harvest(&mut tick)?;
     let (t0, ops0, cpu0) = (Instant::now(), guest.ops(), guest.cpu_time());
+    if let Some(r) = &mut recorder {
+        r.start(t0);
+    }
     let mut windows: Vec<Window> = WINDOW_TICKS
         .iter()
         .map(|&ticks| Window::new(ticks, pages, t0))
@@ -192,6 +213,9 @@ fn measure(
             (harvests + 1, harvest_total + took, harvest_max.max(took));
         total.union(&tick);
         let now = Instant::now();
+        if let Some(r) = &mut recorder {
+            r.add(now, &tick)?;
+        }
         windows.iter_mut().for_each(|w| w.add(&tick, now));
         on_tick((t0.elapsed().as_secs_f64() / cfg.duration.as_secs_f64()).min(1.0));
     }
@@ -200,6 +224,7 @@ fn measure(
     let cpu_tracked = per_write(guest.cpu_time() - cpu0, guest.ops() - ops0);
     guest.check_alive()?;
 
+    let recorded_writes = recorder.map(|r| r.finish()).transpose()?;
     let windows: Vec<WindowStats> = windows.iter().map(Window::stats).collect();
     let rate = windows.iter().rev().find_map(|w| w.dirty_rate_pps);
     let (workload, vcpus) = guest.describe();
@@ -224,6 +249,7 @@ fn measure(
         tracked_slowdown_pct: (untracked > 0.0).then(|| (1.0 - tracked / untracked) * 100.0),
         guest_cpu_ns_per_write_untracked: cpu_untracked,
         guest_cpu_ns_per_write_tracked: cpu_tracked,
+        recorded_writes,
     })
 }
 
@@ -465,6 +491,9 @@ pub fn summary(r: &DirtyRateReport) -> String {
         r.guest_cpu_ns_per_write_tracked,
     ) {
         s += &format!("\nguest CPU         {u:.0} ns per write untracked, {t:.0} tracked");
+    }
+    if let Some(n) = r.recorded_writes {
+        s += &format!("\nrecorded          {n} page writes (harvest time, page)");
     }
     s + "\n"
 }

@@ -1,6 +1,7 @@
 //! One migration: the [`source`] and [`destination`] sides, the
 //! [`postcopy`] demand paging, the convergence [`policy`], both ends in
-//! one process ([`local`]), the dirty-rate probe ([`dirtyrate`]) and how a
+//! one process ([`local`]), the dirty-rate probe ([`dirtyrate`]) and its
+//! trace [`record`]er, and how a
 //! [`cancel`] reaches the receiver.
 
 pub mod cancel;
@@ -11,5 +12,6 @@ pub mod machine;
 pub mod phases;
 pub mod policy;
 pub mod postcopy;
+pub mod record;
 pub mod source;
 pub mod throttle;
