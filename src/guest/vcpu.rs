@@ -108,7 +108,7 @@ impl Vcpu<'_> {
                 kernel.run(n);
                 work += n;
                 slot.work_ops.store(work, Ordering::Relaxed);
-                if work % every == 0 {
+                if work.is_multiple_of(every) {
                     self.apply(stream.next(layout));
                     slot.ops.store(stream.ops, Ordering::Relaxed);
                 }

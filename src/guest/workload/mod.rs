@@ -111,10 +111,10 @@ pub enum WorkloadError {
     NoPhases,
     #[error("phase \"{0}\" has no @DURATION")]
     PhaseDuration(String),
-    #[error("phase \"{phase}\": @\"{value}\"")]
+    /// `phase` is the item with its `@DURATION`.
+    #[error("phase \"{phase}\": bad @DURATION")]
     PhaseTime {
         phase: String,
-        value: String,
         #[source]
         source: UnitError,
     },

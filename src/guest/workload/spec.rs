@@ -157,7 +157,6 @@ fn phases(spec: &str, list: &str) -> Result<Workload, WorkloadError> {
             .ok_or_else(|| WorkloadError::PhaseDuration(item.into()))?;
         let d = parse_duration(dur).map_err(|source| WorkloadError::PhaseTime {
             phase: item.into(),
-            value: dur.into(),
             source,
         })?;
         let w: Workload = sub.parse().map_err(|e| WorkloadError::Phase {

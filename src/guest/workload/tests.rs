@@ -215,7 +215,7 @@ fn rejects_bad_new_specs_naming_the_problem() {
         ("phases:", "phases needs SPEC@DURATION"),
         ("phases:idle", "phase \"idle\" has no @DURATION"),
         ("phases:idle@0s+uniform:rate=1k@0ms", "sum to zero time"),
-        ("phases:idle@soon", "@\"soon\""),
+        ("phases:idle@soon", "phase \"idle@soon\": bad @DURATION"),
         ("phases:busy@1s", "phase \"busy\": unknown kind \"busy\""),
         ("phases:phases:idle@1s@1s", "phases cannot nest"),
         ("phases:idle@1s+hotset:wws=1G,rate=1k@1s", "wws must be"),
