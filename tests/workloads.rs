@@ -90,6 +90,28 @@ fn phases_switch_on_the_guest_clock() {
     assert!(writing >= 10, "too few harvests with writes: {times:?}");
 }
 
+/// The guest clock travels in the device state: a guest migrated in its
+/// writing phase, after an idle phase longer than the destination's 300 ms
+/// rate window, writes on at once at the destination (a clock started
+/// afresh there would idle through that window).
+#[test]
+fn a_migrated_guest_stays_in_its_phase() {
+    let r = migrate(&[
+        "--workload",
+        "phases:idle@500ms+uniform:rate=5k@1h",
+        "--warmup",
+        "800ms",
+    ]);
+    let rep = assert_verified(&r);
+    let before = rep["guest_dirty_rate_pps"].as_f64().unwrap();
+    let after = rep["destination_guest_rate_pps"].as_f64().unwrap();
+    assert!(after > 0.0, "the destination idled: {rep:#}");
+    assert!(
+        before > 0.0,
+        "the warm-up ended before the writing phase: {rep:#}"
+    );
+}
+
 /// A compute guest migrates, its operations counted in the report.
 #[test]
 fn a_compute_guest_reports_its_operations() {
