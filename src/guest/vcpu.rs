@@ -409,8 +409,13 @@ mod tests {
     }
 
     /// A vCPU writing flat out, capped at 20k writes/s (a bucket of 20 ms,
-    /// 400 writes), writes at 20k/s within 5 % (the bucket's depth is 1 %
-    /// of the 40k in the window), and sleeps most of the time.
+    /// 400 writes), never writes above the cap by more than 5 % (the
+    /// bucket's depth is 1 % of the 40k in the window; the counters are
+    /// read inside the timed window, so the estimate can only be low), and
+    /// sleeps most of the time. Below the cap it loses the tokens of any
+    /// wait for a CPU longer than the bucket's depth, which a loaded
+    /// machine causes, so the lower bound only catches a limit that holds
+    /// the vCPU far below its cap.
     #[test]
     fn a_dirty_limit_holds_a_vcpu_to_its_cap() {
         let control = spawn("uniform:rate=max");
@@ -421,7 +426,8 @@ mod tests {
         });
         std::thread::sleep(period * 2);
         let (rate, slept) = measure(control, Duration::from_secs(2));
-        assert!((rate / 20_000.0 - 1.0).abs() < 0.05, "{rate:.0} writes/s");
+        assert!(rate < 20_000.0 * 1.05, "{rate:.0} writes/s");
+        assert!(rate > 20_000.0 * 0.5, "{rate:.0} writes/s");
         assert!(slept > 0.5, "slept {slept:.2} of the time");
         // Lifted: flat out again, far above the cap.
         control.set_throttle(Throttle::Off);
