@@ -18,8 +18,11 @@ pub fn run(opts: ReceiveOpts) -> Result<()> {
     let listener = receiver::bind(&opts.listen)?;
     let prepare =
         || receiver::Prepared::new(opts.mem.map(|m| m.0), !opts.no_prealloc, opts.prepage);
-    let mut prepared = prepare()?;
     let addr = listener.local_addr()?;
+    if opts.serve {
+        return serve(&opts, &listener, &prepare, &cancel, &security);
+    }
+    let mut prepared = prepare()?;
     eprintln!("livemig: waiting for a migration on {addr}");
     let (mut served, mut failed) = (0u64, 0u64);
     loop {
@@ -56,6 +59,42 @@ pub fn run(opts: ReceiveOpts) -> Result<()> {
         prepared = prepare()?;
         eprintln!("livemig: waiting for migration {} on {addr}", served + 1);
     }
+}
+
+/// `--serve`: migrations taken concurrently until SIGINT or SIGTERM, each
+/// reported (and appended to `--json`) as it ends.
+fn serve(
+    opts: &ReceiveOpts,
+    listener: &std::net::TcpListener,
+    prepare: &(dyn Fn() -> Result<receiver::Prepared, receiver::ReceiveError> + Sync),
+    cancel: &Cancel,
+    security: &livemig::wire::transport::Security,
+) -> Result<()> {
+    let addr = listener.local_addr()?;
+    eprintln!("livemig: waiting for a migration on {addr}");
+    let json = std::sync::Mutex::new(());
+    let done = |n: u64, r: ReceiveReport, result: Result<(), receiver::ReceiveError>| {
+        if let Some(path) = &opts.json {
+            let _one_at_a_time = json.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = write_json(path, &r, true) {
+                eprintln!("livemig: {e:#}");
+            }
+        }
+        if let Some(summary) = r.summary() {
+            out!("{summary}");
+        }
+        match result {
+            Ok(()) => eprintln!("livemig: migration {n} from {} completed", r.peer),
+            Err(e) => eprintln!("livemig: migration {n} from {} failed: {e:#}", r.peer),
+        }
+    };
+    let served = receiver::serve(listener, prepare, cancel, security, &done)?;
+    outln!(
+        "served            {} migrations, {} failed",
+        served.migrations,
+        served.failed
+    );
+    Ok(())
 }
 
 /// The report as JSON: alone in `path`, or (serving) appended as one line.

@@ -255,11 +255,18 @@ fn a_serving_receiver_takes_migration_after_migration() {
     )
     .unwrap();
     assert!(rx.wait().unwrap().success());
-    let reports: Vec<Value> = std::fs::read_to_string(&json)
+    let mut reports: Vec<Value> = std::fs::read_to_string(&json)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // Written as they end; numbered as they were accepted.
+    reports.sort_by_key(|r| r["served"].as_u64().unwrap());
+    let served: Vec<u64> = reports
+        .iter()
+        .map(|r| r["served"].as_u64().unwrap())
+        .collect();
+    assert_eq!(served, [1, 2, 3]);
     let status: Vec<&str> = reports
         .iter()
         .map(|r| r["status"].as_str().unwrap())

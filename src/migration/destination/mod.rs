@@ -42,11 +42,13 @@ mod frames;
 mod postcopy;
 mod replay;
 mod report;
+mod serve;
 mod streams;
 pub use frames::ControlConn;
 use frames::Switched;
 pub use replay::{replay, ReplayConn};
 pub use report::ReceiveReport;
+pub use serve::{serve, Served};
 use streams::{data_stream, Streams, CLOSE_TIMEOUT, STREAMS_TIMEOUT};
 
 /// Errors of the receiving side.
@@ -217,27 +219,48 @@ pub fn receive(
     cancel: &Cancel,
     security: &Security,
 ) -> (ReceiveReport, Result<(), ReceiveError>) {
-    let mut rx = Receiving {
-        report: ReceiveReport {
-            transport: security.name().into(),
-            ..ReceiveReport::default()
-        },
-        context: "handshake".into(),
-        prepared,
-        cancel: cancel.clone(),
-        interrupt: None,
-        security: security.clone(),
-    };
+    let mut rx = Receiving::new(prepared, cancel, security, None);
     let result = rx.accept_and_run(listener);
-    rx.report.status = match &result {
-        Ok(()) => Status::Completed,
-        Err(ReceiveError::Cancelled(_)) => Status::Cancelled,
-        Err(_) => Status::Failed,
-    };
-    if let Err(e) = &result {
-        rx.report.error = Some(crate::util::error::error_chain(e));
+    rx.finish(result)
+}
+
+impl Receiving {
+    fn new(
+        prepared: Prepared,
+        cancel: &Cancel,
+        security: &Security,
+        gate: Option<std::sync::Arc<std::sync::Mutex<()>>>,
+    ) -> Self {
+        Receiving {
+            report: ReceiveReport {
+                transport: security.name().into(),
+                ..ReceiveReport::default()
+            },
+            context: "handshake".into(),
+            prepared,
+            cancel: cancel.clone(),
+            interrupt: None,
+            security: security.clone(),
+            gate,
+        }
     }
-    (rx.report, result)
+
+    /// The report with the outcome filled in, and the outcome.
+    fn finish(
+        mut self,
+        result: Result<(), ReceiveError>,
+    ) -> (ReceiveReport, Result<(), ReceiveError>) {
+        let rx = &mut self;
+        rx.report.status = match &result {
+            Ok(()) => Status::Completed,
+            Err(ReceiveError::Cancelled(_)) => Status::Cancelled,
+            Err(_) => Status::Failed,
+        };
+        if let Err(e) = &result {
+            rx.report.error = Some(crate::util::error::error_chain(e));
+        }
+        (self.report, result)
+    }
 }
 
 /// Shut down `fd`'s socket when `cancel` fires, waking a read or accept
@@ -276,6 +299,16 @@ impl Receiving {
                 .unwrap_or_default(),
             source,
         })?;
+        self.run_accepted(sock, peer, listener)
+    }
+
+    /// Carry through the migration whose control connection `sock` is.
+    fn run_accepted(
+        &mut self,
+        sock: TcpStream,
+        peer: std::net::SocketAddr,
+        listener: &TcpListener,
+    ) -> Result<(), ReceiveError> {
         self.report.peer = peer.to_string();
         self.context = "handshake".into();
         setup(&sock)?;
@@ -346,6 +379,9 @@ struct Receiving {
     /// While set, a cancel shuts the control connection's read half.
     interrupt: Option<HookGuard>,
     security: Security,
+    /// Serving many at once: held while this migration's data connections
+    /// are accepted, so the serving loop does not take them for new ones.
+    gate: Option<std::sync::Arc<std::sync::Mutex<()>>>,
 }
 
 impl Receiving {
@@ -417,10 +453,17 @@ impl Receiving {
         // The destination guest process starts now, like QEMU's -incoming,
         // and waits for its device state: start-up is not downtime.
         let mut guest = Guest::spawn(&mem, Control::create()?, None, TrackerKind::Bitmap, None)?;
-        protocol::write_message(sock, &Message::hello_ack()).map_err(|e| self.err(e))?;
         let data = if hello.streams > 1 { hello.streams } else { 0 };
+        // Serving many: from before the sender may open its other
+        // connections until they are in, no new migration is accepted.
+        let gate = self.gate.clone().filter(|_| data > 0 || hello.postcopy);
+        let held = gate
+            .as_ref()
+            .map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
+        protocol::write_message(sock, &Message::hello_ack()).map_err(|e| self.err(e))?;
         let (streams, requests) =
             self.accept_streams(listener, data, hello.postcopy, hello.session)?;
+        drop(held);
         let mut requests = requests;
         let result = std::thread::scope(|scope| {
             if let Some(st) = &streams {

@@ -77,6 +77,7 @@ pub fn replay(
         cancel: Cancel::default(),
         interrupt: None,
         security: Security::Plain,
+        gate: None,
     };
     let result = prepared.and_then(|p| {
         rx.prepared = p;

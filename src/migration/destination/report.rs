@@ -35,6 +35,11 @@ pub struct ReceiveReport {
     /// Write rate of the resumed guest, measured over `DEST_RATE_WINDOW`.
     pub destination_guest_rate_pps: f64,
     pub destination_guest_pid: i32,
+    /// `--serve`: this migration's number in the service, in the order
+    /// they were accepted (reports are written as migrations end, which
+    /// with several at once is another order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served: Option<u64>,
 }
 
 impl ReceiveReport {
