@@ -54,6 +54,8 @@ pub enum Cmd {
         opts: SendOpts,
         #[command(flatten)]
         security: SecurityFlags,
+        #[command(flatten)]
+        go: crate::go::GoOpts,
     },
     /// Predict a migration with the analytical pre-copy model.
     Model {

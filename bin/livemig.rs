@@ -4,6 +4,7 @@
 mod out;
 mod cap;
 mod cli;
+mod go;
 mod plan;
 mod receive;
 mod record;
@@ -171,13 +172,19 @@ fn run(cli: Cli) -> Result<()> {
             exit_if_cancelled(&report, &cfg.cancel);
             finish(&report, opts.json.as_deref(), result.map_err(Into::into))
         }
-        Cmd::Send { to, opts, security } => {
+        Cmd::Send {
+            to,
+            opts,
+            security,
+            go,
+        } => {
             let security = security.config("send to", &to)?;
             let mut cfg = opts.config()?;
             cfg.security = security;
             cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 1)?;
             let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
+            go.wait()?;
             let mut print = row_printer(&opts);
             let (report, result) = source::migrate(&cfg, &mut src, &to, &mut print);
             exit_if_cancelled(&report, &cfg.cancel);

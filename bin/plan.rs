@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use livemig::plan::real;
 use livemig::plan::report::PlanReport;
 use livemig::plan::simulate::{self, Assumptions};
 use livemig::plan::{Plan, Strategy};
@@ -30,7 +31,9 @@ pub struct PlanOpts {
     #[arg(long, value_name = "ORDER")]
     pub order: Option<Order>,
     /// Predict the plan (links shared max-min fairly between the migrations
-    /// on them) instead of running it.
+    /// on them) instead of running it (every VM a guest on its source host,
+    /// every migration a sender there to a receiver on its destination,
+    /// each run through its host's launcher).
     #[arg(long)]
     pub simulate: bool,
     /// Predict with the analytical model instead of the simulator.
@@ -77,12 +80,6 @@ pub fn run(opts: &PlanOpts) -> Result<()> {
             Plan::simple(opts.vms, opts.link.0 as f64, &base)?
         }
     };
-    if !opts.simulate {
-        bail!(
-            "running a plan for real is not built yet: add --simulate to predict it \
-             (real runs over the namespace testbed come next)"
-        );
-    }
     let a = Assumptions {
         model: opts.model.then_some(Variant::Wws),
         round_overhead: opts.round_overhead.0,
@@ -92,16 +89,61 @@ pub fn run(opts: &PlanOpts) -> Result<()> {
     if matches!(opts.order, Some(Order::ShortestFirst)) {
         simulate::shortest_first(&mut plan, &a);
     }
-    let report = match opts.strategy {
+    if !opts.simulate {
+        refuse_unforwarded(&base)?;
+    }
+    // Auto chooses from predictions, then runs (or predicts) its choice.
+    let (strategy, tried) = match opts.strategy {
         Strategy::Auto => {
             let (chosen, tried) = simulate::choose(&mut plan, &a);
-            let mut r = simulate::run(&plan, chosen, &a);
-            r.strategy = format!("auto ({chosen}; tried {})", tried_list(&tried));
-            r
+            (chosen, Some(tried))
         }
-        s => simulate::run(&plan, s, &a),
+        s => (s, None),
     };
+    let mut report = match opts.simulate {
+        true => simulate::run(&plan, strategy, &a),
+        false => run_real(&plan, strategy, opts)?,
+    };
+    if let Some(tried) = tried {
+        report.strategy = format!("auto ({strategy}; tried {})", tried_list(&tried));
+    }
     show(&report, opts)
+}
+
+/// A real plan's senders get each VM's settings; refuse the flags they
+/// would not get rather than ignore them.
+fn refuse_unforwarded(base: &livemig::migration::source::SenderConfig) -> Result<()> {
+    let r = &base.reduction;
+    let given = [
+        (r.compress.is_some(), "--compress"),
+        (r.xbzrle_cache.is_some(), "--xbzrle"),
+        (
+            base.throttling != livemig::migration::throttle::Throttling::Off,
+            "--auto-converge and --dirty-limit",
+        ),
+    ];
+    if let Some((_, flag)) = given.iter().find(|(on, _)| *on) {
+        bail!("{flag}: a real plan does not pass it to its senders yet (add --simulate to predict with it)");
+    }
+    Ok(())
+}
+
+/// The plan for real: receivers and senders through each host's launcher.
+fn run_real(plan: &Plan, strategy: Strategy, opts: &PlanOpts) -> Result<PlanReport> {
+    let dir = match &opts.out {
+        Some(out) => out.join("runs"),
+        None => std::env::temp_dir().join(format!("livemig-plan-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cfg = real::RealConfig {
+        exe: std::env::current_exe().context("finding the livemig binary")?,
+        dir: dir.clone(),
+    };
+    let report = real::run(plan, strategy, &cfg);
+    if opts.out.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(report?)
 }
 
 fn tried_list(tried: &[PlanReport]) -> String {

@@ -12,6 +12,7 @@
 //! case of N alike VMs between two hosts.
 
 pub mod fabric;
+pub mod real;
 pub mod report;
 pub mod simulate;
 pub mod strategy;
@@ -42,6 +43,9 @@ pub struct Host {
     pub group: Option<String>,
     /// Memory it can take in, bytes.
     pub memory: Option<u64>,
+    /// Real runs: start its receiver (`receive --serve`); false: one is
+    /// running already at `address` (which then gives its port).
+    pub start_receiver: bool,
 }
 
 /// A link between two groups of hosts, bytes/s each direction.
@@ -147,6 +151,7 @@ struct HostSpec {
     nic: String,
     group: Option<String>,
     memory: Option<String>,
+    start_receiver: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -243,6 +248,7 @@ impl Plan {
                     .as_deref()
                     .map(|m| parse::<Size>(&what, "memory", m).map(|s| s.0))
                     .transpose()?,
+                start_receiver: h.start_receiver.unwrap_or(true),
             });
         }
         let groups: Vec<&str> = hosts.iter().filter_map(|h| h.group.as_deref()).collect();
@@ -339,6 +345,7 @@ impl Plan {
             nic: link,
             group: None,
             memory: None,
+            start_receiver: true,
         };
         if link <= 0.0 {
             return Err(PlanError::ZeroRate {
