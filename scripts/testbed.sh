@@ -19,6 +19,10 @@ Options:
   --burst SIZE     tbf bucket size (default 256kb)
   --prefix NAME    namespace name prefix (default lm)
   --subnet A.B.C   the hosts' /24 (default 10.77.0); host i is A.B.C.(i+1)
+  --split K        two groups of hosts: 0..K-1 ("a") and K.. ("b"), each on a
+                   bridge of its own, the bridges joined by one interlink;
+                   each host's incoming traffic is shaped to --rate too
+  --interlink RATE the interlink's rate each way, tc syntax (default 1gbit)
   --help           print this help
 EOF
 }
@@ -27,7 +31,7 @@ cmd=${1:-}
 [[ $cmd == -h || $cmd == --help ]] && { usage; exit 0; }
 [[ $cmd == up || $cmd == down || $cmd == status ]] || { usage >&2; exit 2; }
 shift
-hosts=2 rate=1gbit burst=256kb prefix=lm subnet=10.77.0
+hosts=2 rate=1gbit burst=256kb prefix=lm subnet=10.77.0 split=0 interlink=1gbit
 while (($#)); do
   case "$1" in
     --hosts) hosts=${2:?--hosts needs a value}; shift 2 ;;
@@ -35,12 +39,16 @@ while (($#)); do
     --burst) burst=${2:?--burst needs a value}; shift 2 ;;
     --prefix) prefix=${2:?--prefix needs a value}; shift 2 ;;
     --subnet) subnet=${2:?--subnet needs a value}; shift 2 ;;
+    --split) split=${2:?--split needs a value}; shift 2 ;;
+    --interlink) interlink=${2:?--interlink needs a value}; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "testbed.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
 [[ $hosts =~ ^[0-9]+$ ]] && ((hosts >= 2 && hosts <= 200)) ||
   { echo "testbed.sh: --hosts must be between 2 and 200" >&2; exit 2; }
+[[ $split =~ ^[0-9]+$ ]] && ((split == 0 || split < hosts)) ||
+  { echo "testbed.sh: --split K needs 1 <= K < --hosts (K hosts in group a, the rest in b)" >&2; exit 2; }
 [[ $prefix =~ ^[a-z][a-z0-9]{0,7}$ ]] ||
   { echo "testbed.sh: --prefix must be 1-8 lower-case letters or digits, starting with a letter" >&2; exit 2; }
 [[ $subnet =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] ||
@@ -73,9 +81,16 @@ status() {
     local addr qdisc
     addr=$(ip -n "$ns" -4 -o addr show dev eth0 | awk '{print $4}')
     qdisc=$(tc -n "$ns" qdisc show dev eth0 | awk '/tbf/ {for (k = 1; k <= NF; k++) if ($k == "rate") print $(k + 1)}')
-    echo "  $ns  ${addr%/*}  egress ${qdisc:-unshaped}  (ip netns exec $ns COMMAND)"
+    local group=""
+    ip -n "$switch" -o link show "p$i" | grep -q "master br1" && group="  group b"
+    ip -n "$switch" link show br1 >/dev/null 2>&1 && [[ -z $group ]] && group="  group a"
+    echo "  $ns  ${addr%/*}  egress ${qdisc:-unshaped}$group  (ip netns exec $ns COMMAND)"
     i=$((i + 1))
   done
+  if ip -n "$switch" link show ia >/dev/null 2>&1; then
+    qdisc=$(tc -n "$switch" qdisc show dev ia | awk '/tbf/ {for (k = 1; k <= NF; k++) if ($k == "rate") print $(k + 1)}')
+    echo "  interlink a<->b  ${qdisc:-unshaped} each way"
+  fi
 }
 
 up() {
@@ -89,12 +104,27 @@ up() {
   ip netns add "$switch"
   ip -n "$switch" link add br0 type bridge
   ip -n "$switch" link set br0 up
+  if ((split > 0)); then
+    # Group b's bridge, joined to group a's by the interlink: a veth pair
+    # whose two ends each shape the traffic leaving their bridge.
+    ip -n "$switch" link add br1 type bridge
+    ip -n "$switch" link set br1 up
+    ip -n "$switch" link add ia type veth peer name ib
+    ip -n "$switch" link set ia master br0 up
+    ip -n "$switch" link set ib master br1 up
+    tc -n "$switch" qdisc add dev ia root tbf rate "$interlink" burst "$burst" latency 50ms
+    tc -n "$switch" qdisc add dev ib root tbf rate "$interlink" burst "$burst" latency 50ms
+  fi
   for ((i = 0; i < hosts; i++)); do
     local ns
     ns=$(host $i)
     ip netns add "$ns"
     ip -n "$ns" link add eth0 type veth peer name "p$i" netns "$switch"
-    ip -n "$switch" link set "p$i" master br0 up
+    local bridge=br0
+    ((split > 0 && i >= split)) && bridge=br1
+    ip -n "$switch" link set "p$i" master "$bridge" up
+    # Grouped: a host's incoming traffic is shaped too (its NIC's other way).
+    ((split > 0)) && tc -n "$switch" qdisc add dev "p$i" root tbf rate "$rate" burst "$burst" latency 50ms
     ip -n "$ns" addr add "$subnet.$((i + 1))/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
