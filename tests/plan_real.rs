@@ -90,14 +90,7 @@ impl Drop for Testbed {
 /// and the interlink carries every byte.
 #[test]
 fn a_real_plan_runs_under_each_strategy() {
-    let Some(bed) = Testbed::up(&[
-        "--hosts",
-        "4",
-        "--split",
-        "2",
-        "--interlink",
-        "100mbit",
-    ]) else {
+    let Some(bed) = Testbed::up(&["--hosts", "4", "--split", "2", "--interlink", "100mbit"]) else {
         return;
     };
     let plan = String::from(

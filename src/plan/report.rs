@@ -55,6 +55,9 @@ impl VmReport {
 pub struct LinkUse {
     pub link: String,
     pub bytes: u64,
+    /// The VMs (indices into [`PlanReport::vms`]) whose migrations cross it.
+    #[serde(skip)]
+    pub vms: Vec<usize>,
 }
 
 /// The plan's report.
@@ -99,14 +102,23 @@ impl PlanReport {
                 .collect::<Vec<_>>(),
         );
         let max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
+        let paths: Vec<Vec<usize>> = plan
+            .vms
+            .iter()
+            .map(|v| plan.path(v).unwrap_or_default())
+            .collect();
         let links = plan
             .link_names()
             .into_iter()
             .zip(carried)
+            .enumerate()
             // f64 -> u64 saturates: bytes carried.
-            .map(|(link, &b)| LinkUse {
+            .map(|(l, (link, &b))| LinkUse {
                 link,
                 bytes: b as u64,
+                vms: (0..paths.len())
+                    .filter(|&i| paths[i].contains(&l))
+                    .collect(),
             })
             .filter(|l| l.bytes > 0)
             .collect();
@@ -244,10 +256,12 @@ impl PlanReport {
     /// downtime in red at the end; failed migrations hatched grey.
     fn gantt(&self, path: &Path) -> Result<(), String> {
         let n = self.vms.len();
-        let height = (80 + 24 * n as u32).min(4000);
-        let area = SVGBackend::new(path, (900, height)).into_drawing_area();
+        let bars = (80 + 24 * n as u32).min(4000);
+        let area = SVGBackend::new(path, (900, bars + LINKS_HEIGHT)).into_drawing_area();
         area.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (area, under) = area.split_vertically(bars);
         let end = (self.completion_time_ms / 1e3).max(1e-3);
+        self.links_use(&under, end)?;
         let mut chart = ChartBuilder::on(&area)
             .caption(
                 format!("{}: {} VMs, {:.1} s", self.strategy, n, end),
@@ -300,6 +314,87 @@ impl PlanReport {
             }
         }
         area.present().map_err(|e| e.to_string())
+    }
+}
+
+/// Height of the Gantt chart's links panel, pixels.
+const LINKS_HEIGHT: u32 = 220;
+
+impl PlanReport {
+    /// Under the bars: each link's rate over time (its migrations' rounds,
+    /// each round's bytes spread over its duration), the busiest links.
+    fn links_use<DB: DrawingBackend>(
+        &self,
+        area: &DrawingArea<DB, plotters::coord::Shift>,
+        end: f64,
+    ) -> Result<(), String> {
+        const STEPS: usize = 300;
+        let step = end / STEPS as f64;
+        let mut links: Vec<&LinkUse> = self.links.iter().collect();
+        links.sort_by_key(|l| std::cmp::Reverse(l.bytes));
+        links.truncate(4);
+        let series: Vec<Vec<f64>> = links
+            .iter()
+            .map(|l| {
+                let mut mbps = vec![0.0; STEPS];
+                for &i in &l.vms {
+                    let v = &self.vms[i];
+                    for r in &v.report.rounds {
+                        let t1 = (v.start_ms + r.end_ms) / 1e3;
+                        let t0 = t1 - r.duration_ms / 1e3;
+                        if r.duration_ms <= 0.0 {
+                            continue;
+                        }
+                        // u64 -> f64: a byte count.
+                        let rate = r.bytes as f64 * 8.0 / 1e6 / (r.duration_ms / 1e3);
+                        for (k, m) in mbps.iter_mut().enumerate() {
+                            let (a, b) = (k as f64 * step, (k + 1) as f64 * step);
+                            let overlap = (t1.min(b) - t0.max(a)).max(0.0);
+                            *m += rate * overlap / step;
+                        }
+                    }
+                }
+                mbps
+            })
+            .collect();
+        let top = series.iter().flatten().copied().fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(90)
+            .build_cartesian_2d(0.0..end * 1.02, 0.0..top * 1.1)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .y_desc("link Mbit/s")
+            .x_desc("seconds since the plan started")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (k, (l, mbps)) in links.iter().zip(&series).enumerate() {
+            let color = Palette99::pick(k).to_rgba();
+            let points: Vec<(f64, f64)> = mbps
+                .iter()
+                .enumerate()
+                .map(|(i, &m)| ((i as f64 + 0.5) * step, m))
+                .collect();
+            let line = PathElement::new(points, color.stroke_width(2));
+            chart
+                .draw_series(std::iter::once(line))
+                .map_err(|e| e.to_string())?
+                .label(l.link.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        if !links.is_empty() {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }
 
