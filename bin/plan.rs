@@ -42,7 +42,8 @@ pub struct PlanOpts {
     /// Without a plan file: this many VMs...
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub vms: usize,
-    /// ...and this NIC rate on both hosts.
+    /// ...and this NIC rate on both hosts (predictions; a real run's hosts
+    /// are this machine, whose loopback is not shaped).
     #[arg(long, default_value = "1gbit")]
     pub link: Rate,
     /// Write plan.json, plan.csv and gantt.svg here.

@@ -121,6 +121,13 @@ fn a_real_plan_runs_under_each_strategy() {
         ]);
         assert!(r.ok(), "{strategy}: {}\n{}", r.stderr(), r.stdout());
         assert!(out.join("gantt.svg").exists());
+        let csv = std::fs::read_to_string(out.join("plan.csv")).unwrap();
+        assert!(csv
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with(",guest_rate_before_pps,guest_rate_during_pps"));
+        assert_eq!(csv.lines().count(), 4, "{csv}");
         let p = r.report().clone();
         assert_eq!(p["simulated"], false);
         assert_eq!(p["failed"], 0, "{p:#}");

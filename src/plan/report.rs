@@ -205,13 +205,13 @@ impl PlanReport {
     /// One CSV line per VM (header first).
     pub fn csv(&self) -> String {
         let mut out = String::from(
-            "name,from,to,start_ms,end_ms,duration_ms,downtime_ms,rounds,transferred_bytes,converged,status,error\n",
+            "name,from,to,start_ms,end_ms,duration_ms,downtime_ms,rounds,transferred_bytes,converged,status,error,guest_rate_before_pps,guest_rate_during_pps\n",
         );
         let quote = |t: &str| format!("\"{}\"", t.replace('"', "\"\""));
         for v in &self.vms {
             let r = &v.report;
             out += &format!(
-                "{},{},{},{:.3},{:.3},{:.3},{},{},{},{},{},{}\n",
+                "{},{},{},{:.3},{:.3},{:.3},{},{},{},{},{},{},{:.1},{}\n",
                 quote(&v.name),
                 quote(&v.from),
                 quote(&v.to),
@@ -224,6 +224,9 @@ impl PlanReport {
                 v.converged(),
                 if v.failed() { "failed" } else { "completed" },
                 quote(r.error.as_deref().unwrap_or("")),
+                r.guest_dirty_rate_pps,
+                r.guest_rate_precopy_pps
+                    .map_or(String::new(), |g| format!("{g:.1}")),
             );
         }
         out
