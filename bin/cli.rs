@@ -521,7 +521,7 @@ pub fn choose_tracker(given: Option<TrackerKind>) -> Result<TrackerKind> {
     match TrackerKind::choose(given) {
         Ok((tracker, None)) => Ok(tracker),
         Ok((tracker, Some(why))) => {
-            eprintln!(
+            errln!(
                 "notice: using --tracker {tracker}: uffd-wp is not available here ({})",
                 error_chain(&*why)
             );

@@ -23,7 +23,7 @@ impl GoOpts {
         if !self.start_on_stdin {
             return Ok(());
         }
-        eprintln!("{READY}");
+        errln!("{READY}");
         let mut line = String::new();
         if std::io::stdin().lock().read_line(&mut line)? == 0 {
             bail!("--start-on-stdin: stdin closed before the word to migrate");

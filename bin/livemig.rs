@@ -130,21 +130,21 @@ fn main() -> ExitCode {
         }
         Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
         Err(e) => {
-            eprintln!("Error: {}", cli::one_line(&e));
+            errln!("Error: {}", cli::one_line(&e));
             return ExitCode::FAILURE;
         }
     };
     let result = run(cli);
     if let Some(code) = out::stdout_verdict() {
         if let Err(e) = result {
-            eprintln!("Error: {e:#}");
+            errln!("Error: {e:#}");
         }
         return code;
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            errln!("Error: {e:#}");
             EXIT.get().map_or(ExitCode::FAILURE, |&c| ExitCode::from(c))
         }
     }

@@ -26,6 +26,15 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` that ignores a failed stderr (a closed pipe): the error
+/// line is lost, but the exit status and the cleanup before it are not.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// The first failure writing to stdout, if any.
 pub static STDOUT_FAILED: std::sync::OnceLock<std::io::ErrorKind> = std::sync::OnceLock::new();
 
@@ -40,6 +49,6 @@ pub fn stdout_verdict() -> Option<ExitCode> {
             libc::raise(libc::SIGPIPE);
         }
     }
-    eprintln!("Error: writing to stdout: {}", std::io::Error::from(kind));
+    errln!("Error: writing to stdout: {}", std::io::Error::from(kind));
     Some(ExitCode::FAILURE)
 }

@@ -23,7 +23,7 @@ pub fn run(opts: ReceiveOpts) -> Result<()> {
         return serve(&opts, &listener, &prepare, &cancel, &security);
     }
     let mut prepared = prepare()?;
-    eprintln!("livemig: waiting for a migration on {addr}");
+    errln!("livemig: waiting for a migration on {addr}");
     let (mut served, mut failed) = (0u64, 0u64);
     loop {
         let (r, result) = receiver::receive(&listener, prepared, &cancel, &security);
@@ -50,14 +50,14 @@ pub fn run(opts: ReceiveOpts) -> Result<()> {
         }
         if let (Err(e), false) = (result, waiting) {
             failed += 1;
-            eprintln!("livemig: migration {served} from {} failed: {e:#}", r.peer);
+            errln!("livemig: migration {served} from {} failed: {e:#}", r.peer);
         }
         if cancel.why().is_some() {
             outln!("served            {served} migrations, {failed} failed");
             return Ok(());
         }
         prepared = prepare()?;
-        eprintln!("livemig: waiting for migration {} on {addr}", served + 1);
+        errln!("livemig: waiting for migration {} on {addr}", served + 1);
     }
 }
 
@@ -71,21 +71,21 @@ fn serve(
     security: &livemig::wire::transport::Security,
 ) -> Result<()> {
     let addr = listener.local_addr()?;
-    eprintln!("livemig: waiting for a migration on {addr}");
+    errln!("livemig: waiting for a migration on {addr}");
     let json = std::sync::Mutex::new(());
     let done = |n: u64, r: ReceiveReport, result: Result<(), receiver::ReceiveError>| {
         if let Some(path) = &opts.json {
             let _one_at_a_time = json.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = write_json(path, &r, true) {
-                eprintln!("livemig: {e:#}");
+                errln!("livemig: {e:#}");
             }
         }
         if let Some(summary) = r.summary() {
             out!("{summary}");
         }
         match result {
-            Ok(()) => eprintln!("livemig: migration {n} from {} completed", r.peer),
-            Err(e) => eprintln!("livemig: migration {n} from {} failed: {e:#}", r.peer),
+            Ok(()) => errln!("livemig: migration {n} from {} completed", r.peer),
+            Err(e) => errln!("livemig: migration {n} from {} failed: {e:#}", r.peer),
         }
     };
     let served = receiver::serve(listener, prepare, cancel, security, &done)?;

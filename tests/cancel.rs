@@ -265,3 +265,30 @@ fn a_second_sigint_ends_the_process_at_once() {
     }
     assert!(dead(dest));
 }
+
+/// With its stderr a closed pipe, SIGINT still cancels: writing the
+/// signal's line fails, and neither that nor the error line may stop the
+/// cancel (eprintln! panics there, which once left a receiver that no
+/// signal could end).
+#[test]
+fn sigint_cancels_with_stderr_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let mut child = livemig()
+        .arg("migrate")
+        .args(PACED)
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let _rest = wait_for_round_1(&mut child);
+    signal(&child, Signal::SIGINT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let rep = load(&json);
+    assert_eq!(rep["status"], "cancelled", "{rep:#}");
+    assert_gone(&rep["source_guest_pid"]);
+}

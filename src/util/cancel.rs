@@ -185,14 +185,21 @@ impl Cancel {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                // Writes to stderr ignore errors: eprintln! panics on a
+                // closed pipe, and this thread must still cancel or exit.
+                use std::io::Write;
                 for sig in signals.forever() {
                     let why = Why::Signal(sig);
                     if token.is_cancelled() {
-                        eprintln!("livemig: {why} again: exiting at once");
+                        let _ =
+                            writeln!(std::io::stderr(), "livemig: {why} again: exiting at once");
                         std::process::exit(i32::from(why.exit_code()));
                     }
-                    eprintln!("livemig: {why}: cancelling (again to exit at once)");
                     token.cancel(why);
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "livemig: {why}: cancelling (again to exit at once)"
+                    );
                 }
             })
             .map_err(SignalError)?;
