@@ -20,9 +20,22 @@ use super::{Prepared, ReceiveError, ReceiveReport, Receiving};
 use crate::util::cancel::Cancel;
 use crate::wire::transport::Security;
 
-/// How often the serving loop looks for a connection (it cannot block in
-/// `accept` while a migration may need the listener).
-const POLL: Duration = Duration::from_millis(2);
+/// How long the serving loop waits in poll(2) for a connection before it
+/// looks at the cancel again (it cannot block in `accept` while a
+/// migration may need the listener, so it waits for one to be pending).
+const POLL: Duration = Duration::from_millis(100);
+
+/// Wait up to `timeout` for a connection to be pending on `listener`.
+fn wait_pending(listener: &TcpListener, timeout: Duration) -> std::io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(_) | Err(nix::Error::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// What a service did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -62,8 +75,9 @@ pub fn serve(
             };
             let (sock, peer) = match accepted {
                 Ok(a) => a,
+                // Nothing pending, or a migration took it meanwhile.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    cancel.sleep(POLL);
+                    wait_pending(listener, POLL).map_err(listen_err)?;
                     continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
