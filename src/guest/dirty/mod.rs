@@ -16,6 +16,7 @@
 pub mod bitmap;
 pub mod mprotect;
 pub mod pagemap;
+pub mod split;
 
 use std::sync::{Arc, OnceLock};
 

@@ -95,10 +95,6 @@ impl Pagemap {
         })
     }
 
-    fn end(&self) -> u64 {
-        self.addr + self.page_size.bytes(self.pages)
-    }
-
     /// `uffd-wp`: add the pages written since the previous call and
     /// write-protect them again, in one pass of `PAGEMAP_SCAN` calls
     /// (`buf` is scratch space kept across harvests).
@@ -107,15 +103,42 @@ impl Pagemap {
         into: &mut DirtySet,
         buf: &mut Vec<PageRegion>,
     ) -> Result<(), DirtyError> {
+        self.scan_written(0, self.pages, true, buf, |first, count| {
+            into.set_range(first, count)
+        })
+    }
+
+    /// Pages this pagemap covers.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Report (first page, count) of every run written in pages
+    /// `from..to`, write-protecting them again if `protect` (a paused
+    /// guest's final harvest need not: it never runs under this tracker
+    /// again, and leaving the protection saves the TLB flush). `&self`
+    /// only: threads may scan disjoint ranges of one pagemap at once.
+    pub fn scan_written(
+        &self,
+        from: u64,
+        to: u64,
+        protect: bool,
+        buf: &mut Vec<PageRegion>,
+        mut found: impl FnMut(u64, u64),
+    ) -> Result<(), DirtyError> {
         if buf.is_empty() {
             buf.resize(SCAN_REGIONS, PageRegion::default());
         }
-        let end = self.end();
-        let mut at = self.addr;
+        let end = self.addr + self.page_size.bytes(to.min(self.pages));
+        let mut at = self.addr + self.page_size.bytes(from);
+        let flags = match protect {
+            true => PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            false => PM_SCAN_CHECK_WPASYNC,
+        };
         while at < end {
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                flags,
                 start: at,
                 end,
                 vec: buf.as_mut_ptr() as u64,
@@ -130,7 +153,7 @@ impl Pagemap {
                 .map_err(|errno| self.scan_error(errno))?;
             for r in &buf[..n as usize] {
                 let first = self.page_size.page_of(r.start - self.addr);
-                into.set_range(first, self.page_size.pages(r.end - r.start));
+                found(first, self.page_size.pages(r.end - r.start));
             }
             // A call may stop early (its buffer full, or the kernel's own
             // limit): walk_end says where to go on.
@@ -183,24 +206,35 @@ fn proc_path(pid: i32, file: &str) -> String {
     }
 }
 
-/// The `uffd-wp` tracker.
+/// The `uffd-wp` tracker: one walk, or one split over threads
+/// ([`super::split`]).
 pub struct UffdWpTracker {
     pagemap: Pagemap,
-    buf: Vec<PageRegion>,
+    bufs: Vec<Vec<PageRegion>>,
+    runs: Vec<Vec<(u64, u64)>>,
 }
 
 impl UffdWpTracker {
     pub fn new(pagemap: Pagemap) -> Self {
+        Self::with_parts(pagemap, 1)
+    }
+
+    /// Walk in `parts` ranges on as many threads (1: on the caller's).
+    pub fn with_parts(pagemap: Pagemap, parts: usize) -> Self {
+        let parts = parts.max(1);
         Self {
             pagemap,
-            buf: Vec::new(),
+            bufs: vec![Vec::new(); parts],
+            runs: vec![Vec::new(); parts],
         }
     }
 }
 
 impl Tracker for UffdWpTracker {
-    fn harvest(&mut self, into: &mut DirtySet, _paused: bool) -> Result<(), DirtyError> {
-        self.pagemap.take_written(into, &mut self.buf)
+    fn harvest(&mut self, into: &mut DirtySet, paused: bool) -> Result<(), DirtyError> {
+        // The final harvest (paused) leaves pages unprotected: the guest
+        // never runs under this tracker again.
+        super::split::take_written(&self.pagemap, into, !paused, &mut self.bufs, &mut self.runs)
     }
 }
 
