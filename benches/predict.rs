@@ -26,6 +26,7 @@ fn config(memory_bytes: u64, workload: &str, seed: u64) -> SimConfig {
         link_bytes_per_s: 10e9 / 8.0,
         round_overhead: Duration::from_micros(100),
         downtime_overhead: Duration::from_micros(500),
+        harvest_per_gib: Duration::ZERO,
         setup: Duration::from_millis(1),
     }
 }

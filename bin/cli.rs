@@ -372,6 +372,8 @@ pub struct SimulateOpts {
     /// Connect and handshake.
     #[arg(long, default_value = "1ms")]
     pub setup: Span,
+    #[command(flatten)]
+    pub harvest: crate::harvest_cost::HarvestCost,
 }
 
 #[derive(Args)]
@@ -415,6 +417,8 @@ pub struct SweepOpts {
     /// Fixed part of the downtime for the predictions [default: measured]
     #[arg(long)]
     pub downtime_overhead: Option<Span>,
+    #[command(flatten)]
+    pub harvest: crate::harvest_cost::CalibratedHarvestCost,
     /// Guest vCPU threads sharing each workload.
     #[arg(long, default_value_t = 1, value_parser = vcpus())]
     pub vcpus: u32,
@@ -699,6 +703,7 @@ impl SimulateOpts {
             link_bytes_per_s: self.link.0 as f64,
             round_overhead: self.round_overhead.0,
             downtime_overhead: self.downtime_overhead.0,
+            harvest_per_gib: self.harvest.harvest_cost.0,
             setup: self.setup.0,
         })
     }
@@ -731,6 +736,7 @@ impl SweepOpts {
             link_bytes_per_s: self.link.map(|l| l.0 as f64),
             round_overhead: self.round_overhead.map(|d| d.0),
             downtime_overhead: self.downtime_overhead.map(|d| d.0),
+            harvest_per_gib: self.harvest.harvest_cost.map(|d| d.0),
         })
     }
 }

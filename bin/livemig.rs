@@ -5,6 +5,7 @@ mod out;
 mod cap;
 mod cli;
 mod go;
+mod harvest_cost;
 mod plan;
 mod receive;
 mod record;

@@ -294,3 +294,44 @@ fn explain_gives_each_decision_with_its_numbers() {
         "{stop}"
     );
 }
+
+/// A harvest's cost per GiB (`--harvest-cost`) lengthens every round and
+/// the downtime by the walk of the whole guest: at 4 GiB, 0.4 ms per GiB
+/// makes each round long enough for the default hot set to dirty more
+/// than xen's 50 pages, so pre-copy no longer converges.
+#[test]
+fn a_harvest_cost_per_gib_lengthens_rounds_and_downtime() {
+    let at = |cost: &str| {
+        let r = simulate(&[
+            "--mem",
+            "4G",
+            "--workload",
+            "hotset:wws=64M,rate=50k",
+            "--link",
+            "20gbit",
+            "--round-overhead",
+            "150us",
+            "--harvest-cost",
+            cost,
+        ]);
+        assert!(r.ok(), "{}", r.stderr());
+        r.report().clone()
+    };
+    let (free, walked) = (at("0s"), at("0.4ms"));
+    assert_eq!(free["stop_reason"], "few_dirty_pages");
+    assert_eq!(walked["stop_reason"], "round_limit");
+    let harvest = walked["downtime_breakdown_ms"]["final_harvest"]
+        .as_f64()
+        .unwrap();
+    assert!((harvest - 1.6).abs() < 1e-9, "4 GiB x 0.4 ms: {harvest}");
+    for r in rounds(&walked).iter().skip(1) {
+        if r["stop_and_copy"] == false {
+            assert!(r["duration_ms"].as_f64().unwrap() >= 1.6 + 0.15, "{r}");
+        }
+    }
+    let d = |rep: &serde_json::Value| rep["downtime_ms"].as_f64().unwrap();
+    assert!(
+        d(&walked) >= d(&free) + harvest,
+        "the final harvest is in the downtime"
+    );
+}

@@ -96,6 +96,8 @@ pub fn run(plan: &Plan, strategy: Strategy, a: &Assumptions) -> PlanReport {
                     link_bytes_per_s: link,
                     round_overhead: a.round_overhead,
                     downtime_overhead: a.downtime_overhead,
+                    // A plan's round overhead includes the harvest.
+                    harvest_per_gib: Duration::ZERO,
                     setup: a.setup,
                 };
                 let model = a.model;
@@ -150,6 +152,7 @@ pub fn alone(plan: &Plan, a: &Assumptions) -> Vec<f64> {
                 link_bytes_per_s: path.iter().map(|&l| caps[l]).fold(f64::INFINITY, f64::min),
                 round_overhead: a.round_overhead,
                 downtime_overhead: a.downtime_overhead,
+                harvest_per_gib: Duration::ZERO,
                 setup: a.setup,
             };
             let r = match a.model {

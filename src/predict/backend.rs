@@ -47,6 +47,14 @@ pub enum SimulateError {
 /// runs of this size would take hours: only --max-time stops them).
 pub const MAX_ROUNDS: usize = 10_000;
 
+impl SimConfig {
+    /// What one harvest of this guest's memory costs.
+    pub fn harvest(&self) -> Duration {
+        let gib = self.migration.memory_bytes as f64 / (1u64 << 30) as f64;
+        self.harvest_per_gib.mul_f64(gib)
+    }
+}
+
 /// What a simulation assumes beyond the migration's own configuration.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -58,6 +66,11 @@ pub struct SimConfig {
     pub round_overhead: Duration,
     /// Fixed part of the downtime: pause, device state, resume.
     pub downtime_overhead: Duration,
+    /// What one harvest of the dirty tracker costs per GiB of guest
+    /// memory (a `uffd-wp` harvest walks every page-table entry): every
+    /// round pays it, and the downtime pays it once more (the final
+    /// harvest). Zero: counted in the overheads above.
+    pub harvest_per_gib: Duration,
     /// Connect and handshake.
     pub setup: Duration,
 }
@@ -173,7 +186,7 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
         }
         let pages = self.dirtying.pending();
         let bytes = self.dirtying.round_bytes(round, false, limit);
-        let duration = self.net.pass(self.cfg.round_overhead)
+        let duration = self.net.pass(self.cfg.round_overhead + self.cfg.harvest())
             + self.net.transfer(self.cfg, bytes, limit, round);
         self.now += duration;
         // A throttled guest writes as if it ran for a share of the round.
@@ -228,10 +241,12 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
     }
 
     fn hand_over(&mut self, report: &mut Report) -> Result<(), SimulateError> {
-        let downtime = self.last_pages + self.net.pass(self.cfg.downtime_overhead);
+        let harvest = self.cfg.harvest();
+        let downtime = self.last_pages + self.net.pass(self.cfg.downtime_overhead + harvest);
         self.now += downtime;
         report.downtime_ms = Some(ms(downtime));
         report.downtime_breakdown_ms = DowntimeBreakdown {
+            final_harvest: ms(harvest),
             last_pages: ms(self.last_pages),
             device_state: ms(self.cfg.downtime_overhead),
             ..DowntimeBreakdown::default()

@@ -119,6 +119,8 @@ pub struct SweepConfig {
     pub link_bytes_per_s: Option<f64>,
     pub round_overhead: Option<Duration>,
     pub downtime_overhead: Option<Duration>,
+    /// A harvest's cost per GiB of guest memory; None: calibrate.
+    pub harvest_per_gib: Option<Duration>,
 }
 
 /// One grid point's figures: measured, modelled and simulated.
@@ -183,6 +185,9 @@ pub struct Calibration {
     pub link_mbps: f64,
     pub round_overhead_ms: f64,
     pub downtime_overhead_ms: f64,
+    /// A harvest's cost per GiB (the idle run's final harvest); the two
+    /// overheads above exclude it.
+    pub harvest_ms_per_gib: f64,
     pub setup_ms: f64,
 }
 
@@ -299,6 +304,7 @@ pub fn run(
             link_bytes_per_s: c.link_mbps * 1e6 / 8.0,
             round_overhead: Duration::from_secs_f64(c.round_overhead_ms / 1e3),
             downtime_overhead: Duration::from_secs_f64(c.downtime_overhead_ms / 1e3),
+            harvest_per_gib: Duration::from_secs_f64(c.harvest_ms_per_gib / 1e3),
             setup: Duration::from_secs_f64(c.setup_ms / 1e3),
         };
         let row = Row {
@@ -345,6 +351,13 @@ fn calibrate(
         return Err(SweepError::NoRounds(mem));
     };
     let last = r.downtime_breakdown_ms.last_pages;
+    let gib = mem as f64 / (1u64 << 30) as f64;
+    let harvest_ms_per_gib = cfg
+        .harvest_per_gib
+        .map_or(r.downtime_breakdown_ms.final_harvest / gib, |d| {
+            d.as_secs_f64() * 1e3
+        });
+    let harvest_ms = harvest_ms_per_gib * gib;
     Ok(Calibration {
         memory_bytes: mem,
         link_mbps: cfg
@@ -352,10 +365,15 @@ fn calibrate(
             .map_or(r0.throughput_mbps, |b| b * 8.0 / 1e6),
         round_overhead_ms: cfg
             .round_overhead
-            .map_or(r1.duration_ms, |d| d.as_secs_f64() * 1e3),
+            .map_or((r1.duration_ms - harvest_ms).max(0.0), |d| {
+                d.as_secs_f64() * 1e3
+            }),
         downtime_overhead_ms: cfg
             .downtime_overhead
-            .map_or(downtime - last, |d| d.as_secs_f64() * 1e3),
+            .map_or((downtime - last - harvest_ms).max(0.0), |d| {
+                d.as_secs_f64() * 1e3
+            }),
+        harvest_ms_per_gib,
         setup_ms: r.setup_time_ms,
     })
 }
@@ -381,11 +399,12 @@ pub fn summary(sweep: &Sweep, out: &Path, plots: &[PathBuf]) -> String {
     let mut said = String::new();
     for c in &sweep.calibration {
         said += &format!(
-            "calibrated at {}: link {:.0} Mbit/s, round overhead {:.3} ms, downtime overhead {:.3} ms\n",
+            "calibrated at {}: link {:.0} Mbit/s, round overhead {:.3} ms, downtime overhead {:.3} ms, harvest {:.3} ms per GiB\n",
             crate::util::units::fmt_bytes(c.memory_bytes),
             c.link_mbps,
             c.round_overhead_ms,
-            c.downtime_overhead_ms
+            c.downtime_overhead_ms,
+            c.harvest_ms_per_gib
         );
     }
     let failed = sweep
@@ -563,6 +582,7 @@ mod tests {
             link_bytes_per_s: None,
             round_overhead: None,
             downtime_overhead: None,
+            harvest_per_gib: None,
         };
         let e = grid_size(&cfg).unwrap_err().to_string();
         assert_eq!(e, "empty grid: no bandwidth given");
