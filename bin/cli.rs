@@ -89,6 +89,9 @@ pub enum Cmd {
     /// The guest emulator process (started by send/receive, not by hand).
     #[command(hide = true)]
     Guest(GuestArgs),
+    /// The floors of a downtime's steps on this machine, as JSON.
+    #[command(hide = true)]
+    Floors(crate::floors::FloorsOpts),
 }
 
 #[derive(Args)]

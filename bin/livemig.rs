@@ -4,6 +4,7 @@
 mod out;
 mod cap;
 mod cli;
+mod floors;
 mod go;
 mod harvest_cost;
 mod plan;
@@ -205,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Receive(opts) => receive::run(opts),
         Cmd::Guest(args) => Ok(guest::run(args)?),
+        Cmd::Floors(opts) => floors::run(&opts),
         Cmd::Certs { dir, hosts } => {
             let hosts: Vec<_> = hosts
                 .into_iter()
