@@ -407,6 +407,9 @@ impl Backend for Tcp<'_> {
         sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
         let t_resumed = Instant::now();
         self.resumed_at_destination = true;
+        // The source guest stopped meanwhile (the pause did not wait for
+        // it); a guest that died instead is past mattering: it runs there.
+        let _ = self.src.guest.confirm_stopped();
         let d = self.downtime;
         let at = |t: Option<Instant>| t.expect("set in the switch-over");
         let (t_pause, t_sent) = (at(d.pause), at(d.sent));
