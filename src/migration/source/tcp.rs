@@ -75,6 +75,9 @@ pub(super) struct Tcp<'a> {
     last_harvest: Duration,
     /// The phase a cancel ended the migration in.
     pub(super) cancelled_in: Option<SourcePhase>,
+    /// The stop-and-copy round's `RoundEnd`, written with the device state
+    /// in one write: the receiver reads both on one wake-up.
+    pending_end: Vec<u8>,
 }
 
 impl<'a> Tcp<'a> {
@@ -103,6 +106,7 @@ impl<'a> Tcp<'a> {
             resumed_at_destination: false,
             last_harvest: Duration::ZERO,
             cancelled_in: None,
+            pending_end: Vec::new(),
         }
     }
 
@@ -125,7 +129,10 @@ impl<'a> Tcp<'a> {
     }
 
     /// Send one round of `self.todo`: RoundStart, the pages as runs
-    /// straight from the mapping, RoundEnd. Returns (pages, bytes).
+    /// straight from the mapping, RoundEnd. The stop-and-copy round's
+    /// RoundStart went out before the pause and its RoundEnd waits for the
+    /// device state ([`Tcp::pending_end`]): two writes fewer in the
+    /// downtime. Returns (pages, bytes).
     fn send_round(
         &mut self,
         round: u32,
@@ -145,7 +152,10 @@ impl<'a> Tcp<'a> {
         let conn = self.conn.as_mut().expect("connected in setup");
         let sock = &mut conn.control;
         let start = Message::round_start(round, stop_and_copy);
-        let mut bytes = protocol::write_message(sock, &start).map_err(proto(ctx))? as u64;
+        let mut bytes = match stop_and_copy {
+            true => start.encode().len() as u64,
+            false => protocol::write_message(sock, &start).map_err(proto(ctx))? as u64,
+        };
         let lanes = conn.lanes.as_mut().expect("open until the last page");
         let (pages, stream_bytes, forms) = lanes.send(
             sock,
@@ -159,7 +169,11 @@ impl<'a> Tcp<'a> {
         bytes += stream_bytes;
         report.forms += forms;
         let end = Message::round_end(round, pages);
-        bytes += protocol::write_message(sock, &end).map_err(proto(ctx))? as u64;
+        bytes += match stop_and_copy {
+            true => protocol::write_message(&mut self.pending_end, &end),
+            false => protocol::write_message(sock, &end),
+        }
+        .map_err(proto(ctx))? as u64;
         if !stop_and_copy {
             // The round ends when its pages have landed (see crate::wire::protocol).
             expect_ack(sock, round, ctx)?;
@@ -354,6 +368,13 @@ impl Backend for Tcp<'_> {
             report.guest_rate_precopy_pps =
                 Some((self.src.guest.ops() - ops) as f64 / t.elapsed().as_secs_f64());
         }
+        if !postcopy {
+            // Announced before the pause: the receiver has nothing to do
+            // until pages come.
+            let sock = &mut self.conn().control;
+            protocol::write_message(sock, &Message::round_start(round, true))
+                .map_err(proto(format!("sending round {round}")))?;
+        }
         self.at_pause = Some(super::usage::Sample::now(&self.src.guest));
         self.downtime.pause = Some(Instant::now());
         self.src.guest.pause()?;
@@ -392,10 +413,13 @@ impl Backend for Tcp<'_> {
             page_size: self.src.mem.page_size().as_u64(),
             vcpus: self.src.guest.vcpu_states(),
         };
-        let sock = &mut self.conn.as_mut().expect("connected in setup").control;
+        let mut frames = std::mem::take(&mut self.pending_end);
         report.transferred_bytes +=
-            protocol::write_message(sock, &Message::device_state(state.to_bytes()))
+            protocol::write_message(&mut frames, &Message::device_state(state.to_bytes()))
                 .map_err(proto("sending the device state"))? as u64;
+        let sock = &mut self.conn.as_mut().expect("connected in setup").control;
+        sock.write_all(&frames)
+            .map_err(|e| proto("sending the device state")(ProtocolError::Io(e)))?;
         // Post-copy: the destination discards the pages it lacks first,
         // work that grows with memory.
         let wait = IO_TIMEOUT + work_allowance(self.src.mem.len());
