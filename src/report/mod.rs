@@ -84,6 +84,18 @@ pub const MODEL: &str = "model";
 /// [`Report::mode`] of a simulated migration ([`crate::predict::simulate`]).
 pub const SIMULATED: &str = "simulated";
 
+/// How many times the sender's thread blocked in each phase of the
+/// downtime: each block is a wake-up the downtime waited for, whatever the
+/// machine's speed (a measure that load does not change).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DowntimeSleeps {
+    pub pause: u64,
+    pub final_harvest: u64,
+    pub last_pages: u64,
+    /// Device state and resume (the sender waits for `Resumed`).
+    pub device_state_and_resume: u64,
+}
+
 /// The report of one migration, from the source's point of view.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -118,6 +130,9 @@ pub struct Report {
     /// Post-copy and hybrid: until every page is present at the destination.
     pub migration_time_ms: Option<f64>,
     pub downtime_breakdown_ms: DowntimeBreakdown,
+    /// Real runs: times the sender blocked in each phase of the downtime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_sleeps: Option<DowntimeSleeps>,
     /// Bytes of the migration stream (pages, headers, device state); the
     /// verification digests are not counted.
     pub transferred_bytes: u64,

@@ -10,3 +10,15 @@ pub fn process_gone(pid: i32) -> bool {
         Err(_) => true,
     }
 }
+
+/// Times the calling thread has blocked so far (voluntary context
+/// switches): each is a wake-up it then waited for.
+pub fn thread_sleeps() -> u64 {
+    // SAFETY: an all-zero rusage is valid, and getrusage fills it in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_THREAD and a valid rusage to write into.
+    match unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } {
+        0 => u64::try_from(usage.ru_nvcsw).unwrap_or(0),
+        _ => 0,
+    }
+}

@@ -20,9 +20,10 @@ use crate::migration::machine::{Backend, Round};
 use crate::migration::phases::SourcePhase;
 use crate::migration::policy::RoundFigures;
 use crate::migration::postcopy;
-use crate::report::{ms, Report, RoundReport};
+use crate::report::{ms, DowntimeSleeps, Report, RoundReport};
 use crate::util::cancel::Why;
 use crate::util::netio::{write_all_vectored, IO_TIMEOUT};
+use crate::util::process::thread_sleeps;
 use crate::wire::datapath::chunk_pages;
 use crate::wire::protocol::{
     self, HelloAck, Kind, Limits, Message, ProtocolError, Resumed, RoundAck, Verdict, MAX_DIGESTS,
@@ -48,6 +49,8 @@ struct Downtime {
     paused: Option<Instant>,
     harvested: Option<Instant>,
     sent: Option<Instant>,
+    /// This thread's sleeps at the pause, paused, harvested and sent.
+    sleeps: [u64; 4],
 }
 
 /// The real migration: a guest process, its memory and tracker, and TCP.
@@ -376,23 +379,28 @@ impl Backend for Tcp<'_> {
                 .map_err(proto(format!("sending round {round}")))?;
         }
         self.at_pause = Some(super::usage::Sample::now(&self.src.guest));
+        self.downtime.sleeps[0] = thread_sleeps();
         self.downtime.pause = Some(Instant::now());
         self.src.guest.pause()?;
         self.downtime.paused = Some(Instant::now());
+        self.downtime.sleeps[1] = thread_sleeps();
         self.last_harvest = self.harvest(true, report)?;
         let harvested = Instant::now();
         self.downtime.harvested = Some(harvested);
+        self.downtime.sleeps[2] = thread_sleeps();
         if postcopy {
             // The pre-copy rounds are over: close their data connections.
             self.conn().lanes = None;
             self.announce_missing(report)?;
             // The pages to fetch (Discard runs) count as the last pages.
             self.downtime.sent = Some(Instant::now());
+            self.downtime.sleeps[3] = thread_sleeps();
             return Ok(None);
         }
         let (pages, bytes) = self.send_round(round, true, report)?;
         let sent = Instant::now();
         self.downtime.sent = Some(sent);
+        self.downtime.sleeps[3] = thread_sleeps();
         // Every page is out: close the data connections.
         self.conn().lanes = None;
         let figures = RoundFigures {
@@ -430,6 +438,7 @@ impl Backend for Tcp<'_> {
             protocol::expect_message(sock, None).map_err(proto_waited(ctx, wait))?;
         sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
         let t_resumed = Instant::now();
+        let sleeps = thread_sleeps();
         self.resumed_at_destination = true;
         // The source guest stopped meanwhile (the pause did not wait for
         // it); a guest that died instead is past mattering: it runs there.
@@ -446,6 +455,13 @@ impl Backend for Tcp<'_> {
         b.last_pages = ms(t_sent - at(d.harvested));
         b.resume = ms(resume);
         b.device_state = ms((t_resumed - t_sent) - resume);
+        let s = d.sleeps;
+        report.downtime_sleeps = Some(DowntimeSleeps {
+            pause: s[1].saturating_sub(s[0]),
+            final_harvest: s[2].saturating_sub(s[1]),
+            last_pages: s[3].saturating_sub(s[2]),
+            device_state_and_resume: sleeps.saturating_sub(s[3]),
+        });
         if !self.cfg.mode.is_postcopy() {
             report.migration_time_ms = Some(ms(t_resumed - self.start.expect("started")));
             let f = &report.forms;
