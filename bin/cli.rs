@@ -45,6 +45,10 @@ pub struct Cli {
 pub enum Cmd {
     /// Migrate a guest between two ends on this machine over loopback (the demo).
     Migrate(MigrateOpts),
+    /// Print a saved report's round table and summary again.
+    Report(crate::saved::ReportOpts),
+    /// Draw saved reports' timelines in one SVG (one redrawn, several overlaid).
+    Plot(crate::saved::PlotOpts),
     /// Source side: start a guest and migrate it to a receiver on another host.
     Send {
         /// Address of the receiver (host:port).
@@ -194,6 +198,8 @@ pub struct SendOpts {
     pub throttle: ThrottleFlags,
     #[command(flatten)]
     pub cap: crate::cap::CapFlags,
+    #[command(flatten)]
+    pub timeline: crate::timeline::TimelineFlags,
 }
 
 /// Slowing the guest down so pre-copy converges, with QEMU's rules and defaults.
@@ -298,6 +304,8 @@ pub struct MigrateOpts {
     /// Post-copy: with each demand fault, also ask for the N pages around it.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub prepage: u32,
+    #[command(flatten)]
+    pub observe: crate::timeline::ObserveFlags,
     #[command(flatten)]
     pub security: SecurityFlags,
 }
@@ -621,6 +629,7 @@ impl SendOpts {
             cancel: livemig::util::cancel::Cancel::new(),
             security: Security::Plain,
             cpu_cap,
+            sampling: self.timeline.sampling(),
         })
     }
 

@@ -10,6 +10,8 @@ mod harvest_cost;
 mod plan;
 mod receive;
 mod record;
+mod saved;
+mod timeline;
 
 use std::process::ExitCode;
 
@@ -158,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
             send: opts,
             no_prealloc,
             prepage,
+            observe,
             security,
         }) => {
             let security = security.config("listen on", "127.0.0.1:0")?;
@@ -165,14 +168,17 @@ fn run(cli: Cli) -> Result<()> {
             cfg.security = security;
             cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 2)?;
+            opts.timeline.check()?;
             let mut print = row_printer(&opts);
             let rx = migrate::Destination {
                 prealloc: !no_prealloc,
                 prepage,
+                observe: observe.config(),
             };
             let (report, result) = migrate::run(&cfg, rx, &mut print);
             exit_if_cancelled(&report, &cfg.cancel);
-            finish(&report, opts.json.as_deref(), result.map_err(Into::into))
+            let drawn = opts.timeline.write(&report);
+            finish(&report, opts.json.as_deref(), result.map_err(Into::into)).and(drawn)
         }
         Cmd::Send {
             to,
@@ -185,14 +191,18 @@ fn run(cli: Cli) -> Result<()> {
             cfg.security = security;
             cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 1)?;
+            opts.timeline.check()?;
             let mut src = Source::start(cfg.tracker, cfg.memory_bytes, &cfg.fresh())?;
             go.wait()?;
             let mut print = row_printer(&opts);
             let (report, result) = source::migrate(&cfg, &mut src, &to, &mut print);
             exit_if_cancelled(&report, &cfg.cancel);
-            finish(&report, opts.json.as_deref(), result.map_err(Into::into))
+            let drawn = opts.timeline.write(&report);
+            finish(&report, opts.json.as_deref(), result.map_err(Into::into)).and(drawn)
         }
         Cmd::Dirtyrate(opts) => dirtyrate(&opts),
+        Cmd::Report(opts) => saved::print(&opts),
+        Cmd::Plot(opts) => saved::draw(&opts),
         Cmd::Run(opts) => run_guest(&opts),
         Cmd::Sweep(opts) => sweep(&opts),
         Cmd::Plan(opts) => plan::run(&opts),

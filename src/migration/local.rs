@@ -2,6 +2,7 @@
 //! on a thread of this process, each guest in its own process.
 
 use crate::migration::destination::{self, ReceiveError};
+use crate::migration::sampler::Observe;
 use crate::migration::source::{self, SendError, SenderConfig, Source};
 use crate::report::{Report, RoundReport, Status};
 
@@ -23,6 +24,8 @@ pub struct Destination {
     pub prealloc: bool,
     /// Post-copy: pages asked for after each faulted one.
     pub prepage: u32,
+    /// How long the timeline watches the guest after it resumed here.
+    pub observe: Observe,
 }
 
 impl Default for Destination {
@@ -30,6 +33,7 @@ impl Default for Destination {
         Self {
             prealloc: true,
             prepage: 0,
+            observe: Observe::UntilRecovered,
         }
     }
 }
@@ -76,6 +80,12 @@ pub fn run(
         Ok(p) => p,
         Err(e) => return failed(e.into()),
     };
+    // The timeline follows the guest to the destination.
+    let sampler = src.sampler(cfg);
+    let prepared = match &sampler {
+        Some(s) => prepared.observed_by(s.probe().clone()),
+        None => prepared,
+    };
     // The receiver hears of a cancel from the sender, as a remote one does.
     let security = cfg.security.clone();
     let rx = std::thread::spawn(move || {
@@ -86,7 +96,15 @@ pub fn run(
             &security,
         )
     });
-    let (mut report, sent) = source::migrate(cfg, &mut src, &addr, on_round);
+    let (mut report, sent) =
+        source::migrate_sampled(cfg, &mut src, &addr, on_round, sampler.as_ref());
+    if let Some(s) = sampler {
+        if sent.is_ok() {
+            s.observe(dest.observe, report.guest_dirty_rate_pps);
+        }
+        // Lets the destination go on.
+        s.finish_into(&mut report);
+    }
     drop(src);
     if sent.is_err() {
         // If the sender failed before connecting, the receiver still waits in

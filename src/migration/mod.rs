@@ -13,5 +13,6 @@ pub mod phases;
 pub mod policy;
 pub mod postcopy;
 pub mod record;
+pub mod sampler;
 pub mod source;
 pub mod throttle;

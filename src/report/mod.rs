@@ -6,14 +6,36 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::util::units::fmt_bytes;
+
+pub mod impact;
+pub mod plot;
+pub mod saved;
+pub mod timeline;
+
+/// The version of the report's layout, in every report as
+/// `report_version`. Raise it when a key changes meaning or goes; a reader
+/// refuses reports newer than it knows (see [`saved`]). Reports written
+/// before the key existed read as version 0.
+pub const REPORT_VERSION: u32 = 1;
+
+/// [`Report::report_version`]: [`REPORT_VERSION`] unless read from a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReportVersion(pub u32);
+
+impl Default for ReportVersion {
+    fn default() -> Self {
+        Self(REPORT_VERSION)
+    }
+}
 
 /// Whether the migration completed: memory verified and the destination
 /// running; or failed; or was cancelled (SIGINT, SIGTERM, or the sender's
 /// cancel told to the receiver).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Completed,
@@ -23,7 +45,8 @@ pub enum Status {
 }
 
 /// One round as sent: round 0 carries every page, the last row is stop-and-copy.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RoundReport {
     pub round: u32,
     /// Pages sent in this round.
@@ -64,7 +87,8 @@ pub fn ms(d: std::time::Duration) -> f64 {
 }
 
 /// Downtime split into its phases, in milliseconds.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DowntimeBreakdown {
     /// Parking the vCPUs at a safe point and SIGSTOP.
     pub pause: f64,
@@ -97,8 +121,11 @@ pub struct DowntimeSleeps {
 }
 
 /// The report of one migration, from the source's point of view.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
+    /// The layout's version ([`REPORT_VERSION`]).
+    pub report_version: ReportVersion,
     pub status: Status,
     /// Why it failed, when it did.
     pub error: Option<String>,
@@ -111,6 +138,7 @@ pub struct Report {
     /// Identical pre-copy rounds a model predicted but did not list (a
     /// fixed point repeated until --max-time); 0 otherwise.
     pub rounds_not_listed: u64,
+    #[serde(deserialize_with = "saved::mode")]
     pub mode: &'static str,
     pub tracker: String,
     pub policy: String,
@@ -225,6 +253,12 @@ pub struct Report {
     /// The same as the destination counted them (local migrations).
     pub destination_stream_pages: Vec<u64>,
     pub rounds: Vec<RoundReport>,
+    /// The guest and the sender over time (see [`timeline`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<timeline::Sample>,
+    /// What the migration cost the guest's work (see [`impact`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub impact: Option<impact::Impact>,
 }
 
 impl Report {
@@ -442,11 +476,16 @@ pub fn summary(r: &Report) -> String {
         }
     }
     s.push('\n');
+    if let Some(i) = &r.impact {
+        s += &impact::line(i);
+        s.push('\n');
+    }
     s
 }
 
 /// Post-copy figures, in the reports of both ends.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PostcopyStats {
     /// Page requests the destination sent (one per demand fault it could
     /// not find already requested).
@@ -469,7 +508,8 @@ pub struct PostcopyStats {
 }
 
 /// A latency distribution in microseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Latency {
     pub count: u64,
     pub p50: u64,

@@ -51,7 +51,8 @@ impl Default for Reduction {
 
 /// Pages sent, by form (QEMU's vocabulary where it has a word); part of
 /// the migration report.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SendStats {
     /// Zero pages sent as markers (QEMU: duplicate).
     pub duplicate_pages: u64,

@@ -183,6 +183,8 @@ struct Bucket {
     last: Instant,
     /// Its firing ends every wait at once (see [`RateLimiter::set_cancel`]).
     cancel: Option<Cancel>,
+    /// Bytes booked so far, limited or not ([`RateLimiter::bytes_through`]).
+    through: u64,
 }
 
 impl Bucket {
@@ -229,6 +231,7 @@ impl RateLimiter {
             tokens: 0.0,
             last: Instant::now(),
             cancel: None,
+            through: 0,
         };
         b.tokens = b.rate().map_or(0.0, Bucket::burst);
         RateLimiter {
@@ -279,7 +282,15 @@ impl RateLimiter {
     /// Books `bytes` sent without waiting (priority traffic: post-copy's
     /// demand pages); whoever acquires next waits for the debt instead.
     pub fn charge(&self, bytes: u64) {
-        let _debt = self.lock().take(bytes, Instant::now());
+        let mut b = self.lock();
+        b.through = b.through.saturating_add(bytes);
+        let _debt = b.take(bytes, Instant::now());
+    }
+
+    /// Bytes acquired or charged through this limiter so far: what a
+    /// timeline samples as sent.
+    pub fn bytes_through(&self) -> u64 {
+        self.lock().through
     }
 
     /// Blocks until `bytes` may be sent. Sends larger than the bucket are
@@ -290,6 +301,7 @@ impl RateLimiter {
     pub fn acquire(&self, bytes: u64) {
         let (wait, cancel) = {
             let mut b = self.lock();
+            b.through = b.through.saturating_add(bytes);
             (b.take(bytes, Instant::now()), b.cancel.clone())
         };
         match cancel {

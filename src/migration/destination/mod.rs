@@ -157,9 +157,21 @@ pub struct Prepared {
     prealloc_ms: f64,
     /// Post-copy: pages asked for after each faulted one.
     prepage: u32,
+    /// A local migration's timeline: handed the guest when it resumes here.
+    probe: Option<std::sync::Arc<crate::migration::sampler::Probe>>,
 }
 
+/// Longest a destination keeps its guest for a timeline's observation.
+const OBSERVE_LIMIT: Duration = Duration::from_secs(120);
+
 impl Prepared {
+    /// Hand the guest to `probe` when it resumes here, and keep it until
+    /// the probe's observation is over (a local migration's timeline).
+    pub fn observed_by(mut self, probe: std::sync::Arc<crate::migration::sampler::Probe>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
     /// `memory_bytes`: the size to make now (None: when the Hello says);
     /// `prealloc`: allocate every page up front rather than at first arrival.
     /// `prepage`: in post-copy, pages asked for after each faulted one.
@@ -173,6 +185,7 @@ impl Prepared {
             prealloc,
             prealloc_ms: 0.0,
             prepage,
+            probe: None,
         };
         if let Some(bytes) = memory_bytes {
             p.mem = Some(p.make(bytes)?);
@@ -519,6 +532,9 @@ impl Receiving {
         self.verify(sock, &landed, &limits, pages)?;
         // Show the migrated guest carries on with its workload.
         self.report.destination_guest_rate_pps = guest.measure_rate(DEST_RATE_WINDOW)?;
+        if let Some(probe) = &self.prepared.probe {
+            probe.wait_observed(OBSERVE_LIMIT);
+        }
         Ok(())
     }
 
@@ -551,6 +567,10 @@ impl Receiving {
         }
         guest.start_incoming(&state);
         guest.wait_running()?;
+        if let Some(probe) = &self.prepared.probe {
+            // vCPU counts are bounded by MAX_VCPUS (checked in from_bytes).
+            probe.attach_destination(guest.control().clone(), state.vcpus.len() as u32);
+        }
         let dest = match postcopy {
             true => Some(self.take_faults(guest, limits, &missing)?),
             false => None,

@@ -73,6 +73,7 @@ pub fn replay(
             prealloc: false,
             prealloc_ms: 0.0,
             prepage: 0,
+            probe: None,
         },
         cancel: Cancel::default(),
         interrupt: None,

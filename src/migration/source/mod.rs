@@ -30,6 +30,7 @@ use crate::guest::workload::{Layout, Workload};
 use crate::migration::machine::Migration;
 use crate::migration::phases::Mode;
 use crate::migration::policy::{Policy, PolicyConfig};
+use crate::migration::sampler::{Probe, Sampler, Sampling};
 use crate::migration::throttle::Throttling;
 use crate::report::{ms, Report, RoundReport, Status};
 use crate::util::cancel::Cancel;
@@ -74,6 +75,8 @@ pub struct SenderConfig {
     pub security: Security,
     /// `--cpu-cap`: the source guest's CPU limit during the migration.
     pub cpu_cap: Option<CpuCap>,
+    /// The timeline's sampling (`report.timeline`, `report.impact`).
+    pub sampling: Sampling,
 }
 
 impl Default for SenderConfig {
@@ -99,6 +102,7 @@ impl Default for SenderConfig {
             cancel: Cancel::new(),
             security: Security::Plain,
             cpu_cap: None,
+            sampling: Sampling::Auto,
         }
     }
 }
@@ -215,6 +219,13 @@ impl Source {
         })
     }
 
+    /// A sampler of this guest's timeline, started now, as `cfg` asks.
+    pub fn sampler(&self, cfg: &SenderConfig) -> Option<Sampler> {
+        let period = cfg.sampling.period(cfg.memory_bytes)?;
+        let probe = Probe::new(self.guest.control().clone(), cfg.vcpus);
+        Some(Sampler::start(probe, period))
+    }
+
     /// Stop harvesting (`livemig run`): let another process claim the guest.
     pub fn release(&self) {
         self.guest.control().unclaim(std::process::id());
@@ -250,6 +261,23 @@ pub fn migrate(
     addr: &str,
     on_round: &mut dyn FnMut(&RoundReport),
 ) -> (Report, Result<(), SendError>) {
+    let sampler = src.sampler(cfg);
+    let (mut report, result) = migrate_sampled(cfg, src, addr, on_round, sampler.as_ref());
+    if let Some(s) = sampler {
+        s.finish_into(&mut report);
+    }
+    (report, result)
+}
+
+/// [`migrate`], its timeline sampled by `sampler` (left running: the
+/// caller may watch the destination's guest before finishing it).
+pub fn migrate_sampled(
+    cfg: &SenderConfig,
+    src: &mut Source,
+    addr: &str,
+    on_round: &mut dyn FnMut(&RoundReport),
+    sampler: Option<&Sampler>,
+) -> (Report, Result<(), SendError>) {
     let report = Report {
         source_guest_pid: Some(src.guest.pid()),
         guest_start_ms: Some(ms(src.guest_start)),
@@ -272,7 +300,7 @@ pub fn migrate(
         }
     };
     let page_size = src.mem.page_size();
-    let tcp = Tcp::new(cfg, src, addr, on_round);
+    let tcp = Tcp::new(cfg, src, addr, on_round, sampler.map(|s| s.probe().clone()));
     let mut m = Migration::new(tcp, cfg.mode, cfg.policy_config(page_size), report);
     let result = m.run();
     let Migration {

@@ -20,6 +20,8 @@ use crate::migration::machine::{Backend, Round};
 use crate::migration::phases::SourcePhase;
 use crate::migration::policy::RoundFigures;
 use crate::migration::postcopy;
+use crate::migration::sampler::Probe;
+use crate::report::timeline::Phase;
 use crate::report::{ms, DowntimeSleeps, Report, RoundReport};
 use crate::util::cancel::Why;
 use crate::util::netio::{write_all_vectored, IO_TIMEOUT};
@@ -81,6 +83,8 @@ pub(super) struct Tcp<'a> {
     /// The stop-and-copy round's `RoundEnd`, written with the device state
     /// in one write: the receiver reads both on one wake-up.
     pending_end: Vec<u8>,
+    /// The timeline's probe, told of every change of phase.
+    probe: Option<Arc<Probe>>,
 }
 
 impl<'a> Tcp<'a> {
@@ -89,15 +93,20 @@ impl<'a> Tcp<'a> {
         src: &'a mut Source,
         addr: &'a str,
         on_round: &'a mut dyn FnMut(&RoundReport),
+        probe: Option<Arc<Probe>>,
     ) -> Self {
         let limiter = RateLimiter::new(cfg.bandwidth.initial_limit());
         limiter.set_cancel(Some(cfg.cancel.clone()));
+        let progress = progress_bar(cfg.progress);
+        if let Some(p) = &probe {
+            p.attach_sender(&progress, &limiter);
+        }
         Tcp {
             cfg,
             src,
             addr,
             on_round,
-            progress: progress_bar(cfg.progress),
+            progress,
             start: None,
             conn: None,
             limiter,
@@ -110,6 +119,14 @@ impl<'a> Tcp<'a> {
             last_harvest: Duration::ZERO,
             cancelled_in: None,
             pending_end: Vec::new(),
+            probe,
+        }
+    }
+
+    /// Tell the timeline's probe of a change of phase.
+    fn phase(&self, phase: Phase, round: Option<u32>) {
+        if let Some(p) = &self.probe {
+            p.phase(phase, round);
         }
     }
 
@@ -256,6 +273,9 @@ impl Backend for Tcp<'_> {
     fn setup(&mut self, report: &mut Report) -> Result<(), SendError> {
         let (cfg, addr, page_size) = (self.cfg, self.addr, self.src.mem.page_size());
         report.guest_dirty_rate_pps = self.src.guest.measure_rate(cfg.warmup)?;
+        if let Some(p) = &self.probe {
+            p.start();
+        }
 
         let start = *self.start.insert(Instant::now());
         // Ties the data connections to this migration.
@@ -326,6 +346,7 @@ impl Backend for Tcp<'_> {
         report: &mut Report,
     ) -> Result<Round, SendError> {
         self.limiter.set_limit(limit);
+        self.phase(Phase::Precopy, Some(round));
         let t0 = Instant::now();
         let (ops0, throttled0) = (self.src.guest.ops(), self.src.guest.throttled());
         let cpu0 = (round == 0).then(crate::guest::process::own_cpu_time);
@@ -337,6 +358,9 @@ impl Backend for Tcp<'_> {
         }
         self.dirty.clear();
         let harvest = self.harvest(false, report)?;
+        if let Some(p) = &self.probe {
+            p.harvested(self.dirty.count());
+        }
         let guest_ops = self.src.guest.ops().saturating_sub(ops0);
         let throttled = self.src.guest.throttled().saturating_sub(throttled0);
         // A dead guest writes nothing: no point iterating over it.
@@ -380,6 +404,7 @@ impl Backend for Tcp<'_> {
         }
         self.at_pause = Some(super::usage::Sample::now(&self.src.guest));
         self.downtime.sleeps[0] = thread_sleeps();
+        self.phase(Phase::Downtime, None);
         self.downtime.pause = Some(Instant::now());
         self.src.guest.pause()?;
         self.downtime.paused = Some(Instant::now());
@@ -443,6 +468,13 @@ impl Backend for Tcp<'_> {
         // The source guest stopped meanwhile (the pause did not wait for
         // it); a guest that died instead is past mattering: it runs there.
         let _ = self.src.guest.confirm_stopped();
+        self.phase(
+            match self.cfg.mode.is_postcopy() {
+                true => Phase::Postcopy,
+                false => Phase::Verify,
+            },
+            None,
+        );
         let d = self.downtime;
         let at = |t: Option<Instant>| t.expect("set in the switch-over");
         let (t_pause, t_sent) = (at(d.pause), at(d.sent));
@@ -537,6 +569,7 @@ impl Backend for Tcp<'_> {
         report.transferred_pages += p.pages_pulled;
         report.transferred_bytes += server.bytes.load(Ordering::Relaxed);
         report.migration_time_ms = Some(ms(self.elapsed()));
+        self.phase(Phase::Verify, None);
         let figures = RoundFigures {
             round,
             pages,
