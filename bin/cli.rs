@@ -623,7 +623,8 @@ impl SendOpts {
             streams: self.streams,
             mode: self.mode,
             reduction,
-            progress: !self.quiet,
+            // The live view is off when the report goes to stdout.
+            progress: !self.quiet && self.json.as_deref() != Some(std::path::Path::new("-")),
             throttling,
             // The command catches SIGINT and SIGTERM with its own.
             cancel: livemig::util::cancel::Cancel::new(),

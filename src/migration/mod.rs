@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod destination;
 pub mod dirtyrate;
+pub mod gauge;
 pub mod local;
 pub mod machine;
 pub mod phases;

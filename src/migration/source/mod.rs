@@ -363,7 +363,9 @@ fn progress_bar(enabled: bool) -> ProgressBar {
     }
     let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     pb.set_style(
-        ProgressStyle::with_template("{msg:>14} [{bar:30}] {pos}/{len} pages {per_sec}")
+        // The second line: the gauge of the dirty set against the policy's
+        // threshold (crate::migration::gauge), set after each round.
+        ProgressStyle::with_template("{msg:>14} [{bar:30}] {pos}/{len} pages {per_sec}\n{prefix}")
             .expect("valid template")
             .progress_chars("=> "),
     );

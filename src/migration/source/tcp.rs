@@ -16,6 +16,7 @@ use crate::guest::dirty::DirtySet;
 use crate::guest::memory::work_allowance;
 use crate::guest::process::DeviceState;
 use crate::migration::cancel;
+use crate::migration::gauge;
 use crate::migration::machine::{Backend, Round};
 use crate::migration::phases::SourcePhase;
 use crate::migration::policy::RoundFigures;
@@ -373,6 +374,14 @@ impl Backend for Tcp<'_> {
             dirty_pages: self.dirty.count(),
             rate_limit: limit,
         };
+        // The live view: the dirty set against the policy's threshold.
+        let page_size = self.src.mem.page_size();
+        let gauge = gauge::line(
+            &self.cfg.policy_config(page_size),
+            &figures,
+            self.src.mem.page_count(),
+        );
+        self.progress.set_prefix(gauge);
         std::mem::swap(&mut self.todo, &mut self.dirty);
         Ok(Round {
             guest_ops: Some(guest_ops),
