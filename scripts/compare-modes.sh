@@ -2,7 +2,10 @@
 # compare-modes.sh: the same workloads under pre-copy, post-copy, hybrid and
 # cold migration, in one table: migration time, downtime, bytes sent, rounds,
 # post-copy faults and their p99 latency, the guest's rate during migration
-# against its rate before, and the verification. Then a few checks computed
+# against its rate before, what the migration cost the guest (the report's
+# `impact`: work lost in seconds of its rate before, the longest stall, the
+# time from the resume until its rate is back within 5 %), and the
+# verification. Then a few checks computed
 # from the figures, each saying whether it holds:
 #   (a) post-copy sends each page about once (sent pages / memory pages in
 #       1.00..1.05);
@@ -212,12 +215,16 @@ for (w, label) in order:
         "rate_limit_bps": (r0["rounds"][-1].get("rate_limit_bps") if r0["rounds"] else None) or None,
         "verified_pages": med(r["verified_pages"] for r in reps),
         "mismatched_pages": max(r["mismatched_pages"] for r in reps),
+        "lost_work_s": med((r.get("impact") or {}).get("lost_work_s") for r in reps),
+        "longest_stall_ms": med((r.get("impact") or {}).get("longest_stall_ms") for r in reps),
+        "recovery_ms": med((r.get("impact") or {}).get("recovery_ms") for r in reps),
+        "recovered_runs": sum(1 for r in reps if (r.get("impact") or {}).get("recovery_ms") is not None),
         "per_run": [{key: r.get(key) for key in (
             "status", "migration_time_ms", "total_time_ms", "downtime_ms", "downtime_breakdown_ms",
             "transferred_bytes", "transferred_pages", "stop_reason", "postcopy_requests",
             "pages_pulled", "pages_pushed", "postcopy_faults", "fault_latency_us",
             "postcopy_populated_ms", "guest_dirty_rate_pps", "guest_rate_precopy_pps",
-            "guest_rate_postcopy_pps", "verified_pages", "mismatched_pages")}
+            "guest_rate_postcopy_pps", "verified_pages", "mismatched_pages", "impact")}
             | {"run": r["_run"], "rounds": len(r["rounds"]) + r.get("rounds_not_listed", 0)} for r in reps],
     }
     rows.append(row)
@@ -258,7 +265,8 @@ rate_before = {w: med(r["guest_dirty_rate_pps"] for row in rows if row["workload
 bw = "unlimited bandwidth" if bandwidth == "unlimited" else f"at {bandwidth}"
 print(f"livemig migration modes: a {mem} guest {bw}, median of {runs} run(s)")
 head = ("workload", "pages/s before", "mode", "migration ms", "downtime ms", "MiB sent (x mem)",
-        "rounds", "faults", "p99 fault us", "guest rate vs before", "verified")
+        "rounds", "faults", "p99 fault us", "guest rate vs before", "work lost s", "longest stall ms",
+        "recovery ms", "verified")
 table = [head]
 for row in rows:
     faults = row["postcopy_faults"] if row["kind"] in ("postcopy", "hybrid") else None
@@ -269,9 +277,12 @@ for row in rows:
                   num(row["migration_time_ms"]), ms(row["downtime_ms"]),
                   f"{row['transferred_bytes'] / 2**20:.1f} ({row['sent_per_memory']:.2f}x)",
                   rounds, count(faults), count(row["fault_latency_p99_us"]), guest_cell(row),
+                  num(row["lost_work_s"], "{:.3f}"), ms(row["longest_stall_ms"]),
+                  ms(row["recovery_ms"]) if row["recovered_runs"] == row["runs"]
+                  else f"{ms(row['recovery_ms'])} ({row['recovered_runs']}/{row['runs']} recovered)",
                   f"{row['verified_pages']:.0f}/{row['memory_pages']}"))
 widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-right = {1, 3, 4, 5, 7, 8}
+right = {1, 3, 4, 5, 7, 8, 10, 11, 12}
 for i, t in enumerate(table):
     print("  " + " | ".join(c.rjust(wd) if j in right and i else c.ljust(wd)
                             for j, (c, wd) in enumerate(zip(t, widths))).rstrip())
@@ -372,6 +383,9 @@ print("  guest rate vs before: the guest's write rate during pre-copy (pre) and 
 print("  pushes (post), as a share of its rate before migration; cold suspends the guest throughout.")
 print("  faults: the destination guest's accesses that waited for a page; rounds include the stop-and-copy")
 print("  (or, for post-copy, the push of all pages), with pre-copy's stop reason.")
+print("  work lost s: seconds of the guest's rate before migration it did not do, from the start until it")
+print("  recovered (watched at most 1 s after the resume); longest stall: below 10 % of that rate; recovery")
+print("  ms: resume until its rate stays within 5 % of it for 100 ms (- when not within the watch).")
 
 if json_out:
     out = {"mem": mem, "bandwidth": bandwidth, "policy": policy, "prepage": prepage, "runs": runs,

@@ -350,6 +350,7 @@ impl Sampler {
         let (samples, resumed, cpu) = self.finish();
         report.impact = impact::impact(&samples, report.guest_dirty_rate_pps, resumed);
         report.timeline = samples;
+        report.sampler_cpu_ms = Some(crate::report::ms(cpu));
         cpu
     }
 

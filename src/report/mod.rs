@@ -259,6 +259,9 @@ pub struct Report {
     /// What the migration cost the guest's work (see [`impact`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub impact: Option<impact::Impact>,
+    /// CPU time the timeline's sampler thread used (its cost).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampler_cpu_ms: Option<f64>,
 }
 
 impl Report {
