@@ -78,6 +78,10 @@ struct State {
     guest: Option<(Control, u32)>,
     /// The counters at the last sample: (when, writes).
     last: Option<(Instant, u64)>,
+    /// Operations done so far, for workloads that count operations rather
+    /// than writes ([`Probe::count_operations`]), and its last reading.
+    operations: Option<Box<dyn Fn() -> u64 + Send>>,
+    last_operations: Option<(Instant, u64)>,
     progress: Option<ProgressBar>,
     limiter: Option<RateLimiter>,
     /// (when, sample with t_ms still to set)
@@ -102,6 +106,8 @@ impl Probe {
                 dirty_pages: None,
                 guest: Some((control, vcpus)),
                 last: Some((now, ops)),
+                operations: None,
+                last_operations: None,
                 progress: None,
                 limiter: None,
                 samples: Vec::new(),
@@ -123,6 +129,16 @@ impl Probe {
         let mut s = self.lock();
         s.progress = Some(progress.clone());
         s.limiter = Some(limiter.clone());
+    }
+
+    /// The hook for workloads whose progress is operations, not writes:
+    /// `count` returns the operations done so far; samples then carry
+    /// `guest_ops_rate`. Set it again with the destination's counter when
+    /// the guest resumes there.
+    pub fn count_operations(&self, count: Box<dyn Fn() -> u64 + Send>) {
+        let mut s = self.lock();
+        s.last_operations = Some((Instant::now(), count()));
+        s.operations = Some(count);
     }
 
     /// Take a sample now.
@@ -235,6 +251,15 @@ impl State {
             }
             _ => None,
         };
+        let guest_ops_rate = match (&self.operations, self.last_operations) {
+            (Some(count), Some((t, before))) => {
+                let done = count();
+                self.last_operations = Some((now, done));
+                let dt = now.duration_since(t).as_secs_f64();
+                (dt > 0.0).then(|| done.saturating_sub(before) as f64 / dt)
+            }
+            _ => None,
+        };
         let remaining = self
             .progress
             .as_ref()
@@ -248,7 +273,7 @@ impl State {
             phase: self.phase,
             round: self.round,
             guest_rate,
-            guest_ops_rate: None,
+            guest_ops_rate,
             sent_bytes: sent,
             remaining_pages: remaining,
             rate_limit_bps: limit.map(|b| b.saturating_mul(8)),
@@ -399,4 +424,49 @@ fn thread_cpu_time() -> Duration {
         u64::try_from(ts.tv_sec).unwrap_or(0),
         u32::try_from(ts.tv_nsec).unwrap_or(0),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Phases sample at once, in order; an operations counter handed to
+    /// the hook gives `guest_ops_rate`; the samples' clock starts at `start`.
+    #[test]
+    fn phases_are_sampled_in_order_and_the_operations_hook_gives_a_rate() {
+        let probe = Probe::new(Control::create().unwrap(), 1);
+        let ops = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&ops);
+        probe.count_operations(Box::new(move || counter.load(Ordering::Relaxed)));
+        probe.sample();
+        probe.start();
+        ops.store(1000, Ordering::Relaxed);
+        probe.phase(Phase::Precopy, Some(0));
+        probe.harvested(7);
+        probe.phase(Phase::Downtime, None);
+        let (samples, resumed) = probe.finish();
+        let phases: Vec<_> = samples.iter().map(|s| s.phase).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::Warmup,
+                Phase::Warmup,
+                Phase::Setup,
+                Phase::Precopy,
+                Phase::Downtime
+            ]
+        );
+        assert!(
+            samples[0].t_ms <= 0.0 && samples[2].t_ms >= 0.0,
+            "{samples:?}"
+        );
+        assert!(samples.windows(2).all(|w| w[0].t_ms <= w[1].t_ms));
+        assert!(samples[2].guest_ops_rate.unwrap() > 0.0, "{samples:?}");
+        assert_eq!(samples[3].guest_ops_rate, Some(0.0));
+        assert_eq!(samples[3].dirty_pages, Some(7));
+        // Writes are counted too (none here); no resume was seen.
+        assert_eq!(samples[2].guest_rate, Some(0.0));
+        assert_eq!(resumed, None);
+    }
 }
