@@ -111,7 +111,7 @@ pub const SIMULATED: &str = "simulated";
 /// How many times the sender's thread blocked in each phase of the
 /// downtime: each block is a wake-up the downtime waited for, whatever the
 /// machine's speed (a measure that load does not change).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DowntimeSleeps {
     pub pause: u64,
     pub final_harvest: u64,
