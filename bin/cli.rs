@@ -123,6 +123,8 @@ pub struct ReceiveOpts {
     pub serve: bool,
     #[command(flatten)]
     pub security: SecurityFlags,
+    #[command(flatten)]
+    pub teleport: crate::teleport::ReceiveTeleportFlags,
 }
 
 /// The guest a command starts.
@@ -200,6 +202,7 @@ pub struct SendOpts {
     pub cap: crate::cap::CapFlags,
     #[command(flatten)]
     pub timeline: crate::timeline::TimelineFlags,
+    pub teleport: crate::teleport::TeleportFlags,
 }
 
 /// Slowing the guest down so pre-copy converges, with QEMU's rules and defaults.
@@ -586,6 +589,7 @@ impl GuestFlags {
                 workload: self.workload.clone(),
                 vcpus: self.vcpus,
                 seed: self.seed,
+                disk: None,
             },
             tracker,
             warmup: self.warmup.0,
@@ -609,6 +613,15 @@ impl SendOpts {
                 self.mode
             );
         }
+        let teleport = match (self.teleport.config(self.mode, self.streams, true)?, &g.fresh.workload) {
+            (Some(_), w) if w.content.cache.is_none() => bail!(
+                "--teleport FILE: workload \"{w}\" has no page cache (add cache=F[,layout=seq|scatter])"
+            ),
+            (None, w) if w.content.cache.is_some() => bail!(
+                "workload \"{w}\" has a page cache (cache=F): give its backing file with --teleport FILE"
+            ),
+            (t, _) => t,
+        };
         Ok(SenderConfig {
             memory_bytes: g.memory_bytes,
             workload: g.fresh.workload,
@@ -631,6 +644,7 @@ impl SendOpts {
             security: Security::Plain,
             cpu_cap,
             sampling: self.timeline.sampling(),
+            teleport,
         })
     }
 

@@ -11,6 +11,7 @@ mod plan;
 mod receive;
 mod record;
 mod saved;
+mod teleport;
 mod timeline;
 
 use std::process::ExitCode;
@@ -174,6 +175,8 @@ fn run(cli: Cli) -> Result<()> {
                 prealloc: !no_prealloc,
                 prepage,
                 observe: observe.config(),
+                teleport_file: opts.teleport.teleport_dest.clone(),
+                storage_rate: opts.teleport.storage_rate.map(|r| r.0),
             };
             let (report, result) = migrate::run(&cfg, rx, &mut print);
             exit_if_cancelled(&report, &cfg.cancel);
@@ -188,6 +191,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let security = security.config("send to", &to)?;
             let mut cfg = opts.config()?;
+            cfg.teleport = opts.teleport.config(opts.mode, opts.streams, false)?;
             cfg.security = security;
             cfg.cancel = Cancel::on_signals()?;
             cli::fits_mem(cfg.memory_bytes, 1)?;

@@ -16,8 +16,15 @@ pub fn run(opts: ReceiveOpts) -> Result<()> {
     let security = opts.security.config("listen on", &opts.listen)?;
     let cancel = Cancel::on_signals()?;
     let listener = receiver::bind(&opts.listen)?;
-    let prepare =
-        || receiver::Prepared::new(opts.mem.map(|m| m.0), !opts.no_prealloc, opts.prepage);
+    let storage = opts.teleport.config()?;
+    let prepare = || {
+        receiver::Prepared::new(opts.mem.map(|m| m.0), !opts.no_prealloc, opts.prepage).map(
+            |mut p| {
+                p.storage = storage.clone();
+                p
+            },
+        )
+    };
     let addr = listener.local_addr()?;
     if opts.serve {
         return serve(&opts, &listener, &prepare, &cancel, &security);

@@ -58,6 +58,7 @@ fn ground_truth(kind: TrackerKind, spec: &str, vcpus: u32) {
         workload: spec.parse().unwrap(),
         vcpus,
         seed: 42,
+        disk: None,
     };
     let mut guest =
         Guest::spawn(&mem, control.clone(), bitmap.as_ref(), kind, Some(&fresh)).unwrap();

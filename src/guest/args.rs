@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 
 use crate::guest::dirty::TrackerKind;
 use crate::guest::workload::Workload;
@@ -15,6 +16,8 @@ pub struct Fresh {
     pub workload: Workload,
     pub vcpus: u32,
     pub seed: u64,
+    /// The backing file its page cache is read from (`cache=F`).
+    pub disk: Option<PathBuf>,
 }
 
 /// Arguments of the `livemig guest` process (after the `guest` word).
@@ -41,6 +44,12 @@ pub struct GuestArgs {
     pub vcpus: u32,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Fresh guest with page cache: the backing file it is read from.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// The memfd the guest publishes its page -> block mapping into.
+    #[arg(long)]
+    pub cache_map_fd: Option<RawFd>,
     /// Destination guest: wait for the device state in the control block.
     #[arg(long, conflicts_with = "workload")]
     pub incoming: bool,
@@ -54,6 +63,7 @@ impl GuestArgs {
         dirty_fd: Option<RawFd>,
         tracker: TrackerKind,
         fresh: Option<&Fresh>,
+        cache_map_fd: Option<RawFd>,
     ) -> Self {
         Self {
             mem_fd,
@@ -64,6 +74,8 @@ impl GuestArgs {
             workload: fresh.map(|f| f.workload.clone()),
             vcpus: fresh.map_or(1, |f| f.vcpus),
             seed: fresh.map_or(1, |f| f.seed),
+            disk: fresh.and_then(|f| f.disk.clone()),
+            cache_map_fd,
             incoming: fresh.is_none(),
         }
     }
@@ -74,6 +86,7 @@ impl GuestArgs {
             workload: w.clone(),
             vcpus: self.vcpus,
             seed: self.seed,
+            disk: self.disk.clone(),
         })
     }
 
@@ -103,7 +116,14 @@ impl GuestArgs {
             ]),
             None => a.push("--incoming".into()),
         }
-        a.into_iter().map(OsString::from).collect()
+        if let Some(fd) = self.cache_map_fd {
+            a.extend(["--cache-map-fd".into(), fd.to_string()]);
+        }
+        let mut a: Vec<OsString> = a.into_iter().map(OsString::from).collect();
+        if let Some(disk) = &self.disk {
+            a.extend(["--disk".into(), disk.clone().into_os_string()]);
+        }
+        a
     }
 }
 
@@ -129,6 +149,7 @@ mod tests {
             workload: "hotset:wws=8M,rate=20k,zero=0.5".parse().unwrap(),
             vcpus: 3,
             seed: 42,
+            disk: Some("/tmp/disk".into()),
         };
         let a = GuestArgs::new(
             (7, 1 << 30),
@@ -136,10 +157,11 @@ mod tests {
             Some(9),
             TrackerKind::Mprotect,
             Some(&fresh),
+            Some(10),
         );
         assert_eq!(round_trip(&a), a);
         assert_eq!(round_trip(&a).fresh(), Some(fresh));
-        let incoming = GuestArgs::new((3, 4096), 4, None, TrackerKind::UffdWp, None);
+        let incoming = GuestArgs::new((3, 4096), 4, None, TrackerKind::UffdWp, None, None);
         assert_eq!(round_trip(&incoming), incoming);
         assert_eq!(round_trip(&incoming).fresh(), None);
     }

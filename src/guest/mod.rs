@@ -7,6 +7,7 @@
 //! fresh guest's initial content; [`cpucap`] caps its CPU.
 
 pub mod args;
+pub mod cache;
 pub mod control;
 pub mod cpucap;
 pub mod dirty;

@@ -72,6 +72,9 @@ pub enum GuestError {
     },
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("the guest's page cache")]
+    Cache(#[from] crate::guest::cache::CacheError),
+
     #[error("process {pid} is not a livemig guest: {why}")]
     NotAGuest { pid: i32, why: String },
     #[error("guest {pid} is tracked by process {holder} (a migration or another measurement); harvesting it too would steal its dirty pages")]
@@ -186,6 +189,10 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
         Some(f) => {
             let content = check_config(&f.workload, args.memory_bytes, page_size, f.vcpus)?.content;
             crate::guest::prepare::stamp(&mem, f.seed, &content)?;
+            if let Some(cache) = &content.cache {
+                let disk = f.disk.as_deref();
+                crate::guest::cache::fill_and_publish(&mem, cache, &f, disk, args.cache_map_fd)?;
+            }
             for (i, slot) in control.block().slots[..f.vcpus as usize].iter().enumerate() {
                 slot.seed
                     .store(vcpu_seed(f.seed, i as u32), Ordering::Relaxed);
@@ -346,6 +353,8 @@ pub struct Guest {
     reaped: Option<String>,
     /// How long it may take to start: it grows with the guest's memory.
     start_timeout: Duration,
+    /// Where a guest with page cache publishes its mapping.
+    cache_map: Option<std::fs::File>,
 }
 
 /// How long a guest of `memory_bytes` may take to start running.
@@ -374,17 +383,27 @@ impl Guest {
             Some(exe) => exe.into(),
             None => std::env::current_exe().map_err(GuestError::Spawn)?,
         };
+        let cache_map = match fresh.filter(|f| f.workload.content.cache.is_some()) {
+            Some(_) => Some(crate::guest::cache::map_memfd().map_err(GuestError::Spawn)?),
+            None => None,
+        };
         let args = GuestArgs::new(
             (mem.region().raw_fd(), mem.len()),
             control.region().raw_fd(),
             bitmap.map(|b| b.region().raw_fd()),
             tracker,
             fresh,
+            cache_map.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
         );
-        let fds: Vec<RawFd> = [Some(args.mem_fd), Some(args.control_fd), args.dirty_fd]
-            .into_iter()
-            .flatten()
-            .collect();
+        let fds: Vec<RawFd> = [
+            Some(args.mem_fd),
+            Some(args.control_fd),
+            args.dirty_fd,
+            args.cache_map_fd,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let mut cmd = Command::new(exe);
         cmd.arg("guest")
             .args(args.to_argv())
@@ -422,7 +441,20 @@ impl Guest {
             stopped: false,
             reaped: None,
             start_timeout: start_timeout(mem.len()),
+            cache_map,
         })
+    }
+
+    /// The page -> block mapping the guest published (None: no page
+    /// cache); read it once the guest runs.
+    pub fn cache_map(
+        &self,
+        page_count: u64,
+    ) -> Result<Option<crate::guest::cache::CacheMap>, GuestError> {
+        let Some(f) = &self.cache_map else {
+            return Ok(None);
+        };
+        Ok(Some(crate::guest::cache::read_published(f, page_count)?))
     }
 
     pub fn pid(&self) -> i32 {

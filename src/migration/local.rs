@@ -4,6 +4,7 @@
 use crate::migration::destination::{self, ReceiveError};
 use crate::migration::sampler::Observe;
 use crate::migration::source::{self, SendError, SenderConfig, Source};
+use crate::migration::teleport::StorageConfig;
 use crate::report::{Report, RoundReport, Status};
 
 /// Errors of a local migration: whichever end saw the cause.
@@ -18,7 +19,7 @@ pub enum MigrateError {
 }
 
 /// The destination's options in a local migration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Destination {
     /// Allocate its memory before the migration starts (see [`destination`]).
     pub prealloc: bool,
@@ -26,6 +27,11 @@ pub struct Destination {
     pub prepage: u32,
     /// How long the timeline watches the guest after it resumed here.
     pub observe: Observe,
+    /// Page-cache teleportation: the destination's path to the shared
+    /// data (None: the sender's `--teleport FILE`, the same file on one
+    /// machine) and its read rate (`--storage-rate`).
+    pub teleport_file: Option<std::path::PathBuf>,
+    pub storage_rate: Option<u64>,
 }
 
 impl Default for Destination {
@@ -34,6 +40,8 @@ impl Default for Destination {
             prealloc: true,
             prepage: 0,
             observe: Observe::UntilRecovered,
+            teleport_file: None,
+            storage_rate: None,
         }
     }
 }
@@ -75,11 +83,15 @@ pub fn run(
     // Post-copy discards what it has not received: preallocating all of
     // it first would only add the discard to the downtime.
     let prealloc = dest.prealloc && cfg.mode != crate::migration::phases::Mode::Postcopy;
-    let prepared = match destination::Prepared::new(Some(cfg.memory_bytes), prealloc, dest.prepage)
-    {
-        Ok(p) => p,
-        Err(e) => return failed(e.into()),
-    };
+    let mut prepared =
+        match destination::Prepared::new(Some(cfg.memory_bytes), prealloc, dest.prepage) {
+            Ok(p) => p,
+            Err(e) => return failed(e.into()),
+        };
+    prepared.storage = cfg.teleport.as_ref().map(|t| StorageConfig {
+        file: dest.teleport_file.clone().unwrap_or_else(|| t.file.clone()),
+        rate: dest.storage_rate,
+    });
     // The timeline follows the guest to the destination.
     let sampler = src.sampler(cfg);
     let prepared = match &sampler {

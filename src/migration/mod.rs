@@ -16,4 +16,5 @@ pub mod postcopy;
 pub mod record;
 pub mod sampler;
 pub mod source;
+pub mod teleport;
 pub mod throttle;

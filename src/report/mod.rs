@@ -31,6 +31,8 @@ impl Default for ReportVersion {
         Self(REPORT_VERSION)
     }
 }
+mod teleport;
+pub use teleport::TeleportStats;
 
 /// Whether the migration completed: memory verified and the destination
 /// running; or failed; or was cancelled (SIGINT, SIGTERM, or the sender's
@@ -252,6 +254,9 @@ pub struct Report {
     pub stream_pages: Vec<u64>,
     /// The same as the destination counted them (local migrations).
     pub destination_stream_pages: Vec<u64>,
+    /// Page-cache teleportation (`--teleport`), when used.
+    #[serde(flatten)]
+    pub teleport: Option<TeleportStats>,
     pub rounds: Vec<RoundReport>,
     /// The guest and the sender over time (see [`timeline`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -351,6 +356,9 @@ pub fn summary(r: &Report) -> String {
     }
     if let Some(note) = &r.note {
         s += &format!("note              {note}\n");
+    }
+    if let Some(t) = &r.teleport {
+        s += &t.summary();
     }
     s += &format!(
         "total time        {:.1} ms (setup {:.1} ms)\n",

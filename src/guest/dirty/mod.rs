@@ -241,6 +241,13 @@ impl DirtySet {
         self.words[(page / 64) as usize] |= 1 << (page % 64);
     }
 
+    /// Take `page` out of the set.
+    pub fn remove(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] &= !(1 << (page % 64));
+        }
+    }
+
     pub fn contains(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }

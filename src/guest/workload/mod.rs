@@ -29,7 +29,9 @@
 //! - `random=F`: share of each other page's bytes that start random, so
 //!   incompressible (default 0: one 8-byte stamp per page, the rest zero);
 //! - `bytes=N`: bytes a write stores into its page, a multiple of 8 up to the
-//!   page size (default 8).
+//!   page size (default 8);
+//! - `cache=F`, `layout=seq|scatter`: share of pages filled from a backing
+//!   file at start, and how (see [`crate::guest::cache`]; default none, seq).
 //!
 //! `R` is pages per second (`20k`, `1.5M`) or `max`. The random stream is
 //! counter-based (xxh3 of the operation number under a per-vCPU seed), so a
@@ -67,6 +69,8 @@ pub enum WorkloadError {
     TooLong(usize),
     #[error("\"{0}\" is not key=value")]
     NotKeyValue(String),
+    #[error("layout=\"{0}\" is not seq or scatter")]
+    CacheLayout(String),
     #[error("{0} given twice")]
     Twice(String),
     #[error("unknown kind \"{0}\" (idle, uniform, hotset, sweep, zipf, compute, phases, trace)")]
@@ -203,6 +207,8 @@ pub struct Content {
     pub random: f64,
     /// Bytes one write stores (a multiple of 8, at most a page).
     pub write_bytes: u64,
+    /// Page cache read from a backing file at start (`cache=F`).
+    pub cache: Option<crate::guest::cache::Cache>,
 }
 
 impl Default for Content {
@@ -211,6 +217,7 @@ impl Default for Content {
             zero: 0.0,
             random: 0.0,
             write_bytes: 8,
+            cache: None,
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::util::page::PageSize;
 use crate::util::units::{parse_bytes, parse_duration, parse_page_rate, PageRate};
 
 /// Keys every kind takes (the content model).
-const CONTENT_KEYS: [&str; 3] = ["zero", "random", "bytes"];
+const CONTENT_KEYS: [&str; 5] = ["zero", "random", "bytes", "cache", "layout"];
 
 impl FromStr for Workload {
     type Err = WorkloadError;
@@ -141,6 +141,10 @@ impl FromStr for Workload {
                 zero: fraction("zero")?.unwrap_or(0.0),
                 random: fraction("random")?.unwrap_or(0.0),
                 write_bytes,
+                cache: crate::guest::cache::Cache::from_keys(
+                    fraction("cache")?,
+                    kv.get("layout").copied(),
+                )?,
             },
         })
     }

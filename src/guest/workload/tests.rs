@@ -60,7 +60,7 @@ fn rejects_bad_specs_naming_the_problem() {
         ("uniform:rate=1k,bytes=8K", "bytes=8192"),
         (
             "sweep:hot=1",
-            "it takes: from, to, rate, zero, random, bytes",
+            "it takes: from, to, rate, zero, random, bytes, cache, layout",
         ),
     ] {
         let e = parse(spec).unwrap_err();

@@ -7,12 +7,15 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use super::teleport::Storage;
 use super::{unexpected_frame, ReceiveError, Receiving, Streams};
 use crate::guest::memory::GuestMemory;
 use crate::migration::phases::{DestAction, DestEvent, DestPhase};
+use crate::migration::teleport::Claims;
 use crate::wire::datapath::{Decoder, Landed};
 use crate::wire::protocol::{
-    self, Abort, Frame, Limits, Message, ProtocolError, RoundEnd, RoundStart,
+    self, Abort, Frame, Limits, Message, ProtocolError, RoundEnd, RoundStart, TeleportDone,
+    TeleportMap,
 };
 use crate::wire::transport::Conn;
 
@@ -38,10 +41,55 @@ pub(super) struct Switched {
 }
 
 impl Receiving {
+    /// What the storage channel did, into the report.
+    fn storage_report(&mut self, storage: &Storage) {
+        self.report.teleport_refused = storage.refused.clone();
+        if let Some(f) = storage.figures {
+            self.report.teleported_pages = Some(f.pages);
+            self.report.storage_bytes = Some(f.bytes);
+            self.report.storage_busy_ms = Some(crate::report::ms(f.busy));
+        }
+    }
+
     /// Frames until the device state; `postcopy`: the sender announced a
     /// post-copy migration.
     pub(super) fn until_device_state(
         &mut self,
+        sock: &mut impl ControlConn,
+        mem: &GuestMemory,
+        landed: &Landed,
+        limits: &Limits,
+        streams: Option<&Streams>,
+        postcopy: bool,
+    ) -> Result<Switched, ReceiveError> {
+        let cfg = self.prepared.storage.clone();
+        let claims = cfg.as_ref().map(|_| Claims::new(limits.page_count));
+        std::thread::scope(|scope| {
+            let mut storage = Storage::new(cfg.as_ref(), claims.as_ref(), mem, landed);
+            let r = self.frame_loop(
+                scope,
+                &mut storage,
+                sock,
+                mem,
+                landed,
+                limits,
+                streams,
+                postcopy,
+            );
+            // The guest must not run while storage still writes its memory.
+            let done = storage.finish();
+            self.storage_report(&storage);
+            let switched = r?;
+            done?;
+            Ok(switched)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn frame_loop<'s, 'e: 's>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        storage: &mut Storage<'s, 'e>,
         sock: &mut impl ControlConn,
         mem: &GuestMemory,
         landed: &Landed,
@@ -68,6 +116,31 @@ impl Receiving {
                 Ok(f) => f,
                 // A data connection's failure names the cause better.
                 Err(e) => return Err(streams.and_then(Streams::failure).unwrap_or(e)),
+            };
+            // The storage channel's frames come between the others.
+            let frame = match frame {
+                Frame::Message(Message::TeleportOffer(o)) => {
+                    let ack = storage.offer(&o, limits);
+                    protocol::write_message(sock, &ack).map_err(|e| self.err(e))?;
+                    continue;
+                }
+                Frame::Message(Message::TeleportMap(TeleportMap(entries))) => {
+                    storage.map(scope, entries)?;
+                    continue;
+                }
+                Frame::Message(Message::TeleportSync(_)) => {
+                    self.context = "waiting for storage".into();
+                    let done = storage.finish()?.unwrap_or(TeleportDone {
+                        pages: 0,
+                        skipped: 0,
+                        bytes: 0,
+                        busy_ns: 0,
+                    });
+                    let done = Message::TeleportDone(done);
+                    protocol::write_message(sock, &done).map_err(|e| self.err(e))?;
+                    continue;
+                }
+                f => f,
             };
             let event = match &frame {
                 Frame::Message(Message::RoundStart(RoundStart {
@@ -147,6 +220,8 @@ impl Receiving {
                     break blob;
                 }
                 Frame::Run(run) => {
+                    let (first, count) = run.pages();
+                    storage.network_writes(first, count);
                     // SAFETY: the waiting destination guest maps this memory
                     // but touches none of it until it is handed its device
                     // state, after the last page; with one stream nothing

@@ -44,6 +44,7 @@ mod replay;
 mod report;
 mod serve;
 mod streams;
+mod teleport;
 pub use frames::ControlConn;
 use frames::Switched;
 pub use replay::{replay, ReplayConn};
@@ -93,6 +94,8 @@ pub enum ReceiveError {
     /// Pages whose content here differs from the paused source's.
     #[error("{count} mismatched pages after migration (first: page {first})")]
     Mismatch { count: u64, first: u64 },
+    #[error("page-cache teleportation: {0}")]
+    Storage(String),
     #[error("data connection {index} ended round {got} while round {ending} was ending")]
     StreamRound { index: usize, got: u32, ending: u32 },
     #[error("a data connection claims stream {index} of session {session:#x}; expected one of {streams} streams of session {expected:#x}, each once")]
@@ -159,6 +162,8 @@ pub struct Prepared {
     prepage: u32,
     /// A local migration's timeline: handed the guest when it resumes here.
     probe: Option<std::sync::Arc<crate::migration::sampler::Probe>>,
+    /// Page-cache teleportation: this end's backing file and read rate.
+    pub storage: Option<crate::migration::teleport::StorageConfig>,
 }
 
 /// Longest a destination keeps its guest for a timeline's observation.
@@ -186,6 +191,7 @@ impl Prepared {
             prealloc_ms: 0.0,
             prepage,
             probe: None,
+            storage: None,
         };
         if let Some(bytes) = memory_bytes {
             p.mem = Some(p.make(bytes)?);

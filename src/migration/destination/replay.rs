@@ -74,6 +74,7 @@ pub fn replay(
             prealloc_ms: 0.0,
             prepage: 0,
             probe: None,
+            storage: None,
         },
         cancel: Cancel::default(),
         interrupt: None,

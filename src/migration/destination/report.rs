@@ -40,6 +40,17 @@ pub struct ReceiveReport {
     /// with several at once is another order).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub served: Option<u64>,
+    /// Page-cache teleportation: pages placed from storage, bytes read,
+    /// and the time the reader was busy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teleported_pages: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_busy_ms: Option<f64>,
+    /// Why this receiver refused the sender's offer to teleport.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teleport_refused: Option<String>,
 }
 
 impl ReceiveReport {
@@ -64,6 +75,16 @@ impl ReceiveReport {
             self.verified_pages,
             self.mismatched_pages
         );
+        if let (Some(p), Some(b)) = (self.teleported_pages, self.storage_bytes) {
+            s += &format!(
+                "teleported        {p} pages from storage ({} read in {:.0} ms)\n",
+                fmt_bytes(b),
+                self.storage_busy_ms.unwrap_or(0.0)
+            );
+        }
+        if let Some(why) = &self.teleport_refused {
+            s += &format!("teleport          refused: {why}\n");
+        }
         if self.status == Status::Completed {
             s += &format!(
                 "guest rate        {:.0} pages/s after resume\n",

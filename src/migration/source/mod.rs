@@ -42,6 +42,7 @@ use crate::wire::transport::Security;
 
 mod streams;
 mod tcp;
+mod teleport;
 mod usage;
 
 pub use streams::SendError;
@@ -77,6 +78,8 @@ pub struct SenderConfig {
     pub cpu_cap: Option<CpuCap>,
     /// The timeline's sampling (`report.timeline`, `report.impact`).
     pub sampling: Sampling,
+    /// Page-cache teleportation (`--teleport FILE`, `--teleport-share`).
+    pub teleport: Option<crate::migration::teleport::TeleportConfig>,
 }
 
 impl Default for SenderConfig {
@@ -103,6 +106,7 @@ impl Default for SenderConfig {
             security: Security::Plain,
             cpu_cap: None,
             sampling: Sampling::Auto,
+            teleport: None,
         }
     }
 }
@@ -131,6 +135,7 @@ impl SenderConfig {
             workload: self.workload.clone(),
             vcpus: self.vcpus,
             seed: self.seed,
+            disk: self.teleport.as_ref().map(|t| t.file.clone()),
         }
     }
 
@@ -149,6 +154,10 @@ impl SenderConfig {
             transport: self.security.name().into(),
             compress: self.reduction.compress.map(|c| c.to_string()),
             xbzrle_cache_bytes: self.reduction.xbzrle_cache,
+            teleport: self
+                .teleport
+                .as_ref()
+                .map(|_| crate::report::TeleportStats::default()),
             ..Report::default()
         }
     }
@@ -164,6 +173,8 @@ pub struct Source {
     /// From spawning the guest until every vCPU runs: its memory
     /// populated and stamped (the report's `guest_start_ms`).
     pub guest_start: Duration,
+    /// The page -> block mapping the guest published (`cache=F`).
+    pub cache_map: Option<crate::guest::cache::CacheMap>,
 }
 
 impl Source {
@@ -185,6 +196,20 @@ impl Source {
             &format!("a guest of {}", crate::util::units::fmt_bytes(memory_bytes)),
             memory_bytes,
         )?;
+        if let Some(cache) = &workload.content.cache {
+            // Refuse a missing or short file here, in one line, rather
+            // than as a guest that exits.
+            let map =
+                crate::guest::cache::CacheMap::compute(cache, fresh.seed, workload.page_count);
+            let no_disk = || crate::guest::cache::CacheError::NoDisk(fresh.workload.to_string());
+            let disk = fresh
+                .disk
+                .as_deref()
+                .ok_or_else(no_disk)
+                .map_err(GuestError::from)?;
+            crate::guest::cache::open_disk(disk, map.blocks_needed(), page_size)
+                .map_err(GuestError::from)?;
+        }
         let mem = Arc::new(GuestMemory::create(memory_bytes, page_size)?);
         let bitmap = match tracker.uses_bitmap() {
             true => Some(SharedBitmap::create(mem.page_count())?),
@@ -196,6 +221,7 @@ impl Source {
         // The guest publishes where its memory is mapped before it runs.
         guest.wait_running()?;
         let guest_start = spawned.elapsed();
+        let cache_map = guest.cache_map(mem.page_count())?;
         // Map all of guest memory here now, as a hypervisor's own mapping
         // of guest RAM is: otherwise round 0 takes a page fault per page in
         // this process (measured: round 0 of 1 GiB at 16-30 Gbit/s without,
@@ -216,6 +242,7 @@ impl Source {
             tracker,
             workload,
             guest_start,
+            cache_map,
         })
     }
 
@@ -317,6 +344,9 @@ pub fn migrate_sampled(
     }
     if let Some(start) = tcp.start {
         report.total_time_ms = ms(start.elapsed());
+    }
+    if let Some(tp) = &tcp.teleport {
+        report.teleport = Some(tp.stats.clone());
     }
     let result = match (result, tcp.cancelled_in) {
         (Ok(()), Some(phase)) if report.status == Status::Cancelled => Err(SendError::Cancelled {

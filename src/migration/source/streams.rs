@@ -64,6 +64,8 @@ pub enum SendError {
     DataPath(#[from] DataPathError),
     #[error("{0}")]
     Config(String),
+    #[error("page-cache teleportation")]
+    Teleport(#[from] crate::migration::teleport::TeleportError),
     /// Asked to stop (SIGINT, SIGTERM); `kept` says where the guest runs on.
     #[error("migration cancelled by {why} during {during}; {kept}")]
     Cancelled {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use indicatif::ProgressBar;
 
 use super::streams::{connect, peer_error, peer_reason, proto, proto_waited, Lanes};
+use super::teleport::Teleport;
 use super::{progress_bar, src_resume, SendError, SenderConfig, Source};
 use crate::guest::control::Throttle;
 use crate::guest::dirty::DirtySet;
@@ -86,6 +87,8 @@ pub(super) struct Tcp<'a> {
     pending_end: Vec<u8>,
     /// The timeline's probe, told of every change of phase.
     probe: Option<Arc<Probe>>,
+    /// Page-cache teleportation, once offered.
+    pub(super) teleport: Option<Teleport>,
 }
 
 impl<'a> Tcp<'a> {
@@ -119,6 +122,7 @@ impl<'a> Tcp<'a> {
             resumed_at_destination: false,
             last_harvest: Duration::ZERO,
             cancelled_in: None,
+            teleport: None,
             pending_end: Vec::new(),
             probe,
         }
@@ -172,12 +176,41 @@ impl<'a> Tcp<'a> {
         self.progress.set_position(0);
         let conn = self.conn.as_mut().expect("connected in setup");
         let sock = &mut conn.control;
+        let t0 = Instant::now();
         let start = Message::round_start(round, stop_and_copy);
         let mut bytes = match stop_and_copy {
             true => start.encode().len() as u64,
             false => protocol::write_message(sock, &start).map_err(proto(ctx))? as u64,
         };
         let lanes = conn.lanes.as_mut().expect("open until the last page");
+        let mut pages0 = 0;
+        if let Some(tp) = self.teleport.as_mut().filter(|t| t.accepted()) {
+            if round == 0 && !stop_and_copy {
+                // auto: measure the network on a slice of the other pages first.
+                let mut net_rate = None;
+                if let Some(slice) = tp.probe_slice(&self.todo) {
+                    let t = Instant::now();
+                    let (p, b, f) = lanes.send(
+                        sock,
+                        round,
+                        &slice,
+                        chunk,
+                        ctx,
+                        &mut report.stream_pages,
+                        &self.cfg.cancel,
+                    )?;
+                    net_rate = Some(b as f64 / t.elapsed().as_secs_f64().max(1e-6));
+                    slice
+                        .runs(u64::MAX)
+                        .for_each(|(f0, n)| (f0..f0 + n).for_each(|pg| self.todo.remove(pg)));
+                    (pages0, bytes) = (p, bytes + b);
+                    report.forms += f;
+                }
+                bytes += tp.send_map(sock, net_rate, &mut self.todo)?;
+            } else {
+                tp.network_sends(&self.todo);
+            }
+        }
         let (pages, stream_bytes, forms) = lanes.send(
             sock,
             round,
@@ -189,6 +222,7 @@ impl<'a> Tcp<'a> {
         )?;
         bytes += stream_bytes;
         report.forms += forms;
+        let pages = pages + pages0;
         let end = Message::round_end(round, pages);
         bytes += match stop_and_copy {
             true => protocol::write_message(&mut self.pending_end, &end),
@@ -198,6 +232,9 @@ impl<'a> Tcp<'a> {
         if !stop_and_copy {
             // The round ends when its pages have landed (see crate::wire::protocol).
             expect_ack(sock, round, ctx)?;
+        }
+        if let Some(tp) = self.teleport.as_mut() {
+            tp.stats.network_busy_ms += ms(t0.elapsed());
         }
         Ok((pages, bytes))
     }
@@ -299,6 +336,11 @@ impl Backend for Tcp<'_> {
         protocol::read_handshake::<HelloAck>(&mut sock)
             .map_err(proto_waited(format!("handshake with {addr}"), wait))?;
         sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+        if let (Some(tc), Some(map)) = (&cfg.teleport, &self.src.cache_map) {
+            let pages = self.src.mem.page_count();
+            let tp = Teleport::offer(tc, map.clone(), &mut sock, page_size, pages)?;
+            self.teleport = Some(tp);
+        }
         let lanes = Lanes::open(
             security,
             cfg.streams,
@@ -335,6 +377,10 @@ impl Backend for Tcp<'_> {
         // Start tracking afresh: round 0 (or the switch-over) sends everything.
         self.dirty = DirtySet::new(pages);
         self.harvest(false, report)?;
+        if let Some(tp) = self.teleport.as_mut().filter(|t| t.accepted()) {
+            let file = tp.file.clone();
+            tp.choose_candidates(&self.src.mem, &file)?;
+        }
         self.todo = DirtySet::all(pages);
         self.precopy_ops = Some((Instant::now(), self.src.guest.ops()));
         Ok(())
@@ -403,6 +449,10 @@ impl Backend for Tcp<'_> {
         if let Some((t, ops)) = self.precopy_ops.filter(|_| round > 0) {
             report.guest_rate_precopy_pps =
                 Some((self.src.guest.ops() - ops) as f64 / t.elapsed().as_secs_f64());
+        }
+        if let Some(tp) = self.teleport.as_mut().filter(|t| t.accepted()) {
+            let sock = &mut self.conn.as_mut().expect("connected in setup").control;
+            tp.sync(sock)?;
         }
         if !postcopy {
             // Announced before the pause: the receiver has nothing to do

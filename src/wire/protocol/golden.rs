@@ -32,7 +32,7 @@ fn golden_bytes() {
     let control = [
         (
             Message::hello(4096, 1 << 30, 4, 0x0123_4567_89ab_cdef),
-            "0100000028000000 4c4956454d494700 03000000 00100000 0000004000000000 \
+            "0100000028000000 4c4956454d494700 04000000 00100000 0000004000000000 \
              04000000 00000000 efcdab8967452301",
         ),
         (
@@ -44,16 +44,16 @@ fn golden_bytes() {
                 session: 9,
                 postcopy: true,
             }),
-            "0100000028000000 4c4956454d494700 03000000 00000100 0000040302010000 \
+            "0100000028000000 4c4956454d494700 04000000 00000100 0000040302010000 \
              01000000 01000000 0900000000000000",
         ),
         (
             Message::hello_ack(),
-            "0200000010000000 4c4956454d494700 03000000 00000000",
+            "0200000010000000 4c4956454d494700 04000000 00000000",
         ),
         (
             Message::stream_hello(REQUEST_STREAM, 0x0123_4567_89ab_cdef),
-            "0d00000018000000 4c4956454d494700 03000000 ffffffff efcdab8967452301",
+            "0d00000018000000 4c4956454d494700 04000000 ffffffff efcdab8967452301",
         ),
         (
             Message::round_start(0x0102_0304, false),
@@ -100,7 +100,7 @@ fn golden_bytes() {
                 session: 0x0123_4567_89ab_cdef,
                 nonce: [0xa5; AUTH_LEN],
             }),
-            "1300000038000000 4c4956454d494700 03000000 feffffff efcdab8967452301 \
+            "1300000038000000 4c4956454d494700 04000000 feffffff efcdab8967452301 \
              a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5",
         ),
         (
@@ -118,6 +118,57 @@ fn golden_bytes() {
             }),
             "1500000020000000 \
              3333333333333333333333333333333333333333333333333333333333333333",
+        ),
+        (
+            Message::TeleportOffer(TeleportOffer {
+                blocks: 0x0102_0304,
+                block_size: 4096,
+                samples: 64,
+                digest: 0x0123_4567_89ab_cdef,
+            }),
+            "1600000018000000 0403020100000000 00100000 40000000 efcdab8967452301",
+        ),
+        (
+            Message::TeleportAck(TeleportAck {
+                accepted: true,
+                storage_rate: 125_000_000,
+                reason: String::new(),
+            }),
+            "1700000010000000 01000000 00000000 40597307 00000000",
+        ),
+        (
+            Message::TeleportAck(TeleportAck {
+                accepted: false,
+                storage_rate: 0,
+                reason: "no".into(),
+            }),
+            "1700000012000000 00000000 00000000 0000000000000000 6e6f",
+        ),
+        (
+            Message::TeleportMap(TeleportMap(vec![
+                MapEntry {
+                    first_page: 5,
+                    first_block: 0x0102,
+                    count: 3,
+                },
+                MapEntry {
+                    first_page: 9,
+                    first_block: 0,
+                    count: 1,
+                },
+            ])),
+            "1800000030000000 0500000000000000 0201000000000000 03000000 00000000 \
+             0900000000000000 0000000000000000 01000000 00000000",
+        ),
+        (Message::TeleportSync(TeleportSync), "1900000000000000"),
+        (
+            Message::TeleportDone(TeleportDone {
+                pages: 10,
+                skipped: 2,
+                bytes: 0xa000,
+                busy_ns: 0x0102_0304_0506,
+            }),
+            "1a00000020000000 0a00000000000000 0200000000000000 00a0000000000000 0605040302010000",
         ),
     ];
     for (m, want) in control {

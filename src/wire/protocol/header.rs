@@ -10,7 +10,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// First 8 bytes of every `Hello`, `HelloAck`, `StreamHello` and `AuthHello` payload.
 pub const MAGIC: [u8; 8] = *b"LIVEMIG\0";
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Size of the frame header.
 pub const HEADER_LEN: usize = size_of::<HeaderLayout>();
 /// Cap on the payload of any frame other than the run frames.
@@ -180,6 +180,11 @@ kinds! {
     AuthHello = 19,
     AuthChallenge = 20,
     AuthProof = 21,
+    TeleportOffer = 22,
+    TeleportAck = 23,
+    TeleportMap = 24,
+    TeleportSync = 25,
+    TeleportDone = 26,
 }
 
 impl fmt::Display for Kind {

@@ -9,6 +9,7 @@ use super::handshake::{Hello, HelloAck, StreamHello};
 use super::header::{
     bad_len, unexpected, Header, Kind, Limits, ProtocolError, HEADER_LEN, VERSION,
 };
+use super::teleport::{TeleportAck, TeleportDone, TeleportMap, TeleportOffer, TeleportSync};
 
 /// Declares [`Message`] from the list of message types, with what joins
 /// a kind to its type: nothing else lists the control messages.
@@ -90,6 +91,11 @@ messages! {
     AuthHello,
     AuthChallenge,
     AuthProof,
+    TeleportOffer,
+    TeleportAck,
+    TeleportMap,
+    TeleportSync,
+    TeleportDone,
 }
 
 /// Decodes the payload of control frame `h`, whose length its

@@ -103,7 +103,9 @@
 //! flag bit also needs a bump, because unknown kinds and flags are rejected.
 //! Version 3 added the `--psk` challenge-response (`AuthHello`,
 //! `AuthChallenge`, `AuthProof`, see `auth.rs`), which opens every
-//! connection of a PSK migration. TLS (`--tls-*`) wraps every connection
+//! connection of a PSK migration. Version 4 added page-cache teleportation
+//! (`TeleportOffer`, `TeleportAck`, `TeleportMap`, `TeleportSync`,
+//! `TeleportDone`, see `teleport.rs`). TLS (`--tls-*`) wraps every connection
 //! below the framing and changes nothing here.
 //! The golden test (`golden.rs`) holds the exact bytes of one frame of every
 //! kind: if it fails, the wire changed.
@@ -114,6 +116,7 @@ mod handshake;
 mod header;
 mod message;
 mod run;
+mod teleport;
 
 #[cfg(test)]
 mod golden;
@@ -137,6 +140,10 @@ pub use message::Message;
 pub use run::{
     compressed_frame_header, digests_frame_header, discard_frame_header, pages_frame_header,
     xbzrle_frame_header, zero_frame_header, Frame, PageRun, RUN_FRAME_HEADER_LEN, RUN_HEADER_LEN,
+};
+pub use teleport::{
+    MapEntry, TeleportAck, TeleportDone, TeleportMap, TeleportOffer, TeleportSync, MAX_MAP_ENTRIES,
+    MAX_MAP_RUN,
 };
 
 use header::unexpected;

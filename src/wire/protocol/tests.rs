@@ -179,9 +179,9 @@ fn handshake_rejections() {
     })
     .encode();
     // A longer (future) Hello still reports the version, not the length.
-    let mut v3 = [&MAGIC[..], &4u32.to_le_bytes(), &[0; 40]].concat();
+    let mut v3 = [&MAGIC[..], &(VERSION + 1).to_le_bytes(), &[0; 40]].concat();
     let v3_frame = frame(1, 0, &v3);
-    v3[8] = 3;
+    v3[8] = VERSION as u8;
     let mut reserved_hello = Message::hello(4096, 8192, 1, 0).encode();
     reserved_hello[8 + 28] = 2; // flag bits other than POSTCOPY
     let mut ack = Message::hello_ack().encode();
@@ -207,8 +207,8 @@ fn handshake_rejections() {
             "the sender did not authenticate, and this receiver requires a pre-shared key";
         read(&bad, None) => E::NotLivemig { .. }, "not a livemig peer (bad magic 0x58";
         read(&v7, None) => E::Version { peer: 7 },
-            "peer speaks protocol version 7, this build speaks 3";
-        read(&v3_frame, None) => E::Version { peer: 4 }, "version 4";
+            "peer speaks protocol version 7, this build speaks 4";
+        read(&v3_frame, None) => E::Version { peer: 5 }, "version 5";
         read(&frame(1, 0, &v3), None) => E::BadLength { .. },
             "Hello: payload of 52 bytes, expected 40";
         read(&reserved_hello, None) => E::Reserved { value: 2, .. },
@@ -395,5 +395,61 @@ fn truncation_and_close() {
         expect_message::<Verdict>(&mut r, None) => E::Unexpected { .. },
             "unexpected frame Complete (expected Verdict)";
         read_frame(&mut r, LIM) => E::Closed, "closed";
+    }
+}
+
+#[test]
+fn teleport_frames_are_checked() {
+    let lim = Limits {
+        streams: 1,
+        page_size: 4096,
+        page_count: 100,
+    };
+    let entry = |first_page, first_block, count| MapEntry {
+        first_page,
+        first_block,
+        count,
+    };
+    let map = |e: Vec<MapEntry>| Message::TeleportMap(TeleportMap(e)).encode();
+    let ok = map(vec![entry(0, 7, 100)]);
+    assert!(read_frame(&mut &ok[..], Some(&lim)).is_ok());
+    let outside = map(vec![entry(0, 0, 1), entry(99, 0, 2)]);
+    let empty_run = map(vec![entry(3, 0, 0)]);
+    let overflow = map(vec![entry(3, u64::MAX, 2)]);
+    let mut ragged = map(vec![entry(3, 0, 1), entry(5, 0, 1)]);
+    ragged.pop();
+    ragged[4] -= 1;
+    let big_offer = Message::TeleportOffer(TeleportOffer {
+        blocks: 101,
+        block_size: 4096,
+        samples: 64,
+        digest: 0,
+    })
+    .encode();
+    let mut bad_ack = Message::TeleportAck(TeleportAck {
+        accepted: true,
+        storage_rate: 1,
+        reason: String::new(),
+    })
+    .encode();
+    bad_ack[8] = 2;
+    let done = Message::TeleportDone(TeleportDone {
+        pages: 90,
+        skipped: 11,
+        bytes: 0,
+        busy_ns: 0,
+    })
+    .encode();
+    let l = Some(&lim);
+    rejects! {
+        read_frame(&mut &outside[..], l) => E::OutOfRange { .. },
+            "TeleportMap: page run 99+2 out of range (memory has 100 pages)";
+        read_frame(&mut &empty_run[..], l) => E::BadCount { .. }, "TeleportMap: count 0 outside";
+        read_frame(&mut &overflow[..], l) => E::BadField { .. }, "overflows";
+        read_frame(&mut &ragged[..], l) => E::BadLength { .. }, "a multiple of 24";
+        read_frame(&mut &big_offer[..], l) => E::BadField { .. },
+            "TeleportOffer: 101 blocks of 4096 bytes for 100 pages";
+        read_frame(&mut &bad_ack[..], l) => E::BadField { .. }, "accepted is 2";
+        read_frame(&mut &done[..], l) => E::BadField { .. }, "exceed memory of 100";
     }
 }
