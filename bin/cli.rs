@@ -446,6 +446,8 @@ pub struct SweepOpts {
     /// point that cannot converge does not hold up the sweep).
     #[arg(long, default_value = "10s")]
     pub max_time: Span,
+    #[command(flatten)]
+    pub teleport: crate::teleport::SweepTeleportFlags,
     /// How long each guest runs before its migration starts.
     #[arg(long, default_value = "200ms")]
     pub warmup: Span,
@@ -738,7 +740,9 @@ impl SimulateOpts {
 
 impl SweepOpts {
     pub fn config(&self) -> Result<livemig::predict::sweep::SweepConfig> {
+        let (teleport, shares) = self.teleport.config()?;
         Ok(livemig::predict::sweep::SweepConfig {
+            shares,
             mems: self.mems.iter().map(|m| m.0).collect(),
             workloads: self.workloads.clone(),
             bandwidths: self.bandwidths.clone(),
@@ -757,6 +761,7 @@ impl SweepOpts {
                 max_time: self.max_time.0,
                 warmup: self.warmup.0,
                 seed: self.seed,
+                teleport,
                 ..SenderConfig::default()
             },
             variant: self.variant,

@@ -54,6 +54,7 @@ impl TeleportFlags {
         Ok(Some(TeleportConfig {
             file: file.clone(),
             share: self.teleport_share.unwrap_or(Share::Auto),
+            storage_rate: self.storage_rate.map(|r| r.0),
         }))
     }
 }
@@ -81,5 +82,37 @@ impl ReceiveTeleportFlags {
                 rate: rate.map(|r| r.0),
             })),
         }
+    }
+}
+
+/// `sweep`'s teleportation flags: the shares R are a dimension of the grid.
+#[derive(Args, Clone, Debug)]
+pub struct SweepTeleportFlags {
+    /// Page-cache teleportation: the guests' backing file (workloads with cache=F)
+    #[arg(long, value_name = "FILE")]
+    pub teleport: Option<PathBuf>,
+    /// Shares R to sweep, 0-1 or auto (repeat the flag) [default: auto]
+    #[arg(long = "teleport-share", value_name = "R|auto")]
+    pub teleport_shares: Vec<Share>,
+    /// How fast the destination reads the backing file
+    #[arg(long, value_name = "RATE")]
+    pub storage_rate: Option<Rate>,
+}
+
+impl SweepTeleportFlags {
+    /// The base configuration and the shares to sweep.
+    pub fn config(&self) -> Result<(Option<TeleportConfig>, Vec<Share>)> {
+        let Some(file) = &self.teleport else {
+            if !self.teleport_shares.is_empty() || self.storage_rate.is_some() {
+                bail!("--teleport-share and --storage-rate need --teleport FILE");
+            }
+            return Ok((None, Vec::new()));
+        };
+        let t = TeleportConfig {
+            file: file.clone(),
+            share: self.teleport_shares.first().copied().unwrap_or(Share::Auto),
+            storage_rate: self.storage_rate.map(|r| r.0),
+        };
+        Ok((Some(t), self.teleport_shares.clone()))
     }
 }

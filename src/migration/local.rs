@@ -90,7 +90,7 @@ pub fn run(
         };
     prepared.storage = cfg.teleport.as_ref().map(|t| StorageConfig {
         file: dest.teleport_file.clone().unwrap_or_else(|| t.file.clone()),
-        rate: dest.storage_rate,
+        rate: dest.storage_rate.or(t.storage_rate),
     });
     // The timeline follows the guest to the destination.
     let sampler = src.sampler(cfg);

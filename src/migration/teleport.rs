@@ -108,6 +108,9 @@ impl fmt::Display for Share {
 pub struct TeleportConfig {
     pub file: PathBuf,
     pub share: Share,
+    /// The destination's read rate, where this process knows it (`migrate`,
+    /// sweeps and predictions); a remote receiver sets its own.
+    pub storage_rate: Option<u64>,
 }
 
 /// The destination's side: its path to the same data, and the read rate

@@ -14,6 +14,7 @@ use crate::migration::machine::{Backend, Round};
 use crate::migration::policy::{Precopy, RoundFigures, StopReason};
 use crate::migration::source::SenderConfig;
 use crate::migration::throttle::rate_factor;
+use crate::predict::teleport::SecondChannel;
 use crate::report::{ms, DowntimeBreakdown, Report};
 use crate::util::page::PageSize;
 use crate::wire::ratelimit::RateLimiter;
@@ -146,6 +147,10 @@ pub(crate) struct Prediction<'a, D, N = OwnLink> {
     fast_forwarded: bool,
     /// The guest dirties at this share of its rate (see [`rate_factor`]).
     throttle: Throttle,
+    /// Page-cache teleportation: storage's part, and when round 0 began.
+    second: Option<SecondChannel>,
+    round0_at: Duration,
+    network_busy: Duration,
 }
 
 impl<'a, D: Dirtying, N: Network> Prediction<'a, D, N> {
@@ -158,6 +163,9 @@ impl<'a, D: Dirtying, N: Network> Prediction<'a, D, N> {
             last_pages: Duration::ZERO,
             fast_forwarded: false,
             throttle: Throttle::Off,
+            second: SecondChannel::plan(cfg),
+            round0_at: Duration::ZERO,
+            network_busy: Duration::ZERO,
         }
     }
 }
@@ -184,10 +192,17 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
         if round as usize >= MAX_ROUNDS {
             return Err(SimulateError::Runaway(MAX_ROUNDS, self.now.as_secs_f64()));
         }
-        let pages = self.dirtying.pending();
-        let bytes = self.dirtying.round_bytes(round, false, limit);
+        let mut pages = self.dirtying.pending();
+        let mut bytes = self.dirtying.round_bytes(round, false, limit);
+        if let Some(s) = self.second.filter(|_| round == 0) {
+            // Storage carries the teleported pages instead.
+            self.round0_at = self.now;
+            pages = pages.saturating_sub(s.pages);
+            bytes = bytes.saturating_sub(self.cfg.page_size.bytes(s.pages));
+        }
         let duration = self.net.pass(self.cfg.round_overhead + self.cfg.harvest())
             + self.net.transfer(self.cfg, bytes, limit, round);
+        self.network_busy += duration;
         self.now += duration;
         // A throttled guest writes as if it ran for a share of the round.
         let vcpus = f64::from(self.cfg.migration.vcpus.max(1));
@@ -226,9 +241,14 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
         _postcopy: bool,
         report: &mut Report,
     ) -> Result<Option<Round>, SimulateError> {
+        if let Some(s) = self.second {
+            // The sender waits for storage before it pauses the guest.
+            self.now = self.now.max(self.round0_at + s.done_after);
+        }
         report.dirty_sync_count += 1;
         let bytes = self.dirtying.round_bytes(round, true, limit);
         self.last_pages = self.net.transfer(self.cfg, bytes, limit, round);
+        self.network_busy += self.last_pages;
         let figures = RoundFigures {
             round,
             pages: self.dirtying.pending(),
@@ -253,6 +273,9 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
         };
         report.migration_time_ms = Some(ms(self.now));
         report.total_time_ms = ms(self.now);
+        if let Some(s) = &self.second {
+            report.teleport = Some(s.stats(self.cfg, self.network_busy));
+        }
         if self.fast_forwarded {
             report.converged = Some(false);
         }

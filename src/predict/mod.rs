@@ -6,3 +6,4 @@ pub mod model;
 pub mod plot;
 pub mod simulate;
 pub mod sweep;
+mod teleport;

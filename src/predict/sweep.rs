@@ -111,6 +111,9 @@ pub struct SweepConfig {
     pub policies: Vec<Policy>,
     /// How each point may throttle its guest (a dimension of the grid).
     pub throttlings: Vec<Throttling>,
+    /// Shares R of page cache teleported (a dimension of the grid when
+    /// `base.teleport` is set; empty: the base's own).
+    pub shares: Vec<crate::migration::teleport::Share>,
     /// Everything else a migration needs (vCPUs, tracker, limits, warm-up,
     /// seed); its memory, workload, bandwidth and policy are the grid's.
     pub base: SenderConfig,
@@ -155,6 +158,9 @@ pub struct Figures {
     pub cpu_throttle_percentage: Option<u32>,
     /// Why there are no figures, when there are none.
     pub error: Option<String>,
+    /// Page-cache teleportation: the share R used (auto's choice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teleport_share: Option<f64>,
 }
 
 impl Figures {
@@ -168,6 +174,7 @@ impl Figures {
                 ),
                 bytes: Some(r.transferred_bytes),
                 cpu_throttle_percentage: Some(r.cpu_throttle_percentage),
+                teleport_share: r.teleport.as_ref().map(|t| t.teleport_share),
                 error: r.error,
             },
             Err(e) => Self {
@@ -232,10 +239,15 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
     for &mem in &cfg.mems {
         for workload in &cfg.workloads {
             for bandwidth in &cfg.bandwidths {
-                for (policy, throttling) in cfg
+                let shares: Vec<_> = match cfg.shares.is_empty() {
+                    true => vec![None],
+                    false => cfg.shares.iter().map(Some).collect(),
+                };
+                for ((policy, throttling), share) in cfg
                     .policies
                     .iter()
                     .flat_map(|p| cfg.throttlings.iter().map(move |t| (p, t)))
+                    .flat_map(|pt| shares.iter().map(move |s| (pt, *s)))
                 {
                     let mut label = format!(
                         "{} {workload} {bandwidth} {policy}",
@@ -243,6 +255,11 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                     );
                     if *throttling != Throttling::Off {
                         label = format!("{label} {}", throttling.name());
+                    }
+                    let mut teleport = cfg.base.teleport.clone();
+                    if let (Some(t), Some(&share)) = (&mut teleport, share) {
+                        t.share = share;
+                        label = format!("{label} R={share}");
                     }
                     // Every point is checked before the first one runs.
                     if mem == 0 || !page.divides(mem) {
@@ -260,6 +277,7 @@ fn points(cfg: &SweepConfig) -> Result<Vec<Point>, SweepError> {
                         policy: *policy,
                         throttling: *throttling,
                         progress: false,
+                        teleport,
                         ..cfg.base.clone()
                     };
                     out.push(Point {
@@ -577,6 +595,7 @@ mod tests {
             bandwidths: vec![],
             policies: vec![Policy::Xen],
             throttlings: vec![Throttling::Off],
+            shares: vec![],
             base: SenderConfig::default(),
             variant: Variant::Wws,
             link_bytes_per_s: None,
@@ -586,6 +605,42 @@ mod tests {
         };
         let e = grid_size(&cfg).unwrap_err().to_string();
         assert_eq!(e, "empty grid: no bandwidth given");
+    }
+
+    #[test]
+    fn teleport_shares_are_a_dimension_of_the_grid() {
+        use crate::migration::teleport::{Share, TeleportConfig};
+        let cfg = SweepConfig {
+            mems: vec![1 << 24],
+            workloads: vec!["idle:cache=0.5".parse().unwrap()],
+            bandwidths: vec![Bandwidth::Unlimited],
+            policies: vec![Policy::Xen],
+            throttlings: vec![Throttling::Off],
+            shares: vec![Share::Fixed(0.0), Share::Fixed(0.5), Share::Auto],
+            base: SenderConfig {
+                teleport: Some(TeleportConfig {
+                    file: "disk".into(),
+                    share: Share::Auto,
+                    storage_rate: None,
+                }),
+                ..SenderConfig::default()
+            },
+            variant: Variant::Wws,
+            link_bytes_per_s: None,
+            round_overhead: None,
+            downtime_overhead: None,
+        };
+        let p = points(&cfg).unwrap();
+        let labels: Vec<_> = p
+            .iter()
+            .map(|p| p.label.rsplit(' ').next().unwrap())
+            .collect();
+        assert_eq!(labels, ["R=0", "R=0.5", "R=auto"]);
+        let shares: Vec<_> = p
+            .iter()
+            .map(|p| p.cfg.teleport.as_ref().unwrap().share)
+            .collect();
+        assert_eq!(shares, cfg.shares);
     }
 
     #[test]
