@@ -61,6 +61,11 @@ pub enum CacheError {
     Publish(#[source] std::io::Error),
 }
 
+/// A `layout=` that is neither `seq` nor `scatter`.
+#[derive(Debug, thiserror::Error)]
+#[error("layout=\"{0}\" is not seq or scatter")]
+pub struct BadLayout(pub String);
+
 /// How cache pages and blocks are laid out (`layout=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheLayout {
@@ -90,15 +95,11 @@ impl Cache {
     pub(crate) fn from_keys(
         share: Option<f64>,
         layout: Option<&str>,
-    ) -> Result<Option<Cache>, crate::guest::workload::WorkloadError> {
+    ) -> Result<Option<Cache>, BadLayout> {
         let layout = match layout {
             None | Some("seq") => CacheLayout::Seq,
             Some("scatter") => CacheLayout::Scatter,
-            Some(other) => {
-                return Err(crate::guest::workload::WorkloadError::CacheLayout(
-                    other.into(),
-                ))
-            }
+            Some(other) => return Err(BadLayout(other.into())),
         };
         Ok(share
             .filter(|&s| s > 0.0)
@@ -286,14 +287,14 @@ pub fn fill(mem: &GuestMemory, map: &CacheMap, disk: &File, path: &Path) -> Resu
 pub fn fill_and_publish(
     mem: &GuestMemory,
     cache: &Cache,
-    fresh: &crate::guest::args::Fresh,
+    (seed, spec): (u64, &str),
     disk: Option<&Path>,
     map_fd: Option<RawFd>,
 ) -> Result<(), CacheError> {
     let (Some(path), Some(fd)) = (disk, map_fd) else {
-        return Err(CacheError::NoDisk(fresh.workload.to_string()));
+        return Err(CacheError::NoDisk(spec.into()));
     };
-    let map = CacheMap::compute(cache, fresh.seed, mem.page_count());
+    let map = CacheMap::compute(cache, seed, mem.page_count());
     let file = open_disk(path, map.blocks_needed(), mem.page_size())?;
     fill(mem, &map, &file, path)?;
     // SAFETY: the owner handed this fd to this process for this use.

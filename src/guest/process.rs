@@ -191,7 +191,8 @@ pub fn run(args: GuestArgs) -> Result<(), GuestError> {
             crate::guest::prepare::stamp(&mem, f.seed, &content)?;
             if let Some(cache) = &content.cache {
                 let disk = f.disk.as_deref();
-                crate::guest::cache::fill_and_publish(&mem, cache, &f, disk, args.cache_map_fd)?;
+                let who = (f.seed, f.workload.spec());
+                crate::guest::cache::fill_and_publish(&mem, cache, who, disk, args.cache_map_fd)?;
             }
             for (i, slot) in control.block().slots[..f.vcpus as usize].iter().enumerate() {
                 slot.seed

@@ -45,7 +45,7 @@ pub const DIGEST_SAMPLES: u64 = 64;
 /// Blocks read at once (1 MiB of 4 KiB blocks).
 const READ_BATCH: u64 = 256;
 /// Bytes read to measure the storage's rate when the offer comes.
-const PROBE_BYTES: u64 = 8 << 20;
+pub const PROBE_BYTES: u64 = 8 << 20;
 
 /// Errors of the storage channel.
 #[derive(Debug, thiserror::Error)]

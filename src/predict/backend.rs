@@ -163,7 +163,7 @@ impl<'a, D: Dirtying, N: Network> Prediction<'a, D, N> {
             last_pages: Duration::ZERO,
             fast_forwarded: false,
             throttle: Throttle::Off,
-            second: SecondChannel::plan(cfg),
+            second: SecondChannel::plan(&cfg.migration, cfg.page_size, cfg.link_bytes_per_s),
             round0_at: Duration::ZERO,
             network_busy: Duration::ZERO,
         }
@@ -179,6 +179,9 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
 
     fn setup(&mut self, report: &mut Report) -> Result<(), SimulateError> {
         self.now = self.net.pass(self.cfg.setup);
+        if let Some(s) = &self.second {
+            self.now += s.setup;
+        }
         report.setup_time_ms = ms(self.now);
         Ok(())
     }
@@ -274,7 +277,7 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
         report.migration_time_ms = Some(ms(self.now));
         report.total_time_ms = ms(self.now);
         if let Some(s) = &self.second {
-            report.teleport = Some(s.stats(self.cfg, self.network_busy));
+            report.teleport = Some(s.stats(self.cfg.page_size, self.network_busy));
         }
         if self.fast_forwarded {
             report.converged = Some(false);

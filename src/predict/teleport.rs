@@ -9,9 +9,10 @@
 
 use std::time::Duration;
 
-use crate::migration::teleport::{choose_share, Share};
-use crate::predict::simulate::SimConfig;
+use crate::migration::source::SenderConfig;
+use crate::migration::teleport::{choose_share, Share, PROBE_BYTES};
 use crate::report::{ms, TeleportStats};
+use crate::util::page::PageSize;
 use crate::util::units::PageRate;
 
 /// Storage rate assumed when none is given: a fast local disk.
@@ -27,15 +28,17 @@ pub(crate) struct SecondChannel {
     /// From the start of round 0 until storage is done.
     pub done_after: Duration,
     pub busy: Duration,
+    /// What the offer adds to the setup: the destination's probe read.
+    pub setup: Duration,
 }
 
 impl SecondChannel {
-    /// The channel `cfg` describes (None: no teleportation).
-    pub(crate) fn plan(cfg: &SimConfig) -> Option<SecondChannel> {
-        let m = &cfg.migration;
+    /// The channel migration `m` describes over a link of `link` bytes/s
+    /// (None: no teleportation).
+    pub(crate) fn plan(m: &SenderConfig, page_size: PageSize, link: f64) -> Option<SecondChannel> {
         let (t, cache) = (m.teleport.as_ref()?, m.workload.content.cache?);
-        let ps = cfg.page_size.as_u64() as f64;
-        let pages = cfg.page_size.pages(m.memory_bytes);
+        let ps = page_size.as_u64() as f64;
+        let pages = page_size.pages(m.memory_bytes);
         // Pages written during the warm-up are no longer restorable
         // (uniformly spread writes: e^(-writes/pages) stay clean).
         let writes = match m.workload.rate {
@@ -49,15 +52,14 @@ impl SecondChannel {
         let net = m
             .bandwidth
             .initial_limit()
-            .map_or(cfg.link_bytes_per_s, |l| {
-                (l as f64).min(cfg.link_bytes_per_s)
-            });
+            .map_or(link, |l| (l as f64).min(link));
         let others = pages - candidates.min(pages);
         let (share, start) = match t.share {
             Share::Fixed(r) => (r, 0.0),
             Share::Auto => {
                 let slice = others / 4;
-                let r = choose_share(net, storage, others - slice, candidates);
+                let left = (net - writes / m.warmup.as_secs_f64().max(1e-9) * ps).max(net / 10.0);
+                let r = choose_share(left, storage, others - slice, candidates);
                 (r, slice as f64 * ps / net)
             }
         };
@@ -69,15 +71,18 @@ impl SecondChannel {
             pages: teleported,
             done_after: Duration::from_secs_f64(start) + busy,
             busy,
+            setup: Duration::from_secs_f64(
+                PROBE_BYTES.min(page_size.bytes(candidates)) as f64 / storage,
+            ),
         })
     }
 
     /// The report's figures; `network_busy`: the rounds' send time.
-    pub(crate) fn stats(&self, cfg: &SimConfig, network_busy: Duration) -> TeleportStats {
+    pub(crate) fn stats(&self, page_size: PageSize, network_busy: Duration) -> TeleportStats {
         TeleportStats {
             teleport_share: self.share,
             teleported_pages: self.pages,
-            storage_bytes: cfg.page_size.bytes(self.pages),
+            storage_bytes: page_size.bytes(self.pages),
             storage_busy_ms: ms(self.busy),
             network_busy_ms: ms(network_busy),
             teleport_candidates: self.candidates,

@@ -144,7 +144,8 @@ impl FromStr for Workload {
                 cache: crate::guest::cache::Cache::from_keys(
                     fraction("cache")?,
                     kv.get("layout").copied(),
-                )?,
+                )
+                .map_err(|e| WorkloadError::CacheLayout(e.0))?,
             },
         })
     }

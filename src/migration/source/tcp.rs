@@ -206,7 +206,8 @@ impl<'a> Tcp<'a> {
                     (pages0, bytes) = (p, bytes + b);
                     report.forms += f;
                 }
-                bytes += tp.send_map(sock, net_rate, &mut self.todo)?;
+                let dirty = report.guest_dirty_rate_pps;
+                bytes += tp.send_map(sock, net_rate, dirty, &mut self.todo)?;
             } else {
                 tp.network_sends(&self.todo);
             }

@@ -158,13 +158,15 @@ impl Teleport {
         Some(slice)
     }
 
-    /// Choose R (`net_rate`: what the probe slice measured, for `auto`),
-    /// take the chosen pages out of `todo` and send their mapping.
-    /// Returns the bytes written.
+    /// Choose R (`net_rate`: what the probe slice measured, for `auto`;
+    /// `dirty_pps`: the guest's write rate, whose pages the network sends
+    /// again meanwhile), take the chosen pages out of `todo` and send their
+    /// mapping. Returns the bytes written.
     pub(super) fn send_map(
         &mut self,
         sock: &mut Conn,
         net_rate: Option<f64>,
+        dirty_pps: f64,
         todo: &mut DirtySet,
     ) -> Result<u64, SendError> {
         let c = self.candidates.len() as u64;
@@ -174,7 +176,10 @@ impl Teleport {
                 let others = todo.count().saturating_sub(c);
                 self.stats.network_rate_bps = Some(net as u64);
                 self.stats.storage_rate_bps = Some(sto);
-                choose_share(net, sto as f64, others, c)
+                // The network's rate left for this work: the guest's
+                // writes come back as dirty pages while it runs.
+                let left = (net - dirty_pps * self.page_size.as_u64() as f64).max(net / 10.0);
+                choose_share(left, sto as f64, others, c)
             }
             (Share::Auto, ..) => 0.0,
         };
