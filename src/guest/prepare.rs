@@ -84,6 +84,7 @@ mod tests {
             zero: 0.3,
             random: 0.5,
             write_bytes: 8,
+            cache: None,
         };
         stamp(&mem, 7, &content).unwrap();
         let mut digests = std::collections::HashSet::new();
