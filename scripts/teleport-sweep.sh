@@ -132,7 +132,7 @@ for i in range(11):
     svg.append(f'<text x="{x(i/10)}" y="{H-B+16}" text-anchor="middle">{i/10:.1f}</text>')
 for i in range(6):
     v = ymax * i / 5
-    svg.append(f'<text x="{L-6}" y="{y(v)+4}" text-anchor="end">{v:.0f}</text>')
+    svg.append(f'<text x="{L-6}" y="{y(v)+4}" text-anchor="end">{v:.1f}</text>')
 for key, colour, name in [("measured", "#1f77b4", "measured (median)"), ("model", "#2ca02c", "model"), ("sim", "#ff7f0e", "simulator")]:
     path = " ".join(f"{x(float(r['label'])):.1f},{y(r[key] / 1e3):.1f}" for r in pts)
     dash = '' if key == "measured" else ' stroke-dasharray="5,3"'
