@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 pub use crate::guest::args::{Fresh, GuestArgs};
+use crate::guest::cache::CacheMap;
 use crate::guest::control::{Control, MAX_VCPUS};
 use crate::guest::dirty::{DirtyError, SharedBitmap, TrackerKind};
 use crate::guest::memory::{GuestMemory, MemoryError, SharedRegion};
@@ -384,10 +385,9 @@ impl Guest {
             Some(exe) => exe.into(),
             None => std::env::current_exe().map_err(GuestError::Spawn)?,
         };
-        let cache_map = match fresh.filter(|f| f.workload.content.cache.is_some()) {
-            Some(_) => Some(crate::guest::cache::map_memfd().map_err(GuestError::Spawn)?),
-            None => None,
-        };
+        let cache_map = (fresh.filter(|f| f.workload.content.cache.is_some()))
+            .map(|_| crate::guest::cache::map_memfd().map_err(GuestError::Spawn))
+            .transpose()?;
         let args = GuestArgs::new(
             (mem.region().raw_fd(), mem.len()),
             control.region().raw_fd(),
@@ -446,16 +446,10 @@ impl Guest {
         })
     }
 
-    /// The page -> block mapping the guest published (None: no page
-    /// cache); read it once the guest runs.
-    pub fn cache_map(
-        &self,
-        page_count: u64,
-    ) -> Result<Option<crate::guest::cache::CacheMap>, GuestError> {
-        let Some(f) = &self.cache_map else {
-            return Ok(None);
-        };
-        Ok(Some(crate::guest::cache::read_published(f, page_count)?))
+    /// The page -> block mapping the guest published, once it runs (None: no cache).
+    pub fn cache_map(&self, pages: u64) -> Result<Option<CacheMap>, GuestError> {
+        let read = |f| crate::guest::cache::read_published(f, pages);
+        Ok(self.cache_map.as_ref().map(read).transpose()?)
     }
 
     pub fn pid(&self) -> i32 {
