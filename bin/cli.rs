@@ -202,6 +202,7 @@ pub struct SendOpts {
     pub cap: crate::cap::CapFlags,
     #[command(flatten)]
     pub timeline: crate::timeline::TimelineFlags,
+    #[command(flatten)]
     pub teleport: crate::teleport::TeleportFlags,
 }
 

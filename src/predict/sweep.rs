@@ -629,6 +629,7 @@ mod tests {
             link_bytes_per_s: None,
             round_overhead: None,
             downtime_overhead: None,
+            harvest_per_gib: None,
         };
         let p = points(&cfg).unwrap();
         let labels: Vec<_> = p
