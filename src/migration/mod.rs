@@ -8,6 +8,7 @@ pub mod cancel;
 pub mod destination;
 pub mod dirtyrate;
 pub mod gauge;
+pub mod iteration;
 pub mod local;
 pub mod machine;
 pub mod phases;

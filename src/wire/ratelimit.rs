@@ -210,6 +210,7 @@ impl Bucket {
     /// the debt is paid (zero: none). Time is a parameter so that tests
     /// check the pacing exactly, without a clock.
     fn take(&mut self, bytes: u64, now: Instant) -> Duration {
+        self.through = self.through.saturating_add(bytes);
         let Some(rate) = self.rate() else {
             return Duration::ZERO;
         };
@@ -272,6 +273,13 @@ impl RateLimiter {
         self.lock().limit
     }
 
+    /// Bytes booked through this limiter (and its clones) so far, limited
+    /// or not: what the migration has put on the wire, as QEMU's migration
+    /// thread counts it for its bandwidth.
+    pub fn booked_bytes(&self) -> u64 {
+        self.lock().through
+    }
+
     /// Waits end as soon as `cancel` fires (None: never cut short), so a
     /// cancelled sender at a low limit stops within one wait's slice of
     /// time rather than after the debt is paid.
@@ -283,7 +291,6 @@ impl RateLimiter {
     /// demand pages); whoever acquires next waits for the debt instead.
     pub fn charge(&self, bytes: u64) {
         let mut b = self.lock();
-        b.through = b.through.saturating_add(bytes);
         let _debt = b.take(bytes, Instant::now());
     }
 
@@ -301,7 +308,6 @@ impl RateLimiter {
     pub fn acquire(&self, bytes: u64) {
         let (wait, cancel) = {
             let mut b = self.lock();
-            b.through = b.through.saturating_add(bytes);
             (b.take(bytes, Instant::now()), b.cancel.clone())
         };
         match cancel {

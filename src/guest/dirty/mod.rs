@@ -232,6 +232,30 @@ impl DirtySet {
         }
     }
 
+    /// Clear `count` pages from `first`, a word at a time.
+    pub fn clear_range(&mut self, first: u64, count: u64) {
+        let end = first.checked_add(count).expect("page range overflows");
+        assert!(
+            end <= self.pages,
+            "pages {first}+{count} outside {} pages",
+            self.pages
+        );
+        for (i, mask) in word_masks(first, count) {
+            self.words[i] &= !mask;
+        }
+    }
+
+    /// Clear the pages from `from` up to `to`, wrapping past the last page
+    /// when `to` < `from` (what a pass that started at `from` sent).
+    pub fn clear_wrapping(&mut self, from: u64, to: u64) {
+        if from <= to {
+            self.clear_range(from, to - from);
+        } else {
+            self.clear_range(from, self.pages - from);
+            self.clear_range(0, to);
+        }
+    }
+
     pub fn set(&mut self, page: u64) {
         assert!(
             page < self.pages,
@@ -273,6 +297,20 @@ impl DirtySet {
     pub fn runs(&self, max_run: u64) -> Runs<impl Fn(usize) -> u64 + '_> {
         Runs::new(|i| self.words[i], self.pages, max_run)
     }
+
+    /// [`DirtySet::runs`] starting at page `from` and wrapping around to
+    /// the pages before it, as QEMU's scan goes on where it stopped.
+    pub fn runs_from(&self, from: u64, max_run: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let from = from.min(self.pages);
+        let tail = self.runs(max_run).filter_map(move |(f, c)| {
+            let start = f.max(from);
+            (f + c > from).then_some((start, f + c - start))
+        });
+        let head = self
+            .runs(max_run)
+            .filter_map(move |(f, c)| (f < from).then_some((f, c.min(from - f))));
+        tail.chain(head)
+    }
 }
 
 /// Where a sender learns which pages were written.
@@ -310,6 +348,24 @@ mod tests {
             split,
             vec![(0, 2), (2, 1), (5, 1), (63, 2), (65, 2), (130, 1)]
         );
+    }
+
+    #[test]
+    fn runs_from_wrap_around_and_clearing_follows() {
+        let s = set_of(131, &[0, 1, 2, 5, 63, 64, 65, 66, 130]);
+        let runs: Vec<_> = s.runs_from(64, 1024).collect();
+        assert_eq!(runs, vec![(64, 3), (130, 1), (0, 3), (5, 1), (63, 1)]);
+        assert_eq!(
+            s.runs_from(0, 1024).collect::<Vec<_>>(),
+            s.runs(1024).collect::<Vec<_>>()
+        );
+        // A pass from page 64 that stopped at page 5 sent 64..131 and 0..5.
+        let mut left = s.clone();
+        left.clear_wrapping(64, 5);
+        assert_eq!(left, set_of(131, &[5, 63]));
+        let mut none = s.clone();
+        none.clear_wrapping(64, 64);
+        assert_eq!(none, s);
     }
 
     #[test]
