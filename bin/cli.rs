@@ -162,9 +162,11 @@ pub struct SendOpts {
     /// unlimited | RATE (500mbit, 1gbit, 120MiB/s) | dynamic:min=RATE,max=RATE,inc=RATE
     #[arg(long, default_value = "unlimited")]
     pub bandwidth: Bandwidth,
-    /// Convergence policy: xen | qemu | fixed:N.
+    /// Convergence policy: xen | qemu | threshold | fixed:N.
     #[arg(long, default_value = "xen")]
     pub policy: Policy,
+    #[command(flatten)]
+    pub switchover: crate::switchover::SwitchoverFlags,
     /// Downtime the qemu policy aims for.
     #[arg(long, default_value = "300ms")]
     pub downtime_limit: Span,
@@ -633,6 +635,7 @@ impl SendOpts {
             bandwidth: self.bandwidth,
             policy: self.policy,
             downtime_limit: self.downtime_limit.0,
+            switchover_bandwidth: self.switchover.bytes_per_s(),
             max_time: self.max_time.0,
             warmup: g.warmup,
             seed: g.fresh.seed,

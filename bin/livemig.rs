@@ -11,6 +11,7 @@ mod plan;
 mod receive;
 mod record;
 mod saved;
+mod switchover;
 mod teleport;
 mod timeline;
 

@@ -137,12 +137,12 @@ fn fixed_policy_runs_exactly_n_rounds() {
 }
 
 #[test]
-fn qemu_policy_stops_once_expected_downtime_fits() {
+fn threshold_policy_stops_once_expected_downtime_fits() {
     let r = migrate(&[
         "--workload",
         "hotset:wws=1M,rate=10k",
         "--policy",
-        "qemu",
+        "threshold",
         "--downtime-limit",
         "300ms",
     ]);

@@ -21,7 +21,7 @@ fn plan(strategy: &str) -> Value {
         "--link",
         "100mbit",
         "--policy",
-        "qemu",
+        "threshold",
         "--max-time",
         "60s",
         "--strategy",

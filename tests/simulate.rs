@@ -12,7 +12,7 @@ fn simulate(extra: &[&str]) -> Run {
 }
 
 /// 300k pages/s of 4 KiB is 1.2 GB/s of dirtying over a 1 Gbit/s link, and
-/// the qemu policy has no round cap: only --max-time (1000 h) stops it.
+/// the threshold policy has no round cap: only --max-time (1000 h) stops it.
 const NON_CONVERGING: &[&str] = &[
     "--mem",
     "16M",
@@ -21,7 +21,7 @@ const NON_CONVERGING: &[&str] = &[
     "--bandwidth",
     "1gbit",
     "--policy",
-    "qemu",
+    "threshold",
     "--downtime-limit",
     "1ms",
     "--max-time",
@@ -122,7 +122,7 @@ fn a_terabyte_guest_simulates() {
 
 #[test]
 fn the_models_shortcut_at_a_fixed_point_is_exact() {
-    // Under qemu a non-converging model jumps to --max-time; going round by
+    // Under threshold a non-converging model jumps to --max-time; going round by
     // round (fixed:N with a huge N also stops at --max-time) must agree.
     let common = [
         "--variant",
@@ -136,7 +136,7 @@ fn the_models_shortcut_at_a_fixed_point_is_exact() {
         "--max-time",
         "10130ms",
     ];
-    let jump = model(&[&common[..], &["--policy", "qemu"]].concat());
+    let jump = model(&[&common[..], &["--policy", "threshold"]].concat());
     let walk = model(&[&common[..], &["--policy", "fixed:100000"]].concat());
     let (j, w) = (jump.report(), walk.report());
     assert!(j["rounds_not_listed"].as_u64().unwrap() > 0, "{j}");
@@ -263,14 +263,14 @@ fn explain_gives_each_decision_with_its_numbers() {
             "--tracker",
             "bitmap",
             "--policy",
-            "qemu",
+            "threshold",
         ])
         .args(["--workload", "uniform:rate=10k", "--bandwidth", "1gbit"])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&sim.stdout);
     assert!(sim.status.success(), "{out}");
-    assert!(out.contains("qemu: expected downtime = "), "{out}");
+    assert!(out.contains("threshold: expected downtime = "), "{out}");
     assert!(out.contains("(stops at or below 300.0 ms)"), "{out}");
     assert!(out.contains("Go on: another round."), "{out}");
     assert!(out.contains("Stop-and-copy (downtime_limit): "), "{out}");

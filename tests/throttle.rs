@@ -2,7 +2,7 @@
 //! limit, in real migrations and in the predictions.
 //!
 //! The guest: 16 MiB (4096 pages) written at random 40k times a second,
-//! over a 100 Mbit/s limit (about 3000 pages/s), with the qemu policy's
+//! over a 100 Mbit/s limit (about 3000 pages/s), with the threshold policy's
 //! 300 ms downtime limit. Every round re-dirties all of memory, so it
 //! converges only when slowed down. The link is the rate limit, so round
 //! times do not depend on the machine's speed.
@@ -23,7 +23,7 @@ const GUEST: [&str; 8] = [
     "--bandwidth",
     "100mbit",
     "--policy",
-    "qemu",
+    "threshold",
     "--max-time",
     "60s",
 ];

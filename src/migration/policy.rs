@@ -1,14 +1,18 @@
 //! When to stop pre-copy iterating. Pure functions of the completed rounds,
 //! so the real sender, the simulator and the analytical model decide alike.
 
+use crate::migration::iteration::Iteration;
+
+mod explain;
 use crate::report::{ms, RoundReport};
 use crate::util::page::PageSize;
 use crate::wire::ratelimit::Bandwidth;
 use std::time::Duration;
 
-/// Xen stops after this many rounds...
-pub const XEN_MAX_ROUNDS: usize = 30;
-/// ...or when fewer pages than this are dirty...
+/// Xen stops after this many live rounds (`DEF_MAX_ITERS`: the last
+/// iteration, paused, is the 30th)...
+pub const XEN_MAX_ROUNDS: usize = 29;
+/// ...or when its last round sent fewer pages than this...
 pub const XEN_MIN_DIRTY_PAGES: u64 = 50;
 /// ...or when it has sent this many times the guest's memory.
 pub const XEN_MAX_SENT_FACTOR: u64 = 3;
@@ -18,8 +22,14 @@ pub const XEN_MAX_SENT_FACTOR: u64 = 3;
 pub enum Policy {
     /// Xen's heuristics: few dirty pages, round cap, sent cap, rate at max.
     Xen,
-    /// QEMU's: stop once the expected downtime fits the downtime limit.
+    /// QEMU's migration thread: send while estimating what is pending,
+    /// sync the dirty pages only when that falls below bandwidth x downtime
+    /// limit, complete if still below (see [`crate::migration::iteration`]).
     Qemu,
+    /// Full passes, stop when the expected downtime (dirty bytes / the
+    /// last round's bandwidth) fits the downtime limit: livemig's first
+    /// `qemu`, kept for teaching.
+    Threshold,
     /// Exactly N pre-copy rounds (round 0 included); for experiments.
     Fixed(u32),
 }
@@ -31,18 +41,19 @@ pub enum PolicyError {
     NoRounds,
     #[error("fixed:N needs a whole number of rounds, like fixed:5")]
     Rounds(#[source] std::num::ParseIntError),
-    #[error("expected xen, qemu or fixed:N")]
+    #[error("expected xen, qemu, threshold or fixed:N")]
     Unknown,
 }
 
 impl std::str::FromStr for Policy {
     type Err = PolicyError;
 
-    /// `xen` | `qemu` | `fixed:N` with N >= 1.
+    /// `xen` | `qemu` | `threshold` | `fixed:N` with N >= 1.
     fn from_str(s: &str) -> Result<Policy, PolicyError> {
         match s.trim() {
             "xen" => Ok(Policy::Xen),
             "qemu" => Ok(Policy::Qemu),
+            "threshold" => Ok(Policy::Threshold),
             t => match t.strip_prefix("fixed:").map(|n| n.trim().parse::<u32>()) {
                 Some(Ok(0)) => Err(PolicyError::NoRounds),
                 Some(Ok(n)) => Ok(Policy::Fixed(n)),
@@ -59,13 +70,15 @@ impl std::fmt::Display for Policy {
         match self {
             Policy::Xen => f.write_str("xen"),
             Policy::Qemu => f.write_str("qemu"),
+            Policy::Threshold => f.write_str("threshold"),
             Policy::Fixed(n) => write!(f, "fixed:{n}"),
         }
     }
 }
 
-/// Figures of one completed pre-copy round (round 0 = every page).
-#[derive(Clone, Debug, serde::Serialize)]
+/// Figures of one completed pre-copy round (round 0 = every page). Under
+/// `qemu` a round is one sync period and may leave pages unsent.
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RoundFigures {
     /// 0-based round number.
     pub round: u32,
@@ -79,6 +92,13 @@ pub struct RoundFigures {
     pub dirty_pages: u64,
     /// Rate limit in force during the round, bytes/s (None = unlimited).
     pub rate_limit: Option<u64>,
+    /// Pages of this round left unsent when the policy cut it short (`qemu`).
+    pub carried_pages: u64,
+    /// The next round's work where it is not `dirty_pages`: the pages
+    /// found dirty and those carried over, counted once.
+    pub pending: Option<u64>,
+    /// `qemu`: the threshold in force at the round's sync, bytes.
+    pub threshold_bytes: Option<u64>,
 }
 
 impl RoundFigures {
@@ -90,6 +110,11 @@ impl RoundFigures {
     /// Pages dirtied per second while the round ran; 0.0 for a zero duration.
     pub fn dirty_rate_pps(&self) -> f64 {
         per_sec(self.dirty_pages, self.duration)
+    }
+
+    /// The pages the next round starts with.
+    pub fn pending_pages(&self) -> u64 {
+        self.pending.unwrap_or(self.dirty_pages)
     }
 }
 
@@ -111,8 +136,11 @@ pub struct PolicyConfig {
     pub page_size: PageSize,
     /// Guest memory size, bytes.
     pub memory_bytes: u64,
-    /// Longest acceptable stop-and-copy pause (QEMU policy).
+    /// Longest acceptable stop-and-copy pause (qemu and threshold policies).
     pub downtime_limit: Duration,
+    /// Bytes/s the switch-over will have, overriding the measured
+    /// bandwidth in qemu's threshold (QEMU 8.2's avail-switchover-bandwidth).
+    pub switchover_bandwidth: Option<u64>,
     /// Stop iterating once the migration has run this long (all policies).
     pub max_time: Duration,
     /// How the guest may be slowed down to converge (any policy).
@@ -163,11 +191,11 @@ impl StopReason {
     /// One human sentence for reports.
     pub fn describe(&self) -> &'static str {
         match self {
-            StopReason::FewDirtyPages => "Fewer than 50 pages were dirty, so the rest fits a short pause.",
+            StopReason::FewDirtyPages => "The last round sent fewer than 50 pages, so the rest fits a short pause.",
             StopReason::DowntimeLimit => {
                 "The remaining dirty memory can be sent within the downtime limit at the measured bandwidth."
             }
-            StopReason::RoundLimit => "The limit of 30 pre-copy rounds was reached.",
+            StopReason::RoundLimit => "The limit of 29 live rounds was reached (the paused last one is the 30th).",
             StopReason::SentLimit => "Pre-copy had already sent more than 3 times the guest's memory.",
             StopReason::RateAtMax => {
                 "The rate limit reached its maximum and the last round sent more than the one before."
@@ -187,15 +215,15 @@ pub enum Decision {
     Stop(StopReason),
 }
 
-/// Expected downtime if we stopped now: dirty bytes / bandwidth measured in
-/// the last round (None if it measured no bandwidth).
+/// Expected downtime if we stopped now: pending bytes / bandwidth measured
+/// in the last round (None if it measured no bandwidth).
 pub fn expected_downtime(cfg: &PolicyConfig, last: &RoundFigures) -> Option<Duration> {
     let bw = last.throughput_bytes_per_s();
     if bw <= 0.0 {
         return None;
     }
     // u64 -> f64: byte counts of a guest, exact far beyond any real memory size.
-    let dirty = last.dirty_pages.saturating_mul(cfg.page_size.as_u64()) as f64;
+    let dirty = last.pending_pages().saturating_mul(cfg.page_size.as_u64()) as f64;
     Some(Duration::try_from_secs_f64(dirty / bw).unwrap_or(Duration::MAX))
 }
 
@@ -237,7 +265,9 @@ pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) ->
             let sent = memory_sent(cfg, rounds);
             let prev = rounds.len().checked_sub(2).map(|i| &rounds[i]);
             let dynamic = matches!(cfg.bandwidth, Bandwidth::Dynamic { .. });
-            if last.dirty_pages < XEN_MIN_DIRTY_PAGES {
+            // xc_domain_save weighs the round just sent (sent_this_iter),
+            // not the dirty pages found after it.
+            if last.pages < XEN_MIN_DIRTY_PAGES {
                 Some(FewDirtyPages)
             } else if rounds.len() >= XEN_MAX_ROUNDS {
                 Some(RoundLimit)
@@ -253,7 +283,14 @@ pub fn decide(cfg: &PolicyConfig, rounds: &[RoundFigures], elapsed: Duration) ->
             }
         }
         Policy::Qemu => {
-            let fits = last.dirty_pages == 0
+            // After the sync: complete if the exact pending bytes are
+            // below the threshold the thread had measured.
+            let pending = last.pending_pages().saturating_mul(cfg.page_size.as_u64());
+            let fits = pending == 0 || last.threshold_bytes.is_some_and(|t| pending < t);
+            fits.then_some(DowntimeLimit)
+        }
+        Policy::Threshold => {
+            let fits = last.pending_pages() == 0
                 || expected_downtime(cfg, last).is_some_and(|d| d <= cfg.downtime_limit);
             fits.then_some(DowntimeLimit)
         }
@@ -272,6 +309,8 @@ pub struct Precopy {
     cfg: PolicyConfig,
     rounds: Vec<RoundFigures>,
     limit: Option<u64>,
+    /// `qemu`: the migration thread's bandwidth periods and threshold.
+    iteration: Option<Iteration>,
 }
 
 impl Precopy {
@@ -281,7 +320,26 @@ impl Precopy {
             cfg,
             rounds: Vec::new(),
             limit,
+            iteration: None,
         }
+    }
+
+    /// Pre-copy starts sending at `now`: under `qemu` the migration
+    /// thread's first bandwidth period starts.
+    pub fn start(&mut self, now: Duration) {
+        if self.cfg.policy == Policy::Qemu {
+            let c = &self.cfg;
+            self.iteration = Some(Iteration::new(
+                c.downtime_limit,
+                c.switchover_bandwidth,
+                now,
+            ));
+        }
+    }
+
+    /// `qemu`: what decides when a round ends (None: a round is a full pass).
+    pub fn iteration_mut(&mut self) -> Option<&mut Iteration> {
+        self.iteration.as_mut()
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -307,72 +365,13 @@ impl Precopy {
         decide(&self.cfg, &self.rounds, elapsed)
     }
 
-    /// Stop-and-copy runs at the highest rate allowed (Clark et al.).
+    /// Stop-and-copy runs at the highest rate allowed (Clark et al.);
+    /// QEMU's `ram_save_complete` sends regardless of the rate limit.
     pub fn final_limit(&self) -> Option<u64> {
-        self.cfg.bandwidth.max().or(self.limit)
-    }
-
-    /// The decision after the last round in words, with the numbers the
-    /// policy weighed (for teaching: `--explain`).
-    pub fn explain(&self, decision: Decision, elapsed: Duration) -> String {
-        use crate::util::units::{fmt_bytes, fmt_rate_bits};
-        let Some(last) = self.rounds.last() else {
-            return String::new();
-        };
-        let c = &self.cfg;
-        let n = self.rounds.len();
-        let mut why = format!(
-            "round {} sent {} pages in {:.1} ms ({}); {} pages were written meanwhile ({:.0} pages/s). ",
-            last.round,
-            last.pages,
-            last.duration.as_secs_f64() * 1e3,
-            fmt_rate_bits(last.throughput_bytes_per_s()),
-            last.dirty_pages,
-            last.dirty_rate_pps(),
-        );
-        why += &match c.policy {
-            Policy::Fixed(k) => format!("fixed: {n} of {k} rounds done"),
-            Policy::Xen => {
-                let sent = memory_sent(c, &self.rounds);
-                format!(
-                    "xen: {} dirty pages (stops below {XEN_MIN_DIRTY_PAGES}), {n} of {XEN_MAX_ROUNDS} rounds, {} sent = {:.2}x memory (stops above {XEN_MAX_SENT_FACTOR}x)",
-                    last.dirty_pages,
-                    fmt_bytes(sent),
-                    sent as f64 / c.memory_bytes as f64,
-                )
-            }
-            Policy::Qemu => match expected_downtime(c, last) {
-                Some(d) => format!(
-                    "qemu: expected downtime = {} dirty / {} = {:.1} ms (stops at or below {:.1} ms)",
-                    fmt_bytes(last.dirty_pages.saturating_mul(c.page_size.as_u64())),
-                    fmt_rate_bits(last.throughput_bytes_per_s()),
-                    d.as_secs_f64() * 1e3,
-                    c.downtime_limit.as_secs_f64() * 1e3
-                ),
-                None => "qemu: no bandwidth measured yet".into(),
-            },
-        };
-        if let Bandwidth::Dynamic { inc, max, .. } = c.bandwidth {
-            let dirty = last.dirty_rate_pps() * c.page_size.as_u64() as f64;
-            why += &format!(
-                "; dynamic rate: dirtying {} + inc {} -> next limit {} (max {})",
-                fmt_rate_bits(dirty),
-                fmt_rate_bits(inc as f64),
-                self.limit
-                    .map_or("unlimited".into(), |l| fmt_rate_bits(l as f64)),
-                fmt_rate_bits(max as f64),
-            );
+        match self.cfg.policy {
+            Policy::Qemu => None,
+            _ => self.cfg.bandwidth.max().or(self.limit),
         }
-        why += &format!(
-            "; {:.2} s of --max-time {:.0} s. ",
-            elapsed.as_secs_f64(),
-            c.max_time.as_secs_f64()
-        );
-        why += &match decision {
-            Decision::Continue => "Go on: another round.".to_string(),
-            Decision::Stop(r) => format!("Stop-and-copy ({}): {}", r.as_str(), r.describe()),
-        };
-        why
     }
 }
 
@@ -397,6 +396,8 @@ impl RoundFigures {
             postcopy: false,
             decision,
             dirty_pages: self.dirty_pages,
+            carried_pages: self.carried_pages,
+            threshold_bytes: self.threshold_bytes,
             ..RoundReport::default()
         }
     }
@@ -416,6 +417,7 @@ mod tests {
             page_size: PageSize::MIN,
             memory_bytes: 256 * MIB,
             downtime_limit: Duration::from_millis(300),
+            switchover_bandwidth: None,
             max_time: Duration::from_secs(60),
             throttling: Default::default(),
         }
@@ -429,7 +431,7 @@ mod tests {
             bytes,
             duration: Duration::from_secs(1),
             dirty_pages: dirty,
-            rate_limit: None,
+            ..RoundFigures::default()
         }
     }
 
@@ -442,8 +444,14 @@ mod tests {
         let parse = |s: &str| s.parse::<Policy>();
         assert_eq!(parse("xen"), Ok(Policy::Xen));
         assert_eq!(parse("qemu"), Ok(Policy::Qemu));
+        assert_eq!(parse("threshold"), Ok(Policy::Threshold));
         assert_eq!(parse("fixed:5"), Ok(Policy::Fixed(5)));
-        for p in [Policy::Xen, Policy::Qemu, Policy::Fixed(5)] {
+        for p in [
+            Policy::Xen,
+            Policy::Qemu,
+            Policy::Threshold,
+            Policy::Fixed(5),
+        ] {
             assert_eq!(parse(&p.to_string()), Ok(p));
         }
         assert_eq!(Policy::Fixed(5).to_string(), "fixed:5");
@@ -452,7 +460,7 @@ mod tests {
         assert!(parse("vmware")
             .unwrap_err()
             .to_string()
-            .contains("expected xen, qemu or fixed:N"));
+            .contains("expected xen, qemu, threshold or fixed:N"));
     }
 
     #[test]
@@ -504,13 +512,18 @@ mod tests {
     #[test]
     fn xen_rules() {
         let c = cfg(Policy::Xen, Bandwidth::Unlimited);
+        // xc_domain_save: fewer than 50 pages *sent* in the round just done
+        // (sent_this_iter), however many are dirty after it.
         assert_eq!(
-            run(&c, &[round(0, MIB, 49)]),
+            run(&c, &[round(0, 49 * PAGE, 1000)]),
             Decision::Stop(StopReason::FewDirtyPages)
         );
-        assert_eq!(run(&c, &[round(0, MIB, 50)]), Decision::Continue);
-        let rs: Vec<_> = (0..30).map(|i| round(i, MIB, 1000)).collect();
-        assert_eq!(run(&c, &rs[..29]), Decision::Continue);
+        assert_eq!(run(&c, &[round(0, 50 * PAGE, 1000)]), Decision::Continue);
+        assert_eq!(run(&c, &[round(0, MIB, 0)]), Decision::Continue);
+        // DEF_MAX_ITERS 29: the 29th live round is the last; the paused one
+        // makes 30.
+        let rs: Vec<_> = (0..29).map(|i| round(i, MIB, 1000)).collect();
+        assert_eq!(run(&c, &rs[..28]), Decision::Continue);
         assert_eq!(run(&c, &rs), Decision::Stop(StopReason::RoundLimit));
         let big = [
             round(0, 256 * MIB, 1000),
@@ -566,8 +579,45 @@ mod tests {
     }
 
     #[test]
-    fn qemu_downtime() {
+    fn qemu_completes_below_the_threshold_at_the_sync() {
         let c = cfg(Policy::Qemu, Bandwidth::Unlimited);
+        let synced = |pending, threshold| RoundFigures {
+            carried_pages: 10,
+            pending: Some(pending),
+            threshold_bytes: threshold,
+            ..round(3, MIB, 5)
+        };
+        let stop = Decision::Stop(StopReason::DowntimeLimit);
+        // The exact pending bytes, not the pages dirtied, weigh.
+        assert_eq!(run(&c, &[synced(100, Some(100 * PAGE + 1))]), stop);
+        assert_eq!(
+            run(&c, &[synced(100, Some(100 * PAGE))]),
+            Decision::Continue
+        );
+        assert_eq!(run(&c, &[synced(100, None)]), Decision::Continue);
+        assert_eq!(run(&c, &[synced(0, None)]), stop);
+        // Whatever the expected downtime at the round's own throughput.
+        let slow = RoundFigures {
+            duration: Duration::from_secs(100),
+            ..synced(100, Some(1 << 30))
+        };
+        assert_eq!(run(&c, &[slow]), stop);
+    }
+
+    #[test]
+    fn qemu_switches_over_unthrottled_and_others_at_the_highest_rate() {
+        let bw = Bandwidth::Static { bytes_per_s: MIB };
+        assert_eq!(Precopy::new(cfg(Policy::Qemu, bw)).final_limit(), None);
+        assert_eq!(
+            Precopy::new(cfg(Policy::Threshold, bw)).final_limit(),
+            Some(MIB)
+        );
+        assert_eq!(Precopy::new(cfg(Policy::Xen, bw)).final_limit(), Some(MIB));
+    }
+
+    #[test]
+    fn threshold_downtime() {
+        let c = cfg(Policy::Threshold, Bandwidth::Unlimited);
         let ten = round(0, 100 * MIB, 10 * MIB / PAGE);
         assert_eq!(
             expected_downtime(&c, &ten),
@@ -598,10 +648,10 @@ mod tests {
             max: 50 * MIB,
             inc: MIB,
         };
-        // 60 MiB/s dirtied: above max. 10 MiB/s: fine (and would satisfy qemu).
+        // 60 MiB/s dirtied: above max. 10 MiB/s: fine (and would satisfy threshold).
         let fast = round(1, 100 * MIB, 60 * MIB / PAGE);
         let slow = round(1, 100 * MIB, 10 * MIB / PAGE);
-        for p in [Policy::Xen, Policy::Qemu] {
+        for p in [Policy::Xen, Policy::Qemu, Policy::Threshold] {
             assert_eq!(
                 run(&cfg(p, bw), std::slice::from_ref(&fast)),
                 Decision::Stop(StopReason::DirtyRateAboveMax)
@@ -612,7 +662,7 @@ mod tests {
             Decision::Continue
         );
         assert_eq!(
-            run(&cfg(Policy::Qemu, bw), &[slow]),
+            run(&cfg(Policy::Threshold, bw), &[slow]),
             Decision::Stop(StopReason::DowntimeLimit)
         );
         // Static bandwidth never triggers it.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::guest::control::Throttle;
 use crate::guest::workload::WorkloadError;
+use crate::migration::iteration::Iteration;
 use crate::migration::machine::{Backend, Round};
 use crate::migration::policy::{Precopy, RoundFigures, StopReason};
 use crate::migration::source::SenderConfig;
@@ -87,8 +88,13 @@ pub(crate) trait Dirtying {
     /// Bytes a round of the pending pages puts on the wire at `limit`.
     fn round_bytes(&self, round: u32, stop_and_copy: bool, limit: Option<u64>) -> u64;
 
-    /// The guest runs for `d`: what it dirties becomes the pending pages.
-    /// Returns how many.
+    /// The next `pages` pending pages went out, in order from where the
+    /// last send stopped (every pending page, for a full pass); the rest
+    /// stay pending.
+    fn send(&mut self, pages: u64);
+
+    /// The guest runs for `d`: what it dirties joins the pending pages.
+    /// Returns how many pages it dirtied.
     fn run(&mut self, d: Duration) -> Result<u64, SimulateError>;
 
     /// As [`Backend::fast_forward`], moving the clock `now` over the
@@ -170,6 +176,52 @@ impl<'a, D: Dirtying, N: Network> Prediction<'a, D, N> {
     }
 }
 
+impl<D: Dirtying, N: Network> Prediction<'_, D, N> {
+    /// A `qemu` round: send the `pending` pages (`all_bytes` on the wire)
+    /// in steps that end where the pending estimate would fall below the
+    /// threshold or where the thread's 100 ms period ends (and the
+    /// threshold is measured again), until it wants a sync. Returns (pages
+    /// sent, bytes, duration).
+    fn until_sync(
+        &mut self,
+        it: &mut Iteration,
+        round: u32,
+        limit: Option<u64>,
+        pending: u64,
+        all_bytes: u64,
+    ) -> (u64, u64, Duration) {
+        let page = self.cfg.page_size.as_u64();
+        // u64 -> f64: byte and page counts.
+        let per_page = all_bytes as f64 / pending.max(1) as f64;
+        let link = self.cfg.link_bytes_per_s;
+        let rate = limit
+            .map(|l| l as f64)
+            .filter(|&l| l < link)
+            .unwrap_or(link);
+        let mut t = self.net.pass(self.cfg.round_overhead + self.cfg.harvest());
+        it.tick(self.now + t, 0);
+        let (mut sent, mut bytes) = (0u64, 0u64);
+        while !it.wants_sync((pending - sent).saturating_mul(page)) {
+            let left = pending - sent;
+            // The most pages the estimate may hold and still sync.
+            let below = it.threshold().saturating_sub(1) / page;
+            let need = left - below.min(left);
+            let until = it.period_end().saturating_sub(self.now + t);
+            // f64 -> u64 saturates: a count of pages.
+            let fit = (until.as_secs_f64() * rate / per_page) as u64;
+            let n = need.min(fit.max(1));
+            let b = (n as f64 * per_page).round() as u64;
+            // The bucket's credit goes to the round's first bytes only.
+            let part = if sent == 0 { round } else { MID_ROUND };
+            t += self.net.transfer(self.cfg, b, limit, part);
+            sent += n;
+            bytes += b;
+            it.tick(self.now + t, b);
+        }
+        (sent, bytes, t)
+    }
+}
+
 impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
     type Error = SimulateError;
 
@@ -183,6 +235,9 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
             self.now += s.setup;
         }
         report.setup_time_ms = ms(self.now);
+        // The sync that starts dirty tracking, as a real sender's (and
+        // QEMU's ram_init_bitmaps) does.
+        report.dirty_sync_count += 1;
         Ok(())
     }
 
@@ -190,22 +245,35 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
         &mut self,
         round: u32,
         limit: Option<u64>,
+        iteration: Option<&mut Iteration>,
         report: &mut Report,
     ) -> Result<Round, SimulateError> {
         if round as usize >= MAX_ROUNDS {
             return Err(SimulateError::Runaway(MAX_ROUNDS, self.now.as_secs_f64()));
         }
-        let mut pages = self.dirtying.pending();
-        let mut bytes = self.dirtying.round_bytes(round, false, limit);
-        if let Some(s) = self.second.filter(|_| round == 0) {
-            // Storage carries the teleported pages instead.
-            self.round0_at = self.now;
-            pages = pages.saturating_sub(s.pages);
-            bytes = bytes.saturating_sub(self.cfg.page_size.bytes(s.pages));
-        }
-        let duration = self.net.pass(self.cfg.round_overhead + self.cfg.harvest())
-            + self.net.transfer(self.cfg, bytes, limit, round);
+        let pending = self.dirtying.pending();
+        let all_bytes = self.dirtying.round_bytes(round, false, limit);
+        // Storage carries round 0's teleported pages instead.
+        let teleported = match self.second.filter(|_| round == 0) {
+            Some(s) => {
+                self.round0_at = self.now;
+                s.pages.min(pending)
+            }
+            None => 0,
+        };
+        let net_pending = pending - teleported;
+        let net_bytes = all_bytes.saturating_sub(self.cfg.page_size.bytes(teleported));
+        let (pages, bytes, duration) = match iteration {
+            None => {
+                let d = self.net.pass(self.cfg.round_overhead + self.cfg.harvest())
+                    + self.net.transfer(self.cfg, net_bytes, limit, round);
+                (net_pending, net_bytes, d)
+            }
+            Some(it) => self.until_sync(it, round, limit, net_pending, net_bytes),
+        };
         self.network_busy += duration;
+        self.dirtying.send(pages + teleported);
+        let carried = net_pending - pages;
         self.now += duration;
         // A throttled guest writes as if it ran for a share of the round.
         let vcpus = f64::from(self.cfg.migration.vcpus.max(1));
@@ -220,6 +288,9 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
             duration,
             dirty_pages,
             rate_limit: limit,
+            carried_pages: carried,
+            pending: (carried > 0).then(|| self.dirtying.pending()),
+            ..RoundFigures::default()
         };
         Ok(Round {
             // f64 -> u64 saturates: a count of writes.
@@ -257,8 +328,8 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
             pages: self.dirtying.pending(),
             bytes,
             duration: self.last_pages,
-            dirty_pages: 0,
             rate_limit: limit,
+            ..RoundFigures::default()
         };
         Ok(Some(Round::new(figures, Duration::ZERO)))
     }
@@ -304,6 +375,10 @@ impl<D: Dirtying, N: Network> Backend for Prediction<'_, D, N> {
 /// starts full, and refills during the round overhead before later rounds
 /// (acknowledgement, harvest, pause), so a round's first bytes go at link
 /// speed (RateLimiter::initial_burst is the bucket's depth).
+/// The `round` of [`transfer`] for a later part of a round cut into steps
+/// (`qemu`): the bucket was emptied by the part before, no credit.
+pub(crate) const MID_ROUND: u32 = u32::MAX;
+
 pub(crate) fn transfer(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u32) -> Duration {
     let link = cfg.link_bytes_per_s;
     let Some(l) = limit.map(|l| l as f64).filter(|&l| l < link) else {
@@ -312,6 +387,7 @@ pub(crate) fn transfer(cfg: &SimConfig, bytes: u64, limit: Option<u64>, round: u
     let depth = RateLimiter::initial_burst(limit);
     let refilled = match round {
         0 => depth,
+        MID_ROUND => 0,
         // f64 -> u64 saturates: bytes the bucket gained while idle.
         _ => depth.min((l * cfg.round_overhead.as_secs_f64()) as u64),
     };

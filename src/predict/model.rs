@@ -165,16 +165,25 @@ impl Dirtying for Model {
         round_bytes(&self.w, self.todo, round, limit)
     }
 
+    fn send(&mut self, pages: u64) {
+        self.todo = self.todo.saturating_sub(pages);
+    }
+
     fn run(&mut self, d: Duration) -> Result<u64, SimulateError> {
         // Expected figures, rounded to whole pages as the sender counts them.
         let writes = self.rate * d.as_secs_f64();
-        self.todo = distinct_pages(&self.w, writes, self.variant).round() as u64;
-        Ok(self.todo)
+        let dirtied = distinct_pages(&self.w, writes, self.variant).round() as u64;
+        // Pages still pending join them, overlapping as independent sets
+        // of the guest's pages would.
+        let (u, n) = (self.todo as f64, self.w.page_count as f64);
+        let d = dirtied as f64;
+        self.todo = (u + d - u * d / n).round() as u64;
+        Ok(dirtied)
     }
 
     /// A fixed point (past round 0, whose limiter credit differs): every
     /// later round is this one again, and a qemu decision depends on the
-    /// last round only, so only the clock stops it.
+    /// last round only, so only the clock stops it (threshold policy).
     fn fast_forward(
         &mut self,
         cfg: &SimConfig,
@@ -185,7 +194,7 @@ impl Dirtying for Model {
         let m = &cfg.migration;
         let f = precopy.rounds().last()?;
         let same = (f.pages, f.rate_limit) == (f.dirty_pages, precopy.limit());
-        if f.round < 1 || !same || !matches!(m.policy, Policy::Qemu) {
+        if f.round < 1 || !same || !matches!(m.policy, Policy::Threshold) {
             return None;
         }
         let (seconds, round_bytes, todo) = (f.duration.as_secs_f64(), f.bytes, self.todo);

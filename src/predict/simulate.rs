@@ -61,6 +61,7 @@ pub fn run_on(cfg: &SimConfig, net: impl Network) -> Result<Report, SimulateErro
         page_size: cfg.page_size,
         todo: DirtySet::all(pages),
         dirty: DirtySet::new(pages),
+        cursor: 0,
     };
     let sim = Prediction::new(cfg, sim, net);
     let mut migration = Migration::new(sim, m.mode, m.policy_config(cfg.page_size), report);
@@ -75,6 +76,8 @@ struct Sim<'a> {
     /// The pages the next round sends, and those dirtied during this one.
     todo: DirtySet,
     dirty: DirtySet,
+    /// Where the next send starts (`qemu` goes on where a sync stopped it).
+    cursor: u64,
 }
 
 impl Dirtying for Sim<'_> {
@@ -90,11 +93,30 @@ impl Dirtying for Sim<'_> {
         round_bytes(&self.todo, round, stop_and_copy, limit, self.page_size)
     }
 
+    fn send(&mut self, pages: u64) {
+        if pages >= self.todo.count() {
+            self.todo.clear();
+            return;
+        }
+        // The page after the `pages`-th, in the order the sender goes.
+        let mut left = pages;
+        let mut at = self.cursor;
+        for (first, count) in self.todo.runs_from(self.cursor, u64::MAX) {
+            if left < count {
+                at = first + left;
+                break;
+            }
+            left -= count;
+        }
+        self.todo.clear_wrapping(self.cursor, at);
+        self.cursor = at;
+    }
+
     fn run(&mut self, d: Duration) -> Result<u64, SimulateError> {
         self.dirty.clear();
         self.guest.run(d, &mut self.dirty)?;
-        std::mem::swap(&mut self.todo, &mut self.dirty);
-        Ok(self.todo.count())
+        self.todo.union(&self.dirty);
+        Ok(self.dirty.count())
     }
 }
 

@@ -81,6 +81,18 @@ pub struct RoundReport {
     pub guest_rate_pps: Option<f64>,
     /// Time each vCPU slept throttled during the round, on average.
     pub throttled_ms: f64,
+    /// `qemu`: pages of the round left unsent when it synced early; they
+    /// stay pending for the next round.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub carried_pages: u64,
+    /// `qemu`: the threshold (bandwidth x downtime limit) at the round's
+    /// sync, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold_bytes: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A duration in milliseconds, as reports give them.

@@ -18,6 +18,7 @@
 use std::time::Duration;
 
 use crate::guest::control::Throttle;
+use crate::migration::iteration::Iteration;
 use crate::migration::phases::{Mode, SourcePhase};
 use crate::migration::policy::{Decision, PolicyConfig, Precopy, RoundFigures, StopReason};
 use crate::migration::throttle::Governor;
@@ -61,10 +62,18 @@ pub trait Backend {
     /// Send pre-copy round `round` at `limit` bytes/s (None: unlimited):
     /// every page in round 0, else the pages the last harvest found; then
     /// harvest the pages dirtied meanwhile, the next round's.
+    ///
+    /// With an `iteration` (`--policy qemu`) the round is one sync period:
+    /// tick it with the clock and the bytes sent as they go, and end the
+    /// round (harvest) as soon as it [`Iteration::wants_sync`] for the
+    /// bytes still pending; the pages not sent stay pending (counted in
+    /// `carried_pages`), and the next round goes on from where this one
+    /// stopped.
     fn precopy_round(
         &mut self,
         round: u32,
         limit: Option<u64>,
+        iteration: Option<&mut Iteration>,
         report: &mut Report,
     ) -> Result<Round, Self::Error>;
 
@@ -225,9 +234,14 @@ impl<B: Backend> Migration<B> {
         match self.phase {
             SourcePhase::Setup => self.backend.setup(report)?,
             SourcePhase::Precopy { round } => {
-                let r = self
-                    .backend
-                    .precopy_round(round, self.precopy.limit(), report)?;
+                if round == 0 {
+                    self.precopy.start(self.backend.elapsed());
+                }
+                let limit = self.precopy.limit();
+                let it = self.precopy.iteration_mut();
+                let mut r = self.backend.precopy_round(round, limit, it, report)?;
+                // The threshold the round's sync was weighed against.
+                r.figures.threshold_bytes = self.precopy.iteration_mut().map(|i| i.threshold());
                 let elapsed = self.backend.elapsed();
                 let mut decision = self.precopy.end_round(r.figures.clone(), elapsed);
                 let why = self.precopy.explain(decision, elapsed);

@@ -114,7 +114,7 @@ impl Mem {
             bytes: sent * 4096,
             duration: self.round_time,
             dirty_pages: self.dirty.iter().filter(|&&d| d).count() as u64,
-            rate_limit: None,
+            ..RoundFigures::default()
         })
     }
 }
@@ -134,6 +134,7 @@ impl Backend for Mem {
         &mut self,
         round: u32,
         _: Option<u64>,
+        _: Option<&mut Iteration>,
         _: &mut Report,
     ) -> Result<Round, DestStepError> {
         let figures = self.send(round, false)?;
@@ -192,8 +193,7 @@ impl Backend for Mem {
             pages,
             bytes: pages * 4096,
             duration: Duration::from_millis(1),
-            dirty_pages: 0,
-            rate_limit: None,
+            ..RoundFigures::default()
         };
         Ok(Round::new(figures, Duration::ZERO))
     }
@@ -236,6 +236,7 @@ fn throttled(mode: Mode, policy: Policy, throttling: Throttling, backend: Mem) -
         page_size: crate::util::page::PageSize::MIN,
         memory_bytes: PAGES as u64 * 4096,
         downtime_limit: Duration::from_millis(300),
+        switchover_bandwidth: None,
         max_time: Duration::from_secs(60),
         throttling,
     };

@@ -58,6 +58,8 @@ pub struct SenderConfig {
     pub bandwidth: Bandwidth,
     pub policy: Policy,
     pub downtime_limit: Duration,
+    /// Bytes/s the switch-over will have (qemu policy; None: measured).
+    pub switchover_bandwidth: Option<u64>,
     pub max_time: Duration,
     pub warmup: Duration,
     pub seed: u64,
@@ -94,6 +96,7 @@ impl Default for SenderConfig {
             bandwidth: Bandwidth::Unlimited,
             policy: Policy::Xen,
             downtime_limit: Duration::from_millis(300),
+            switchover_bandwidth: None,
             max_time: Duration::from_secs(120),
             warmup: Duration::from_secs(1),
             seed: 1,
@@ -124,6 +127,7 @@ impl SenderConfig {
             page_size,
             memory_bytes: self.memory_bytes,
             downtime_limit: self.downtime_limit,
+            switchover_bandwidth: self.switchover_bandwidth,
             max_time: self.max_time,
             throttling: self.throttling,
         }

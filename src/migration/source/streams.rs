@@ -179,9 +179,11 @@ impl Lanes {
         })
     }
 
-    /// Send the pages of `set` in runs of at most `chunk` pages, adding
-    /// each data connection's pages to `per_stream`. Returns (pages, bytes
-    /// on the data connections, forms).
+    /// Send the pages of `set` in runs of at most `chunk` pages, starting
+    /// at page `pass.from` and wrapping around, adding each data
+    /// connection's pages to `per_stream`. Before each run `pass.stop`
+    /// is asked, with the pages handed out so far, whether to end the
+    /// round there (QEMU's sync); [`Sent::stopped_at`] then says where.
     /// A cancel stops the round between runs.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send(
@@ -190,10 +192,22 @@ impl Lanes {
         round: u32,
         set: &DirtySet,
         chunk: u64,
+        pass: Pass<'_>,
         ctx: &str,
         per_stream: &mut Vec<u64>,
         cancel: &Cancel,
-    ) -> Result<(u64, u64, SendStats), SendError> {
+    ) -> Result<Sent, SendError> {
+        let Pass { from, stop } = pass;
+        let mut stopped_at = None;
+        let mut handed = 0u64;
+        let mut runs = set.runs_from(from, chunk).take_while(|&(first, count)| {
+            if stop(handed) {
+                stopped_at = Some(first);
+                return false;
+            }
+            handed += count;
+            true
+        });
         let mem_err = |sock: &mut Conn, e: std::io::Error| {
             peer_error(sock, ctx).unwrap_or_else(|| proto(ctx)(ProtocolError::Io(e)))
         };
@@ -210,7 +224,7 @@ impl Lanes {
         match self {
             Lanes::One(lane) => {
                 lane.encoder.start_round(round);
-                for run in set.runs(chunk) {
+                for run in runs.by_ref() {
                     cancelled()?;
                     if let Err(e) = lane.send(sock, run) {
                         return Err(mem_err(sock, e));
@@ -221,14 +235,23 @@ impl Lanes {
                 }
                 let (pages, bytes) = (lane.pages, lane.bytes);
                 (lane.pages, lane.bytes) = (0, 0);
-                Ok((pages, bytes, std::mem::take(&mut lane.encoder.stats)))
+                drop(runs);
+                Ok(Sent {
+                    pages,
+                    bytes,
+                    forms: std::mem::take(&mut lane.encoder.stats),
+                    stopped_at,
+                })
             }
             Lanes::Many {
-                runs, ends, done, ..
+                runs: queue,
+                ends,
+                done,
+                ..
             } => {
-                for run in set.runs(chunk) {
+                for run in runs.by_ref() {
                     cancelled()?;
-                    if runs.send(run).is_err() {
+                    if queue.send(run).is_err() {
                         break; // every thread is gone: its report says why
                     }
                     if let Some(e) = peer_error(sock, ctx) {
@@ -263,10 +286,33 @@ impl Lanes {
                         }
                     }
                 }
-                Ok((pages, bytes, forms))
+                drop(runs);
+                Ok(Sent {
+                    pages,
+                    bytes,
+                    forms,
+                    stopped_at,
+                })
             }
         }
     }
+}
+
+/// Where a round's pass over its pages starts, and what ends it early.
+pub(crate) struct Pass<'a> {
+    pub from: u64,
+    /// Asked before each run with the pages handed out so far: end here?
+    pub stop: &'a mut dyn FnMut(u64) -> bool,
+}
+
+/// What a round sent.
+pub(crate) struct Sent {
+    pub pages: u64,
+    /// Bytes on the data connections.
+    pub bytes: u64,
+    pub forms: SendStats,
+    /// The page the round stopped at, unsent (None: every page went).
+    pub stopped_at: Option<u64>,
 }
 
 impl Drop for Lanes {

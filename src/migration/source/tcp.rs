@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
-use super::streams::{connect, peer_error, peer_reason, proto, proto_waited, Lanes};
+use super::streams::{connect, peer_error, peer_reason, proto, proto_waited, Lanes, Pass, Sent};
 use super::teleport::Teleport;
 use super::{progress_bar, src_resume, SendError, SenderConfig, Source};
 use crate::guest::control::Throttle;
@@ -18,6 +18,7 @@ use crate::guest::memory::work_allowance;
 use crate::guest::process::DeviceState;
 use crate::migration::cancel;
 use crate::migration::gauge;
+use crate::migration::iteration::Iteration;
 use crate::migration::machine::{Backend, Round};
 use crate::migration::phases::SourcePhase;
 use crate::migration::policy::RoundFigures;
@@ -71,6 +72,9 @@ pub(super) struct Tcp<'a> {
     /// The pages the next round sends, and those dirtied during this one.
     todo: DirtySet,
     dirty: DirtySet,
+    /// Where the next pre-copy round's pass starts (`qemu` goes on where
+    /// the last sync cut a round short).
+    cursor: u64,
     /// The guest's operation count when pre-copy started, and when.
     precopy_ops: Option<(Instant, u64)>,
     /// The guest's use when it was paused (see [`super::usage`]).
@@ -116,6 +120,7 @@ impl<'a> Tcp<'a> {
             limiter,
             todo: DirtySet::new(0),
             dirty: DirtySet::new(0),
+            cursor: 0,
             precopy_ops: None,
             at_pause: None,
             downtime: Downtime::default(),
@@ -154,16 +159,18 @@ impl<'a> Tcp<'a> {
     }
 
     /// Send one round of `self.todo`: RoundStart, the pages as runs
-    /// straight from the mapping, RoundEnd. The stop-and-copy round's
-    /// RoundStart went out before the pause and its RoundEnd waits for the
-    /// device state ([`Tcp::pending_end`]): two writes fewer in the
-    /// downtime. Returns (pages, bytes).
+    /// straight from the mapping (from `pass.from` on, until `pass.stop`
+    /// says), RoundEnd. The stop-and-copy round's RoundStart went out
+    /// before the pause and its RoundEnd waits for the device state
+    /// ([`Tcp::pending_end`]): two writes fewer in the downtime. Returns
+    /// (pages, bytes, the page it stopped at).
     fn send_round(
         &mut self,
         round: u32,
         stop_and_copy: bool,
+        pass: Pass<'_>,
         report: &mut Report,
-    ) -> Result<(u64, u64), SendError> {
+    ) -> Result<(u64, u64, Option<u64>), SendError> {
         let ctx = format!("sending round {round}");
         let ctx = ctx.as_str();
         let page_size = self.src.mem.page_size();
@@ -190,11 +197,21 @@ impl<'a> Tcp<'a> {
                 let mut net_rate = None;
                 if let Some(slice) = tp.probe_slice(&self.todo) {
                     let t = Instant::now();
-                    let (p, b, f) = lanes.send(
+                    let whole = Pass {
+                        from: 0,
+                        stop: &mut |_| false,
+                    };
+                    let Sent {
+                        pages: p,
+                        bytes: b,
+                        forms: f,
+                        ..
+                    } = lanes.send(
                         sock,
                         round,
                         &slice,
                         chunk,
+                        whole,
                         ctx,
                         &mut report.stream_pages,
                         &self.cfg.cancel,
@@ -212,11 +229,17 @@ impl<'a> Tcp<'a> {
                 tp.network_sends(&self.todo);
             }
         }
-        let (pages, stream_bytes, forms) = lanes.send(
+        let Sent {
+            pages,
+            bytes: stream_bytes,
+            forms,
+            stopped_at,
+        } = lanes.send(
             sock,
             round,
             &self.todo,
             chunk,
+            pass,
             ctx,
             &mut report.stream_pages,
             &self.cfg.cancel,
@@ -237,7 +260,7 @@ impl<'a> Tcp<'a> {
         if let Some(tp) = self.teleport.as_mut() {
             tp.stats.network_busy_ms += ms(t0.elapsed());
         }
-        Ok((pages, bytes))
+        Ok((pages, bytes, stopped_at))
     }
 
     /// Post-copy: the pages the destination must fetch, as Discard runs.
@@ -391,6 +414,7 @@ impl Backend for Tcp<'_> {
         &mut self,
         round: u32,
         limit: Option<u64>,
+        mut iteration: Option<&mut Iteration>,
         report: &mut Report,
     ) -> Result<Round, SendError> {
         self.limiter.set_limit(limit);
@@ -398,17 +422,49 @@ impl Backend for Tcp<'_> {
         let t0 = Instant::now();
         let (ops0, throttled0) = (self.src.guest.ops(), self.src.guest.throttled());
         let cpu0 = (round == 0).then(crate::guest::process::own_cpu_time);
-        let (pages, bytes) = self.send_round(round, false, report)?;
+        // QEMU's migration thread: tick the bandwidth periods with the
+        // bytes booked on the wire, and sync once the pending estimate
+        // (this round's pages not handed out yet) is below the threshold.
+        let (start, limiter) = (self.start.expect("started"), self.limiter.clone());
+        let (page, total) = (self.src.mem.page_size().as_u64(), self.todo.count());
+        let mut booked = limiter.booked_bytes();
+        let mut stop = |handed: u64| {
+            let Some(it) = iteration.as_deref_mut() else {
+                return false;
+            };
+            let now = limiter.booked_bytes();
+            it.tick(start.elapsed(), now - booked);
+            booked = now;
+            it.wants_sync(total.saturating_sub(handed).saturating_mul(page))
+        };
+        let from = self.cursor;
+        let pass = Pass {
+            from,
+            stop: &mut stop,
+        };
+        let (pages, bytes, stopped_at) = self.send_round(round, false, pass, report)?;
         if let Some(cpu0) = cpu0 {
             report.sender_round0_cpu_ms = Some(ms(
                 crate::guest::process::own_cpu_time().saturating_sub(cpu0)
             ));
         }
+        // The pages sent leave the set; those not sent stay pending, and
+        // the next round goes on from where this one stopped.
+        match stopped_at {
+            Some(at) => {
+                self.todo.clear_wrapping(from, at);
+                self.cursor = at;
+            }
+            None => self.todo.clear(),
+        }
+        let carried = self.todo.count();
         self.dirty.clear();
         let harvest = self.harvest(false, report)?;
+        let dirty_pages = self.dirty.count();
         if let Some(p) = &self.probe {
-            p.harvested(self.dirty.count());
+            p.harvested(dirty_pages);
         }
+        self.dirty.union(&self.todo);
         let guest_ops = self.src.guest.ops().saturating_sub(ops0);
         let throttled = self.src.guest.throttled().saturating_sub(throttled0);
         // A dead guest writes nothing: no point iterating over it.
@@ -418,8 +474,11 @@ impl Backend for Tcp<'_> {
             pages,
             bytes,
             duration: t0.elapsed(),
-            dirty_pages: self.dirty.count(),
+            dirty_pages,
             rate_limit: limit,
+            carried_pages: carried,
+            pending: (carried > 0).then(|| self.dirty.count()),
+            ..RoundFigures::default()
         };
         // The live view: the dirty set against the policy's threshold.
         let page_size = self.src.mem.page_size();
@@ -482,7 +541,11 @@ impl Backend for Tcp<'_> {
             self.downtime.sleeps[3] = thread_sleeps();
             return Ok(None);
         }
-        let (pages, bytes) = self.send_round(round, true, report)?;
+        let pass = Pass {
+            from: 0,
+            stop: &mut |_| false,
+        };
+        let (pages, bytes, _) = self.send_round(round, true, pass, report)?;
         let sent = Instant::now();
         self.downtime.sent = Some(sent);
         self.downtime.sleeps[3] = thread_sleeps();
@@ -493,8 +556,8 @@ impl Backend for Tcp<'_> {
             pages,
             bytes,
             duration: sent - harvested,
-            dirty_pages: 0,
             rate_limit: limit,
+            ..RoundFigures::default()
         };
         Ok(Some(Round::new(figures, self.last_harvest)))
     }
@@ -635,8 +698,8 @@ impl Backend for Tcp<'_> {
             pages,
             bytes,
             duration: t0.elapsed(),
-            dirty_pages: 0,
             rate_limit: limit,
+            ..RoundFigures::default()
         };
         Ok(Round::new(figures, self.last_harvest))
     }
