@@ -40,7 +40,7 @@ impl Precopy {
                 let bw = self.iteration.as_ref().map_or(0.0, |i| i.bandwidth());
                 let believed = c.switchover_bandwidth.map_or(bw, |b| b as f64);
                 format!(
-                    "qemu: sync {n}: {} pending ({} pages carried unsent, {} found dirty) against a threshold of {} = {} x {:.1} ms ({})",
+                    "qemu: the sync found {} pending ({} pages carried unsent, {} found dirty) against a threshold of {} = {} x {:.1} ms ({})",
                     fmt_bytes(pending),
                     last.carried_pages,
                     last.dirty_pages,
