@@ -18,7 +18,7 @@ Usage: $(basename "$0") [options]
   --runs N            repeat each configuration N times; medians (default 1)
   --json FILE         also write the rows to FILE
   --help              print this help
-Policy qemu with its 300 ms downtime limit. LIVEMIG=/path/to/livemig uses
+Policy threshold (full passes) with its 300 ms downtime limit. LIVEMIG=/path/to/livemig uses
 that binary instead of building one.
 EOF
 }
@@ -56,7 +56,7 @@ scratch_dir compare-throttle
 
 livemig=$(private_livemig)
 
-common=(--mem "$mem" --workload "$workload" --bandwidth "$bandwidth" --policy qemu
+common=(--mem "$mem" --workload "$workload" --bandwidth "$bandwidth" --policy threshold
   --max-time "$max_time" --quiet)
 # Let livemig judge the flags before the first long run.
 "$livemig" simulate "${common[@]}" --dirty-limit "$limit" --max-time 1s >/dev/null ||
@@ -107,7 +107,7 @@ for c, reps in cells.items():
         "throttled_ms": med([r["throttled_ms"] for r in reps]),
         "guest_work_lost_writes": med([r["guest_work_lost_writes"] for r in reps]),
     })
-print(f"{mem} guest, {workload}, {bandwidth}, policy qemu (300 ms); medians")
+print(f"{mem} guest, {workload}, {bandwidth}, policy threshold (300 ms); medians")
 print("| throttle | converged | rounds | migration time | downtime | sent | final throttle | throttled | guest writes lost |")
 print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
