@@ -24,7 +24,10 @@ Usage: $(basename "$0") [options]
                      (default 1)
   --max-time DUR     give a migration up after this long: QEMU cancels it,
                      livemig stops iterating (default 28s)
-  --tracker T        livemig's dirty tracker (default: livemig's own)
+  --tracker T        livemig's dirty tracker (default bitmap: the guest marks
+                     a bitmap as it writes, as TCG marks QEMU's dirty memory
+                     in software; uffd-wp's write faults after every sync
+                     would slow livemig's guest far below TCG's)
   --json FILE        also write every figure, per run, and the checks to FILE
   --help             print this help
 QEMU=/path/to/qemu-system-x86_64 and LIVEMIG=/path/to/livemig pick the
@@ -38,7 +41,7 @@ die() { echo "compare-qemu: $*" >&2; exit 1; }
 bad_arg() { echo "compare-qemu: $*" >&2; usage >&2; exit 2; }
 say() { echo "compare-qemu: $*" >&2; }
 
-caps=$default_caps runs=1 max_time=28s tracker="" json_out=""
+caps=$default_caps runs=1 max_time=28s tracker=bitmap json_out=""
 while (($#)); do
   case "$1" in
     --caps|--runs|--max-time|--tracker|--json)
