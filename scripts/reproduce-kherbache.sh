@@ -85,7 +85,7 @@ table3_plan() {
 [defaults]
 mem = "256M"
 workload = "hotset:wws=6M,rate=4k"
-policy = "qemu"
+policy = "threshold"
 downtime_limit = "300ms"
 max_time = "60s"
 
@@ -100,7 +100,7 @@ table1_plan() {
 [defaults]
 mem = "64M"
 workload = "hotset:wws=1M,rate=200"
-policy = "qemu"
+policy = "threshold"
 
 EOF
   for i in 0 1 2; do host "a$i" "$i" 100 a; done
