@@ -11,8 +11,9 @@ use crate::migration::policy::{
 pub const WIDTH: usize = 30;
 
 /// The policy's threshold in pages after `last`, and how it says it: xen's
-/// 50 pages; what qemu's downtime limit lets through at the last round's
-/// throughput; none for a fixed number of rounds.
+/// 50 pages; qemu's threshold at the round's last sync; what threshold's
+/// downtime limit lets through at the last round's throughput; none for a
+/// fixed number of rounds.
 pub fn threshold(cfg: &PolicyConfig, last: &RoundFigures) -> Option<(u64, String)> {
     match cfg.policy {
         Policy::Xen => Some((
@@ -20,6 +21,18 @@ pub fn threshold(cfg: &PolicyConfig, last: &RoundFigures) -> Option<(u64, String
             format!("xen stops under {XEN_MIN_DIRTY_PAGES} pages"),
         )),
         Policy::Qemu => {
+            // The threshold the round's last sync was weighed against.
+            let bytes = last.threshold_bytes?;
+            Some((
+                (bytes / cfg.page_size.as_u64()).max(1),
+                format!(
+                    "qemu stops when they fit {} ms at {:.0} Mbit/s",
+                    cfg.downtime_limit.as_millis(),
+                    bytes as f64 * 8.0 / 1e6 / cfg.downtime_limit.as_secs_f64()
+                ),
+            ))
+        }
+        Policy::Threshold => {
             let bw = last.throughput_bytes_per_s();
             if bw <= 0.0 || expected_downtime(cfg, last).is_none() {
                 return None;
@@ -30,7 +43,7 @@ pub fn threshold(cfg: &PolicyConfig, last: &RoundFigures) -> Option<(u64, String
             Some((
                 pages.max(1),
                 format!(
-                    "qemu stops when they fit {} ms at {:.0} Mbit/s",
+                    "threshold stops when they fit {} ms at {:.0} Mbit/s",
                     cfg.downtime_limit.as_millis(),
                     bw * 8.0 / 1e6
                 ),
@@ -43,7 +56,8 @@ pub fn threshold(cfg: &PolicyConfig, last: &RoundFigures) -> Option<(u64, String
 /// One line: the dirty pages against the threshold, a bar filled as they
 /// shrink from `total` pages down to it.
 pub fn line(cfg: &PolicyConfig, last: &RoundFigures, total: u64) -> String {
-    let dirty = last.dirty_pages;
+    // Pages pending: with qemu's partial rounds, the dirty and the unsent.
+    let dirty = last.pending.unwrap_or(last.dirty_pages);
     let Some((limit, why)) = threshold(cfg, last) else {
         return format!("{dirty:>9} pages dirty after round {}", last.round);
     };
@@ -83,6 +97,7 @@ mod tests {
             page_size: PageSize::new(4096).unwrap(),
             memory_bytes: 1 << 30,
             downtime_limit: Duration::from_millis(300),
+            switchover_bandwidth: None,
             max_time: Duration::from_secs(60),
             throttling: Default::default(),
         }
@@ -97,6 +112,9 @@ mod tests {
             duration: Duration::from_secs(1),
             dirty_pages,
             rate_limit: None,
+            carried_pages: 0,
+            pending: None,
+            threshold_bytes: None,
         }
     }
 
@@ -116,9 +134,18 @@ mod tests {
             "{xen}"
         );
         assert_eq!(xen.matches('#').count() + xen.matches('-').count(), WIDTH);
-        let (pages, why) = threshold(&cfg(Policy::Qemu), &round(5000)).unwrap();
+        let (pages, why) = threshold(&cfg(Policy::Threshold), &round(5000)).unwrap();
         assert_eq!(pages, 7324);
         assert!(why.contains("300 ms at 800 Mbit/s"), "{why}");
+        // qemu: the threshold its last sync was weighed against, 30 MB.
+        let synced = RoundFigures {
+            threshold_bytes: Some(30_000_000),
+            ..round(5000)
+        };
+        let (pages, why) = threshold(&cfg(Policy::Qemu), &synced).unwrap();
+        assert_eq!(pages, 7324);
+        assert!(why.contains("300 ms at 800 Mbit/s"), "{why}");
+        assert!(threshold(&cfg(Policy::Qemu), &round(5000)).is_none());
         let fixed = line(&cfg(Policy::Fixed(5)), &round(5000), 262_144);
         assert!(!fixed.contains('['), "{fixed}");
     }

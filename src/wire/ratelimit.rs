@@ -273,13 +273,6 @@ impl RateLimiter {
         self.lock().limit
     }
 
-    /// Bytes booked through this limiter (and its clones) so far, limited
-    /// or not: what the migration has put on the wire, as QEMU's migration
-    /// thread counts it for its bandwidth.
-    pub fn booked_bytes(&self) -> u64 {
-        self.lock().through
-    }
-
     /// Waits end as soon as `cancel` fires (None: never cut short), so a
     /// cancelled sender at a low limit stops within one wait's slice of
     /// time rather than after the debt is paid.
@@ -294,8 +287,9 @@ impl RateLimiter {
         let _debt = b.take(bytes, Instant::now());
     }
 
-    /// Bytes acquired or charged through this limiter so far: what a
-    /// timeline samples as sent.
+    /// Bytes acquired or charged through this limiter (and its clones) so
+    /// far, limited or not: what a timeline samples as sent, and what
+    /// QEMU's migration thread counts for its bandwidth.
     pub fn bytes_through(&self) -> u64 {
         self.lock().through
     }

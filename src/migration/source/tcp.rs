@@ -427,12 +427,12 @@ impl Backend for Tcp<'_> {
         // (this round's pages not handed out yet) is below the threshold.
         let (start, limiter) = (self.start.expect("started"), self.limiter.clone());
         let (page, total) = (self.src.mem.page_size().as_u64(), self.todo.count());
-        let mut booked = limiter.booked_bytes();
+        let mut booked = limiter.bytes_through();
         let mut stop = |handed: u64| {
             let Some(it) = iteration.as_deref_mut() else {
                 return false;
             };
-            let now = limiter.booked_bytes();
+            let now = limiter.bytes_through();
             it.tick(start.elapsed(), now - booked);
             booked = now;
             it.wants_sync(total.saturating_sub(handed).saturating_mul(page))
