@@ -326,24 +326,7 @@ fn park_within(control: &Control, vcpus: u32, pid: i32, limit: Duration) -> Resu
     Ok(())
 }
 
-/// CPU time all of process `pid`'s threads have run so far (the kernel's
-/// per-task schedstat), faults and signal handlers taken in them included.
-pub fn cpu_time(pid: i32) -> Duration {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
-    let ns: u64 = tasks
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
-}
-
-/// [`cpu_time`] of this process.
-pub fn own_cpu_time() -> Duration {
-    cpu_time(std::process::id() as i32)
-}
+pub use crate::util::process::{cpu_time, own_cpu_time};
 
 /// The owner's handle on a guest process. Dropping it kills and reaps the
 /// process, stopped or not: a guest is never orphaned.

@@ -22,3 +22,22 @@ pub fn thread_sleeps() -> u64 {
         _ => 0,
     }
 }
+
+/// CPU time all of process `pid`'s threads have run so far (the kernel's
+/// per-task schedstat), faults and signal handlers taken in them included.
+pub fn cpu_time(pid: i32) -> std::time::Duration {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    let ns: u64 = tasks
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    std::time::Duration::from_nanos(ns)
+}
+
+/// [`cpu_time`] of this process.
+pub fn own_cpu_time() -> std::time::Duration {
+    cpu_time(std::process::id() as i32)
+}
