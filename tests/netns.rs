@@ -4,65 +4,30 @@
 //! why on stderr and passes.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use livemig::util::skip::cannot_run;
-
 mod common;
+use common::testbed::Testbed;
 
-/// A testbed of two hosts, removed when dropped.
-struct Testbed {
-    prefix: String,
-    subnet: String,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed.sh")
+/// A testbed of two hosts with a name and subnet of this test's own, or
+/// None (and why).
+fn two_hosts(tag: u32, rate: &str) -> Option<Testbed> {
+    let id = std::process::id() % 10_000;
+    Testbed::up(
+        format!("t{id}x{tag}"),
+        format!("10.{}.{}", 100 + tag, id % 250),
+        &["--rate", rate],
+    )
 }
 
 impl Testbed {
-    /// Up with a name and subnet of this test's own, or None (and why).
-    fn up(tag: u32, rate: &str) -> Option<Self> {
-        // SAFETY: geteuid cannot fail and touches no memory.
-        if unsafe { libc::geteuid() } != 0 {
-            cannot_run("needs root to make network namespaces");
-            return None;
-        }
-        let id = std::process::id() % 10_000;
-        let bed = Testbed {
-            prefix: format!("t{id}x{tag}"),
-            subnet: format!("10.{}.{}", 100 + tag, id % 250),
-        };
-        let out = bed.run("up", &["--rate", rate]);
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if err.contains("Operation not permitted") || err.contains("not supported") {
-                cannot_run(format_args!(
-                    "the kernel cannot make network namespaces here: {err}"
-                ));
-                return None;
-            }
-            panic!("testbed up failed: {err}");
-        }
-        Some(bed)
-    }
-
-    fn run(&self, cmd: &str, extra: &[&str]) -> std::process::Output {
-        Command::new("bash")
-            .arg(script())
-            .args([cmd, "--prefix", &self.prefix, "--subnet", &self.subnet])
-            .args(extra)
-            .output()
-            .unwrap()
-    }
-
     /// Times host `i`'s shaper has held a packet back for want of tokens
     /// (tbf's `overlimits`): above 0 once the sender offered more than the
     /// link carries.
     fn overlimits(&self, i: u32) -> u64 {
         let out = Command::new("tc")
-            .args(["-s", "-n", &self.host(i), "qdisc", "show", "dev", "eth0"])
+            .args(["-s", "-n", &self.ns(i), "qdisc", "show", "dev", "eth0"])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -72,23 +37,10 @@ impl Testbed {
             .unwrap_or_else(|| panic!("no overlimits in: {text}"))
     }
 
-    fn host(&self, i: u32) -> String {
-        format!("{}-h{i}", self.prefix)
-    }
-
-    fn addr(&self, i: u32) -> String {
-        format!("{}.{}", self.subnet, i + 1)
-    }
-
     /// `livemig ARGS` inside host `i`.
     fn livemig(&self, i: u32) -> Command {
         let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.host(i),
-            env!("CARGO_BIN_EXE_livemig"),
-        ]);
+        c.args(["netns", "exec", &self.ns(i), env!("CARGO_BIN_EXE_livemig")]);
         c
     }
 
@@ -153,13 +105,6 @@ impl Testbed {
     }
 }
 
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let out = self.run("down", &[]);
-        assert!(out.status.success(), "testbed down failed");
-    }
-}
-
 /// Round 0 of `sent` ran at the rate of the shaped link, `mbit` Mbit/s:
 /// never faster (1 % for tbf's burst; it counts headers too, so goodput
 /// stays below the rate), and the link, not the sender, set the pace: the
@@ -180,7 +125,7 @@ fn assert_link_set_the_pace(bed: &Testbed, sent: &serde_json::Value, mbit: f64) 
 
 #[test]
 fn a_migration_over_a_shaped_link_runs_at_the_links_rate() {
-    let Some(bed) = Testbed::up(1, "200mbit") else {
+    let Some(bed) = two_hosts(1, "200mbit") else {
         return;
     };
     let (sent, received) = bed.migrate(&[
@@ -206,7 +151,7 @@ fn a_migration_over_a_shaped_link_runs_at_the_links_rate() {
 
 #[test]
 fn the_dynamic_limit_follows_clarks_rule_over_a_real_link() {
-    let Some(bed) = Testbed::up(2, "500mbit") else {
+    let Some(bed) = two_hosts(2, "500mbit") else {
         return;
     };
     let (sent, _) = bed.migrate(&[
@@ -238,7 +183,7 @@ fn the_dynamic_limit_follows_clarks_rule_over_a_real_link() {
 
 #[test]
 fn streams_share_a_shaped_link_and_its_rate() {
-    let Some(bed) = Testbed::up(3, "200mbit") else {
+    let Some(bed) = two_hosts(3, "200mbit") else {
         return;
     };
     let (sent, received) = bed.migrate_with(
@@ -267,7 +212,7 @@ fn streams_share_a_shaped_link_and_its_rate() {
 
 #[test]
 fn plain_ends_off_loopback_refuse_without_insecure() {
-    let Some(bed) = Testbed::up(4, "1gbit") else {
+    let Some(bed) = two_hosts(4, "1gbit") else {
         return;
     };
     let listen = format!("{}:4444", bed.addr(1));
@@ -294,7 +239,7 @@ fn plain_ends_off_loopback_refuse_without_insecure() {
 
 #[test]
 fn tls_between_hosts_verifies_every_page() {
-    let Some(bed) = Testbed::up(5, "1gbit") else {
+    let Some(bed) = two_hosts(5, "1gbit") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

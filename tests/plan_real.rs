@@ -6,10 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::run;
-use livemig::util::skip::cannot_run;
+use common::testbed::Testbed;
 use serde_json::Value;
 
 fn f(v: &Value, key: &str) -> f64 {
@@ -24,63 +23,22 @@ fn at<'a>(p: &'a Value, name: &str) -> &'a Value {
     vms(p).iter().find(|v| v["name"] == name).unwrap()
 }
 
-/// Two groups of hosts joined by a shaped interlink, removed when dropped.
-struct Testbed {
-    prefix: String,
-    subnet: String,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed.sh")
+/// Two groups of hosts joined by a shaped interlink (`args`), with a name
+/// and subnet of this test's own, or None (and why).
+fn two_groups(args: &[&str]) -> Option<Testbed> {
+    let id = std::process::id() % 10_000;
+    Testbed::up(format!("p{id}"), format!("10.120.{}", id % 250), args)
 }
 
 impl Testbed {
-    fn up(args: &[&str]) -> Option<Self> {
-        // SAFETY: geteuid cannot fail and touches no memory.
-        if unsafe { libc::geteuid() } != 0 {
-            cannot_run("needs root to make network namespaces");
-            return None;
-        }
-        let id = std::process::id() % 10_000;
-        let bed = Testbed {
-            prefix: format!("p{id}"),
-            subnet: format!("10.120.{}", id % 250),
-        };
-        let out = Command::new("bash")
-            .arg(script())
-            .args(["up", "--prefix", &bed.prefix, "--subnet", &bed.subnet])
-            .args(args)
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if err.contains("Operation not permitted") || err.contains("not supported") {
-                cannot_run(format_args!("no network namespaces here: {err}"));
-                return None;
-            }
-            panic!("testbed up failed: {err}");
-        }
-        Some(bed)
-    }
-
     /// Host `i` as a plan's `[[host]]`.
     fn host(&self, i: u32, group: &str) -> String {
         format!(
             "[[host]]\nname = \"h{i}\"\nnic = \"1gbit\"\ngroup = \"{group}\"\n\
-             address = \"{}.{}\"\nlauncher = \"ip netns exec {}-h{i}\"\n\n",
-            self.subnet,
-            i + 1,
-            self.prefix
+             address = \"{}\"\nlauncher = \"ip netns exec {}\"\n\n",
+            self.addr(i),
+            self.ns(i)
         )
-    }
-}
-
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .args(["down", "--prefix", &self.prefix])
-            .output();
     }
 }
 
@@ -90,7 +48,7 @@ impl Drop for Testbed {
 /// and the interlink carries every byte.
 #[test]
 fn a_real_plan_runs_under_each_strategy() {
-    let Some(bed) = Testbed::up(&["--hosts", "4", "--split", "2", "--interlink", "100mbit"]) else {
+    let Some(bed) = two_groups(&["--hosts", "4", "--split", "2", "--interlink", "100mbit"]) else {
         return;
     };
     let plan = String::from(

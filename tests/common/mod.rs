@@ -2,6 +2,8 @@
 //! JSON report.
 #![allow(dead_code)]
 
+pub mod testbed;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
