@@ -40,6 +40,19 @@ const PACED: &[&str] = &[
     "bitmap",
 ];
 
+/// `migrate` of the paced guest, its report to `json`, stdout and stderr piped.
+fn paced_migrate(json: &Path) -> Child {
+    livemig()
+        .arg("migrate")
+        .args(PACED)
+        .arg("--json")
+        .arg(json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn signal(child: &Child, sig: Signal) {
     kill(Pid::from_raw(child.id() as i32), sig).unwrap();
 }
@@ -76,15 +89,7 @@ fn assert_round_1_is_long(rep: &serde_json::Value) {
 fn sigint_during_precopy_cancels_resumes_the_source_and_reports_the_rounds() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let mut child = livemig()
-        .arg("migrate")
-        .args(PACED)
-        .arg("--json")
-        .arg(&json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = paced_migrate(&json);
     let _rest = wait_for_round_1(&mut child);
     signal(&child, Signal::SIGINT);
     let out = child.wait_with_output().unwrap();
@@ -274,15 +279,7 @@ fn a_second_sigint_ends_the_process_at_once() {
 fn sigint_cancels_with_stderr_closed() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let mut child = livemig()
-        .arg("migrate")
-        .args(PACED)
-        .arg("--json")
-        .arg(&json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = paced_migrate(&json);
     drop(child.stderr.take());
     let _rest = wait_for_round_1(&mut child);
     signal(&child, Signal::SIGINT);

@@ -219,14 +219,19 @@ impl DirtySet {
         self.pages
     }
 
-    /// Set `count` pages from `first`, a word at a time.
-    pub fn set_range(&mut self, first: u64, count: u64) {
+    /// Panics unless pages `first..first + count` are in the set.
+    fn check_range(&self, first: u64, count: u64) {
         let end = first.checked_add(count).expect("page range overflows");
         assert!(
             end <= self.pages,
             "pages {first}+{count} outside {} pages",
             self.pages
         );
+    }
+
+    /// Set `count` pages from `first`, a word at a time.
+    pub fn set_range(&mut self, first: u64, count: u64) {
+        self.check_range(first, count);
         for (i, mask) in word_masks(first, count) {
             self.words[i] |= mask;
         }
@@ -234,12 +239,7 @@ impl DirtySet {
 
     /// Clear `count` pages from `first`, a word at a time.
     pub fn clear_range(&mut self, first: u64, count: u64) {
-        let end = first.checked_add(count).expect("page range overflows");
-        assert!(
-            end <= self.pages,
-            "pages {first}+{count} outside {} pages",
-            self.pages
-        );
+        self.check_range(first, count);
         for (i, mask) in word_masks(first, count) {
             self.words[i] &= !mask;
         }
