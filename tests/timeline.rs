@@ -108,6 +108,32 @@ fn a_precopy_run_has_a_monotone_timeline_watched_after_the_resume() {
 /// covers most of the downtime (all of it but the resume's message on its
 /// way back, and more when the resumed guest is slow to write again), and
 /// post-copy's timeline shows its phase.
+/// A compute guest's progress is operations: its samples carry
+/// `guest_ops_rate`, from the source's counter during pre-copy and from the
+/// destination's after the resume, where it keeps computing.
+#[test]
+fn a_compute_guest_s_timeline_carries_its_operations() {
+    let r = migrate(&[
+        "--workload",
+        "compute:ops=1000,wws=1M",
+        "--observe",
+        "200ms",
+    ]);
+    let rep = assert_verified(&r);
+    let tl = rep["timeline"].as_array().unwrap();
+    for phase in ["precopy", "resumed"] {
+        let ops: Vec<f64> = tl
+            .iter()
+            .filter(|s| s["phase"] == phase)
+            .filter_map(|s| s["guest_ops_rate"].as_f64())
+            .collect();
+        assert!(
+            ops.iter().any(|&o| o > 0.0),
+            "no operations counted in {phase}: {tl:#?}"
+        );
+    }
+}
+
 #[test]
 fn cold_stalls_for_its_downtime_and_postcopy_shows_its_phase() {
     let r = migrate(&["--workload", "uniform:rate=20k", "--mode", "cold"]);

@@ -181,6 +181,12 @@ impl Probe {
         s.sample();
         let now = Instant::now();
         s.last = Some((now, control.ops(vcpus)));
+        if s.operations.is_some() {
+            // The guest's operations go on at the destination.
+            let counter = control.clone();
+            s.operations = Some(Box::new(move || counter.work_ops(vcpus)));
+            s.last_operations = Some((now, control.work_ops(vcpus)));
+        }
         s.guest = Some((control, vcpus));
         s.destination_attached = true;
     }

@@ -254,6 +254,16 @@ impl<'de> serde::Deserialize<'de> for Workload {
     }
 }
 impl Workload {
+    /// Whether its progress is counted in operations (compute, alone or
+    /// in a phase) rather than writes.
+    pub fn counts_operations(&self) -> bool {
+        match &self.kind {
+            Kind::Compute { .. } => true,
+            Kind::Phases(list) => list.iter().any(|(w, _)| w.counts_operations()),
+            _ => false,
+        }
+    }
+
     /// The spec as given.
     pub fn spec(&self) -> &str {
         &self.spec

@@ -254,6 +254,10 @@ impl Source {
     pub fn sampler(&self, cfg: &SenderConfig) -> Option<Sampler> {
         let period = cfg.sampling.period(cfg.memory_bytes)?;
         let probe = Probe::new(self.guest.control().clone(), cfg.vcpus);
+        if cfg.workload.counts_operations() {
+            let (control, vcpus) = (self.guest.control().clone(), cfg.vcpus);
+            probe.count_operations(Box::new(move || control.work_ops(vcpus)));
+        }
         Some(Sampler::start(probe, period))
     }
 
